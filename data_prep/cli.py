@@ -1,0 +1,157 @@
+"""Command line of data prep: `run`, `inspect`, `verify`, `demo-corpus`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_prep.configfile import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+RUN_HELP = """\
+Build a dataset: train a sentencepiece tokenizer on the corpus and write WebDataset shards of
+BERT MLM/NSP examples, as Ray tasks (a local Ray unless ray.address is set).
+
+Overrides follow the config file as KEY=VALUE or --KEY VALUE; values are YAML, e.g.
+  inputs='["corpus/*.jsonl","more/"]' output=data/mine examples.nsp=false tokenizer.vocab_size=16000
+
+A rerun with the same config resumes and skips finished work; a different dataset already in the
+output directory is refused unless --overwrite. Every key and its default: see data_prep/config.py.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Corpus -> sentencepiece tokenizer -> WebDataset shards of BERT pretraining examples.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="build a dataset from a config", description=RUN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", help="YAML config file (e.g. configs/data_prep/quickstart.yaml)")
+    run.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides")
+    ins = sub.add_parser("inspect", help="print a dataset's summary and decoded examples")
+    ins.add_argument("dataset", help="dataset directory (holding manifest.json)")
+    ins.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    ins.add_argument("--split", default="train", choices=["train", "val"])
+    ins.add_argument("--json", action="store_true",
+                     help="one JSON object per example with Google BERT's feature names")
+    ver = sub.add_parser("verify", help="re-hash every shard against the manifest")
+    ver.add_argument("dataset")
+    demo = sub.add_parser("demo-corpus", help="write a small corpus made from Python's own documentation")
+    demo.add_argument("out", help="directory to write it to")
+    demo.add_argument("--mb", type=float, default=4.0, help="approximate size of the docstring part (MB)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "verify":
+            return _verify(args)
+        if args.command == "demo-corpus":
+            from data_prep.demo_corpus import write_demo_corpus
+
+            for path in write_demo_corpus(args.out, args.mb):
+                print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            return EXIT_OK
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from data_prep.config import DataPrepConfig
+    from data_prep.configfile import load_config
+
+    overrides = list(args.overrides)
+    overwrite = "--overwrite" in overrides
+    overrides = [o for o in overrides if o != "--overwrite"]
+    cfg = load_config(DataPrepConfig, args.config, overrides)  # everything is checked before any work
+    from data_prep.dataset import DatasetError
+    from data_prep.pipeline import run
+    from data_prep.tokenizer import TokenizerError
+
+    try:
+        run(cfg, overwrite=overwrite)
+    except (DatasetError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, DatasetError) else EXIT_FAILED
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import webdataset as wds
+
+    from data_prep.dataset import DatasetError, read_manifest
+    from data_prep.shards import google_features
+    from data_prep.tokenizer import load as load_tokenizer
+
+    try:
+        m = read_manifest(args.dataset)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    root = Path(args.dataset)
+    sp = load_tokenizer(root / m["tokenizer"]["file"], key="manifest tokenizer.file")
+    ex = m["examples"]
+    if not args.json:
+        print(f"dataset {root}  id {m['dataset_id']}  format {m['format']['name']} v{m['format']['version']}")
+        print(f"tokenizer {m['tokenizer']['model_type']}, vocab {m['tokenizer']['vocab_size']}, "
+              f"sha256 {m['tokenizer']['sha256'][:12]}")
+        print(f"examples: max_seq_length {ex['max_seq_length']}, nsp {ex['nsp']}, "
+              f"whole_word_mask {ex['whole_word_mask']}")
+        for split, info in m["splits"].items():
+            print(f"  {split}: {info['examples']:,} examples, {info['tokens']:,} tokens, {len(info['shards'])} shards")
+    shards = [str(root / s["name"]) for s in m["splits"][args.split]["shards"]]
+    if not shards or args.n <= 0:
+        return EXIT_OK
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode()
+    for i, sample in enumerate(ds):
+        if i >= args.n:
+            break
+        s = sample["mp"]
+        text = _pieces_text(sp, s["input_ids"])
+        if args.json:
+            feats = google_features(s, ex["max_seq_length"], ex["max_predictions_per_seq"])
+            feats.update(key=sample["__key__"], text=text,
+                         masked_lm_tokens=[sp.IdToPiece(t) for t in s["masked_lm_ids"]])
+            print(json.dumps(feats))
+        else:
+            label = s.get("next_sentence_label")
+            nsp = "" if label is None else f"  next_sentence_label={label} ({'random' if label else 'actual'} next)"
+            print(f"\n[{sample['__key__']}] {len(s['input_ids'])} tokens{nsp}\n  {text}")
+            print("  targets: " + ", ".join(f"{p}:{sp.IdToPiece(t)}" for p, t in
+                                            zip(s["masked_lm_positions"], s["masked_lm_ids"])))
+    return EXIT_OK
+
+
+def _pieces_text(sp, ids: list[int]) -> str:
+    """Pieces joined back into text, special tokens kept visible (`[MASK]`, `[SEP]`)."""
+    return "".join(f" {sp.IdToPiece(t)} " if t < 5 else sp.IdToPiece(t).replace("\u2581", " ") for t in ids).strip()
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from data_prep.dataset import DatasetError, verify
+
+    try:
+        problems = verify(args.dataset)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for p in problems:
+        print(f"BAD  {p}")
+    print(f"{'OK' if not problems else 'FAILED'}: {args.dataset} ({len(problems)} problems)")
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

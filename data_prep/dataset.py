@@ -1,0 +1,191 @@
+"""A dataset directory: its state (fresh, resumable, complete), its report and manifest, and verification.
+
+Layout: `train/*.tar`, `val/*.tar`, `tokenizer/spm.model`, `report.json`, and `manifest.json`, which is
+written last and atomically: a dataset exists only if its manifest does. Work in progress lives in the
+hidden `.work/` (the config being built, per-unit records, the sentence sample) and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from data_prep.config import SPECIAL_PIECES, DataPrepConfig
+from data_prep.shards import PARTIAL_SUFFIX, SAMPLE_EXT
+from data_prep.sources import Source
+from data_prep.tokenizer import sha256_file
+from data_prep.worker import SPLITS
+
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+WORK = ".work"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_MODEL = "spm.model"
+FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension": SAMPLE_EXT}
+OWNED = (MANIFEST, REPORT, TOKENIZER_DIR, *SPLITS, WORK)
+
+
+class DatasetError(Exception):
+    """The output directory cannot be used as asked; the message says what to do."""
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"'{root}' is not a finished dataset: {MANIFEST} is missing (run `python -m data_prep run`)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DatasetError(f"'{path}' is not valid JSON ({e})") from None
+
+
+def prepare_output(root: Path, cfg: DataPrepConfig, overwrite: bool) -> str:
+    """Decide what to do with `root`: 'complete' (nothing to do), 'resume' or 'fresh'."""
+    want = cfg.content_hash()
+    work_cfg = root / WORK / "config.json"
+    if (root / MANIFEST).is_file():
+        have = read_manifest(root).get("config_hash")
+        if have == want and not overwrite:
+            shutil.rmtree(root / WORK, ignore_errors=True)  # left over if a finished run was killed while tidying
+            return "complete"
+        if not overwrite:
+            raise DatasetError(
+                f"'{root}' already holds a different dataset (config hash {str(have)[:12]}, this config "
+                f"{want[:12]}). Choose another output, or pass --overwrite to replace it."
+            )
+    elif work_cfg.is_file():
+        have = json.loads(work_cfg.read_text(encoding="utf-8")).get("config_hash")
+        if have == want and not overwrite:
+            return "resume"
+        if not overwrite and not any((root / WORK / "units").glob("*.json")):
+            # Nothing was written yet (e.g. the tokenizer step failed): start over with the new config.
+            shutil.rmtree(root / WORK)
+            return "fresh"
+        if not overwrite:
+            raise DatasetError(
+                f"'{root}' holds an unfinished dataset made with a different config, with shards already written. "
+                "Pass --overwrite to discard it, or rerun with the config it was started with to finish it."
+            )
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        strangers = sorted(p.name for p in root.iterdir())[:5]
+        raise DatasetError(
+            f"'{root}' is not empty and is not a dataset directory (holds {', '.join(strangers)}). "
+            "Choose an empty or new output directory, or pass --overwrite."
+        )
+    if overwrite:
+        clear(root)
+    return "fresh"
+
+
+def clear(root: Path) -> None:
+    """Remove what a dataset consists of (manifest first, so it stops existing at once); leave other files."""
+    for name in OWNED:
+        p = root / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def build_report(records: list[dict]) -> dict:
+    counts: Counter = Counter()
+    hist = None
+    issues: Counter = Counter()
+    files = []
+    for r in records:
+        counts.update(r["counts"])
+        h = r["length_histogram"]
+        hist = h["counts"] if hist is None else [a + b for a, b in zip(hist, h["counts"])]
+        for f in r["files"]:
+            issues.update(f["issues"])
+            files.append(f)
+    examples = counts["train_examples"] + counts["val_examples"]
+    width = records[0]["length_histogram"]["bin_width"] if records else 1
+    return {
+        "documents": counts["documents"],
+        "sentences": counts["sentences"],
+        "tokens": counts["document_tokens"],
+        "examples": {s: counts[f"{s}_examples"] for s in SPLITS},
+        "example_tokens": {s: counts[f"{s}_tokens"] for s in SPLITS},
+        "nsp": {
+            "examples": counts["nsp_examples"],
+            "random_next_fraction": round(counts["nsp_random_next"] / counts["nsp_examples"], 4)
+            if counts["nsp_examples"] else None,
+        },
+        "truncation_rate": round(counts["truncated_examples"] / examples, 4) if examples else 0.0,
+        "length_histogram": {
+            "bin_width": width,
+            "counts": {f"{i * width + 1}-{(i + 1) * width}": c for i, c in enumerate(hist or [])},
+        },
+        "bad_input": dict(sorted(issues.items())),
+        "files": files,
+    }
+
+
+def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str, vocab_size: int,
+                   records: list[dict]) -> dict:
+    shards = sorted((s for r in records for s in r["shards"]), key=lambda s: s["name"])
+    splits = {}
+    for split in SPLITS:
+        mine = [s for s in shards if s["name"].startswith(split + "/")]
+        splits[split] = {
+            "examples": sum(s["examples"] for s in mine),
+            "tokens": sum(s["tokens"] for s in mine),
+            "shards": mine,
+        }
+    identity = hashlib.sha256(
+        json.dumps([cfg.content_hash(), tokenizer_sha, [s["sha256"] for s in shards]]).encode()
+    ).hexdigest()
+    return {
+        "format": FORMAT,
+        "dataset_id": identity[:16],
+        "config_hash": cfg.content_hash(),
+        "config": cfg.model_dump(mode="json"),
+        "sources": [{"path": s.url, "bytes": s.size} for s in sources],
+        "tokenizer": {
+            "file": f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}",
+            "sha256": tokenizer_sha,
+            "vocab_size": vocab_size,
+            "model_type": cfg.tokenizer.model_type,
+            "special_ids": {p: i for i, p in enumerate(SPECIAL_PIECES)},
+        },
+        "examples": {
+            "max_seq_length": cfg.examples.max_seq_length,
+            "max_predictions_per_seq": cfg.examples.max_predictions_per_seq,
+            "nsp": cfg.examples.nsp,
+            "whole_word_mask": cfg.examples.whole_word_mask,
+        },
+        "splits": splits,
+    }
+
+
+def verify(root: str | Path) -> list[str]:
+    """Re-hash every shard and the tokenizer against the manifest; returns the problems found (empty = good)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems = []
+    listed = set()
+    entries = [(s["name"], s["sha256"], s.get("bytes")) for sp in manifest["splits"].values() for s in sp["shards"]]
+    tok = manifest["tokenizer"]
+    entries.append((tok["file"], tok["sha256"], None))
+    for name, sha, size in entries:
+        listed.add(name)
+        p = root / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if size is not None and p.stat().st_size != size:
+            problems.append(f"{name}: {p.stat().st_size} bytes, manifest says {size}")
+            continue
+        if sha256_file(p) != sha:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    for split in SPLITS:
+        for p in sorted((root / split).glob("*")) if (root / split).is_dir() else []:
+            rel = f"{split}/{p.name}"
+            if rel not in listed:
+                what = "an unfinished shard" if p.name.endswith(PARTIAL_SUFFIX) else "not in the manifest"
+                problems.append(f"{rel}: {what}")
+    return problems

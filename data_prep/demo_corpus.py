@@ -1,0 +1,73 @@
+"""A small English corpus built on any machine from the Python standard library's own documentation.
+
+Module, class and function docstrings (read from the stdlib sources with `ast`, nothing imported) become
+`.jsonl` documents; the help topics in `pydoc_data` become a Google-format `.txt` (one sentence per line,
+a blank line between documents). No download, nothing copied into the repository, and the same bytes
+every time on the same Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from data_prep.segment import split_sentences
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def _docstrings(tree: ast.AST) -> Iterator[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                yield doc
+
+
+def stdlib_documents(limit_bytes: int) -> Iterator[tuple[str, str]]:
+    """(module path, text) for stdlib modules in sorted order, until about `limit_bytes` of text."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            paragraphs = [p.strip() for d in _docstrings(tree) for p in d.split("\n\n") if p.strip()]
+            text = "\n".join(" ".join(p.split()) for p in paragraphs)
+            if text.count(".") < 2:
+                continue
+            yield str(path.relative_to(root)), text
+            total += len(text)
+            if total >= limit_bytes:
+                return
+
+
+def write_demo_corpus(out_dir: str | Path, max_mb: float = 4.0) -> list[Path]:
+    """Write `stdlib_docstrings.jsonl` and `pydoc_topics.txt` under `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "stdlib_docstrings.jsonl"
+    with open(jsonl.with_suffix(".partial"), "w", encoding="utf-8") as f:
+        for module, text in stdlib_documents(int(max_mb * 1e6)):
+            f.write(json.dumps({"id": module, "text": text}, ensure_ascii=False) + "\n")
+    os.replace(jsonl.with_suffix(".partial"), jsonl)
+    txt = out / "pydoc_topics.txt"
+    from pydoc_data.topics import topics
+
+    with open(txt.with_suffix(".partial"), "w", encoding="utf-8") as f:
+        for key in sorted(topics):
+            sentences = [s for p in topics[key].split("\n\n") for s in split_sentences(" ".join(p.split()))]
+            if len(sentences) >= 2:
+                f.write("\n".join(sentences) + "\n\n")
+    os.replace(txt.with_suffix(".partial"), txt)
+    return [jsonl, txt]

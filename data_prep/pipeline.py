@@ -1,0 +1,225 @@
+"""The data-prep job: Ray tasks over units of input files; the only module of `data_prep` that imports Ray.
+
+Stages: (1) sample sentences across the corpus (one task per unit), (2) train the tokenizer on the
+sample, (3) write shards (one task per unit), (4) tokenizer, report and, last, the manifest. Each
+stage's results go to `.work/` atomically as they arrive, so a killed job rerun with the same config
+picks up where it stopped and ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from data_prep.config import DataPrepConfig, RayConfig
+from data_prep.configfile import ConfigError
+from data_prep.dataset import (
+    MANIFEST, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, build_manifest, build_report, prepare_output,
+    read_manifest,
+)
+from data_prep.sources import expand_inputs
+from data_prep.tokenizer import load as load_tokenizer
+from data_prep.tokenizer import sha256_file, train
+from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
+
+log = print  # progress and summaries go to stdout; warnings to stderr
+
+
+@contextmanager
+def ray_session(rc: RayConfig) -> Iterator[None]:
+    """Join the Ray at `rc.address`, or start a local one for this job (reused if the caller already has one)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if rc.address:
+            ray.init(address=rc.address, **kwargs)
+        else:
+            ray.init(num_cpus=rc.num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"ray.address='{rc.address}'" if rc.address else "a local Ray"
+        raise ConfigError(f"cannot start or reach {where}: {e}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class Progress:
+    """Bytes-weighted progress of a stage: a live bar on a terminal, a line every few seconds in a log."""
+
+    def __init__(self, stage: str, total_bytes: int, units: int):
+        self.stage, self.total, self.units = stage, max(1, total_bytes), units
+        self.done_bytes = self.done_units = self.shards = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=stage, dynamic_ncols=True)
+
+    def update(self, unit_bytes: int, shards: int = 0) -> None:
+        self.done_bytes += unit_bytes
+        self.done_units += 1
+        self.shards += shards
+        if self.bar is not None:
+            self.bar.update(unit_bytes)
+            self.bar.set_postfix(units=f"{self.done_units}/{self.units}", shards=self.shards)
+            return
+        now = time.monotonic()
+        if now - self.last >= 5 or self.done_units == self.units:
+            self.last = now
+            rate = self.done_bytes / max(1e-9, now - self.t0)
+            eta = (self.total - self.done_bytes) / rate if rate else 0
+            log(f"[{self.stage}] {self.done_units}/{self.units} units, {self.shards} shards, "
+                f"{rate / 1e6:.2f} MB/s, ETA {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_units(fn: Callable, units: list[Unit], args: tuple, rc: RayConfig, on_done: Callable,
+               stage: str) -> None:
+    """Run `fn(unit, *args)` as one Ray task per unit, with retries; `on_done(unit, result)` as each finishes."""
+    import ray
+
+    if not units:
+        return
+    task = ray.remote(fn).options(num_cpus=1, max_retries=rc.max_retries, retry_exceptions=True)
+    arg_refs = tuple(ray.put(a) for a in args)
+    pending = {task.remote(u, *arg_refs): u for u in units}
+    progress = Progress(stage, sum(u.bytes for u in units), len(units))
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(ready[0])
+            result = ray.get(ready[0])
+            on_done(unit, result)
+            progress.update(unit.bytes, len(result.get("shards", ())) if isinstance(result, dict) else 0)
+    finally:
+        progress.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
+    """Build the dataset described by `cfg`; returns the summary that is also printed."""
+    t0 = time.monotonic()
+    sources = expand_inputs(cfg.inputs)  # input and tokenizer problems surface before Ray starts
+    if cfg.tokenizer.path:
+        load_tokenizer(cfg.tokenizer.path)
+    root = Path(cfg.output)
+    state = prepare_output(root, cfg, overwrite)
+    if state == "complete":
+        log(f"'{root}' already holds this dataset (same config); nothing to do.")
+        return summarize(root, time.monotonic() - t0, sources_bytes=None)
+    work = root / WORK
+    (work / "units").mkdir(parents=True, exist_ok=True)
+    (work / "sample").mkdir(exist_ok=True)
+    if state == "fresh":
+        write_json_atomic(work / "config.json", {"config_hash": cfg.content_hash(),
+                                                  "config": cfg.model_dump(mode="json")})
+    else:
+        log(f"resuming the unfinished dataset in '{root}'")
+    units = plan_units(sources, cfg.shards.group_bytes)
+    total = sum(s.size for s in sources)
+    log(f"{len(sources)} input files, {total / 1e6:.1f} MB, {len(units)} work units -> '{root}'")
+    tok = work / TOKENIZER_MODEL
+    with ray_session(cfg.ray):
+        if not tok.is_file():
+            if cfg.tokenizer.path:
+                shutil.copyfile(cfg.tokenizer.path, work / (TOKENIZER_MODEL + ".partial"))
+                os.replace(work / (TOKENIZER_MODEL + ".partial"), tok)
+            else:
+                _train_tokenizer(cfg, units, total, work, tok)
+        todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
+        if len(todo) < len(units):
+            log(f"{len(units) - len(todo)} of {len(units)} units already written; skipping them")
+        _run_units(write_unit, todo, (cfg, str(tok), str(root)), cfg.ray,
+                   lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
+    records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
+    _finish(root, cfg, sources, tok, records)
+    return summarize(root, time.monotonic() - t0, sources_bytes=total)
+
+
+def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:
+    sample_dir = work / "sample"
+
+    def save(unit: Unit, sentences: list[str]) -> None:
+        path = sample_dir / f"unit-{unit.index:06d}.txt"
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(s.replace("\n", " ") + "\n" for s in sentences), encoding="utf-8")
+        os.replace(tmp, path)
+
+    todo = [u for u in units if not (sample_dir / f"unit-{u.index:06d}.txt").is_file()]
+    _run_units(sample_unit, todo, (cfg, total), cfg.ray, save, "sample")
+
+    def sentences() -> Iterator[str]:
+        for u in units:
+            with open(sample_dir / f"unit-{u.index:06d}.txt", encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\n")
+
+    t = time.monotonic()
+    log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}", flush=True)
+    train(sentences(), cfg.tokenizer, tok)
+    log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
+
+
+def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[dict]) -> None:
+    tdir = root / TOKENIZER_DIR
+    tdir.mkdir(exist_ok=True)
+    sp = load_tokenizer(tok)
+    vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
+    (tdir / "spm.vocab.partial").write_text(vocab, encoding="utf-8")
+    os.replace(tdir / "spm.vocab.partial", tdir / "spm.vocab")
+    shutil.copyfile(tok, tdir / (TOKENIZER_MODEL + ".partial"))
+    os.replace(tdir / (TOKENIZER_MODEL + ".partial"), tdir / TOKENIZER_MODEL)
+    write_json_atomic(root / REPORT, build_report(records))
+    write_json_atomic(root / MANIFEST, build_manifest(cfg, sources, sha256_file(tok), sp.GetPieceSize(), records))
+    shutil.rmtree(root / WORK, ignore_errors=True)
+
+
+def summarize(root: Path, seconds: float, sources_bytes: int | None) -> dict:
+    """Print and return the end-of-job summary of the dataset in `root`."""
+    manifest = read_manifest(root)
+    report = json.loads((root / REPORT).read_text(encoding="utf-8"))
+    splits = manifest["splits"]
+    summary = {
+        "dataset": str(root),
+        "dataset_id": manifest["dataset_id"],
+        "documents": report["documents"],
+        "sentences": report["sentences"],
+        "tokens": report["tokens"],
+        "examples": {k: v["examples"] for k, v in splits.items()},
+        "shards": {k: len(v["shards"]) for k, v in splits.items()},
+        "nsp_random_next_fraction": report["nsp"]["random_next_fraction"],
+        "truncation_rate": report["truncation_rate"],
+        "bad_input": report["bad_input"],
+        "seconds": round(seconds, 1),
+    }
+    log("\n== data prep summary ==")
+    log(f"dataset      {root}  (id {summary['dataset_id']})")
+    log(f"read         {summary['documents']:,} documents, {summary['sentences']:,} sentences, "
+        f"{summary['tokens']:,} tokens")
+    log("examples     " + ", ".join(f"{k} {v:,} in {summary['shards'][k]} shards" for k, v in summary["examples"].items()))
+    if summary["nsp_random_next_fraction"] is not None:
+        log(f"NSP          {summary['nsp_random_next_fraction']:.1%} random next; "
+            f"truncated {summary['truncation_rate']:.1%}")
+    bad = ", ".join(f"{k} {v}" for k, v in summary["bad_input"].items()) or "none"
+    log(f"bad input    {bad}  (per file in {root / REPORT})")
+    if sources_bytes:
+        log(f"time         {seconds:.1f}s, {sources_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s")
+    log(f"next         python -m data_prep inspect {root} -n 2")
+    return summary

@@ -1,0 +1,319 @@
+"""Find input files and stream them as documents (lists of clean sentences), counting every bad input per file."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import IO, Iterator
+
+import fsspec
+
+from data_prep.configfile import ConfigError
+from data_prep.segment import split_sentences
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+_GLOB_CHARS = set("*?[")
+# C0/C1 control characters except tab, newline and carriage return: counted and replaced by a space.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Invisible marks that carry no text (BOM, zero-width space, U+FFFD left by a bad decode): dropped.
+_INVISIBLE = re.compile(r"[\ufeff\u200b\ufffd]")
+# Lone UTF-16 surrogates (only reachable through JSON "\ud800" escapes): they cannot be encoded as UTF-8.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_HEAD_BYTES = 8192
+MAX_ISSUE_SAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: where it is, how big it is on disk, and how to decode it."""
+
+    url: str
+    size: int
+    fmt: str  # txt | jsonl | parquet
+    compression: str | None
+
+
+@dataclass
+class FileReport:
+    """What reading one file found: counts of documents and of each kind of bad input, with a few line numbers."""
+
+    path: str
+    bytes: int
+    documents: int = 0
+    sentences: int = 0
+    issues: Counter = field(default_factory=Counter)
+    samples: list = field(default_factory=list)
+
+    def flag(self, issue: str, line: int | None = None, detail: str = "") -> None:
+        self.issues[issue] += 1
+        if len(self.samples) < MAX_ISSUE_SAMPLES:
+            self.samples.append({"issue": issue, "line": line, "detail": detail[:200]})
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "sentences": self.sentences,
+            "issues": dict(sorted(self.issues.items())),
+            "issue_samples": self.samples,
+        }
+
+
+def detect_format(name: str) -> tuple[str, str | None] | None:
+    """`a.jsonl.zst` -> ("jsonl", "zstd"); None when the extension is not supported."""
+    lower = name.lower()
+    compression = None
+    for ext, comp in COMPRESSIONS.items():
+        if lower.endswith(ext):
+            compression, lower = comp, lower[: -len(ext)]
+            break
+    for ext, fmt in FORMATS.items():
+        if lower.endswith(ext):
+            return fmt, compression
+    return None
+
+
+def _supported_list() -> str:
+    return f"{'/'.join(FORMATS)}, optionally with {'/'.join(COMPRESSIONS)}"
+
+
+def expand_inputs(inputs: list[str]) -> list[Source]:
+    """Resolve paths, directories (recursive), globs and fsspec URLs into a sorted, de-duplicated file list."""
+    found: dict[str, Source] = {}
+    for i, spec in enumerate(inputs):
+        key = f"inputs[{i}]"
+        try:
+            fs, path = fsspec.core.url_to_fs(spec)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"{key} '{spec}': cannot open this location ({e})") from None
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        local = protocol in ("file", "local")
+
+        def url(p: str) -> str:
+            return p if local else fs.unstrip_protocol(p)
+
+        if _GLOB_CHARS & set(path):
+            matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+            explicit = True
+        elif fs.isdir(path):
+            matches = sorted(p for p in fs.find(path) if detect_format(p))
+            explicit = False
+            if not matches:
+                raise ConfigError(f"{key} '{spec}': the directory holds no {_supported_list()} files")
+        elif fs.exists(path):
+            matches, explicit = [path], True
+        else:
+            raise ConfigError(f"{key} '{spec}': no such file or directory")
+        if not matches:
+            raise ConfigError(f"{key} '{spec}' matched no files")
+        for p in matches:
+            kind = detect_format(p)
+            if kind is None:
+                if explicit:
+                    raise ConfigError(f"{key}: '{url(p)}' has an unsupported extension; expected {_supported_list()}")
+                continue
+            found[url(p)] = Source(url(p), int(fs.size(p) or 0), kind[0], kind[1])
+    return [found[k] for k in sorted(found)]
+
+
+def _to_str(raw: bytes, lineno: int, report: FileReport) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.flag("invalid_utf8", lineno, f"byte {e.start}: {raw[e.start:e.start + 4]!r}")
+        return raw.decode("utf-8", "replace")
+
+
+def _decode(raw: bytes, lineno: int, report: FileReport) -> str:
+    return _clean(_to_str(raw, lineno, report), lineno, report)
+
+
+def _clean(text: str, lineno: int, report: FileReport) -> str:
+    if _SURROGATE.search(text):
+        report.flag("invalid_utf8", lineno, "lone UTF-16 surrogate escape")
+        text = _SURROGATE.sub("", text)
+    if _CONTROL.search(text):
+        report.flag("control_chars", lineno)
+        text = _CONTROL.sub(" ", text)
+    if _INVISIBLE.search(text):
+        text = _INVISIBLE.sub("", text)
+    return text.strip()
+
+
+def _lines(f: IO[bytes], max_bytes: int, report: FileReport,
+           at: list[int] | None = None) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (line number, raw line); an over-long line is skipped in bounded memory and yields None.
+
+    `at[0]` holds the number of the line being read or processed, so a failure can name it.
+    """
+    lineno = 0
+    while True:
+        if at is not None:
+            at[0] = lineno + 1
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            skipped = len(line)
+            while True:
+                chunk = f.readline(1 << 20)
+                skipped += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            report.flag("line_too_long", lineno, f"{skipped} bytes (read.max_line_bytes={max_bytes})")
+            yield lineno, None
+            continue
+        yield lineno, line
+
+
+class DocumentReader:
+    """Streams one source as documents; every problem becomes a count in `report`, never an exception."""
+
+    def __init__(self, source: Source, text_field: str, split_mode: str, max_line_bytes: int, min_chars: int):
+        self.source = source
+        self.text_field = text_field
+        self.max_line_bytes = max_line_bytes
+        self.min_chars = min_chars
+        self.segment = split_mode == "always" or (split_mode == "auto" and source.fmt != "txt")
+        self.report = FileReport(source.url, source.size)
+        self._at = [0]  # line (or parquet row) being read: where a read error happened
+
+    def __iter__(self) -> Iterator[list[str]]:
+        rep = self.report
+        if self.source.size == 0 and "://" not in self.source.url:  # remote stores may not report sizes
+            rep.flag("empty_file")
+            return
+        self._at[0] = 0
+        try:
+            with fsspec.open(self.source.url, "rb", compression=self.source.compression) as raw:
+                f = raw if hasattr(raw, "peek") else io.BufferedReader(raw, 1 << 16)
+                head = f.peek(_HEAD_BYTES)[:_HEAD_BYTES]
+                if not head:
+                    rep.flag("empty_file")
+                    return
+                if self.source.fmt != "parquet" and _looks_binary(head):
+                    rep.flag("binary_file", 1, "NUL bytes or mostly non-UTF-8 in the first 8 KiB; file skipped")
+                    return
+                if self.source.fmt == "parquet":
+                    yield from self._parquet(f)
+                    return
+                docs = self._txt(f) if self.source.fmt == "txt" else self._jsonl(f)
+                for _, doc in docs:
+                    yield doc
+        except Exception as e:  # a truncated archive or a failing remote read ends this file, not the job
+            line = self._at[0] or None
+            where = f" at {'row' if self.source.fmt == 'parquet' else 'line'} {line}" if line else ""
+            rep.flag("read_error", line,
+                     f"{type(e).__name__}{where}: {e}; documents read before it are kept, the rest of the file is not")
+        if rep.documents == 0 and not rep.issues:
+            rep.flag("empty_file")
+
+    def _emit(self, sentences: list[str], lineno: int) -> list[str] | None:
+        sentences = [s for s in sentences if len(s) >= self.min_chars]
+        if not sentences:
+            return None
+        self.report.documents += 1
+        self.report.sentences += len(sentences)
+        if len(sentences) == 1:
+            self.report.flag("single_sentence_document", lineno)
+        return sentences
+
+    def _sentences(self, text: str) -> list[str]:
+        if not self.segment:
+            return [text] if text else []
+        return split_sentences(text)
+
+    def _txt(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
+        doc: list[str] = []
+        start = 1
+        for lineno, raw in _lines(f, self.max_line_bytes, self.report, self._at):
+            if raw is None:
+                continue
+            text = _decode(raw, lineno, self.report)
+            if text:
+                if not doc:
+                    start = lineno
+                doc.extend(self._sentences(text))
+            elif doc:
+                out = self._emit(doc, start)
+                if out:
+                    yield lineno, out
+                doc = []
+        if doc:
+            out = self._emit(doc, start)
+            if out:
+                yield start, out
+
+    def _jsonl(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
+        for lineno, raw in _lines(f, self.max_line_bytes, self.report, self._at):
+            if raw is None or not raw.strip():
+                continue
+            # Decode here, not in json.loads: one bad byte inside a string is invalid_utf8, not a lost line.
+            line = _to_str(raw, lineno, self.report)
+            if lineno == 1:
+                line = line.lstrip("\ufeff")
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+                self.report.flag("bad_json", lineno, str(e))
+                continue
+            text = obj.get(self.text_field) if isinstance(obj, dict) else None
+            if text is None:
+                self.report.flag("missing_field", lineno, f"no '{self.text_field}' (set text_field)")
+                continue
+            if not isinstance(text, str):
+                self.report.flag("not_text", lineno, f"'{self.text_field}' is a {type(text).__name__}")
+                continue
+            out = self._emit(self._paragraphs(_clean(text, lineno, self.report)), lineno)
+            if out:
+                yield lineno, out
+
+    def _paragraphs(self, text: str) -> list[str]:
+        out: list[str] = []
+        for para in text.split("\n"):
+            para = para.strip()
+            if para:
+                out.extend(self._sentences(para) if self.segment else [para])
+        return out
+
+    def _parquet(self, f: IO[bytes]) -> Iterator[list[str]]:
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryFile() as spool:
+            if self.source.compression:  # parquet needs a seekable file: spool the decompressed bytes to disk
+                shutil.copyfileobj(f, spool, 1 << 20)
+                spool.seek(0)
+                f = spool
+            pf = pq.ParquetFile(f)
+            if self.text_field not in pf.schema_arrow.names:
+                self.report.flag("missing_field", None, f"no column '{self.text_field}' (set text_field); file skipped")
+                return
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    self._at[0] = row
+                    if text is None:
+                        self.report.flag("missing_field", row, "null text")
+                        continue
+                    if not isinstance(text, str):
+                        self.report.flag("not_text", row, f"a {type(text).__name__}")
+                        continue
+                    out = self._emit(self._paragraphs(_clean(text, row, self.report)), row)
+                    if out:
+                        yield out
+
+
+def _looks_binary(head: bytes) -> bool:
+    if b"\x00" in head:
+        return True
+    text = head.decode("utf-8", "replace")
+    return text.count("\ufffd") > max(8, len(text) // 10)

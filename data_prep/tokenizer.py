@@ -1,0 +1,103 @@
+"""Train, load and check the sentencepiece tokenizer; BERT's special tokens sit at fixed ids 0-4."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from data_prep.config import SPECIAL_PIECES, TokenizerConfig
+from data_prep.configfile import ConfigError
+
+# sentencepiece skips longer sentences during training; we pass them through unchanged otherwise.
+MAX_TRAINING_SENTENCE_BYTES = 4192
+
+
+class TokenizerError(Exception):
+    """The tokenizer cannot be trained or used; the message says which key to change."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> None:
+    """Train on `sentences` (already a sample of the corpus) and write the model to `out_path` atomically."""
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=buf,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+            pad_piece=SPECIAL_PIECES[0], unk_piece=SPECIAL_PIECES[1],
+            control_symbols=list(SPECIAL_PIECES[2:]),
+            # The sample is already drawn across the corpus with our seed: use it all, in order.
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=MAX_TRAINING_SENTENCE_BYTES,
+            split_digits=cfg.split_digits,
+            normalization_rule_name="nmt_nfkc_cf" if cfg.lowercase else "nmt_nfkc",
+            num_threads=cfg.threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise TokenizerError(_explain_training_error(str(e), cfg)) from None
+    tmp = out_path.with_name(out_path.name + ".partial")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(out_path)
+
+
+def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:
+    m = re.search(r"value <= (\d+)", msg)
+    if m:
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus: sentencepiece can learn at most "
+            f"{m.group(1)} pieces from the sampled text. Set tokenizer.vocab_size={m.group(1)} or lower, add text, "
+            f"or raise tokenizer.sample_sentences (now {cfg.sample_sentences})."
+        )
+    return f"sentencepiece could not train a tokenizer: {msg.strip()} (check the tokenizer.* settings)"
+
+
+def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProcessor:
+    """Load a model and check that BERT's special pieces are where the rest of the system expects them."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: '{path}' does not exist")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(p))
+    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"{key}: '{path}' is not a sentencepiece model ({e})") from None
+    found = [sp.IdToPiece(i) if i < sp.GetPieceSize() else None for i in range(len(SPECIAL_PIECES))]
+    if found != list(SPECIAL_PIECES):
+        want = ", ".join(f"{s}={i}" for i, s in enumerate(SPECIAL_PIECES))
+        raise ConfigError(
+            f"{key}: '{path}' has pieces {found} at ids 0-4; this system needs {want}. Train one with "
+            "pad_id=0 unk_id=1 bos_id=-1 eos_id=-1 pad_piece=[PAD] unk_piece=[UNK] "
+            "control_symbols=[CLS],[SEP],[MASK], or leave tokenizer.path empty to train one."
+        )
+    return sp
+
+
+def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:
+    """`table[id] == 1` when piece `id` begins a word (for whole-word masking).
+
+    A piece begins a word when it carries sentencepiece's space marker or starts with punctuation,
+    so `"▁word" "."` are two words, as BERT's basic tokenizer would have them.
+    """
+    table = bytearray(sp.GetPieceSize())
+    for i in range(sp.GetPieceSize()):
+        piece = sp.IdToPiece(i)
+        table[i] = piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not piece[:1].isalnum()
+    return bytes(table)

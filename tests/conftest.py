@@ -1,0 +1,96 @@
+"""Shared fixtures: small generated corpora, a configured dataset run, one local Ray for the session."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+_WORDS = (
+    "river stone cloud market engine garden signal paper window letter forest bridge harbor lantern copper "
+    "valley orbit meadow canvas ladder beacon thread marble pocket summit violet ember falcon quarry timber "
+    "north quiet bright hollow rapid gentle silver ancient narrow broad steady distant warm frozen hidden "
+    "carries follows builds gathers crosses measures holds turns opens finds shapes lifts reads keeps draws"
+).split()
+
+
+def make_document(rng: random.Random, n_sentences: int) -> list[str]:
+    """A document of made-up sentences (5-20 words each) from a fixed vocabulary."""
+    out = []
+    for _ in range(n_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 20))]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def write_txt(path: Path, docs: list[list[str]]) -> Path:
+    """Google format: one sentence per line, a blank line between documents."""
+    path.write_text("\n\n".join("\n".join(d) for d in docs) + "\n", encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, docs: list[list[str]], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: " ".join(d)}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """~60 KB: three .txt files and one .jsonl, 120 documents in all."""
+    rng = random.Random(7)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        write_txt(root / f"part{i}.txt", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
+    write_jsonl(root / "extra.jsonl", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
+    return root
+
+
+def small_config(corpus: Path, out: Path, **over) -> "DataPrepConfig":
+    """A config sized for a ~60 KB corpus (a small vocabulary, small shards, several units)."""
+    from data_prep.config import DataPrepConfig
+
+    tree = {
+        "inputs": [str(corpus)],
+        "output": str(out),
+        "tokenizer": {"vocab_size": 120, "sample_sentences": 5000, "threads": 1},
+        "examples": {"max_seq_length": 64, "max_predictions_per_seq": 10, "dupe_factor": 2, "pool_documents": 20},
+        "shards": {"examples_per_shard": 100, "group_bytes": 20000},
+        "val_fraction": 0.1,
+        "ray": {"num_cpus": 2},
+    }
+    for key, value in over.items():
+        node = tree
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return DataPrepConfig.model_validate(tree)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting one costs ~5 s on 2 cores)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m data_prep ARGS` in a fresh process (its own local Ray)."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], cwd=cwd or REPO, capture_output=True, text=True,
+        timeout=timeout,
+    )

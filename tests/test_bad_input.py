@@ -1,0 +1,413 @@
+"""Bad input: each kind is counted per file (with a line number) where the job can go on, and stops the job
+with a clear message, a non-zero exit and no half-written dataset where it cannot.
+
+Most tests read through `DocumentReader` directly (no Ray); the job-level ones (exit codes, report.json,
+what is left in the output directory) run the CLI in a subprocess or `pipeline.run` on the session Ray.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import random
+import re
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from conftest import make_document, run_cli, small_config, write_jsonl, write_txt
+from data_prep.config import ReadConfig
+from data_prep.configfile import ConfigError
+from data_prep.sources import DocumentReader, FileReport, expand_inputs
+
+DEFAULT_MAX_LINE = ReadConfig().max_line_bytes
+
+
+def read(path: Path, text_field: str = "text", split: str = "auto",
+         max_line_bytes: int = DEFAULT_MAX_LINE) -> tuple[list[list[str]], FileReport]:
+    (source,) = expand_inputs([str(path)])
+    reader = DocumentReader(source, text_field, split, max_line_bytes, 1)
+    docs = list(reader)
+    return docs, reader.report
+
+
+def sample_lines(report: FileReport, issue: str) -> list[int | None]:
+    return [s["line"] for s in report.samples if s["issue"] == issue]
+
+
+def docs_of(rng_seed: int, n: int) -> list[list[str]]:
+    rng = random.Random(rng_seed)
+    return [make_document(rng, rng.randint(2, 6)) for _ in range(n)]
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(json.dumps(tree), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def visible_files(root: Path) -> list[str]:
+    """Files a reader of the output would see (not under a hidden directory such as `.work/`)."""
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def assert_no_dataset(out: Path) -> None:
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in visible_files(out) if p.endswith(".tar")], visible_files(out)
+
+
+# 1. inputs that match no file ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern, words", [
+    ("nothing-here/*.txt", "matched no files"),
+    ("missing/corpus.txt", "no such file or directory"),
+])
+def test_inputs_matching_nothing_exit_2(tmp_path, pattern, words):
+    spec = str(tmp_path / pattern)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", {"inputs": [spec], "output": str(out)})
+    res = run_cli("run", str(cfg))
+    assert res.returncode == 2, res.stderr
+    assert "inputs[0]" in res.stderr and spec in res.stderr and words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_second_input_matching_nothing_is_named(tmp_path, small_corpus):
+    with pytest.raises(ConfigError, match=r"inputs\[1\] '.*\*\.jsonl' matched no files"):
+        expand_inputs([str(small_corpus), str(tmp_path / "none" / "*.jsonl")])
+
+
+# 2, 3. empty and binary files ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, data", [
+    ("empty.txt", b""),
+    ("empty.jsonl", b""),
+    ("empty.txt.gz", gzip.compress(b"")),   # not 0 bytes on disk, but nothing inside
+    ("blank.txt", b"\n\n  \n\n"),
+])
+def test_empty_file(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    docs, rep = read(p)
+    assert docs == []
+    assert rep.issues == {"empty_file": 1}
+
+
+def test_binary_file_skipped(tmp_path):
+    rng = random.Random(3)
+    data = bytes(rng.randrange(256) for _ in range(20000)) + b"\x00\x00" + b"Real text. Here.\n" * 10
+    p = tmp_path / "x.txt"
+    p.write_bytes(data)
+    docs, rep = read(p)
+    assert docs == []
+    assert rep.issues == {"binary_file": 1}
+    assert "skipped" in rep.samples[0]["detail"]
+
+
+# 4. invalid UTF-8 and control characters ---------------------------------------------------------------------
+
+def test_invalid_utf8_line_counted_and_text_kept(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"First good line.\nSecond caf\xe9 line \xff\xfe here.\nThird good line.\n\nNext doc.\nMore.\n")
+    docs, rep = read(p)
+    assert docs == [["First good line.", "Second caf line  here.", "Third good line."], ["Next doc.", "More."]]
+    assert rep.issues == {"invalid_utf8": 1}
+    assert sample_lines(rep, "invalid_utf8") == [2]
+
+
+def test_invalid_utf8_inside_jsonl_string_keeps_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"text": "Caf\xe9 is open. It sells bread."}\n'
+                  b'{"text": "A lone \\ud800 surrogate. Still text."}\n')
+    docs, rep = read(p)
+    assert [s.replace("  ", " ") for d in docs for s in d] == [
+        "Caf is open.", "It sells bread.", "A lone surrogate.", "Still text."]
+    assert rep.issues == {"invalid_utf8": 2}
+    assert sample_lines(rep, "invalid_utf8") == [1, 2]
+    "\n".join(s for d in docs for s in d).encode("utf-8")  # what the pipeline writes must be encodable
+
+
+def test_control_chars_counted_and_replaced(tmp_path):
+    p = tmp_path / "ctl.txt"
+    p.write_bytes(b"Clean line one.\nBell\x07here and escape\x1b[0m too.\nform\x0cfeed.\n")
+    docs, rep = read(p)
+    assert docs == [["Clean line one.", "Bell here and escape [0m too.", "form feed."]]
+    assert rep.issues == {"control_chars": 2}
+    assert sample_lines(rep, "control_chars") == [2, 3]
+
+
+# 5. truncated compressed file --------------------------------------------------------------------------------
+
+def test_truncated_gz_keeps_what_was_read(tmp_path):
+    docs = docs_of(11, 600)
+    plain = write_txt(tmp_path / "full.txt", docs)
+    data = gzip.compress(plain.read_bytes())
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+
+    got, rep = read(cut)
+    again, rep2 = read(cut)
+    assert got == again and rep.to_json() == rep2.to_json()  # deterministic
+    assert rep.issues["read_error"] == 1
+    assert set(rep.issues) <= {"read_error", "single_sentence_document"}
+    assert 0 < len(got) < len(docs)
+    assert got == docs[: len(got)]  # only whole documents from before the cut
+    (sample,) = [s for s in rep.samples if s["issue"] == "read_error"]
+    n_lines = sum(len(d) + 1 for d in got)
+    assert sample["line"] is not None and sample["line"] > n_lines
+    assert f"line {sample['line']}" in sample["detail"] and "EOFError" in sample["detail"]
+
+
+# 6. bad JSON lines ---------------------------------------------------------------------------------------------
+
+def test_jsonl_bad_lines(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    p.write_text(
+        '{"text": "Good one. Two sentences."}\n'
+        '{"text": "unterminated\n'
+        '{"body": "no text field here."}\n'
+        '{"text": 42}\n'
+        '\n'
+        '["a", "list"]\n'
+        '{"text": null}\n'
+        '{"text": "Last good. Also two."}\n'
+        + "[" * 100_000 + "\n",
+        encoding="utf-8",
+    )
+    docs, rep = read(p)
+    assert docs == [["Good one.", "Two sentences."], ["Last good.", "Also two."]]
+    assert rep.issues == {"bad_json": 2, "missing_field": 3, "not_text": 1}
+    assert rep.documents == 2 and rep.sentences == 4
+    by_issue = {}
+    for s in rep.samples:
+        by_issue.setdefault(s["issue"], []).append(s["line"])
+    # only the first five samples are kept: lines 2, 3, 4, 6, 7
+    assert by_issue == {"bad_json": [2], "missing_field": [3, 6, 7], "not_text": [4]}
+    assert "'text'" in rep.samples[1]["detail"] and "int" in rep.samples[2]["detail"]
+
+
+def test_jsonl_other_text_field(tmp_path):
+    p = write_jsonl(tmp_path / "b.jsonl", [["Alpha one.", "Beta two."]], field="body")
+    docs, rep = read(p, text_field="body")
+    assert docs == [["Alpha one.", "Beta two."]] and not rep.issues
+    docs, rep = read(p)
+    assert docs == [] and rep.issues == {"missing_field": 1}
+    assert "'text'" in rep.samples[0]["detail"] and "text_field" in rep.samples[0]["detail"]
+
+
+# 7. a 100 MB line -----------------------------------------------------------------------------------------------
+
+def test_100mb_line_is_skipped_in_bounded_memory(tmp_path):
+    p = tmp_path / "huge.txt"
+    chunk = b"word " * (1 << 18)  # 1.25 MiB, written again and again: the line is never in memory
+    total = 100 * 10**6
+    with open(p, "wb") as f:
+        f.write(b"Before the long line.\nStill before.\n\n")
+        written = 0
+        while written < total:
+            n = min(len(chunk), total - written)
+            f.write(chunk[:n] if n < len(chunk) else chunk)
+            written += n
+        f.write(b"\nAfter the long line.\nAnd one more.\n\nLast doc here.\nEnd.\n")
+    del chunk
+
+    tracemalloc.start()
+    try:
+        docs, rep = read(p)  # default read.max_line_bytes (4 MiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB while reading a 100 MB line"
+    assert rep.issues == {"line_too_long": 1}
+    assert sample_lines(rep, "line_too_long") == [4]
+    assert str(total + 1) in rep.samples[0]["detail"] and "read.max_line_bytes" in rep.samples[0]["detail"]
+    assert docs == [["Before the long line.", "Still before."],
+                    ["After the long line.", "And one more."],
+                    ["Last doc here.", "End."]]
+
+
+def test_line_limit_boundary(tmp_path):
+    p = tmp_path / "edge.jsonl"
+    limit = 1024
+    ok = json.dumps({"text": "a" * (limit - 20)}).encode()
+    ok += b" " * (limit - len(ok))  # exactly `limit` bytes before the newline: allowed
+    long = json.dumps({"text": "b" * limit}).encode()
+    p.write_bytes(ok + b"\n" + long + b"\n" + b'{"text": "Tail. End."}')  # last line has no newline
+    docs, rep = read(p, max_line_bytes=limit)
+    assert docs == [["a" * (limit - 20)], ["Tail.", "End."]]
+    assert rep.issues == {"line_too_long": 1, "single_sentence_document": 1}
+    assert sample_lines(rep, "line_too_long") == [2]
+
+
+# 8. a one-sentence document ---------------------------------------------------------------------------------------
+
+def test_single_sentence_document_counted_and_used(tmp_path):
+    p = write_txt(tmp_path / "s.txt", [["Alpha one.", "Alpha two."], ["Only sentence here."], ["B one.", "B two."]])
+    docs, rep = read(p)
+    assert docs == [["Alpha one.", "Alpha two."], ["Only sentence here."], ["B one.", "B two."]]
+    assert rep.issues == {"single_sentence_document": 1}
+    assert sample_lines(rep, "single_sentence_document") == [4]
+    assert rep.documents == 3 and rep.sentences == 5
+
+
+# compressed variants and parquet ----------------------------------------------------------------------------------
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": _zstd}
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+@pytest.mark.parametrize("ext", list(COMPRESSORS))
+def test_compressed_reads_like_plain(tmp_path, fmt, ext):
+    docs = docs_of(5, 400)  # ~100 KB: several decompression buffers
+    plain = (write_txt if fmt == "txt" else write_jsonl)(tmp_path / f"c.{fmt}", docs)
+    packed = tmp_path / f"c.{fmt}{ext}"
+    packed.write_bytes(COMPRESSORS[ext](plain.read_bytes()))
+    want, want_rep = read(plain)
+    got, rep = read(packed)
+    assert len(want) == 400
+    assert got == want
+    assert (rep.documents, rep.sentences, rep.issues) == (want_rep.documents, want_rep.sentences, want_rep.issues)
+
+
+def _parquet(path: Path, texts: list) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": pa.array(texts, pa.string())}), path)
+    return path
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_parquet_with_null_row(tmp_path, compress):
+    p = _parquet(tmp_path / "t.parquet", ["First doc. Has two.", None, "Third\x07row. Also two.", ""])
+    if compress:
+        gz = tmp_path / "t.parquet.gz"
+        gz.write_bytes(gzip.compress(p.read_bytes()))
+        p.unlink()
+        p = gz
+    docs, rep = read(p)
+    assert docs == [["First doc.", "Has two."], ["Third row.", "Also two."]]
+    assert rep.issues == {"missing_field": 1, "control_chars": 1}
+    assert sample_lines(rep, "missing_field") == [2] and sample_lines(rep, "control_chars") == [3]
+
+
+def test_parquet_without_the_column(tmp_path):
+    p = _parquet(tmp_path / "t.parquet", ["A. B."])
+    docs, rep = read(p, text_field="body")
+    assert docs == [] and rep.issues == {"missing_field": 1}
+    assert "'body'" in rep.samples[0]["detail"]
+
+
+# 10. config errors -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["command_line_typo", "yaml_typo", "bad_choice"])
+def test_config_errors_exit_2(tmp_path, small_corpus, case):
+    out = tmp_path / "out"
+    tree = {"inputs": [str(small_corpus)], "output": str(out)}
+    overrides: list[str] = []
+    if case == "command_line_typo":
+        overrides = ["examples.masked_lm_prb=0.2"]
+    elif case == "yaml_typo":
+        tree["examples"] = {"masked_lm_prb": 0.2}
+    else:
+        overrides = ["tokenizer.model_type=wordpiece"]
+    cfg = write_config(tmp_path / "cfg.yaml", tree)
+    res = run_cli("run", str(cfg), *overrides)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    err = res.stderr
+    if case == "bad_choice":
+        assert "tokenizer.model_type" in err and "command line" in err
+        assert "'unigram'" in err and "'bpe'" in err and "wordpiece" in err
+    else:
+        assert "examples.masked_lm_prb" in err
+        assert ("command line" if case == "command_line_typo" else str(cfg)) in err
+        assert "did you mean 'examples.masked_lm_prob'" in err
+    assert not out.exists()
+
+
+# 9 and the job as a whole (Ray) -----------------------------------------------------------------------------------
+
+def test_corpus_too_small_for_vocab_fails_cleanly(tmp_path, ray_local, capsys):
+    from data_prep.cli import main
+
+    corpus = tmp_path / "tiny"
+    corpus.mkdir()
+    write_txt(corpus / "t.txt", docs_of(1, 4))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", {
+        "inputs": [str(corpus)], "output": str(out),
+        "tokenizer": {"vocab_size": 30000, "sample_sentences": 1000, "threads": 1},
+        "ray": {"num_cpus": 2},
+    })
+    rc = main(["run", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    m = re.search(r"tokenizer\.vocab_size=30000 is too large.*Set tokenizer\.vocab_size=(\d+) or lower", err)
+    assert m, err
+    suggested = int(m.group(1))
+    assert 10 < suggested < 30000
+    assert_no_dataset(out)
+    assert not list(out.rglob("*.tar"))
+
+    # the suggested maximum works, in the same directory: the failed start wrote no shards, so it is replaced
+    rc = main(["run", str(cfg), f"tokenizer.vocab_size={suggested}"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "manifest.json").is_file()
+
+
+def test_job_counts_bad_input_per_file(tmp_path, small_corpus, ray_local):
+    from data_prep.pipeline import run
+
+    c = small_corpus
+    (c / "empty.txt").write_bytes(b"")
+    (c / "x.txt").write_bytes(bytes(range(256)) * 40)
+    write_txt(c / "single.txt", [["Just one sentence in this document."], ["Two here. ", "Second one."]])
+    (c / "utf8.txt").write_bytes(b"Good line.\nBad \xff byte line.\n")
+    full = write_txt(tmp_path / "full.txt", docs_of(2, 400))
+    data = gzip.compress(full.read_bytes())
+    (c / "trunc.txt.gz").write_bytes(data[: len(data) * 2 // 3])
+    (c / "bad.jsonl").write_text('{"text": "Fine. Fine too."}\nnot json\n{"x": 1}\n{"text": [1]}\n',
+                                 encoding="utf-8")
+    out = tmp_path / "out"
+    summary = run(small_config(c, out))
+
+    report = json.loads((out / "report.json").read_text())
+    files = {Path(f["path"]).name: f for f in report["files"]}
+    assert sorted(files) == sorted(p.name for p in c.iterdir())
+    assert files["empty.txt"]["issues"] == {"empty_file": 1}
+    assert files["x.txt"]["issues"] == {"binary_file": 1} and files["x.txt"]["documents"] == 0
+    assert files["single.txt"]["issues"] == {"single_sentence_document": 1}
+    assert files["single.txt"]["documents"] == 2
+    assert files["utf8.txt"]["issues"] == {"invalid_utf8": 1}
+    assert files["utf8.txt"]["issue_samples"][0]["line"] == 2
+    assert files["trunc.txt.gz"]["issues"]["read_error"] == 1 and files["trunc.txt.gz"]["documents"] > 0
+    assert files["bad.jsonl"]["issues"] == {"bad_json": 1, "missing_field": 1, "not_text": 1}
+    assert [s["line"] for s in files["bad.jsonl"]["issue_samples"]] == [2, 3, 4]
+
+    totals: dict = {}
+    for f in report["files"]:
+        for k, v in f["issues"].items():
+            totals[k] = totals.get(k, 0) + v
+    assert report["bad_input"] == totals == summary["bad_input"]
+    assert report["documents"] == sum(f["documents"] for f in report["files"])
+    # the same documents the readers give on their own
+    expected_docs = sum(read(p)[1].documents for p in c.iterdir())
+    assert report["documents"] == expected_docs
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {s["name"] for sp in manifest["splits"].values() for s in sp["shards"]}
+    assert listed and {p for p in visible_files(out) if p.endswith(".tar")} == listed
+    assert not (out / ".work").exists()

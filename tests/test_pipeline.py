@@ -1,0 +1,225 @@
+"""The whole data-prep job on a small generated corpus with a real local Ray, read back with stock webdataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli, small_config
+from data_prep.config import CLS_ID, MASK_ID, SEP_ID
+
+pytestmark = pytest.mark.slow
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (relative names), the manifest's `config.output` and `config.ray` aside."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                m = json.loads(data)
+                m["config"].pop("output")
+                m["config"].pop("ray")
+                data = json.dumps(m, sort_keys=True).encode()
+            out[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local):
+    """One dataset built in-process (shared Ray), reused by the read-back tests."""
+    from conftest import make_document, write_jsonl, write_txt
+    import random
+
+    base = tmp_path_factory.mktemp("built")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    rng = random.Random(7)
+    for i in range(3):
+        write_txt(corpus / f"part{i}.txt", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
+    write_jsonl(corpus / "extra.jsonl", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
+    from data_prep.pipeline import run
+
+    cfg = small_config(corpus, base / "ds")
+    summary = run(cfg)
+    return cfg, corpus, base / "ds", summary
+
+
+def test_dataset_layout_manifest_and_report(built):
+    cfg, corpus, root, summary = built
+    m = json.loads((root / "manifest.json").read_text())
+    report = json.loads((root / "report.json").read_text())
+    assert not (root / ".work").exists()
+    assert m["config_hash"] == cfg.content_hash() and m["config"]["seed"] == cfg.seed
+    assert [s["path"] for s in m["sources"]] == sorted(str(p) for p in corpus.iterdir())
+    assert all(s["bytes"] > 0 for s in m["sources"])
+    on_disk = sorted(f"{d}/{p.name}" for d in ("train", "val") for p in (root / d).iterdir())
+    listed = sorted(s["name"] for sp in m["splits"].values() for s in sp["shards"])
+    assert on_disk == listed
+    for sp in m["splits"].values():
+        assert sp["examples"] == sum(s["examples"] for s in sp["shards"])
+        assert all(s["examples"] <= cfg.shards.examples_per_shard for s in sp["shards"])
+    assert m["splits"]["val"]["examples"] > 0 and m["splits"]["train"]["examples"] > 5 * m["splits"]["val"]["examples"]
+    assert m["tokenizer"]["sha256"] == hashlib.sha256((root / "tokenizer/spm.model").read_bytes()).hexdigest()
+    assert report["documents"] == 120
+    assert report["examples"] == {k: v["examples"] for k, v in m["splits"].items()}
+    assert 0.4 < report["nsp"]["random_next_fraction"] < 0.7
+    assert sum(report["length_histogram"]["counts"].values()) == sum(report["examples"].values())
+    assert len(report["files"]) == 4 and report["bad_input"] == {}
+    assert summary["dataset_id"] == m["dataset_id"]
+    from data_prep.dataset import verify
+
+    assert verify(root) == []
+
+
+def test_stock_webdataset_reads_every_example(built):
+    import numpy as np
+    import webdataset as wds
+
+    cfg, _, root, _ = built
+    m = json.loads((root / "manifest.json").read_text())
+    urls = [str(root / s["name"]) for s in m["splits"]["train"]["shards"]]
+    n = 0
+    keys = set()
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        s = sample["mp"]
+        keys.add(sample["__key__"])
+        ids = np.asarray(s["input_ids"])
+        b = s["segment_b_start"]
+        assert ids[0] == CLS_ID and ids[-1] == SEP_ID and ids[b - 1] == SEP_ID
+        assert len(ids) <= cfg.examples.max_seq_length
+        pos = np.asarray(s["masked_lm_positions"])
+        assert 1 <= len(pos) <= cfg.examples.max_predictions_per_seq and len(pos) == len(s["masked_lm_ids"])
+        assert (ids[pos] == MASK_ID).mean() > 0 or len(pos) < 3
+        assert s["next_sentence_label"] in (0, 1)
+        n += 1
+    assert n == m["splits"]["train"]["examples"] and len(keys) == n
+
+
+def test_rerun_same_config_is_a_no_op(built, ray_local):
+    from data_prep.pipeline import run
+
+    cfg, _, root, _ = built
+    before = tree_digest(root)
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")}
+    run(cfg)
+    assert tree_digest(root) == before
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.tar")} == mtimes, "finished shards are not rewritten"
+
+
+def test_other_config_into_same_dir_is_refused(built):
+    from data_prep.dataset import DatasetError
+    from data_prep.pipeline import run
+
+    cfg, corpus, root, _ = built
+    before = tree_digest(root)
+    with pytest.raises(DatasetError, match="different dataset.*--overwrite"):
+        run(small_config(corpus, root, seed=99))
+    assert tree_digest(root) == before
+
+
+def test_same_bytes_whatever_the_task_split(built, tmp_path):
+    """Units run serially in reverse order in this process give the bytes Ray's parallel tasks gave."""
+    from data_prep.dataset import build_manifest, build_report
+    from data_prep.sources import expand_inputs
+    from data_prep.worker import plan_units, write_unit
+
+    cfg, corpus, root, _ = built
+    tok = root / "tokenizer/spm.model"
+    units = plan_units(expand_inputs(cfg.inputs), cfg.shards.group_bytes)
+    assert len(units) >= 3
+    records = {u.index: write_unit(u, cfg, str(tok), str(tmp_path)) for u in reversed(units)}
+    for split in ("train", "val"):
+        for p in (root / split).iterdir():
+            assert (tmp_path / split / p.name).read_bytes() == p.read_bytes()
+    m = json.loads((root / "manifest.json").read_text())
+    again = build_manifest(cfg, expand_inputs(cfg.inputs), m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"],
+                           [records[i] for i in sorted(records)])
+    assert again["dataset_id"] == m["dataset_id"]
+    assert build_report([records[i] for i in sorted(records)]) == json.loads((root / "report.json").read_text())
+
+
+def test_cli_run_inspect_verify(small_corpus, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    out = tmp_path / "ds"
+    cfg_file.write_text(yaml.safe_dump({
+        "inputs": [str(small_corpus)], "output": str(out),
+        "tokenizer": {"vocab_size": 120, "sample_sentences": 5000, "threads": 1},
+        "examples": {"max_seq_length": 64, "max_predictions_per_seq": 10},
+        "shards": {"examples_per_shard": 100, "group_bytes": 20000}, "ray": {"num_cpus": 2},
+    }))
+    r = run_cli("run", str(cfg_file), "examples.nsp=false", "--examples.whole_word_mask", "true")
+    assert r.returncode == 0, r.stderr
+    assert "data prep summary" in r.stdout and "next" in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["examples"]["nsp"] is False and m["examples"]["whole_word_mask"] is True
+    r = run_cli("inspect", str(out), "-n", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row) >= {"input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+                            "masked_lm_weights", "text"}
+        assert len(row["input_ids"]) == 64 and len(row["masked_lm_positions"]) == 10
+        assert "next_sentence_label" not in row and set(row["segment_ids"]) == {0}
+        assert "[MASK]" in row["text"] or sum(row["masked_lm_weights"]) < 3
+    r = run_cli("inspect", str(out), "-n", "1")
+    assert r.returncode == 0 and "train:" in r.stdout and "targets:" in r.stdout
+    assert run_cli("verify", str(out)).returncode == 0
+    shard = out / m["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run_cli("verify", str(out))
+    assert r.returncode == 1 and shard.name in r.stdout
+    r = run_cli("run", str(cfg_file), "seed=5")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    r = run_cli("run", str(cfg_file), "seed=5", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 5
+
+
+def _start(cfg_file: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "run", str(cfg_file), *extra], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("kill_when", ["sample", "shards"])
+def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
+    """SIGKILL the job (driver and its Ray) mid-stage; the rerun finishes with the bytes of an uninterrupted run."""
+    _, _, reference, _ = built
+    ref_cfg = json.loads((reference / "manifest.json").read_text())["config"]
+    out = tmp_path / "ds"
+    ref_cfg.update(output=str(out))
+    ref_cfg["ray"]["num_cpus"] = 1  # one task at a time: the kill lands between units
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(ref_cfg))
+    proc = _start(cfg_file)
+    marker = {"sample": lambda: any((out / ".work/sample").glob("unit-*.txt")),
+              "shards": lambda: any((out / ".work/units").glob("unit-*.json"))}[kill_when]
+    deadline = time.monotonic() + 120
+    try:
+        while not marker():
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    r = run_cli("run", str(cfg_file))
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    assert tree_digest(out) == tree_digest(reference)
