@@ -41,7 +41,7 @@ class ExamplesConfig(Section):
 class ShardsConfig(Section):
     examples_per_shard: int = Field(10_000, ge=1)
     group_bytes: int = Field(
-        64 * 2**20, ge=1, description="input bytes per work unit (one Ray task); files are grouped in sorted order"
+        8 * 2**20, ge=1, description="input bytes per work unit (one Ray task); files are grouped in sorted order"
     )
 
 

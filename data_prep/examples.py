@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 from data_prep.config import CLS_ID, MASK_ID, NUM_SPECIAL, SEP_ID, ExamplesConfig
@@ -52,6 +53,11 @@ class Example:
     truncated: bool
 
 
+def _below(rng: random.Random, n: int) -> int:
+    """Uniform int in [0, n) from one C-level `random()` draw (randrange costs ~10x more in pure Python)."""
+    return int(rng.random() * n)
+
+
 def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=16).digest(), "little")
 
@@ -72,7 +78,7 @@ def create_pairs(pool: Sequence[Doc], doc_index: int, p: ExampleParams, rng: ran
     max_num_tokens = p.max_seq_length - 3
     target = max_num_tokens
     if rng.random() < p.short_seq_prob:
-        target = rng.randint(2, max_num_tokens)
+        target = 2 + _below(rng, max_num_tokens - 1)
     out: list[Example] = []
     chunk: list[Sequence[int]] = []
     length = 0
@@ -81,26 +87,26 @@ def create_pairs(pool: Sequence[Doc], doc_index: int, p: ExampleParams, rng: ran
         chunk.append(document[i])
         length += len(document[i])
         if i == len(document) - 1 or length >= target:
-            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-            tokens_a = [t for s in chunk[:a_end] for t in s]
+            a_end = 1 + _below(rng, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = list(chain.from_iterable(chunk[:a_end]))
             tokens_b: list[int] = []
             if len(chunk) == 1 or rng.random() < 0.5:
                 is_random = True
                 target_b = target - len(tokens_a)
                 # Ten tries at another document, as Google does; a pool of one falls back to itself.
                 for _ in range(10):
-                    other = rng.randint(0, len(pool) - 1)
+                    other = _below(rng, len(pool))
                     if other != doc_index:
                         break
                 random_doc = pool[other]
-                for j in range(rng.randint(0, len(random_doc) - 1), len(random_doc)):
+                for j in range(_below(rng, len(random_doc)), len(random_doc)):
                     tokens_b.extend(random_doc[j])
                     if len(tokens_b) >= target_b:
                         break
                 i -= len(chunk) - a_end  # the unused sentences of this chunk start the next one
             else:
                 is_random = False
-                tokens_b = [t for s in chunk[a_end:] for t in s]
+                tokens_b = list(chain.from_iterable(chunk[a_end:]))
             truncated = truncate_pair(tokens_a, tokens_b, max_num_tokens, rng)
             if tokens_a and tokens_b:
                 tokens = [CLS_ID, *tokens_a, SEP_ID, *tokens_b, SEP_ID]
@@ -111,16 +117,26 @@ def create_pairs(pool: Sequence[Doc], doc_index: int, p: ExampleParams, rng: ran
 
 
 def truncate_pair(a: list[int], b: list[int], max_num_tokens: int, rng: random.Random) -> bool:
-    """Trim the longer of a/b from a random end until they fit; True if anything was cut."""
-    cut = False
-    while len(a) + len(b) > max_num_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-        cut = True
-    return cut
+    """Trim the longer of a/b, one token at a time from a random end, until they fit; True if anything was cut.
+
+    Same distribution as Google's loop, done in bulk: how many tokens each side loses depends on the
+    lengths only, and the number taken from the front is Binomial(removed, 1/2) (one `getrandbits`).
+    """
+    excess = len(a) + len(b) - max_num_tokens
+    if excess <= 0:
+        return False
+    # The longer side loses tokens until both are level; after that removals alternate, b first
+    # (Google's loop takes b on a tie), so b loses the odd one.
+    first = min(excess, abs(len(a) - len(b)))
+    ra, rb = (first, 0) if len(a) > len(b) else (0, first)
+    rest = excess - first
+    ra, rb = ra + rest // 2, rb + (rest + 1) // 2
+    for side, r in ((a, ra), (b, rb)):
+        if r:
+            front = bin(rng.getrandbits(r)).count("1")
+            del side[len(side) - (r - front):]
+            del side[:front]
+    return True
 
 
 def create_segments(document: Doc, p: ExampleParams, rng: random.Random) -> list[Example]:
@@ -128,7 +144,7 @@ def create_segments(document: Doc, p: ExampleParams, rng: random.Random) -> list
     max_num_tokens = p.max_seq_length - 2
     target = max_num_tokens
     if rng.random() < p.short_seq_prob:
-        target = rng.randint(2, max_num_tokens)
+        target = 2 + _below(rng, max_num_tokens - 1)
     out: list[Example] = []
     chunk: list[int] = []
 
@@ -158,25 +174,33 @@ def mask_example(
     """
     tokens = ex.tokens
     n = len(tokens)
-    # Candidates are every position but [CLS] and the [SEP]s, whose places are known.
-    if ex.b_start < n:
-        cand = [*range(1, ex.b_start - 1), *range(ex.b_start, n - 1)]
-    else:
-        cand = list(range(1, n - 1))
-    k = min(p.max_predictions_per_seq, max(1, int(round(n * p.masked_lm_prob))), len(cand))
+    # Candidates are every position but [CLS] and the [SEP]s: index i of the m candidates sits at
+    # i + 1, or i + 2 past segment A (the middle [SEP]); no candidate list is built on the fast path.
+    has_b = ex.b_start < n
+    m = n - 3 if has_b else n - 2
+    a_len = ex.b_start - 2 if has_b else m
+    k = min(p.max_predictions_per_seq, max(1, int(round(n * p.masked_lm_prob))), m)
+    rnd = rng.random
     if p.whole_word_mask and word_start is not None:
+        cand = [*range(1, ex.b_start - 1), *range(ex.b_start, n - 1)] if has_b else list(range(1, n - 1))
         positions = _whole_word_positions(tokens, cand, k, rng, word_start)
+    elif 2 * k > m:
+        positions = sorted(i + 1 + (i >= a_len) for i in rng.sample(range(m), k))
     else:
-        positions = sorted(rng.sample(cand, k))
-    input_ids = list(tokens)
-    labels = []
+        chosen: set[int] = set()
+        add = chosen.add
+        while len(chosen) < k:  # rejection sampling: k is small next to m, so few draws repeat
+            add(int(rnd() * m))
+        positions = sorted(i + 1 + (i >= a_len) for i in chosen)
+    input_ids = tokens.copy()
+    labels = [tokens[pos] for pos in positions]
+    span = p.vocab_size - NUM_SPECIAL
     for pos in positions:
-        labels.append(tokens[pos])
-        r = rng.random()
+        r = rnd()
         if r < 0.8:
             input_ids[pos] = MASK_ID
         elif r >= 0.9:
-            input_ids[pos] = rng.randrange(NUM_SPECIAL, p.vocab_size)
+            input_ids[pos] = NUM_SPECIAL + int(rnd() * span)
     return input_ids, positions, labels
 
 

@@ -52,6 +52,9 @@ def tar_member(name: bytes, data: bytes) -> bytes:
     return header + data + bytes(pad) if pad else header + data
 
 
+_pack = msgpack.Packer().pack  # one Packer for the process: packb() builds a new one per call
+
+
 def encode_sample(input_ids: list[int], b_start: int, positions: list[int], labels: list[int],
                   next_sentence_label: int | None) -> bytes:
     sample = {
@@ -62,7 +65,7 @@ def encode_sample(input_ids: list[int], b_start: int, positions: list[int], labe
     }
     if next_sentence_label is not None:
         sample["next_sentence_label"] = next_sentence_label
-    return msgpack.packb(sample)
+    return _pack(sample)
 
 
 @dataclass

@@ -131,11 +131,10 @@ def _to_str(raw: bytes, lineno: int, report: FileReport) -> str:
         return raw.decode("utf-8", "replace")
 
 
-def _decode(raw: bytes, lineno: int, report: FileReport) -> str:
-    return _clean(_to_str(raw, lineno, report), lineno, report)
-
-
 def _clean(text: str, lineno: int, report: FileReport) -> str:
+    text = text.strip()
+    if text.isprintable() and "\ufffd" not in text:
+        return text  # the common case, checked in C: no control, format or surrogate characters
     if _SURROGATE.search(text):
         report.flag("invalid_utf8", lineno, "lone UTF-16 surrogate escape")
         text = _SURROGATE.sub("", text)
@@ -147,31 +146,69 @@ def _clean(text: str, lineno: int, report: FileReport) -> str:
     return text.strip()
 
 
-def _lines(f: IO[bytes], max_bytes: int, report: FileReport,
-           at: list[int] | None = None) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (line number, raw line); an over-long line is skipped in bounded memory and yields None.
+_BLOCK = 1 << 20
 
+
+def _lines(f: IO[bytes], max_bytes: int, report: FileReport,
+           at: list[int] | None = None) -> Iterator[tuple[int, str | None]]:
+    """Yield (line number, decoded line); an over-long line is skipped in bounded memory and yields None.
+
+    Reads blocks of up to 1 MiB and splits/decodes them whole (C loops): ~3x faster than `readline`.
     `at[0]` holds the number of the line being read or processed, so a failure can name it.
     """
+    at = at if at is not None else [0]
+    # read1: whatever one decompression step yields, so a truncated archive gives up its readable part.
+    read = getattr(f, "read1", f.read)
     lineno = 0
+    carry = b""
+    skipped = -1  # >= 0 while dropping the rest of an over-long line
+
+    def too_long(n: int) -> tuple[int, None]:
+        report.flag("line_too_long", lineno, f"{n} bytes (read.max_line_bytes={max_bytes})")
+        return lineno, None
+
     while True:
-        if at is not None:
-            at[0] = lineno + 1
-        line = f.readline(max_bytes + 1)
-        if not line:
-            return
+        at[0] = lineno + 1
+        block = read(_BLOCK)
+        if not block:
+            break
+        if skipped >= 0:
+            nl = block.find(b"\n")
+            if nl < 0:
+                skipped += len(block)
+                continue
+            yield too_long(skipped + nl + 1)
+            skipped, block = -1, block[nl + 1:]
+        buf = carry + block if carry else block
+        last = buf.rfind(b"\n")
+        if last < 0:
+            carry = buf
+        else:
+            raws = buf[:last].split(b"\n")
+            carry = buf[last + 1:]
+            texts = _decode_lines(raws, max_bytes, lineno, report)
+            for raw, text in zip(raws, texts):
+                lineno += 1
+                at[0] = lineno
+                yield (lineno, text) if len(raw) <= max_bytes else too_long(len(raw))
+        if len(carry) > max_bytes:
+            lineno += 1
+            skipped, carry = len(carry), b""
+    if skipped >= 0:
+        yield too_long(skipped)
+    elif carry:
         lineno += 1
-        if len(line) > max_bytes and not line.endswith(b"\n"):
-            skipped = len(line)
-            while True:
-                chunk = f.readline(1 << 20)
-                skipped += len(chunk)
-                if not chunk or chunk.endswith(b"\n"):
-                    break
-            report.flag("line_too_long", lineno, f"{skipped} bytes (read.max_line_bytes={max_bytes})")
-            yield lineno, None
-            continue
-        yield lineno, line
+        at[0] = lineno
+        text = _decode_lines([carry], max_bytes, lineno - 1, report)[0]
+        yield (lineno, text) if len(carry) <= max_bytes else too_long(len(carry))
+
+
+def _decode_lines(raws: list[bytes], max_bytes: int, first: int, report: FileReport) -> list[str]:
+    """Decode a block's lines in one call; only a block with bad bytes is decoded line by line."""
+    try:
+        return b"\n".join(raws).decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return [_to_str(raw, first + i + 1, report) if len(raw) <= max_bytes else "" for i, raw in enumerate(raws)]
 
 
 class DocumentReader:
@@ -234,10 +271,10 @@ class DocumentReader:
     def _txt(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
         doc: list[str] = []
         start = 1
-        for lineno, raw in _lines(f, self.max_line_bytes, self.report, self._at):
-            if raw is None:
+        for lineno, line in _lines(f, self.max_line_bytes, self.report, self._at):
+            if line is None:
                 continue
-            text = _decode(raw, lineno, self.report)
+            text = _clean(line, lineno, self.report)
             if text:
                 if not doc:
                     start = lineno
@@ -253,11 +290,10 @@ class DocumentReader:
                 yield start, out
 
     def _jsonl(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
-        for lineno, raw in _lines(f, self.max_line_bytes, self.report, self._at):
-            if raw is None or not raw.strip():
+        for lineno, line in _lines(f, self.max_line_bytes, self.report, self._at):
+            if line is None or not line.strip():
                 continue
-            # Decode here, not in json.loads: one bad byte inside a string is invalid_utf8, not a lost line.
-            line = _to_str(raw, lineno, self.report)
+            # Lines arrive decoded: one bad byte inside a string is invalid_utf8, not a lost line.
             if lineno == 1:
                 line = line.lstrip("\ufeff")
             try:
