@@ -92,7 +92,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import webdataset as wds
 
     from data_prep.dataset import DatasetError, read_manifest
-    from data_prep.shards import google_features
+    from data_prep.shards import decode_sample, google_features
     from data_prep.tokenizer import load as load_tokenizer
 
     try:
@@ -118,19 +118,19 @@ def _inspect(args: argparse.Namespace) -> int:
     for i, sample in enumerate(ds):
         if i >= args.n:
             break
-        s = sample["mp"]
-        text = _pieces_text(sp, s["input_ids"])
+        s = decode_sample(sample["mp"], ex["token_dtype"])
+        text = _pieces_text(sp, s["input_ids"].tolist())
         if args.json:
             feats = google_features(s, ex["max_seq_length"], ex["max_predictions_per_seq"])
             feats.update(key=sample["__key__"], text=text,
-                         masked_lm_tokens=[sp.IdToPiece(t) for t in s["masked_lm_ids"]])
+                         masked_lm_tokens=[sp.IdToPiece(t) for t in s["masked_lm_ids"].tolist()])
             print(json.dumps(feats))
         else:
             label = s.get("next_sentence_label")
             nsp = "" if label is None else f"  next_sentence_label={label} ({'random' if label else 'actual'} next)"
             print(f"\n[{sample['__key__']}] {len(s['input_ids'])} tokens{nsp}\n  {text}")
             print("  targets: " + ", ".join(f"{p}:{sp.IdToPiece(t)}" for p, t in
-                                            zip(s["masked_lm_positions"], s["masked_lm_ids"])))
+                                            zip(s["masked_lm_positions"].tolist(), s["masked_lm_ids"].tolist())))
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.config import SPECIAL_PIECES, DataPrepConfig
-from data_prep.shards import PARTIAL_SUFFIX, SAMPLE_EXT
+from data_prep.shards import PARTIAL_SUFFIX, POSITION_DTYPE, SAMPLE_EXT, token_dtype
 from data_prep.sources import Source
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import SPLITS
@@ -157,6 +157,8 @@ def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: st
             "max_predictions_per_seq": cfg.examples.max_predictions_per_seq,
             "nsp": cfg.examples.nsp,
             "whole_word_mask": cfg.examples.whole_word_mask,
+            "token_dtype": token_dtype(vocab_size).str,
+            "position_dtype": POSITION_DTYPE.str,
         },
         "splits": splits,
     }

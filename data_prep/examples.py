@@ -1,28 +1,34 @@
-"""BERT pretraining examples from tokenized documents: NSP pairs or MLM-only segments, then MLM masks.
+"""BERT pretraining examples from tokenized documents: NSP pairs or MLM-only segments (masks: `masking.py`).
 
 Semantics follow Google's `create_pretraining_data.py`: `[CLS] A [SEP] B [SEP]`, a target length that is
 shorter with probability `short_seq_prob`, B is a random segment from another document half of the time,
-pairs are truncated from a random end of the longer side, 15% of tokens are predicted (80% `[MASK]`,
-10% random, 10% unchanged) with a per-sequence cap, optionally whole words at a time.
+pairs are truncated from a random end of the longer side.
+
+A pool's tokens live in one flat array (`Pool`); an example is two spans of it (A and B), so planning
+is integer arithmetic on sentence offsets and no token is copied until `Pool.gather` builds the padded
+matrix in one numpy call. (Building per-example token lists cost ~10 us an example, more than
+tokenization itself; see tests/benchmarks/RESULTS.md.)
 
 Every function takes its randomness as an explicit `random.Random`; `doc_rng(seed, unit, doc, copy)` makes
 one per document and copy, so an example depends only on (seed, document id, copy) and the pool the
 document sits in, never on which task or process made it. Python's Mersenne Twister is used rather
-than numpy because these loops draw a few scalars at a time: seeding costs ~5 us against ~15 us for a
-numpy Generator, and a scalar draw ~0.05 us against ~0.5 us (measured on the 2-core dev machine).
+than numpy because the planning draws a few scalars at a time: seeding costs ~5 us against ~15 us for
+a numpy Generator, and a scalar `random()` ~0.05 us against ~0.5 us. Only `random()`, `getrandbits()`
+and `randbytes()` are used: the stream behind them is stable across CPython versions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Sequence
 
-from data_prep.config import CLS_ID, MASK_ID, NUM_SPECIAL, SEP_ID, ExamplesConfig
+import numpy as np
 
-Doc = Sequence[Sequence[int]]  # a document: its sentences as token id lists
+from data_prep.config import CLS_ID, SEP_ID, ExamplesConfig
 
 
 @dataclass(frozen=True)
@@ -43,19 +49,75 @@ class ExampleParams:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
-    """One training example before serialisation; `tokens` are the originals (unmasked)."""
+    """One example as spans of its pool's flat token array: A = flat[a0:a0+la], B = flat[b0:b0+lb]."""
 
-    tokens: list[int]           # [CLS] A [SEP] B [SEP], or [CLS] A [SEP] without NSP
-    b_start: int                # index of B's first token (= len(tokens) when there is no B)
+    a0: int
+    la: int
+    b0: int
+    lb: int                      # 0 when there is no B (MLM-only)
     is_random_next: bool | None  # None without NSP
     truncated: bool
 
+    @property
+    def length(self) -> int:
+        """Tokens with [CLS] and the [SEP]s."""
+        return self.la + self.lb + (3 if self.lb else 2)
 
-def _below(rng: random.Random, n: int) -> int:
-    """Uniform int in [0, n) from one C-level `random()` draw (randrange costs ~10x more in pure Python)."""
-    return int(rng.random() * n)
+    @property
+    def b_start(self) -> int:
+        """Index of B's first token in the example (= length when there is no B)."""
+        return self.la + 2 if self.lb else self.length
+
+
+class Pool:
+    """Tokenized documents held together: one flat token array and each document's sentence offsets."""
+
+    def __init__(self, sentences: Sequence[Sequence[int]], sentences_per_doc: Sequence[int]):
+        """`sentences`: every document's sentences in order, as sentencepiece returns them; document d
+        has `sentences_per_doc[d]` of them. Empty sentences are dropped."""
+        lens = list(map(len, sentences))
+        self.flat = np.fromiter(chain.from_iterable(sentences), np.int32, sum(lens))
+        # bounds[d] = [o0, o1, ..., on]: sentence i of document d is flat[bounds[d][i]:bounds[d][i + 1]]
+        self.bounds: list[list[int]] = []
+        first = offset = 0
+        for n in sentences_per_doc:
+            b = list(accumulate(filter(None, lens[first:first + n]), initial=offset))
+            self.bounds.append(b)
+            first, offset = first + n, b[-1]
+
+    @classmethod
+    def of(cls, docs: Sequence[Sequence[Sequence[int]]]) -> "Pool":
+        """A pool from documents given as lists of tokenized sentences."""
+        return cls([s for d in docs for s in d], [len(d) for d in docs])
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def tokens(self, ex: Example) -> list[int]:
+        """The example's original tokens, [CLS] A [SEP] (B [SEP])."""
+        a = self.flat[ex.a0:ex.a0 + ex.la].tolist()
+        b = self.flat[ex.b0:ex.b0 + ex.lb].tolist()
+        return [CLS_ID, *a, SEP_ID, *b, SEP_ID] if ex.lb else [CLS_ID, *a, SEP_ID]
+
+    def gather(self, examples: list[Example], max_seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens (E, L) int32 0-padded, lengths (E,), b_start (E,)) for `examples`, in one vectorized gather."""
+        E, L = len(examples), max_seq_length
+        spans = np.array([(e.a0, e.la, e.b0, e.lb) for e in examples], np.int64).reshape(E, 4)
+        a0, la, b0, lb = spans.T
+        col = np.arange(L)[None, :]
+        in_a = (col >= 1) & (col <= la[:, None])
+        in_b = (col >= la[:, None] + 2) & (col < (la + 2 + lb)[:, None])
+        src = np.where(in_a, a0[:, None] + col - 1, np.where(in_b, b0[:, None] + col - la[:, None] - 2, 0))
+        tokens = np.where(in_a | in_b, self.flat[src] if len(self.flat) else 0, 0).astype(np.int32)
+        rows = np.arange(E)
+        lengths = la + np.where(lb > 0, lb + 3, 2)
+        tokens[:, 0] = CLS_ID
+        tokens[rows, la + 1] = SEP_ID
+        tokens[rows, lengths - 1] = SEP_ID
+        b_start = np.where(lb > 0, la + 2, lengths)
+        return tokens, lengths, b_start
 
 
 def _seed(*parts: object) -> int:
@@ -72,156 +134,89 @@ def unit_fraction(*parts: object) -> float:
     return _seed(*parts) / 2**128
 
 
-def create_pairs(pool: Sequence[Doc], doc_index: int, p: ExampleParams, rng: random.Random) -> list[Example]:
-    """NSP examples from `pool[doc_index]`; random next segments come from the other documents of `pool`."""
-    document = pool[doc_index]
+def _target_length(max_num_tokens: int, p: ExampleParams, rnd) -> int:
+    if rnd() < p.short_seq_prob:
+        return 2 + int(rnd() * (max_num_tokens - 1))  # uniform in [2, max_num_tokens]
+    return max_num_tokens
+
+
+def create_pairs(pool: Pool, doc_index: int, p: ExampleParams, rng: random.Random) -> list[Example]:
+    """NSP examples from document `doc_index` of `pool`; random next segments come from its other documents."""
+    bounds = pool.bounds[doc_index]
+    n_sent = len(bounds) - 1
     max_num_tokens = p.max_seq_length - 3
-    target = max_num_tokens
-    if rng.random() < p.short_seq_prob:
-        target = 2 + _below(rng, max_num_tokens - 1)
+    rnd = rng.random
+    target = _target_length(max_num_tokens, p, rnd)
     out: list[Example] = []
-    chunk: list[Sequence[int]] = []
-    length = 0
-    i = 0
-    while i < len(document):
-        chunk.append(document[i])
-        length += len(document[i])
-        if i == len(document) - 1 or length >= target:
-            a_end = 1 + _below(rng, len(chunk) - 1) if len(chunk) >= 2 else 1
-            tokens_a = list(chain.from_iterable(chunk[:a_end]))
-            tokens_b: list[int] = []
-            if len(chunk) == 1 or rng.random() < 0.5:
+    start = length = i = 0  # the current chunk is sentences start..i
+    while i < n_sent:
+        length += bounds[i + 1] - bounds[i]
+        if i == n_sent - 1 or length >= target:
+            n_chunk = i + 1 - start
+            a_end = start + (1 + int(rnd() * (n_chunk - 1)) if n_chunk >= 2 else 1)
+            a0, la = bounds[start], bounds[a_end] - bounds[start]
+            if n_chunk == 1 or rnd() < 0.5:
                 is_random = True
-                target_b = target - len(tokens_a)
                 # Ten tries at another document, as Google does; a pool of one falls back to itself.
                 for _ in range(10):
-                    other = _below(rng, len(pool))
+                    other = int(rnd() * len(pool))
                     if other != doc_index:
                         break
-                random_doc = pool[other]
-                for j in range(_below(rng, len(random_doc)), len(random_doc)):
-                    tokens_b.extend(random_doc[j])
-                    if len(tokens_b) >= target_b:
-                        break
-                i -= len(chunk) - a_end  # the unused sentences of this chunk start the next one
+                ob = pool.bounds[other]
+                j0 = int(rnd() * (len(ob) - 1))
+                # Whole sentences from j0 until B reaches its target length (at least one sentence).
+                j = min(bisect_left(ob, ob[j0] + target - la, j0 + 1), len(ob) - 1)
+                b0, lb = ob[j0], ob[j] - ob[j0]
+                i = a_end - 1  # the unused sentences of this chunk start the next one
             else:
                 is_random = False
-                tokens_b = list(chain.from_iterable(chunk[a_end:]))
-            truncated = truncate_pair(tokens_a, tokens_b, max_num_tokens, rng)
-            if tokens_a and tokens_b:
-                tokens = [CLS_ID, *tokens_a, SEP_ID, *tokens_b, SEP_ID]
-                out.append(Example(tokens, len(tokens_a) + 2, is_random, truncated))
-            chunk, length = [], 0
+                b0, lb = bounds[a_end], bounds[i + 1] - bounds[a_end]
+            fa, ra, fb, rb = truncation(la, lb, max_num_tokens, rng)
+            la, lb = la - fa - ra, lb - fb - rb
+            if la > 0 and lb > 0:
+                out.append(Example(a0 + fa, la, b0 + fb, lb, is_random, fa + ra + fb + rb > 0))
+            start, length = i + 1, 0
         i += 1
     return out
 
 
-def truncate_pair(a: list[int], b: list[int], max_num_tokens: int, rng: random.Random) -> bool:
-    """Trim the longer of a/b, one token at a time from a random end, until they fit; True if anything was cut.
+def truncation(la: int, lb: int, max_num_tokens: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """Tokens to cut as (A front, A back, B front, B back) so that A + B fit in `max_num_tokens`.
 
-    Same distribution as Google's loop, done in bulk: how many tokens each side loses depends on the
-    lengths only, and the number taken from the front is Binomial(removed, 1/2) (one `getrandbits`).
+    Google trims the longer side one token at a time, from the front or the back with equal chance.
+    Same distribution, in bulk: how many tokens each side loses depends on the lengths only (the longer
+    side loses until both are level, then they alternate, B first, as Google's loop takes B on a tie),
+    and the number taken from the front is Binomial(removed, 1/2), one `getrandbits` per side.
     """
-    excess = len(a) + len(b) - max_num_tokens
+    excess = la + lb - max_num_tokens
     if excess <= 0:
-        return False
-    # The longer side loses tokens until both are level; after that removals alternate, b first
-    # (Google's loop takes b on a tie), so b loses the odd one.
-    first = min(excess, abs(len(a) - len(b)))
-    ra, rb = (first, 0) if len(a) > len(b) else (0, first)
+        return 0, 0, 0, 0
+    first = min(excess, abs(la - lb))
+    ra, rb = (first, 0) if la > lb else (0, first)
     rest = excess - first
     ra, rb = ra + rest // 2, rb + (rest + 1) // 2
-    for side, r in ((a, ra), (b, rb)):
-        if r:
-            front = bin(rng.getrandbits(r)).count("1")
-            del side[len(side) - (r - front):]
-            del side[:front]
-    return True
+    fa = bin(rng.getrandbits(ra)).count("1") if ra else 0
+    fb = bin(rng.getrandbits(rb)).count("1") if rb else 0
+    return fa, ra - fa, fb, rb - fb
 
 
-def create_segments(document: Doc, p: ExampleParams, rng: random.Random) -> list[Example]:
+def create_segments(pool: Pool, doc_index: int, p: ExampleParams, rng: random.Random) -> list[Example]:
     """MLM-only examples: whole sentences packed up to the target length; an over-long sentence is split."""
+    bounds = pool.bounds[doc_index]
     max_num_tokens = p.max_seq_length - 2
-    target = max_num_tokens
-    if rng.random() < p.short_seq_prob:
-        target = 2 + _below(rng, max_num_tokens - 1)
+    target = _target_length(max_num_tokens, p, rng.random)
     out: list[Example] = []
-    chunk: list[int] = []
-
-    def emit(body: list[int], truncated: bool) -> None:
-        tokens = [CLS_ID, *body, SEP_ID]
-        out.append(Example(tokens, len(tokens), None, truncated))
-
-    for sentence in document:
-        if chunk and len(chunk) + len(sentence) > target:
-            emit(chunk, False)
-            chunk = []
-        chunk.extend(sentence)
-        while len(chunk) > max_num_tokens:
-            emit(chunk[:max_num_tokens], True)
-            chunk = chunk[max_num_tokens:]
-    if chunk:
-        emit(chunk, False)
+    c0 = c_len = 0  # current chunk: flat[c0:c0 + c_len] (a document's sentences are contiguous)
+    for s0, s1 in zip(bounds, bounds[1:]):
+        if c_len and c_len + (s1 - s0) > target:
+            out.append(Example(c0, c_len, 0, 0, None, False))
+            c_len = 0
+        if not c_len:
+            c0 = s0
+        c_len += s1 - s0
+        while c_len > max_num_tokens:
+            out.append(Example(c0, max_num_tokens, 0, 0, None, True))
+            c0, c_len = c0 + max_num_tokens, c_len - max_num_tokens
+    if c_len:
+        out.append(Example(c0, c_len, 0, 0, None, False))
     return out
-
-
-def mask_example(
-    ex: Example, p: ExampleParams, rng: random.Random, word_start: bytes | None = None
-) -> tuple[list[int], list[int], list[int]]:
-    """Choose MLM targets: returns (input_ids with masks applied, sorted positions, original ids there).
-
-    `word_start[id]` is 1 when token `id` begins a word; needed for whole-word masking only.
-    """
-    tokens = ex.tokens
-    n = len(tokens)
-    # Candidates are every position but [CLS] and the [SEP]s: index i of the m candidates sits at
-    # i + 1, or i + 2 past segment A (the middle [SEP]); no candidate list is built on the fast path.
-    has_b = ex.b_start < n
-    m = n - 3 if has_b else n - 2
-    a_len = ex.b_start - 2 if has_b else m
-    k = min(p.max_predictions_per_seq, max(1, int(round(n * p.masked_lm_prob))), m)
-    rnd = rng.random
-    if p.whole_word_mask and word_start is not None:
-        cand = [*range(1, ex.b_start - 1), *range(ex.b_start, n - 1)] if has_b else list(range(1, n - 1))
-        positions = _whole_word_positions(tokens, cand, k, rng, word_start)
-    elif 2 * k > m:
-        positions = sorted(i + 1 + (i >= a_len) for i in rng.sample(range(m), k))
-    else:
-        chosen: set[int] = set()
-        add = chosen.add
-        while len(chosen) < k:  # rejection sampling: k is small next to m, so few draws repeat
-            add(int(rnd() * m))
-        positions = sorted(i + 1 + (i >= a_len) for i in chosen)
-    input_ids = tokens.copy()
-    labels = [tokens[pos] for pos in positions]
-    span = p.vocab_size - NUM_SPECIAL
-    for pos in positions:
-        r = rnd()
-        if r < 0.8:
-            input_ids[pos] = MASK_ID
-        elif r >= 0.9:
-            input_ids[pos] = NUM_SPECIAL + int(rnd() * span)
-    return input_ids, positions, labels
-
-
-def _whole_word_positions(
-    tokens: list[int], cand: list[int], k: int, rng: random.Random, word_start: bytes
-) -> list[int]:
-    words: list[list[int]] = []
-    prev = -2
-    for pos in cand:
-        if words and pos == prev + 1 and not word_start[tokens[pos]]:
-            words[-1].append(pos)
-        else:
-            words.append([pos])
-        prev = pos
-    # A random order of words: sort by one uniform key each (cheaper than shuffle for ~100 words).
-    keys = [rng.random() for _ in words]
-    chosen: list[int] = []
-    for w in sorted(range(len(words)), key=keys.__getitem__):
-        if len(chosen) >= k:
-            break
-        if len(chosen) + len(words[w]) > k:
-            continue  # Google's rule: skip a word that would overshoot the budget
-        chosen.extend(words[w])
-    return sorted(chosen)

@@ -136,21 +136,28 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     total = sum(s.size for s in sources)
     log(f"{len(sources)} input files, {total / 1e6:.1f} MB, {len(units)} work units -> '{root}'")
     tok = work / TOKENIZER_MODEL
+    stages: dict[str, float] = {}
     with ray_session(cfg.ray):
+        stages["start"] = time.monotonic() - t0
         if not tok.is_file():
             if cfg.tokenizer.path:
                 shutil.copyfile(cfg.tokenizer.path, work / (TOKENIZER_MODEL + ".partial"))
                 os.replace(work / (TOKENIZER_MODEL + ".partial"), tok)
             else:
                 _train_tokenizer(cfg, units, total, work, tok)
+        stages["tokenizer"] = time.monotonic() - t0 - sum(stages.values())
         todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
         if len(todo) < len(units):
             log(f"{len(units) - len(todo)} of {len(units)} units already written; skipping them")
         _run_units(write_unit, todo, (cfg, str(tok), str(root)), cfg.ray,
                    lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
+        stages["shards"] = time.monotonic() - t0 - sum(stages.values())
     records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
     _finish(root, cfg, sources, tok, records)
-    return summarize(root, time.monotonic() - t0, sources_bytes=total)
+    summary = summarize(root, time.monotonic() - t0, sources_bytes=total)
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
+    summary["task_seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 2)
+    return summary
 
 
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:

@@ -1,11 +1,15 @@
 """Shard files: one msgpack member per example in plain POSIX tar, written under a temporary name and renamed.
 
-Sample layout (what stock `webdataset.WebDataset(urls).decode()` yields per example, key `KEY.mp`):
-    input_ids            list[int]  token ids as the model sees them: masks applied, no padding
-    segment_b_start      int        index of segment B's first token (= len(input_ids) when there is no B)
-    masked_lm_positions  list[int]  sorted positions of the prediction targets
-    masked_lm_ids        list[int]  the original token ids at those positions
-    next_sentence_label  int        1 when B is a random segment from another document (NSP datasets only)
+Sample layout (what stock `webdataset.WebDataset(urls).decode()` yields per example, key `KEY.mp`);
+arrays are raw little-endian bytes for `numpy.frombuffer`, token ids in the manifest's
+`examples.token_dtype` (`<u2` up to 65,536 pieces, else `<i4`), positions in `<u2`:
+    input_ids            bytes  token ids as the model sees them: masks applied, no padding
+    segment_b_start      int    index of segment B's first token (= len(input_ids) when there is no B)
+    masked_lm_positions  bytes  sorted positions of the prediction targets
+    masked_lm_ids        bytes  the original token ids at those positions
+    next_sentence_label  int    1 when B is a random segment from another document (NSP datasets only)
+Binary arrays rather than msgpack lists: 2 bytes a token instead of ~2.7, ~1 us to pack instead of ~7,
+and zero-copy numpy on the reading side.
 
 The writer builds ustar headers itself rather than going through `tarfile`/`webdataset.TarWriter`:
 with ~1.5 KB examples those cost 36-45 us per member on the dev machine, more than the whole budget
@@ -18,13 +22,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import msgpack
+import numpy as np
 
 SAMPLE_EXT = "mp"
+POSITION_DTYPE = np.dtype("<u2")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest little-endian type that holds every token id."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<i4")
 BLOCK = 512
 PARTIAL_SUFFIX = ".partial"
 
@@ -40,22 +52,25 @@ _HEADER_SUM = sum(_HEADER)
 _HEADER = bytes(_HEADER)
 
 
+_MID = _HEADER[100:124]    # mode, uid, gid
+_MTIME = _HEADER[136:148]
+_TAIL = _HEADER[156:]      # type flag, link name, magic, owner, ...
+_ZEROS = bytes(BLOCK)
+
+
 def tar_member(name: bytes, data: bytes) -> bytes:
     """One tar member (header + data + padding). `name` must be ASCII and at most 100 bytes."""
     size = b"%011o\0" % len(data)
     checksum = _HEADER_SUM + sum(name) + sum(size)
-    header = b"".join((
-        name, bytes(100 - len(name)), _HEADER[100:124], size, _HEADER[136:148],
-        b"%06o\0 " % checksum, _HEADER[156:],
-    ))
     pad = -len(data) % BLOCK
-    return header + data + bytes(pad) if pad else header + data
+    return b"".join((name, _ZEROS[:100 - len(name)], _MID, size, _MTIME, b"%06o\0 " % checksum, _TAIL,
+                     data, _ZEROS[:pad]))
 
 
 _pack = msgpack.Packer().pack  # one Packer for the process: packb() builds a new one per call
 
 
-def encode_sample(input_ids: list[int], b_start: int, positions: list[int], labels: list[int],
+def encode_sample(input_ids: bytes, b_start: int, positions: bytes, labels: bytes,
                   next_sentence_label: int | None) -> bytes:
     sample = {
         "input_ids": input_ids,
@@ -80,64 +95,100 @@ class ShardInfo:
 class ShardWriter:
     """Writes `shard-UUUUUU-KKKKK.tar` files of `per_shard` examples for one unit and split.
 
-    A shard is visible under its final name only once complete (written as `.partial`, fsynced, renamed).
+    A shard is visible under its final name only once complete (written as `.partial`, fsynced, renamed);
+    `close()` returns once all of them are.
     """
 
     def __init__(self, root: Path, split: str, unit: int, per_shard: int):
         self.root, self.split, self.unit, self.per_shard = root, split, unit, per_shard
         (root / split).mkdir(parents=True, exist_ok=True)
         self.done: list[ShardInfo] = []
+        self._members: list[bytes] = []  # members of the open shard not yet written (flushed every ~1 MB)
+        self._pending = 0
         self._f: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._examples = self._tokens = self._bytes = 0
+        self._syncer = ThreadPoolExecutor(max_workers=1)
+        self._sync: list[Future] = []
 
     def _name(self) -> str:
         return f"{self.split}/shard-{self.unit:06d}-{len(self.done):05d}.tar"
 
     def add(self, payload: bytes, tokens: int) -> None:
+        self.add_many([payload], [tokens])
+
+    def add_many(self, payloads: list[bytes], tokens: list[int]) -> None:
+        """Append examples in order, closing a shard each `per_shard` examples."""
+        i = 0
+        while i < len(payloads):
+            take = min(len(payloads) - i, self.per_shard - self._examples)
+            prefix = b"%06d%05d" % (self.unit, len(self.done))
+            first = self._examples
+            members = [tar_member(prefix + b"%08d.mp" % (first + j), payloads[i + j]) for j in range(take)]
+            self._members += members
+            self._pending += sum(map(len, members))
+            self._examples += take
+            self._tokens += sum(tokens[i:i + take])
+            i += take
+            if self._pending >= 1 << 20:
+                self._flush()
+            if self._examples >= self.per_shard:
+                self._finish()
+
+    def _flush(self) -> None:
+        # One write and one hash update per ~1 MB rather than per member (~2 us an example saved).
         if self._f is None:
             self._f = open(self.root / (self._name() + PARTIAL_SUFFIX), "wb")
-        key = b"%06d%05d%08d.%s" % (self.unit, len(self.done), self._examples, SAMPLE_EXT.encode())
-        member = tar_member(key, payload)
-        self._f.write(member)
-        self._hash.update(member)
-        self._examples += 1
-        self._tokens += tokens
-        self._bytes += len(member)
-        if self._examples >= self.per_shard:
-            self._finish()
+        data = b"".join(self._members)
+        self._f.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
+        self._members, self._pending = [], 0
 
     def _finish(self) -> None:
+        self._members.append(bytes(2 * BLOCK))  # end-of-archive marker
+        self._flush()
         assert self._f is not None
-        trailer = bytes(2 * BLOCK)  # end-of-archive marker
-        self._f.write(trailer)
-        self._hash.update(trailer)
         self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
         name = self._name()
-        os.replace(self.root / (name + PARTIAL_SUFFIX), self.root / name)
-        self.done.append(ShardInfo(name, self._examples, self._tokens, self._hash.hexdigest(),
-                                   self._bytes + len(trailer)))
+        # fsync + rename in the background: the disk wait (up to ~0.2 s a shard on the dev VM) overlaps
+        # the next shard's work; close() waits, so the caller only records shards that are durable.
+        self._sync.append(self._syncer.submit(_commit, self._f, self.root / (name + PARTIAL_SUFFIX), self.root / name))
+        self.done.append(ShardInfo(name, self._examples, self._tokens, self._hash.hexdigest(), self._bytes))
         self._f, self._hash = None, hashlib.sha256()
         self._examples = self._tokens = self._bytes = 0
 
     def close(self) -> list[ShardInfo]:
-        if self._f is not None:
+        """Finish the open shard and wait until every shard is on disk under its final name."""
+        if self._examples:
             self._finish()
+        for job in self._sync:
+            job.result()
+        self._syncer.shutdown()
         return self.done
 
 
-def decode_sample(data: bytes) -> dict:
-    return msgpack.unpackb(data)
+def _commit(f: BinaryIO, partial: Path, final: Path) -> None:
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(partial, final)
+
+
+def decode_sample(sample: dict, dtype: str | np.dtype) -> dict:
+    """A decoded `.mp` member with its byte arrays turned into numpy arrays."""
+    out = dict(sample)
+    out["input_ids"] = np.frombuffer(sample["input_ids"], dtype)
+    out["masked_lm_positions"] = np.frombuffer(sample["masked_lm_positions"], POSITION_DTYPE)
+    out["masked_lm_ids"] = np.frombuffer(sample["masked_lm_ids"], dtype)
+    return out
 
 
 def google_features(sample: dict, max_seq_length: int, max_predictions: int) -> dict:
-    """Rebuild Google BERT's padded features from one decoded sample (what `inspect --json` prints)."""
-    ids = list(sample["input_ids"])
+    """Google BERT's padded features (lists) from a `decode_sample` result; what `inspect --json` prints."""
+    ids = sample["input_ids"].tolist()
     n, b = len(ids), sample["segment_b_start"]
     pad = max_seq_length - n
-    positions, labels = list(sample["masked_lm_positions"]), list(sample["masked_lm_ids"])
+    positions, labels = sample["masked_lm_positions"].tolist(), sample["masked_lm_ids"].tolist()
     m = max_predictions - len(positions)
     out = {
         "input_ids": ids + [0] * pad,

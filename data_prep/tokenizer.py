@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -88,6 +89,13 @@ def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProc
             "control_symbols=[CLS],[SEP],[MASK], or leave tokenizer.path empty to train one."
         )
     return sp
+
+
+@functools.lru_cache(maxsize=4)
+def cached(path: str, sha256: str) -> tuple[spm.SentencePieceProcessor, bytes]:
+    """(processor, word-start table) for a model file, loaded once per worker process (keyed by content)."""
+    sp = load(path)
+    return sp, word_start_table(sp)
 
 
 def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:

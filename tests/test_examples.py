@@ -5,12 +5,14 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from data_prep.config import CLS_ID, MASK_ID, NUM_SPECIAL, SEP_ID
 from data_prep.examples import (
-    Example, ExampleParams, create_pairs, create_segments, doc_rng, mask_example, truncate_pair,
+    Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, truncation,
 )
+from data_prep.masking import mask_batch, noise_bytes
 
 VOCAB = 1000
 
@@ -22,20 +24,28 @@ def params(**kw) -> ExampleParams:
     return ExampleParams(**base)
 
 
-def make_pool(n_docs: int, seed: int = 0) -> list[list[list[int]]]:
-    """Documents whose token ids encode (document, sentence) so provenance can be checked: id = 100*doc + sent + 5."""
+def make_pool(n_docs: int, seed: int = 0) -> Pool:
+    """Documents whose token ids encode provenance: id = 5 + 100 * document + sentence."""
     rng = random.Random(seed)
-    pool = []
+    docs = []
     for d in range(n_docs):
-        doc = []
-        for s in range(rng.randint(3, 9)):
-            doc.append([NUM_SPECIAL + 100 * d + s] * rng.randint(3, 15))
-        pool.append(doc)
-    return pool
+        docs.append([[NUM_SPECIAL + 100 * d + s] * rng.randint(3, 15) for s in range(rng.randint(3, 9))])
+    return Pool.of(docs)
 
 
 def doc_of(token: int) -> int:
     return (token - NUM_SPECIAL) // 100
+
+
+def test_pool_gather_matches_token_lists():
+    pool = make_pool(6)
+    p = params()
+    examples = [e for d in range(6) for e in create_pairs(pool, d, p, doc_rng(1, 0, d, 0))]
+    tokens, lengths, b_start = pool.gather(examples, p.max_seq_length)
+    for row, ex in enumerate(examples):
+        want = pool.tokens(ex)
+        assert tokens[row, :len(want)].tolist() == want and not tokens[row, len(want):].any()
+        assert lengths[row] == ex.length == len(want) and b_start[row] == ex.b_start
 
 
 def test_pairs_have_bert_layout_and_fit():
@@ -43,7 +53,7 @@ def test_pairs_have_bert_layout_and_fit():
     p = params()
     for d in range(len(pool)):
         for ex in create_pairs(pool, d, p, doc_rng(1, 0, d, 0)):
-            t = ex.tokens
+            t = pool.tokens(ex)
             assert len(t) <= p.max_seq_length
             assert t[0] == CLS_ID and t[-1] == SEP_ID and t[ex.b_start - 1] == SEP_ID
             assert t.count(SEP_ID) == 2 and t.count(CLS_ID) == 1
@@ -65,9 +75,8 @@ def test_random_next_is_about_half_and_from_other_documents():
         for copy in range(4):
             for ex in create_pairs(pool, d, p, doc_rng(3, 0, d, copy)):
                 labels[ex.is_random_next] += 1
-                b = ex.tokens[ex.b_start:-1]
                 if ex.is_random_next:
-                    foreign += all(doc_of(x) != d for x in b)
+                    foreign += all(doc_of(x) != d for x in pool.tokens(ex)[ex.b_start:-1])
     total = labels[True] + labels[False]
     assert total > 300
     assert 0.45 < labels[True] / total < 0.65  # Google's rule: 50% plus the single-sentence chunks
@@ -76,72 +85,110 @@ def test_random_next_is_about_half_and_from_other_documents():
 
 def test_short_seq_prob_gives_short_targets():
     pool = make_pool(30)
-    lengths = {sp: [] for sp in (0.0, 1.0)}
-    for sp in lengths:
-        for d in range(len(pool)):
-            lengths[sp] += [len(e.tokens) for e in create_pairs(pool, d, params(short_seq_prob=sp), doc_rng(5, 0, d, 0))]
-    mean = {sp: sum(v) / len(v) for sp, v in lengths.items()}
+    mean = {}
+    for sp in (0.0, 1.0):
+        lengths = [e.length for d in range(len(pool)) for e in create_pairs(pool, d, params(short_seq_prob=sp),
+                                                                             doc_rng(5, 0, d, 0))]
+        mean[sp] = sum(lengths) / len(lengths)
     assert mean[1.0] < 0.75 * mean[0.0]
 
 
-def test_truncate_pair_trims_longer_side_from_both_ends():
-    rng = random.Random(0)
-    fronts = backs = 0
-    for _ in range(200):
-        a, b = list(range(100, 140)), list(range(200, 210))
-        assert truncate_pair(a, b, 30, rng)
-        assert len(a) + len(b) == 30 and len(b) == 10
-        fronts += a[0] != 100
-        backs += a[-1] != 139
-    assert fronts > 150 and backs > 150
-    a, b = [1, 2], [3]
-    assert not truncate_pair(a, b, 10, rng) and a == [1, 2] and b == [3]
+def google_truncate(a: list, b: list, max_num_tokens: int, rng: random.Random) -> None:
+    """Google's loop, one token at a time (the reference for `truncation`)."""
+    while len(a) + len(b) > max_num_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+@pytest.mark.parametrize("la,lb,limit", [(40, 10, 30), (10, 40, 30), (20, 20, 25), (31, 30, 20), (5, 5, 20), (1, 60, 30)])
+def test_truncation_matches_googles_loop_in_distribution(la, lb, limit):
+    ref, got = Counter(), Counter()
+    for i in range(3000):
+        a, b = list(range(la)), list(range(100, 100 + lb))
+        google_truncate(a, b, limit, random.Random(i))
+        ref[(len(a), len(b), a[0] if a else None, b[0] if b else None)] += 1
+        fa, ra, fb, rb = truncation(la, lb, limit, random.Random(i))
+        got[(la - fa - ra, lb - fb - rb, fa if la - fa - ra else None, 100 + fb if lb - fb - rb else None)] += 1
+    assert {k[:2] for k in ref} == {k[:2] for k in got}, "same final lengths"
+    for key in set(ref) | set(got):  # same distribution of where the cuts fall
+        assert abs(ref[key] - got[key]) < 0.04 * 3000 + 3 * (ref[key] + 1) ** 0.5
 
 
 def test_segments_without_nsp_fill_to_length_and_keep_all_tokens():
     doc = [[NUM_SPECIAL + i] * 7 for i in range(40)]
+    pool = Pool.of([doc])
     p = params(nsp=False, short_seq_prob=0.0)
-    exs = create_segments(doc, p, random.Random(0))
-    body = [t for e in exs for t in e.tokens[1:-1]]
+    exs = create_segments(pool, 0, p, random.Random(0))
+    body = [t for e in exs for t in pool.tokens(e)[1:-1]]
     assert body == [t for s in doc for t in s], "every token once, in order"
     for e in exs[:-1]:
-        assert len(e.tokens) > p.max_seq_length - 7 - 1
-        assert e.is_random_next is None and e.b_start == len(e.tokens)
-    long_doc = [[NUM_SPECIAL] * 500]
-    exs = create_segments(long_doc, p, random.Random(0))
-    assert all(len(e.tokens) <= p.max_seq_length for e in exs) and sum(len(e.tokens) - 2 for e in exs) == 500
+        assert e.length > p.max_seq_length - 7 - 1
+        assert e.is_random_next is None and e.b_start == e.length
+    pool = Pool.of([[[NUM_SPECIAL] * 500]])
+    exs = create_segments(pool, 0, p, random.Random(0))
+    assert all(e.length <= p.max_seq_length for e in exs) and sum(e.length - 2 for e in exs) == 500
 
 
-def _example(n: int) -> Example:
-    body = list(range(NUM_SPECIAL, NUM_SPECIAL + n))
-    half = n // 2
-    tokens = [CLS_ID, *body[:half], SEP_ID, *body[half:], SEP_ID]
-    return Example(tokens, half + 2, False, False)
+def _examples(rng: random.Random, count: int, lo: int = 10, hi: int = 125) -> tuple[Pool, list[Example]]:
+    """Pairs with A and B of random lengths over distinct token ids."""
+    docs, examples, offset = [], [], 0
+    for _ in range(count):
+        n = rng.randint(lo, hi)
+        half = n // 2
+        docs.append([list(range(NUM_SPECIAL, NUM_SPECIAL + n))])
+        examples.append(Example(offset, half, offset + half, n - half, False, False))
+        offset += n
+    return Pool.of(docs), examples
+
+
+def _mask(pool: Pool, examples: list[Example], p: ExampleParams, rng: random.Random, word_start=None):
+    noise = rng.randbytes(noise_bytes(len(examples), p))
+    tokens, lengths, b_start = pool.gather(examples, p.max_seq_length)
+    return tokens, mask_batch(tokens, lengths, b_start, noise, p, word_start)
 
 
 def test_masking_rates_cap_and_special_tokens():
     p = params(max_seq_length=128, max_predictions_per_seq=20)
     rng = random.Random(11)
+    pool, examples = _examples(rng, 3000)
+    tokens, batch = _mask(pool, examples, p, rng)
     kinds = Counter()
-    for _ in range(2000):
-        ex = _example(rng.randint(10, 125))
-        input_ids, positions, labels = mask_example(ex, p, rng)
-        n = len(ex.tokens)
-        assert len(positions) == min(20, max(1, round(n * 0.15)))
-        assert positions == sorted(set(positions))
-        for pos, label in zip(positions, labels):
-            assert ex.tokens[pos] not in (CLS_ID, SEP_ID), "special tokens are never targets"
-            assert label == ex.tokens[pos]
-            got = input_ids[pos]
+    for e, ex in enumerate(examples):
+        n = ex.length
+        k = int(batch.counts[e])
+        assert k == min(20, max(1, round(n * 0.15)))
+        positions = batch.positions[e, :k].tolist()
+        assert positions == sorted(set(positions)) and not batch.positions[e, k:].any()
+        for pos, label in zip(positions, batch.labels[e, :k].tolist()):
+            assert tokens[e, pos] not in (CLS_ID, SEP_ID), "special tokens are never targets"
+            assert label == tokens[e, pos]
+            got = batch.input_ids[e, pos]
             kinds["mask" if got == MASK_ID else "same" if got == label else "random"] += 1
             if got not in (MASK_ID, label):
                 assert NUM_SPECIAL <= got < VOCAB
-        unmasked = [i for i in range(n) if i not in set(positions)]
-        assert all(input_ids[i] == ex.tokens[i] for i in unmasked)
+        untouched = np.ones(p.max_seq_length, bool)
+        untouched[positions] = False
+        assert (batch.input_ids[e][untouched] == tokens[e][untouched]).all()
     total = sum(kinds.values())
     assert abs(kinds["mask"] / total - 0.8) < 0.02
     assert abs(kinds["same"] / total - 0.1) < 0.015
     assert abs(kinds["random"] / total - 0.1) < 0.015
+
+
+def test_every_candidate_position_is_equally_likely():
+    p = params(max_seq_length=32, max_predictions_per_seq=5)
+    rng = random.Random(4)
+    pool, examples = _examples(rng, 4000, lo=29, hi=29)  # all [CLS] 14 [SEP] 15 [SEP]
+    _, batch = _mask(pool, examples, p, rng)
+    assert (batch.counts == 5).all()  # round(32 * 0.15) = 5 targets each
+    hits = np.bincount(batch.positions.ravel(), minlength=32)
+    cand = [i for i in range(1, 31) if i != 15]
+    assert hits[15] == 0 and hits[31] == 0
+    expected = 4000 * 5 / len(cand)
+    assert all(abs(hits[i] - expected) < 5 * expected ** 0.5 for i in cand)
 
 
 def test_whole_word_masking_masks_whole_words():
@@ -149,20 +196,26 @@ def test_whole_word_masking_masks_whole_words():
     word_start = bytes(1 if i < 500 else 0 for i in range(VOCAB))
     p = params(max_seq_length=128, max_predictions_per_seq=20, whole_word_mask=True)
     rng = random.Random(2)
+    docs = []
     for _ in range(300):
         body = []
         while len(body) < 100:
             body += [rng.randint(NUM_SPECIAL, 499)] + [rng.randint(500, 999) for _ in range(rng.randint(0, 3))]
-        ex = Example([CLS_ID, *body, SEP_ID], len(body) + 2, None, False)
-        _, positions, _ = mask_example(ex, p, rng, word_start)
-        chosen = set(positions)
-        assert 0 < len(positions) <= 20
-        for pos in positions:  # the word around each target is fully chosen
+        docs.append([body])
+    pool = Pool.of(docs)
+    examples = [Example(pool.bounds[d][0], len(docs[d][0]), 0, 0, None, False) for d in range(300)]
+    tokens, batch = _mask(pool, examples, p, rng, word_start)
+    for e in range(300):
+        k = int(batch.counts[e])
+        assert 0 < k <= 20
+        chosen = set(batch.positions[e, :k].tolist())
+        row = tokens[e].tolist()
+        for pos in chosen:  # the word around each target is fully chosen
             start = pos
-            while not word_start[ex.tokens[start]]:
+            while not word_start[row[start]]:
                 start -= 1
             end = pos + 1
-            while end < len(ex.tokens) - 1 and not word_start[ex.tokens[end]]:
+            while end < examples[e].length - 1 and not word_start[row[end]]:
                 end += 1
             assert set(range(start, end)) <= chosen
 
@@ -173,7 +226,9 @@ def test_examples_are_a_pure_function_of_seed_document_and_copy():
 
     def make(d, copy, seed=1):
         rng = doc_rng(seed, 4, d, copy)
-        return [(e.tokens, mask_example(e, p, rng)) for e in create_pairs(pool, d, p, rng)]
+        exs = create_pairs(pool, d, p, rng)
+        _, batch = _mask(pool, exs, p, rng)
+        return [pool.tokens(e) for e in exs], batch.input_ids.tolist(), batch.positions.tolist()
 
     # Order of processing and what else ran before do not matter.
     forward = {d: make(d, 0) for d in range(10)}
@@ -186,6 +241,7 @@ def test_examples_are_a_pure_function_of_seed_document_and_copy():
 @pytest.mark.parametrize("n", [3, 4, 5])
 def test_tiny_examples_never_break(n):
     p = params(max_seq_length=8, max_predictions_per_seq=2)
-    ex = _example(n)
-    input_ids, positions, labels = mask_example(ex, p, random.Random(0))
-    assert 1 <= len(positions) <= 2
+    pool = Pool.of([[list(range(NUM_SPECIAL, NUM_SPECIAL + n))]])
+    ex = Example(0, n - 1, n - 1, 1, False, False)
+    _, batch = _mask(pool, [ex], p, random.Random(0))
+    assert 1 <= int(batch.counts[0]) <= 2
