@@ -77,12 +77,12 @@ def _run(args: argparse.Namespace) -> int:
     overrides = [o for o in overrides if o != "--overwrite"]
     cfg = load_config(DataPrepConfig, args.config, overrides)  # everything is checked before any work
     from data_prep.dataset import DatasetError
-    from data_prep.pipeline import run
+    from data_prep.pipeline import JobError, run
     from data_prep.tokenizer import TokenizerError
 
     try:
         run(cfg, overwrite=overwrite)
-    except (DatasetError, TokenizerError) as e:
+    except (DatasetError, TokenizerError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, DatasetError) else EXIT_FAILED
     return EXIT_OK

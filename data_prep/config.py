@@ -79,9 +79,11 @@ class DataPrepConfig(Section):
             raise ValueError("examples.max_predictions_per_seq must not exceed examples.max_seq_length")
         return self
 
-    def content_hash(self) -> str:
-        """Hash of everything that shapes the dataset's bytes; where it goes and how fast (`output`, `ray.*`) are left out."""
+    def content(self) -> dict:
+        """Every key that shapes the dataset's bytes: the config less where it goes and how fast (`output`, `ray`)."""
         tree = self.model_dump(mode="json")
-        tree.pop("ray")
-        tree.pop("output")
-        return config_hash(tree)
+        del tree["ray"], tree["output"]
+        return tree
+
+    def content_hash(self) -> str:
+        return config_hash(self.content())

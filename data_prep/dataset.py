@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.config import SPECIAL_PIECES, DataPrepConfig
+from data_prep.configfile import config_hash
 from data_prep.shards import PARTIAL_SUFFIX, POSITION_DTYPE, SAMPLE_EXT, token_dtype
 from data_prep.sources import Source
 from data_prep.tokenizer import sha256_file
@@ -42,33 +43,40 @@ def read_manifest(root: str | Path) -> dict:
         raise DatasetError(f"'{path}' is not valid JSON ({e})") from None
 
 
-def prepare_output(root: Path, cfg: DataPrepConfig, overwrite: bool) -> str:
+def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str | None) -> str:
+    """Identity of what a run will produce: the content config, the exact input files (path and size) and,
+    when one is given, the tokenizer's bytes. Resume and "already complete" both require it to match."""
+    return config_hash({
+        "config": cfg.content(),
+        "sources": [[s.url, s.size] for s in sources],
+        "tokenizer": tokenizer_sha,
+    })
+
+
+def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
     """Decide what to do with `root`: 'complete' (nothing to do), 'resume' or 'fresh'."""
-    want = cfg.content_hash()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"output '{root}' is a file; give a directory (new or empty) for the dataset")
     work_cfg = root / WORK / "config.json"
     if (root / MANIFEST).is_file():
-        have = read_manifest(root).get("config_hash")
-        if have == want and not overwrite:
+        if read_manifest(root).get("recipe_hash") == recipe and not overwrite:
             shutil.rmtree(root / WORK, ignore_errors=True)  # left over if a finished run was killed while tidying
             return "complete"
         if not overwrite:
             raise DatasetError(
-                f"'{root}' already holds a different dataset (config hash {str(have)[:12]}, this config "
-                f"{want[:12]}). Choose another output, or pass --overwrite to replace it."
+                f"'{root}' already holds a different dataset (its config or its input files differ from this "
+                "run's). Choose another output, or pass --overwrite to replace it."
             )
     elif work_cfg.is_file():
-        have = json.loads(work_cfg.read_text(encoding="utf-8")).get("config_hash")
-        if have == want and not overwrite:
+        if json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe and not overwrite:
             return "resume"
-        if not overwrite and not any((root / WORK / "units").glob("*.json")):
-            # Nothing was written yet (e.g. the tokenizer step failed): start over with the new config.
-            shutil.rmtree(root / WORK)
-            return "fresh"
-        if not overwrite:
+        if not overwrite and any((root / WORK / "units").glob("*.json")):
             raise DatasetError(
-                f"'{root}' holds an unfinished dataset made with a different config, with shards already written. "
-                "Pass --overwrite to discard it, or rerun with the config it was started with to finish it."
+                f"'{root}' holds an unfinished dataset made with a different config or different input files, "
+                "with shards already written. Pass --overwrite to discard it, or rerun it as it was started."
             )
+        clear(root)  # nothing finished yet (e.g. the tokenizer step failed): start over, stray shards too
+        return "fresh"
     elif root.exists() and any(root.iterdir()) and not overwrite:
         strangers = sorted(p.name for p in root.iterdir())[:5]
         raise DatasetError(
@@ -126,7 +134,7 @@ def build_report(records: list[dict]) -> dict:
 
 
 def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str, vocab_size: int,
-                   records: list[dict]) -> dict:
+                   records: list[dict], recipe: str) -> dict:
     shards = sorted((s for r in records for s in r["shards"]), key=lambda s: s["name"])
     splits = {}
     for split in SPLITS:
@@ -136,14 +144,14 @@ def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: st
             "tokens": sum(s["tokens"] for s in mine),
             "shards": mine,
         }
-    identity = hashlib.sha256(
-        json.dumps([cfg.content_hash(), tokenizer_sha, [s["sha256"] for s in shards]]).encode()
-    ).hexdigest()
+    identity = hashlib.sha256(json.dumps([recipe, tokenizer_sha, [s["sha256"] for s in shards]]).encode()).hexdigest()
     return {
         "format": FORMAT,
         "dataset_id": identity[:16],
         "config_hash": cfg.content_hash(),
-        "config": cfg.model_dump(mode="json"),
+        "recipe_hash": recipe,
+        # Every key that shapes the bytes; `output` and `ray.*` are not part of a dataset's identity.
+        "config": cfg.content(),
         "sources": [{"path": s.url, "bytes": s.size} for s in sources],
         "tokenizer": {
             "file": f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}",

@@ -21,8 +21,8 @@ from typing import Callable, Iterator
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
-    MANIFEST, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, build_manifest, build_report, prepare_output,
-    read_manifest,
+    MANIFEST, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
+    prepare_output, read_manifest, recipe_hash,
 )
 from data_prep.sources import expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
@@ -30,6 +30,10 @@ from data_prep.tokenizer import sha256_file, train
 from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
 
 log = print  # progress and summaries go to stdout; warnings to stderr
+
+
+class JobError(Exception):
+    """A task failed for good (after its retries); the message names the unit and its files."""
 
 
 @contextmanager
@@ -81,7 +85,8 @@ class Progress:
             self.last = now
             rate = self.done_bytes / max(1e-9, now - self.t0)
             eta = (self.total - self.done_bytes) / rate if rate else 0
-            log(f"[{self.stage}] {self.done_units}/{self.units} units, {self.shards} shards, "
+            shards = f", {self.shards} shards" if self.shards else ""
+            log(f"[{self.stage}] {self.done_units}/{self.units} units{shards}, "
                 f"{rate / 1e6:.2f} MB/s, ETA {eta:.0f}s", flush=True)
 
     def close(self) -> None:
@@ -104,7 +109,16 @@ def _run_units(fn: Callable, units: list[Unit], args: tuple, rc: RayConfig, on_d
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             unit = pending.pop(ready[0])
-            result = ray.get(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                files = ", ".join(s.url for s in unit.sources[:3]) + (" ..." if len(unit.sources) > 3 else "")
+                raise JobError(
+                    f"work unit {unit.index} ({files}) failed after {rc.max_retries} retries in stage "
+                    f"'{stage}': {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                    "\nFinished units are kept: fix the cause and rerun the same command to continue."
+                ) from None
             on_done(unit, result)
             progress.update(unit.bytes, len(result.get("shards", ())) if isinstance(result, dict) else 0)
     finally:
@@ -117,23 +131,32 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     """Build the dataset described by `cfg`; returns the summary that is also printed."""
     t0 = time.monotonic()
     sources = expand_inputs(cfg.inputs)  # input and tokenizer problems surface before Ray starts
+    given_tok = None
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)
+        given_tok = sha256_file(cfg.tokenizer.path)
     root = Path(cfg.output)
-    state = prepare_output(root, cfg, overwrite)
+    recipe = recipe_hash(cfg, sources, given_tok)
+    state = prepare_output(root, recipe, overwrite)
     if state == "complete":
-        log(f"'{root}' already holds this dataset (same config); nothing to do.")
+        log(f"'{root}' already holds this dataset (same config, same input files); nothing to do.")
         return summarize(root, time.monotonic() - t0, sources_bytes=None)
     work = root / WORK
-    (work / "units").mkdir(parents=True, exist_ok=True)
-    (work / "sample").mkdir(exist_ok=True)
-    if state == "fresh":
-        write_json_atomic(work / "config.json", {"config_hash": cfg.content_hash(),
-                                                  "config": cfg.model_dump(mode="json")})
-    else:
+    try:
+        (work / "units").mkdir(parents=True, exist_ok=True)
+        (work / "sample").mkdir(exist_ok=True)
+        if state == "fresh":
+            write_json_atomic(work / "config.json", {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
+    except OSError as e:
+        raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
+    if state == "resume":
         log(f"resuming the unfinished dataset in '{root}'")
+    unknown = [s.url for s in sources if s.size < 0]
+    if unknown:
+        print(f"warning: {len(unknown)} inputs report no size (e.g. {unknown[0]}); each becomes a work unit of "
+              "its own and counts as shards.group_bytes for sampling", file=sys.stderr)
     units = plan_units(sources, cfg.shards.group_bytes)
-    total = sum(s.size for s in sources)
+    total = sum(u.bytes for u in units)
     log(f"{len(sources)} input files, {total / 1e6:.1f} MB, {len(units)} work units -> '{root}'")
     tok = work / TOKENIZER_MODEL
     stages: dict[str, float] = {}
@@ -153,7 +176,7 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
                    lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
         stages["shards"] = time.monotonic() - t0 - sum(stages.values())
     records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
-    _finish(root, cfg, sources, tok, records)
+    _finish(root, cfg, sources, tok, records, recipe)
     summary = summarize(root, time.monotonic() - t0, sources_bytes=total)
     summary["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     summary["task_seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 2)
@@ -184,7 +207,7 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
     log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
 
 
-def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[dict]) -> None:
+def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[dict], recipe: str) -> None:
     tdir = root / TOKENIZER_DIR
     tdir.mkdir(exist_ok=True)
     sp = load_tokenizer(tok)
@@ -194,7 +217,8 @@ def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[d
     shutil.copyfile(tok, tdir / (TOKENIZER_MODEL + ".partial"))
     os.replace(tdir / (TOKENIZER_MODEL + ".partial"), tdir / TOKENIZER_MODEL)
     write_json_atomic(root / REPORT, build_report(records))
-    write_json_atomic(root / MANIFEST, build_manifest(cfg, sources, sha256_file(tok), sp.GetPieceSize(), records))
+    write_json_atomic(root / MANIFEST, build_manifest(cfg, sources, sha256_file(tok), sp.GetPieceSize(), records,
+                                                      recipe))
     shutil.rmtree(root / WORK, ignore_errors=True)
 
 

@@ -168,10 +168,34 @@ class ShardWriter:
         return self.done
 
 
+    def abort(self) -> None:
+        """After a failure: wait for background commits, drop the open shard's partial file."""
+        for job in self._sync:
+            try:
+                job.result()
+            except Exception:
+                pass
+        self._syncer.shutdown()
+        if self._f is not None:
+            self._f.close()
+            (self.root / (self._name() + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+            self._f = None
+
+
 def _commit(f: BinaryIO, partial: Path, final: Path) -> None:
     os.fsync(f.fileno())
     f.close()
     os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry, not just the file's bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def decode_sample(sample: dict, dtype: str | np.dtype) -> dict:

@@ -34,7 +34,7 @@ class Source:
     """One input file: where it is, how big it is on disk, and how to decode it."""
 
     url: str
-    size: int
+    size: int  # bytes on disk; -1 when the store does not say
     fmt: str  # txt | jsonl | parquet
     compression: str | None
 
@@ -119,7 +119,8 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
                 if explicit:
                     raise ConfigError(f"{key}: '{url(p)}' has an unsupported extension; expected {_supported_list()}")
                 continue
-            found[url(p)] = Source(url(p), int(fs.size(p) or 0), kind[0], kind[1])
+            size = fs.size(p)
+            found[url(p)] = Source(url(p), -1 if size is None else int(size), kind[0], kind[1])
     return [found[k] for k in sorted(found)]
 
 
@@ -160,7 +161,8 @@ def _line_blocks(f: IO[bytes], max_bytes: int, report: FileReport,
     # read1: whatever one decompression step yields, so a truncated archive gives up its readable part.
     read = getattr(f, "read1", f.read)
     lineno = 0
-    carry = b""
+    carry: list[bytes] = []  # an unfinished line as chunks: no re-copy per block on a long line
+    carry_len = 0
     skipped = -1  # >= 0 while dropping the rest of an over-long line
 
     def too_long(n: int, line: int) -> None:
@@ -176,15 +178,18 @@ def _line_blocks(f: IO[bytes], max_bytes: int, report: FileReport,
             if nl < 0:
                 skipped += len(block)
                 continue
-            too_long(skipped + nl + 1, lineno)
+            too_long(skipped + nl, lineno)
             skipped, block = -1, block[nl + 1:]
-        buf = carry + block if carry else block
-        last = buf.rfind(b"\n")
+        last = block.rfind(b"\n")
         if last < 0:
-            carry = buf
+            carry.append(block)
+            carry_len += len(block)
         else:
+            buf = b"".join((*carry, block)) if carry else block
+            last += len(buf) - len(block)
             raws = buf[:last].split(b"\n")
-            carry = buf[last + 1:]
+            carry = [buf[last + 1:]]
+            carry_len = len(carry[0])
             lines: list[str | None] = _decode_lines(raws, max_bytes, lineno, report)
             if max(map(len, raws)) > max_bytes:
                 for i, raw in enumerate(raws):
@@ -194,19 +199,20 @@ def _line_blocks(f: IO[bytes], max_bytes: int, report: FileReport,
             at[0] = lineno + 1
             yield lineno + 1, lines
             lineno += len(raws)
-        if len(carry) > max_bytes:
+        if carry_len > max_bytes:
             lineno += 1
-            skipped, carry = len(carry), b""
+            skipped, carry, carry_len = carry_len, [], 0
             yield lineno, [None]
+    rest = b"".join(carry)
     if skipped >= 0:
         too_long(skipped, lineno)
-    elif carry:
+    elif rest:
         at[0] = lineno + 1
-        if len(carry) > max_bytes:
-            too_long(len(carry), lineno + 1)
+        if len(rest) > max_bytes:
+            too_long(len(rest), lineno + 1)
             yield lineno + 1, [None]
         else:
-            yield lineno + 1, _decode_lines([carry], max_bytes, lineno, report)
+            yield lineno + 1, _decode_lines([rest], max_bytes, lineno, report)
 
 
 def _lines(f: IO[bytes], max_bytes: int, report: FileReport, at: list[int]) -> Iterator[tuple[int, str | None]]:
@@ -259,7 +265,10 @@ class DocumentReader:
                 docs = self._txt(f) if self.source.fmt == "txt" else self._jsonl(f)
                 for _, doc in docs:
                     yield doc
-        except Exception as e:  # a truncated archive or a failing remote read ends this file, not the job
+        except Exception as e:
+            if _environmental(e):
+                raise  # a network or disk failure, not the file's fault: the task fails and Ray retries it
+            # Damaged bytes (a truncated or corrupt archive) end this file, not the job.
             line = self._at[0] or None
             where = f" at {'row' if self.source.fmt == 'parquet' else 'line'} {line}" if line else ""
             rep.flag("read_error", line,
@@ -383,6 +392,19 @@ class DocumentReader:
                     out = self._emit(self._paragraphs(_clean(text, row, self.report)), row)
                     if out:
                         yield out
+
+
+def _environmental(e: BaseException) -> bool:
+    """True for failures of the machine or network (worth a retry), False for defects of the file's bytes.
+
+    Decompressors report damage as EOFError, ValueError or an OSError without errno (bz2, BadGzipFile);
+    the OS and the remote filesystems set errno or raise their own connection/timeout types.
+    """
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, OSError) and e.errno is not None:
+        return True
+    return type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "gcsfs", "adlfs")
 
 
 def _looks_binary(head: bytes) -> bool:

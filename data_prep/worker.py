@@ -22,7 +22,7 @@ import numpy as np
 
 from data_prep.examples import Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, unit_fraction
 from data_prep.masking import mask_batch, noise_bytes
-from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, token_dtype
+from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, fsync_dir, token_dtype
 from data_prep.sources import DocumentReader, FileReport, Source
 from data_prep.tokenizer import cached as cached_tokenizer
 from data_prep.tokenizer import sha256_file
@@ -36,24 +36,28 @@ class Unit:
     index: int
     sources: tuple[Source, ...]
 
+    group_bytes: int = 0  # stands in for a file whose size is unknown (size < 0)
+
     @property
     def bytes(self) -> int:
-        return sum(s.size for s in self.sources)
+        return sum(s.size if s.size >= 0 else self.group_bytes for s in self.sources)
 
 
 def plan_units(sources: list[Source], group_bytes: int) -> list[Unit]:
-    """Consecutive files (in sorted order) grouped up to `group_bytes`; a bigger file is a unit of its own."""
+    """Consecutive files (in sorted order) grouped up to `group_bytes`; a bigger file, or one whose size is
+    unknown, is a unit of its own."""
     units: list[Unit] = []
     group: list[Source] = []
     size = 0
     for s in sources:
-        if group and size + s.size > group_bytes:
-            units.append(Unit(len(units), tuple(group)))
+        weight = s.size if s.size >= 0 else group_bytes
+        if group and size + weight > group_bytes:
+            units.append(Unit(len(units), tuple(group), group_bytes))
             group, size = [], 0
         group.append(s)
-        size += s.size
+        size += weight
     if group:
-        units.append(Unit(len(units), tuple(group)))
+        units.append(Unit(len(units), tuple(group), group_bytes))
     return units
 
 
@@ -127,6 +131,16 @@ def _write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: s
     word_start = table if cfg.examples.whole_word_mask else None
     root = Path(out_dir)
     writers = {s: ShardWriter(root, s, unit.index, cfg.shards.examples_per_shard) for s in SPLITS}
+    try:
+        return _fill(unit, cfg, sp, params, word_start, writers, t0)
+    except BaseException:
+        for w in writers.values():  # a retry may run in this same process: leave no writer behind
+            w.abort()
+        raise
+
+
+def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start: bytes | None,
+          writers: dict[str, ShardWriter], t0: float) -> dict:
     stats = UnitStats(cfg.examples.max_seq_length)
     docs, reports = read_unit(unit, cfg)
     pools: dict[str, list] = {s: [] for s in SPLITS}
@@ -211,3 +225,4 @@ def write_json_atomic(path: Path, obj: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -226,7 +226,7 @@ def test_100mb_line_is_skipped_in_bounded_memory(tmp_path):
     assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB while reading a 100 MB line"
     assert rep.issues == {"line_too_long": 1}
     assert sample_lines(rep, "line_too_long") == [4]
-    assert str(total + 1) in rep.samples[0]["detail"] and "read.max_line_bytes" in rep.samples[0]["detail"]
+    assert f"{total} bytes" in rep.samples[0]["detail"] and "read.max_line_bytes" in rep.samples[0]["detail"]
     assert docs == [["Before the long line.", "Still before."],
                     ["After the long line.", "And one more."],
                     ["Last doc here.", "End."]]

@@ -21,18 +21,17 @@ pytestmark = pytest.mark.slow
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` (relative names), the manifest's `config.output` and `config.ray` aside."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                m["config"].pop("output")
-                m["config"].pop("ray")
-                data = json.dumps(m, sort_keys=True).encode()
-            out[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
-    return out
+    """sha256 of every file under `root`, by relative name (manifest included: it holds no path or CPU count)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def config_file(reference: Path, out: Path, path: Path, **ray) -> Path:
+    """A config file that rebuilds `reference`'s dataset into `out` (the manifest holds every content key)."""
+    cfg = json.loads((reference / "manifest.json").read_text())["config"]
+    cfg.update(output=str(out), ray=ray)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,8 @@ def test_dataset_layout_manifest_and_report(built):
     m = json.loads((root / "manifest.json").read_text())
     report = json.loads((root / "report.json").read_text())
     assert not (root / ".work").exists()
-    assert m["config_hash"] == cfg.content_hash() and m["config"]["seed"] == cfg.seed
+    assert m["config_hash"] == cfg.content_hash() and m["config"] == cfg.content()
+    assert "output" not in m["config"] and "ray" not in m["config"]
     assert [s["path"] for s in m["sources"]] == sorted(str(p) for p in corpus.iterdir())
     assert all(s["bytes"] > 0 for s in m["sources"])
     on_disk = sorted(f"{d}/{p.name}" for d in ("train", "val") for p in (root / d).iterdir())
@@ -147,7 +147,7 @@ def test_same_bytes_whatever_the_task_split(built, tmp_path):
             assert (tmp_path / split / p.name).read_bytes() == p.read_bytes()
     m = json.loads((root / "manifest.json").read_text())
     again = build_manifest(cfg, expand_inputs(cfg.inputs), m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"],
-                           [records[i] for i in sorted(records)])
+                           [records[i] for i in sorted(records)], m["recipe_hash"])
     assert again["dataset_id"] == m["dataset_id"]
     assert build_report([records[i] for i in sorted(records)]) == json.loads((root / "report.json").read_text())
 
@@ -203,12 +203,8 @@ def _start(cfg_file: Path, *extra: str) -> subprocess.Popen:
 def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
     """SIGKILL the job (driver and its Ray) mid-stage; the rerun finishes with the bytes of an uninterrupted run."""
     _, _, reference, _ = built
-    ref_cfg = json.loads((reference / "manifest.json").read_text())["config"]
     out = tmp_path / "ds"
-    ref_cfg.update(output=str(out))
-    ref_cfg["ray"]["num_cpus"] = 1  # one task at a time: the kill lands between units
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(ref_cfg))
+    cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", num_cpus=1)  # one task at a time
     proc = _start(cfg_file)
     marker = {"sample": lambda: any((out / ".work/sample").glob("unit-*.txt")),
               "shards": lambda: any((out / ".work/units").glob("unit-*.json"))}[kill_when]
@@ -249,3 +245,65 @@ def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
         assert ids.tolist() == want["input_ids"] and seg.tolist() == want["segment_ids"]
         assert pos.tolist() == want["masked_lm_positions"] and lab.tolist() == want["masked_lm_ids"]
         assert nsp == want["next_sentence_label"]
+
+
+def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
+    """`tokenizer.path` skips training (its sha256 is recorded); inputs may be fsspec URLs."""
+    from data_prep.pipeline import run
+
+    cfg, corpus, root, _ = built
+    model = root / "tokenizer/spm.model"
+    other = small_config(corpus, tmp_path / "ds", tokenizer__path=str(model), inputs=[f"file://{corpus}/*.txt"])
+    summary = run(other)
+    m = json.loads((tmp_path / "ds/manifest.json").read_text())
+    assert m["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert [s["path"] for s in m["sources"]] == [str(corpus / f"part{i}.txt") for i in range(3)]  # local URLs: paths
+    assert summary["documents"] == 90
+    assert "tokenizer" not in summary["stage_seconds"] or summary["stage_seconds"]["tokenizer"] < 5
+
+
+def test_help_and_progress_lines(small_corpus, tmp_path):
+    r = run_cli("--help")
+    assert r.returncode == 0 and "run" in r.stdout and "inspect" in r.stdout and "verify" in r.stdout
+    r = run_cli("run", "--help")
+    assert r.returncode == 0 and "--overwrite" in r.stdout and "KEY=VALUE" in r.stdout
+
+
+def _ray_task_pids(name: str) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(name in part for part in (p.info["cmdline"] or [])):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_worker_killed_mid_task_is_retried(tmp_path, built):
+    """SIGKILL the Ray worker that is writing shards: Ray retries the task and the output is unchanged."""
+    _, _, reference, _ = built
+    out = tmp_path / "ds"
+    cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", num_cpus=1)
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "run", str(cfg_file)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed = False
+    try:
+        while not killed:
+            assert proc.poll() is None, "the job ended before a worker could be killed"
+            assert time.monotonic() < deadline
+            pids = _ray_task_pids("ray::write_unit")
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = True
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output
+    assert "[shards]" in output and "ETA" in output, "progress lines in a non-interactive log"
+    assert tree_digest(out) == tree_digest(reference)

@@ -1,0 +1,101 @@
+"""Dataset directory state: resume only with the same inputs, clean restarts, clear errors, failed tasks."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_document, run_cli, small_config, write_txt
+from data_prep.dataset import DatasetError, prepare_output, recipe_hash, verify
+from data_prep.shards import ShardWriter
+from data_prep.sources import DocumentReader, Source, expand_inputs
+from data_prep.worker import plan_units
+
+
+def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray_local):
+    from data_prep.pipeline import run
+
+    cfg = small_config(small_corpus, tmp_path / "ds")
+    run(cfg)
+    assert run(cfg)["seconds"] < 5, "same config, same files: complete"
+    import random
+
+    write_txt(small_corpus / "aaa_new.txt", [make_document(random.Random(3), 5)])
+    with pytest.raises(DatasetError, match="input files differ"):
+        run(cfg)
+    run(cfg, overwrite=True)
+    m = json.loads((tmp_path / "ds/manifest.json").read_text())
+    assert any(s["path"].endswith("aaa_new.txt") for s in m["sources"])
+    assert verify(tmp_path / "ds") == []
+
+
+def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):
+    cfg = small_config(small_corpus, tmp_path / "ds")
+    root = tmp_path / "ds"
+    sources = expand_inputs(cfg.inputs)
+    (root / ".work/units").mkdir(parents=True)
+    (root / ".work/config.json").write_text(json.dumps({"recipe_hash": "old"}))
+    (root / ".work/units/unit-000000.json").write_text("{}")
+    with pytest.raises(DatasetError, match="different config or different input files"):
+        prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False)
+    # Without finished units, a restart clears everything the old attempt wrote, stray shards included.
+    (root / ".work/units/unit-000000.json").unlink()
+    (root / "train").mkdir()
+    (root / "train/shard-000000-00000.tar").write_bytes(b"old")
+    (root / "train/shard-000000-00001.tar.partial").write_bytes(b"old")
+    assert prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False) == "fresh"
+    assert not (root / "train").exists() and not (root / ".work").exists()
+
+
+def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("x")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"inputs: ['{small_corpus}']\noutput: {out}\n")
+    r = run_cli("run", str(cfg))
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_environment_errors_are_raised_for_a_retry_data_errors_are_counted(tmp_path):
+    d = tmp_path / "dir.txt"
+    d.mkdir()
+    reader = DocumentReader(Source(str(d), 10, "txt", None), "text", "auto", 1 << 20, 1)
+    with pytest.raises(IsADirectoryError):
+        list(reader)  # errno set: the machine's problem, so the task fails and Ray retries it
+    bad = tmp_path / "bad.txt.bz2"
+    bad.write_bytes(b"BZh91AY&SY" + bytes(200))  # a bz2 header over garbage: the file's problem
+    reader = DocumentReader(Source(str(bad), bad.stat().st_size, "txt", "bz2"), "text", "auto", 1 << 20, 1)
+    assert list(reader) == [] and reader.report.issues["read_error"] == 1
+
+
+def test_a_task_that_keeps_failing_names_its_unit_and_files(tmp_path, ray_local):
+    from data_prep.config import RayConfig
+    from data_prep.pipeline import JobError, _run_units
+
+    def _fails(unit, path):  # nested: Ray ships it by value (workers cannot import test modules)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+    write_txt(tmp_path / "a.txt", [["One.", "Two."]])
+    units = plan_units(expand_inputs([str(tmp_path / "a.txt")]), 1000)
+    with pytest.raises(JobError) as e:
+        _run_units(_fails, units, ("gone.txt",), RayConfig(max_retries=1), lambda u, r: None, "shards")
+    msg = str(e.value)
+    assert "work unit 0" in msg and "a.txt" in msg and "FileNotFoundError" in msg and "rerun" in msg
+
+
+def test_unknown_sizes_make_units_of_their_own():
+    sources = [Source(f"s3://b/{i}.txt", size, "txt", None) for i, size in enumerate([10, -1, 10, 10])]
+    units = plan_units(sources, 100)
+    assert [len(u.sources) for u in units] == [1, 1, 2]
+    assert units[1].bytes == 100 and units[2].bytes == 20
+
+
+def test_aborted_writer_leaves_only_finished_shards(tmp_path):
+    w = ShardWriter(tmp_path, "train", 0, per_shard=3)
+    w.add_many([b"x" * 10] * 4, [5] * 4)  # one full shard, one open
+    w.abort()
+    names = sorted(p.name for p in (tmp_path / "train").iterdir())
+    assert names == ["shard-000000-00000.tar"]

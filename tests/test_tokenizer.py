@@ -1,0 +1,56 @@
+"""Tokenizer training and loading: fixed special ids, determinism, BPE, an existing model, and its checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import sentencepiece as spm
+
+from conftest import make_document
+from data_prep.config import SPECIAL_PIECES, TokenizerConfig
+from data_prep.configfile import ConfigError
+from data_prep.tokenizer import load, sha256_file, train, word_start_table
+
+
+def sentences(n: int = 3000) -> list[str]:
+    rng = random.Random(1)
+    return [s for _ in range(n // 6) for s in make_document(rng, 6)]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_trained_model_has_bert_special_ids_and_is_deterministic(tmp_path, model_type):
+    cfg = TokenizerConfig(vocab_size=150, model_type=model_type, threads=2)
+    a, b = tmp_path / "a.model", tmp_path / "b.model"
+    train(sentences(), cfg, a)
+    train(sentences(), cfg, b)
+    assert sha256_file(a) == sha256_file(b), "same sample, same bytes (a killed job retrains identically)"
+    sp = load(a)
+    assert [sp.IdToPiece(i) for i in range(5)] == list(SPECIAL_PIECES)
+    assert sp.GetPieceSize() == 150
+    ids = sp.Encode("Quiet river carries copper lanterns.")
+    assert ids and min(ids) >= 5, "control symbols never come out of text"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_word_start_table_marks_word_initial_pieces(tmp_path):
+    train(sentences(), TokenizerConfig(vocab_size=150, threads=1), tmp_path / "m.model")
+    sp = load(tmp_path / "m.model")
+    table = word_start_table(sp)
+    for i in range(5, sp.GetPieceSize()):
+        piece = sp.IdToPiece(i)
+        assert table[i] == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
+
+
+def test_foreign_model_is_refused_with_the_key(tmp_path):
+    prefix = tmp_path / "plain"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences()), model_prefix=str(prefix), vocab_size=100,
+                                   minloglevel=2)
+    with pytest.raises(ConfigError) as e:
+        load(f"{prefix}.model")
+    assert "tokenizer.path" in str(e.value) and "[PAD]=0" in str(e.value)
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="tokenizer.path.*not a sentencepiece model"):
+        load(tmp_path / "junk.model")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.model")
