@@ -114,9 +114,6 @@ class ShardWriter:
     def _name(self) -> str:
         return f"{self.split}/shard-{self.unit:06d}-{len(self.done):05d}.tar"
 
-    def add(self, payload: bytes, tokens: int) -> None:
-        self.add_many([payload], [tokens])
-
     def add_many(self, payloads: list[bytes], tokens: list[int]) -> None:
         """Append examples in order, closing a shard each `per_shard` examples."""
         i = 0

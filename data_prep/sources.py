@@ -96,7 +96,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         local = protocol in ("file", "local")
 
-        def url(p: str) -> str:
+        def url(p: str, fs=fs, local=local) -> str:
             return p if local else fs.unstrip_protocol(p)
 
         if _GLOB_CHARS & set(path):

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.config import DataPrepConfig
 import numpy as np
 
+from data_prep.config import DataPrepConfig
 from data_prep.examples import Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, unit_fraction
 from data_prep.masking import mask_batch, noise_bytes
 from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, fsync_dir, token_dtype
@@ -33,9 +33,10 @@ HISTOGRAM_BINS = 16
 
 @dataclass(frozen=True)
 class Unit:
+    """A group of consecutive input files: one Ray task, one series of shards."""
+
     index: int
     sources: tuple[Source, ...]
-
     group_bytes: int = 0  # stands in for a file whose size is unknown (size < 0)
 
     @property
@@ -84,7 +85,7 @@ def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> list[str]:
             if len(reservoir) < quota:
                 reservoir.append(sentence)
             else:
-                j = rng.randrange(seen)
+                j = int(rng.random() * seen)
                 if j < quota:
                     reservoir[j] = sentence
     return reservoir

@@ -8,8 +8,12 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from data_prep.config import DataPrepConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
