@@ -39,6 +39,8 @@ class JobError(Exception):
 @contextmanager
 def ray_session(rc: RayConfig) -> Iterator[None]:
     """Join the Ray at `rc.address`, or start a local one for this job (reused if the caller already has one)."""
+    if rc.address:
+        _use_cluster_token()
     import ray
 
     if ray.is_initialized():
@@ -49,7 +51,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         if rc.address:
             ray.init(address=rc.address, **kwargs)
         else:
-            ray.init(num_cpus=rc.num_cpus, **kwargs)
+            ray.init(address="local", num_cpus=rc.num_cpus, **kwargs)  # never a cluster that happens to be running
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address='{rc.address}'" if rc.address else "a local Ray"
         raise ConfigError(f"cannot start or reach {where}: {e}") from None
@@ -57,6 +59,18 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _use_cluster_token() -> None:
+    """Send Ray's auth token to a cluster that requires one, the way Ray documents it: `RAY_AUTH_MODE=token`
+    with the token at `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token` (the file `ray start` and `ray.init` write).
+    Must run before Ray is imported; an explicit `RAY_AUTH_MODE` is left alone."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if token.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
 
 
 class Progress:

@@ -87,7 +87,7 @@ def ray_local():
     """One local Ray for the whole session (starting one costs ~5 s on 2 cores)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -307,3 +307,38 @@ def test_worker_killed_mid_task_is_retried(tmp_path, built):
     assert proc.returncode == 0, output
     assert "[shards]" in output and "ETA" in output, "progress lines in a non-interactive log"
     assert tree_digest(out) == tree_digest(reference)
+
+
+@pytest.fixture
+def ray_head():
+    """A real `ray start --head` on 127.0.0.2 (not 127.0.0.1: Ray swaps that for the machine's IP);
+    stopped by pid afterwards, since `ray stop` would also stop the session's own Ray."""
+    import psutil
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    ray_bin = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.2:{port}"
+    yield address
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if address in cmd or f"--gcs_server_port={port}" in cmd:
+                p.kill()
+        except psutil.Error:
+            pass
+
+
+def test_job_on_a_ray_head_given_by_address(built, ray_head, tmp_path):
+    """`ray.address` sends the tasks to a running cluster (token auth as Ray sets it up); same bytes."""
+    _, _, reference, _ = built
+    out = tmp_path / "ds"
+    cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", address=ray_head)
+    r = run_cli("run", str(cfg_file))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert tree_digest(out) == tree_digest(reference)

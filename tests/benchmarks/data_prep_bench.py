@@ -157,7 +157,7 @@ def main() -> None:
         import ray
 
         # One Ray for every round: rounds after the first see warm workers, as a long job does.
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         rounds = []
         for r in range(args.rounds):  # interleaved, so both sides see the same machine weather
             bare = bare_encode(str(model), small, args.cpus)
