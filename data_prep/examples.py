@@ -120,18 +120,19 @@ class Pool:
         return tokens, lengths, b_start
 
 
-def _seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
+    """A 128-bit integer that is a pure function of `parts` (their repr), for seeding generators."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=16).digest(), "little")
 
 
 def doc_rng(seed: int, unit: int, doc: int, copy: int) -> random.Random:
     """The generator for document `doc` of work unit `unit`, duplicate `copy`."""
-    return random.Random(_seed(seed, unit, doc, copy))
+    return random.Random(stable_seed(seed, unit, doc, copy))
 
 
 def unit_fraction(*parts: object) -> float:
     """A uniform number in [0, 1) that is a pure function of `parts` (split assignment, sampling)."""
-    return _seed(*parts) / 2**128
+    return stable_seed(*parts) / 2**128
 
 
 def _target_length(max_num_tokens: int, p: ExampleParams, rnd) -> int:

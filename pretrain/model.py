@@ -1,0 +1,187 @@
+"""The BERT encoder with its MLM and NSP heads: pure torch, no I/O, no distribution, no config parsing.
+
+Shapes: B = batch, L = sequence length, H = hidden size, V = vocabulary (padded), M = masked tokens in
+the batch. The MLM decoder runs on the M masked positions only (~15% of tokens): its H x V matmul is
+the largest in the model for small presets, so this saves most of the head's work. Losses live in
+`pretraining_loss`, outside `forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 30528
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    pre_ln: bool = False  # False: post-LayerNorm as the original BERT; True: pre-LN (stabler when deep)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+# Google's released sizes (layers, hidden, heads); intermediate is 4 x hidden.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
+    """Round the tokenizer's vocabulary up so the decoder matmul tiles evenly on GPUs."""
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
+    """A preset's config for a tokenizer of `vocab_size` pieces (padded to a multiple of 64)."""
+    layers, hidden, heads = PRESETS[name]
+    cfg = ModelConfig(vocab_size=padded_vocab(vocab_size), hidden_size=hidden, num_layers=layers, num_heads=heads,
+                      intermediate_size=4 * hidden)
+    return replace(cfg, **overrides)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position = nn.Embedding(c.max_position, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, H)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.heads = c.num_heads
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.dropout_p = c.attention_dropout
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, L, H), keep (B, 1, 1, L) bool: True for real tokens -> (B, L, H)."""
+        B, L, H = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, L, self.heads, H // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=keep,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, L, H))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.pre_ln = c.pre_ln
+        self.attention = SelfAttention(c)
+        self.attention_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.intermediate = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.output = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.output_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.output(F.gelu(self.intermediate(x))))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.dropout(self.attention(self.attention_norm(x), keep))
+            return x + self._ffn(self.output_norm(x))
+        x = self.attention_norm(x + self.dropout(self.attention(x, keep)))
+        return self.output_norm(x + self._ffn(x))
+
+
+class BertEncoder(nn.Module):
+    """Embeddings, the transformer layers and the [CLS] pooler."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.embeddings = Embeddings(c)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
+        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) if c.pre_ln else nn.Identity()
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, types, mask (B, L), mask 1 for real tokens -> (sequence (B, L, H), pooled [CLS] (B, H))."""
+        keep = attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, keep)
+        x = self.final_norm(x)
+        return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+class BertForPretraining(nn.Module):
+    """BERT with the MLM head (tied to the word embeddings) and the NSP head."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.bert = BertEncoder(c)
+        self.mlm_transform = nn.Linear(c.hidden_size, c.hidden_size)
+        self.mlm_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        self.nsp = nn.Linear(c.hidden_size, 2)
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
+                masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) inputs and `masked_positions` (M,) flat indices into B * L -> (MLM logits (M, V), NSP logits (B, 2))."""
+        seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        h = seq.reshape(-1, seq.shape[-1]).index_select(0, masked_positions)
+        h = self.mlm_norm(F.gelu(self.mlm_transform(h)))
+        mlm_logits = F.linear(h, self.bert.embeddings.word.weight, self.mlm_bias)
+        return mlm_logits, self.nsp(pooled)
+
+
+def pretraining_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, nsp_logits: torch.Tensor | None,
+                     nsp_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, mlm, nsp) losses: mean cross-entropy over masked tokens, plus over pairs when NSP is on."""
+    mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
+    if nsp_logits is None or nsp_labels is None:
+        return mlm, mlm, torch.zeros((), device=mlm.device)
+    nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
+    return mlm + nsp, mlm, nsp

@@ -1,0 +1,119 @@
+"""CPU training throughput of our BERT against transformers' BertForPreTraining, side by side in one run.
+
+    python tests/benchmarks/cpu_model_throughput.py [--preset mini] [--seq 128] [--batch 32] [--steps 8]
+
+Both models get the same config, the same batches (15% of real tokens masked, ~10% padding), the same
+threads, and a plain PyTorch loop: forward, loss (MLM + NSP), backward, AdamW step. transformers' model
+computes MLM logits at every position (its API), ours only at the masked ones. Rounds alternate between
+the two (the dev VM's speed drifts); each side's best round is reported, and the ratio of sequences/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain.hf_compat import hf_config_fields  # noqa: E402
+from pretrain.model import BertForPretraining, pretraining_loss, preset  # noqa: E402
+
+
+def make_batches(vocab: int, n: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(int(seq * 0.8), seq + 1, (batch,), generator=g)
+        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+        ids = torch.randint(5, vocab, (batch, seq), generator=g) * mask
+        types = ((torch.arange(seq)[None] >= (lengths // 2)[:, None]) & mask.bool()).long()
+        chosen = (torch.rand(batch, seq, generator=g) < 0.15) & mask.bool()
+        chosen[:, 0] = False
+        positions = chosen.view(-1).nonzero().squeeze(1)
+        labels_full = torch.full((batch, seq), -100)
+        labels_full[chosen] = ids[chosen]
+        out.append(dict(ids=ids, types=types, mask=mask, positions=positions, labels=ids.view(-1)[positions],
+                        labels_full=labels_full, nsp=torch.randint(0, 2, (batch,), generator=g)))
+    return out
+
+
+def ours_step(model, opt, b):
+    mlm, nsp = model(b["ids"], b["types"], b["mask"], b["positions"])
+    loss, _, _ = pretraining_loss(mlm, b["labels"], nsp, b["nsp"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def hf_step(model, opt, b):
+    out = model(input_ids=b["ids"], token_type_ids=b["types"], attention_mask=b["mask"])
+    V = out.prediction_logits.shape[-1]
+    loss = F.cross_entropy(out.prediction_logits.view(-1, V), b["labels_full"].view(-1), ignore_index=-100) \
+        + F.cross_entropy(out.seq_relationship_logits, b["nsp"])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def timed(step, model, opt, batches) -> float:
+    step(model, opt, batches[0])  # warm-up
+    t = time.perf_counter()
+    for b in batches[1:]:
+        step(model, opt, b)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    c = preset(args.preset, args.vocab, dropout=0.1, attention_dropout=0.1)
+    ours = BertForPretraining(c).train()
+    theirs = transformers.BertForPreTraining(
+        transformers.BertConfig(**hf_config_fields(c), attn_implementation="sdpa")).train()
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    batches = make_batches(c.vocab_size, args.steps + 1, args.batch, args.seq)
+    best = {"ours": float("inf"), "transformers": float("inf")}
+    for r in range(args.rounds):
+        best["ours"] = min(best["ours"], timed(ours_step, ours, opt_o, batches))
+        best["transformers"] = min(best["transformers"], timed(hf_step, theirs, opt_t, batches))
+        print(f"round {r + 1}: ours {best['ours']:.2f}s, transformers {best['transformers']:.2f}s (best so far)",
+              flush=True)
+    seqs = args.steps * args.batch
+    res = {
+        "preset": args.preset, "seq": args.seq, "batch": args.batch, "threads": args.threads,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "ours_seq_per_s": round(seqs / best["ours"], 1),
+        "transformers_seq_per_s": round(seqs / best["transformers"], 1),
+        "speedup": round(best["transformers"] / best["ours"], 2),
+    }
+    print("\n| figure | value |\n|---|---|")
+    for k, v in res.items():
+        print(f"| {k} | {v} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
