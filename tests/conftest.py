@@ -48,16 +48,30 @@ def write_jsonl(path: Path, docs: list[list[str]], field: str = "text") -> Path:
     return path
 
 
-@pytest.fixture
-def small_corpus(tmp_path: Path) -> Path:
-    """~60 KB: three .txt files and one .jsonl, 120 documents in all."""
+def write_small_corpus(root: Path) -> Path:
+    """~60 KB: three .txt files and one .jsonl, 120 documents in all, the same bytes every time."""
     rng = random.Random(7)
-    root = tmp_path / "corpus"
-    root.mkdir()
+    root.mkdir(parents=True)
     for i in range(3):
         write_txt(root / f"part{i}.txt", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
     write_jsonl(root / "extra.jsonl", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
     return root
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    return write_small_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, ray_local):
+    """(config, corpus, dataset dir, summary): the small corpus built in-process once per test module."""
+    from data_prep.pipeline import run
+
+    base = tmp_path_factory.mktemp("dataset")
+    corpus = write_small_corpus(base / "corpus")
+    cfg = small_config(corpus, base / "ds")
+    return cfg, corpus, base / "ds", run(cfg)
 
 
 def small_config(corpus: Path, out: Path, **over) -> "DataPrepConfig":

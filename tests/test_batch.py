@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
-from conftest import make_document, small_config, write_txt
 from data_prep.config import CLS_ID, MASK_ID, SEP_ID
 from pretrain.batch import Collator
 from pretrain.model import BertForPretraining, pretraining_loss, preset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    from data_prep.pipeline import run
-
-    base = tmp_path_factory.mktemp("batchds")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    rng = random.Random(5)
-    write_txt(corpus / "a.txt", [make_document(rng, rng.randint(3, 10)) for _ in range(60)])
-    run(small_config(corpus, base / "ds"))
-    m = json.loads((base / "ds/manifest.json").read_text())
-    samples = list(wds.WebDataset([str(base / "ds" / s["name"]) for s in m["splits"]["train"]["shards"]],
+def dataset(small_dataset):
+    _, _, root, _ = small_dataset
+    m = json.loads((root / "manifest.json").read_text())
+    samples = list(wds.WebDataset([str(root / s["name"]) for s in m["splits"]["train"]["shards"]],
                                   shardshuffle=False).decode())
     return m, samples
 

@@ -35,23 +35,9 @@ def config_file(reference: Path, out: Path, path: Path, **ray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, ray_local):
+def built(small_dataset):
     """One dataset built in-process (shared Ray), reused by the read-back tests."""
-    from conftest import make_document, write_jsonl, write_txt
-    import random
-
-    base = tmp_path_factory.mktemp("built")
-    corpus = base / "corpus"
-    corpus.mkdir()
-    rng = random.Random(7)
-    for i in range(3):
-        write_txt(corpus / f"part{i}.txt", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
-    write_jsonl(corpus / "extra.jsonl", [make_document(rng, rng.randint(2, 12)) for _ in range(30)])
-    from data_prep.pipeline import run
-
-    cfg = small_config(corpus, base / "ds")
-    summary = run(cfg)
-    return cfg, corpus, base / "ds", summary
+    return small_dataset
 
 
 def test_dataset_layout_manifest_and_report(built):
