@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.config import NUM_SPECIAL
 from data_prep.configfile import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -136,7 +137,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _pieces_text(sp, ids: list[int]) -> str:
     """Pieces joined back into text, special tokens kept visible (`[MASK]`, `[SEP]`)."""
-    return "".join(f" {sp.IdToPiece(t)} " if t < 5 else sp.IdToPiece(t).replace("\u2581", " ") for t in ids).strip()
+    return "".join(f" {sp.IdToPiece(t)} " if t < NUM_SPECIAL else sp.IdToPiece(t).replace("\u2581", " ") for t in ids).strip()
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -91,9 +92,14 @@ def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProc
     return sp
 
 
+def cached(path: str) -> tuple[spm.SentencePieceProcessor, bytes]:
+    """(processor, word-start table) for a model file, loaded once per worker process while the file is unchanged."""
+    st = os.stat(path)
+    return _cached(path, st.st_size, st.st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=4)
-def cached(path: str, sha256: str) -> tuple[spm.SentencePieceProcessor, bytes]:
-    """(processor, word-start table) for a model file, loaded once per worker process (keyed by content)."""
+def _cached(path: str, size: int, mtime_ns: int) -> tuple[spm.SentencePieceProcessor, bytes]:
     sp = load(path)
     return sp, word_start_table(sp)
 

@@ -25,7 +25,6 @@ from data_prep.masking import mask_batch, noise_bytes
 from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, fsync_dir, token_dtype
 from data_prep.sources import DocumentReader, FileReport, Source
 from data_prep.tokenizer import cached as cached_tokenizer
-from data_prep.tokenizer import sha256_file
 
 SPLITS = ("train", "val")
 HISTOGRAM_BINS = 16
@@ -127,7 +126,7 @@ def write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: st
 
 def _write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: str) -> dict:
     t0 = time.perf_counter()
-    sp, table = cached_tokenizer(tokenizer_path, sha256_file(tokenizer_path))  # reused by later tasks of a worker
+    sp, table = cached_tokenizer(tokenizer_path)  # loaded once per worker process
     params = ExampleParams.from_config(cfg.examples, sp.GetPieceSize())
     word_start = table if cfg.examples.whole_word_mask else None
     root = Path(out_dir)

@@ -14,7 +14,7 @@ import torch
 
 from data_prep.examples import ExampleParams, stable_seed
 from data_prep.masking import mask_batch, noise_bytes
-from data_prep.shards import POSITION_DTYPE
+from data_prep.shards import decode_sample
 
 
 @dataclass
@@ -45,7 +45,6 @@ class Collator:
         ex = manifest["examples"]
         self.max_len = ex["max_seq_length"]
         self.token_dtype = np.dtype(ex["token_dtype"])
-        self.position_dtype = np.dtype(ex.get("position_dtype", POSITION_DTYPE.str))
         self.nsp = ex["nsp"]
         self.masking, self.seed = masking, seed
         cfg = manifest["config"]["examples"]
@@ -62,13 +61,12 @@ class Collator:
         b_start = np.zeros(B, np.int64)
         pos_rows, pos_cols, labels = [], [], []
         for i, sample in enumerate(samples):
-            s = sample["mp"]
-            row = np.frombuffer(s["input_ids"], self.token_dtype)
-            n = len(row)
-            ids[i, :n] = row
+            s = decode_sample(sample["mp"], self.token_dtype)
+            n = len(s["input_ids"])
+            ids[i, :n] = s["input_ids"]
             lengths[i], b_start[i] = n, s["segment_b_start"]
-            pos = np.frombuffer(s["masked_lm_positions"], self.position_dtype).astype(np.int64)
-            lab = np.frombuffer(s["masked_lm_ids"], self.token_dtype)
+            pos = s["masked_lm_positions"].astype(np.int64)
+            lab = s["masked_lm_ids"]
             if self.masking == "dynamic":
                 ids[i, pos] = lab  # back to the original text; new masks are drawn below
             else:

@@ -248,7 +248,7 @@ def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
     assert "tokenizer" not in summary["stage_seconds"] or summary["stage_seconds"]["tokenizer"] < 5
 
 
-def test_help_and_progress_lines(small_corpus, tmp_path):
+def test_help(small_corpus, tmp_path):
     r = run_cli("--help")
     assert r.returncode == 0 and "run" in r.stdout and "inspect" in r.stdout and "verify" in r.stdout
     r = run_cli("run", "--help")
@@ -328,3 +328,12 @@ def test_job_on_a_ray_head_given_by_address(built, ray_head, tmp_path):
     r = run_cli("run", str(cfg_file))
     assert r.returncode == 0, r.stdout + r.stderr
     assert tree_digest(out) == tree_digest(reference)
+
+
+def test_inspect_the_val_split(built):
+    _, _, root, _ = built
+    r = run_cli("inspect", str(root), "-n", "2", "--split", "val", "--json")
+    assert r.returncode == 0, r.stderr
+    keys = {json.loads(line)["key"] for line in r.stdout.splitlines()}
+    m = json.loads((root / "manifest.json").read_text())
+    assert len(keys) == 2 and m["splits"]["val"]["examples"] >= 2
