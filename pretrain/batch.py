@@ -7,7 +7,7 @@ batched masking code data prep uses, so a resumed run redraws exactly what it wo
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ class Batch:
     mlm_labels: torch.Tensor       # (M,) long, the original tokens there
     nsp_labels: torch.Tensor | None  # (B,) long, 1 = random next; None without NSP
     real_tokens: int               # non-padding tokens, for throughput figures
+    keys: list[str] = field(default_factory=list)  # the examples' `__key__`s, in row order
+    epoch: int = 0                 # the (latest) epoch its examples come from
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -54,8 +59,10 @@ class Collator:
         )
         self.word_start = word_start
 
-    def __call__(self, samples: list[dict], epoch: int = 0) -> Batch:
+    def __call__(self, samples: list[dict], epoch: int | list[int] = 0) -> Batch:
+        """`epoch`: one for all samples or one per sample (a batch may straddle an epoch boundary)."""
         B, L = len(samples), self.max_len
+        epochs = [epoch] * B if isinstance(epoch, int) else epoch
         ids = np.zeros((B, L), np.int64)
         lengths = np.zeros(B, np.int64)
         b_start = np.zeros(B, np.int64)
@@ -74,8 +81,8 @@ class Collator:
                 pos_cols.append(pos)
                 labels.append(lab.astype(np.int64))
         if self.masking == "dynamic":
-            noise = b"".join(random.Random(stable_seed(self.seed, epoch, s["__key__"])).randbytes(
-                noise_bytes(1, self.params)) for s in samples)
+            noise = b"".join(random.Random(stable_seed(self.seed, e, s["__key__"])).randbytes(
+                noise_bytes(1, self.params)) for s, e in zip(samples, epochs))
             m = mask_batch(ids, lengths, b_start, noise, self.params, self.word_start)
             ids = m.input_ids.astype(np.int64)
             used = np.arange(m.positions.shape[1])[None] < m.counts[:, None]
@@ -97,4 +104,6 @@ class Collator:
             mlm_labels=torch.from_numpy(np.concatenate(labels)),
             nsp_labels=nsp,
             real_tokens=int(lengths.sum()),
+            keys=[s["__key__"] for s in samples],
+            epoch=max(epochs),
         )

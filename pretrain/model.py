@@ -185,3 +185,18 @@ def pretraining_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, nsp_log
         return mlm, mlm, torch.zeros((), device=mlm.device)
     nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)
     return mlm + nsp, mlm, nsp
+
+
+def training_flops(c: ModelConfig, lengths: torch.Tensor, masked: int) -> float:
+    """Model FLOPs of one forward + backward (3x forward) on the real tokens of sequences of `lengths` (B,).
+
+    Per token and layer: 2 x (4 H^2 + 2 H I) for the projections and FFN, plus 4 x len x H for
+    attention scores and values; per sequence: the pooler (2 H^2); per masked token: the MLM head
+    (2 H^2 + 2 H V). Padding is not counted, so MFU measures useful work.
+    """
+    h, i, n = c.hidden_size, c.intermediate_size, c.num_layers
+    tokens = float(lengths.sum())
+    squares = float((lengths.double() ** 2).sum())
+    forward = n * (2 * (4 * h * h + 2 * h * i) * tokens + 4 * h * squares)
+    forward += 2 * h * h * len(lengths) + masked * (2 * h * h + 2 * h * c.vocab_size)
+    return 3.0 * forward

@@ -1,0 +1,149 @@
+"""Checkpoints that are either whole or invisible: a commit protocol over DeepSpeed's save, keep-N, verified load.
+
+Layout under `checkpoint.dir`:
+
+    step-00000500/              a committed checkpoint (only complete ones carry this name)
+        <DeepSpeed's files>     model, optimizer and LR-schedule state (ZeRO partitions per rank)
+        rank-00000.pt ...       each rank's RNG states (tensors and ints: loaded with weights_only=True)
+        client.json             step, data cursor, config, dataset id, MLflow run id
+        commit.json             every file of the checkpoint with its size, written last
+    step-00000600.partial/      a save in progress (or one a crash interrupted): never loaded
+
+A save goes to `<tag>.partial`; when every rank has written its part, rank 0 syncs the files, writes
+`commit.json` and renames the directory. A checkpoint whose files no longer match `commit.json` is
+skipped with a warning, and the next newest is loaded instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.shards import fsync_dir
+from data_prep.worker import write_json_atomic
+
+PREFIX = "step-"
+PARTIAL = ".partial"
+COMMIT = "commit.json"
+CLIENT = "client.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from as asked; the message says what to do."""
+
+
+def tag(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> Path:
+    """Write a checkpoint of `step` from every rank (a collective call) and commit it; returns its path."""
+    root = Path(directory)
+    rank = dist.get_rank()
+    partial = root / (tag(step) + PARTIAL)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, client_state={"client": client}, save_latest=False)
+    torch.save(rng_state(), partial / f"rank-{rank:05d}.pt")
+    dist.barrier()
+    final = root / tag(step)
+    if rank == 0:
+        write_json_atomic(partial / CLIENT, client)
+        files = {}
+        for p in sorted(partial.rglob("*")):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[str(p.relative_to(partial))] = p.stat().st_size
+        write_json_atomic(partial / COMMIT, {"step": step, "world_size": dist.get_world_size(), "files": files})
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        fsync_dir(root)
+        prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint directories, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def prune(root: Path, keep: int) -> None:
+    for p in committed(root)[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(PREFIX + "*" + PARTIAL):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def problems(path: Path, world: int) -> list[str]:
+    """Why the checkpoint at `path` cannot be loaded (empty: it can)."""
+    commit = path / COMMIT
+    if not commit.is_file():
+        return [f"{COMMIT} is missing"]
+    try:
+        record = json.loads(commit.read_text())
+    except ValueError:
+        return [f"{COMMIT} is not valid JSON"]
+    out = []
+    for name, size in record["files"].items():
+        p = path / name
+        if not p.is_file():
+            out.append(f"{name} is missing")
+        elif p.stat().st_size != size:
+            out.append(f"{name} has {p.stat().st_size} bytes, {size} were written")
+    if record.get("world_size") != world:
+        out.append(f"it was written by {record.get('world_size')} ranks, this run has {world} (resume with the same "
+                   "number of processes, or convert it with DeepSpeed's universal checkpoint tools)")
+    return out
+
+
+def choose(directory: str | Path, world: int, warn) -> list[Path]:
+    """Loadable checkpoints, newest first; each unusable newer one is reported through `warn`."""
+    good = []
+    for p in committed(Path(directory)):
+        why = problems(p, world)
+        if why:
+            warn(f"checkpoint {p} is incomplete or damaged ({'; '.join(why[:3])}); trying an older one")
+        else:
+            good.append(p)
+    return good
+
+
+def read_client(path: Path) -> dict:
+    return json.loads((path / CLIENT).read_text())
+
+
+def load(engine, path: Path) -> None:
+    """Load the DeepSpeed state and this rank's RNG state from the committed checkpoint at `path`."""
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed loaded nothing from {path}")
+    rank_file = path / f"rank-{dist.get_rank():05d}.pt"
+    set_rng_state(torch.load(rank_file, weights_only=True))

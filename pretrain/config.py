@@ -1,0 +1,138 @@
+"""The pretraining config schema: every key, its default and its valid range, in one place."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from data_prep.configfile import Section, config_hash
+from pretrain.model import PRESETS, ModelConfig, preset
+
+
+class DataConfig(Section):
+    dataset: str = Field(description="a dataset directory (or fsspec URL) holding manifest.json")
+    streams: int | None = Field(
+        None, ge=1,
+        description="parallel example streams; the global example order depends on this, the seed and the "
+                    "micro batch only (not on ranks or workers). Default: world size x num_workers",
+    )
+    shuffle_buffer: int = Field(10_000, ge=1, description="examples shuffled together (rounded up to whole shards)")
+    num_workers: int = Field(1, ge=0, description="loader processes per rank (0: load in the training process)")
+    eval_examples: int = Field(2000, ge=0, description="validation examples per evaluation (0: no evaluation)")
+
+
+class ModelSection(Section):
+    """`preset` plus any field of `pretrain.model.ModelConfig` to override (vocab_size comes from the dataset)."""
+
+    preset: Literal[tuple(PRESETS)] = "base"  # type: ignore[valid-type]
+    hidden_size: int | None = Field(None, ge=8)
+    num_layers: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    max_position: int | None = Field(None, ge=8)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    layer_norm_eps: float | None = Field(None, gt=0.0)
+    pre_ln: bool | None = None
+    init_std: float | None = Field(None, gt=0.0)
+
+    def build(self, vocab_size: int) -> ModelConfig:
+        over = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        return preset(self.preset, vocab_size, **over)
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(32, ge=1, description="sequences per rank per forward/backward")
+    global_batch_size: int = Field(
+        256, ge=1, description="sequences per optimizer step; accumulation = global / (micro x world)"
+    )
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["linear", "cosine", "poly", "constant"] = "linear"
+    poly_power: float = Field(0.5, gt=0.0, description="exponent of the poly decay (NVIDIA's BERT recipe: 0.5)")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the decay ends at lr x this")
+    grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm (0: off)")
+    masking: Literal["static", "dynamic"] = "static"
+    eval_every: int = Field(500, ge=0, description="steps between evaluations on the val split (0: only at the end)")
+    log_every: int = Field(10, ge=1, description="steps between console progress lines")
+    max_skipped_steps: int = Field(
+        20, ge=1, description="consecutive steps skipped for non-finite loss or gradients before the run stops"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO >= 1)")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="extra DeepSpeed config keys merged over the generated ones (expert use)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeepSpeedSection":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+
+class CheckpointConfig(Section):
+    dir: str = "checkpoints/run"
+    every_steps: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end and on SIGTERM)")
+    keep: int = Field(3, ge=1, description="committed checkpoints kept (older ones are deleted)")
+
+
+class MlflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: str = Field(
+        "", description="empty: $MLFLOW_TRACKING_URI, else a sqlite store mlflow.db in the working directory"
+    )
+    experiment: str = "bert-pretraining"
+    run_name: str | None = None
+
+
+class DebugConfig(Section):
+    trace_examples: bool = Field(
+        False, description="each rank appends the keys of every example it trains on to CHECKPOINT_DIR/trace/"
+    )
+    nan_at_step: int | None = Field(None, ge=1, description="make this step's loss NaN (tests the numerics guard)")
+
+
+class PretrainConfig(Section):
+    data: DataConfig
+    model: ModelSection = ModelSection()
+    train: TrainConfig = TrainConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU (where bf16 matmuls are slow without AMX)"
+    )
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: Literal["auto", "must", "never"] = "auto"
+    mlflow: MlflowConfig = MlflowConfig()
+    seed: int = Field(1234, ge=0)
+    debug: DebugConfig = DebugConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainConfig":
+        if self.train.optimizer == "lamb" and self.deepspeed.zero_stage >= 1:
+            raise ValueError(
+                "train.optimizer=lamb cannot run under ZeRO: partitioning the parameters breaks LAMB's per-layer "
+                "trust ratios, and DeepSpeed refuses it. Use train.optimizer=adamw, or deepspeed.zero_stage=0 on GPU"
+            )
+        return self
+
+    def hash(self) -> str:
+        return config_hash(self)

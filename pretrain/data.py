@@ -1,0 +1,213 @@
+"""Training and validation batches from a dataset's WebDataset shards, with an exact, seekable data cursor.
+
+The order is defined without reference to ranks or loader workers, so a resumed run continues exactly
+where it stopped and a run on 1 rank sees the same global batches as one on 2:
+
+* The train split is cut into pieces: whole shards, or every k-th example of a shard when there are
+  fewer shards than streams. Each epoch permutes the pieces with (seed, epoch) and deals them to
+  `S` streams round-robin. A stream walks its pieces in groups of about `shuffle_buffer` examples
+  and yields each group in an order drawn from (seed, epoch, stream, group). Streams are endless:
+  each moves into its next epoch on its own, so no rank ever runs dry (no hang at an epoch end).
+* Global micro batch k is the (k // S)-th batch of B examples of stream k % S. Rank r of W takes
+  k = i * W + r for its i-th micro batch, so with accumulation the optimizer step t covers global
+  micro batches [t * A * W, (t + 1) * A * W).
+* The cursor is the number of micro batches each rank has consumed. Seeking is arithmetic over the
+  manifest's example counts plus reading one group, never a replay of the run so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import msgpack
+import numpy as np
+import torch
+from webdataset.tariterators import tarfile_samples
+
+from data_prep.dataset import MANIFEST, DatasetError
+from data_prep.shards import SAMPLE_EXT
+from pretrain.batch import Batch, Collator
+
+MAX_EMPTY_EPOCHS = 1000  # a stream whose pieces are all empty would otherwise spin forever
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A finished dataset: where it is and what its manifest says."""
+
+    root: str
+    manifest: dict
+
+    @property
+    def id(self) -> str:
+        return self.manifest["dataset_id"]
+
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(url, examples) of each shard of `split`, in manifest order."""
+        return [(f"{self.root}/{s['name']}", s["examples"]) for s in self.manifest["splits"][split]["shards"]]
+
+    def tokenizer_file(self, cache_dir: str | Path) -> Path:
+        """A local path to the dataset's tokenizer model (copied from a remote dataset into `cache_dir`)."""
+        rel = self.manifest["tokenizer"]["file"]
+        if "://" not in self.root:
+            return Path(self.root) / rel
+        local = Path(cache_dir) / "tokenizer" / Path(rel).name
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with fsspec.open(f"{self.root}/{rel}", "rb") as src, tempfile.NamedTemporaryFile(
+                    dir=local.parent, delete=False) as tmp:
+                tmp.write(src.read())
+            Path(tmp.name).replace(local)
+        return local
+
+
+def open_dataset(location: str) -> Dataset:
+    """Read the manifest of the dataset at `location` (directory or URL); a clear error when it is not one."""
+    root = location.rstrip("/")
+    try:
+        with fsspec.open(f"{root}/{MANIFEST}", "rt", encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
+                           "build one with `python -m data_prep run CONFIG`") from None
+    except ValueError as e:
+        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not valid JSON ({e})") from None
+    if manifest.get("format", {}).get("name") != "bert-pretraining-webdataset":
+        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not a manifest written by data_prep")
+    if not manifest["splits"]["train"]["examples"]:
+        raise DatasetError(f"data.dataset: '{location}' has no training examples")
+    return Dataset(root, manifest)
+
+
+@dataclass(frozen=True)
+class Piece:
+    url: str
+    part: int      # this piece holds examples part, part + parts, part + 2 * parts, ... of the shard
+    parts: int
+    count: int
+
+
+class StreamPlan:
+    """The endless, seekable example streams of one split (see the module docstring)."""
+
+    def __init__(self, shards: list[tuple[str, int]], streams: int, seed: int, shuffle_buffer: int):
+        parts = max(1, math.ceil(streams / len(shards)))
+        self.pieces = [Piece(url, j, parts, len(range(j, n, parts))) for url, n in shards for j in range(parts)]
+        self.streams, self.seed = streams, seed
+        mean = sum(p.count for p in self.pieces) / len(self.pieces)
+        self.group_pieces = max(1, math.ceil(shuffle_buffer / max(mean, 1)))
+
+    def groups(self, stream: int, epoch: int) -> list[list[Piece]]:
+        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.pieces))
+        mine = [self.pieces[i] for i in order[stream::self.streams]]
+        g = self.group_pieces
+        return [mine[i:i + g] for i in range(0, len(mine), g)]
+
+    def examples(self, stream: int, start: int = 0) -> Iterator[tuple[int, dict]]:
+        """(epoch, raw sample) of `stream` from its `start`-th example on, forever."""
+        epoch, pos, empty = 0, start, 0
+        while True:
+            groups = self.groups(stream, epoch)
+            total = sum(p.count for g in groups for p in g)
+            empty = empty + 1 if total == 0 else 0
+            if empty > MAX_EMPTY_EPOCHS:
+                raise DatasetError(f"stream {stream} has no examples: use fewer data.streams")
+            if pos >= total:
+                pos -= total
+                epoch += 1
+                continue
+            for gi, group in enumerate(groups):
+                n = sum(p.count for p in group)
+                if pos >= n:
+                    pos -= n
+                    continue
+                samples = [s for p in group for s in read_piece(p)]
+                order = np.random.default_rng([self.seed, epoch, stream, gi, 0x5EED]).permutation(n)
+                for k in order[pos:]:
+                    yield epoch, samples[k]
+                pos = 0
+            epoch += 1
+
+
+def read_piece(p: Piece) -> list[dict]:
+    """The samples of one piece, as {"__key__", "mp": raw bytes}, read with webdataset's tar reader."""
+    out = []
+    for i, s in enumerate(tarfile_samples([{"url": p.url}])):
+        if i % p.parts == p.part:
+            out.append({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
+    if len(out) != p.count:
+        raise DatasetError(f"{p.url}: holds a different number of examples than its manifest says; the dataset "
+                           "changed after it was written (check it with `python -m data_prep verify`)")
+    return out
+
+
+def decoded(sample: dict) -> dict:
+    return {"__key__": sample["__key__"], SAMPLE_EXT: msgpack.unpackb(sample[SAMPLE_EXT])}
+
+
+class TrainBatches(torch.utils.data.IterableDataset):
+    """Rank `rank`'s micro batches from its `start`-th on; splits itself across DataLoader workers."""
+
+    def __init__(self, plan: StreamPlan, collator: Collator, micro_batch: int, rank: int, world: int, start: int = 0):
+        self.plan, self.collator, self.micro_batch = plan, collator, micro_batch
+        self.rank, self.world, self.start = rank, world, start
+        if plan.streams % world:
+            raise ValueError(f"data.streams ({plan.streams}) must be a multiple of the world size ({world})")
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        per_rank = self.plan.streams // self.world
+        if per_rank % workers:
+            raise ValueError(f"data.streams ({self.plan.streams}) must be a multiple of world size x "
+                             f"data.num_workers ({self.world} x {workers})")
+        # DataLoader hands out worker outputs round-robin from worker 0, so worker w serves start + w, + 2w...
+        streams: dict[int, Iterator[tuple[int, dict]]] = {}
+        i = self.start + wid
+        while True:
+            j = i % per_rank
+            s = self.rank + self.world * j
+            if s not in streams:
+                streams[s] = self.plan.examples(s, (i // per_rank) * self.micro_batch)
+            taken = [next(streams[s]) for _ in range(self.micro_batch)]
+            yield self.collator([decoded(x) for _, x in taken], [e for e, _ in taken])
+            i += workers
+
+
+def train_loader(plan: StreamPlan, collator: Collator, micro_batch: int, rank: int, world: int, start: int,
+                 num_workers: int, pin_memory: bool, worker_init_fn=None) -> torch.utils.data.DataLoader:
+    ds = TrainBatches(plan, collator, micro_batch, rank, world, start)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if num_workers else None, worker_init_fn=worker_init_fn)
+
+
+def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: int, world: int,
+                 limit: int) -> list[tuple[Batch, float]]:
+    """This rank's share of the first `limit` val examples as (batch, weight); every rank gets as many batches.
+
+    Ranks must run the same number of forwards (ZeRO-3 gathers parameters inside forward), so a rank
+    with fewer examples repeats its first batch with weight 0.
+    """
+    mine, first = [], []
+    seen = 0
+    for url, _ in dataset.shards("val"):
+        for s in tarfile_samples([{"url": url}]):
+            if seen >= limit:
+                break
+            if seen % world == rank or not first:
+                x = decoded({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
+                first = first or [x]
+                if seen % world == rank:
+                    mine.append(x)
+            seen += 1
+    n_batches = math.ceil(math.ceil(seen / world) / micro_batch) if seen else 0
+    out = [(collator(mine[i:i + micro_batch]), 1.0) for i in range(0, len(mine), micro_batch)]
+    while len(out) < n_batches:
+        out.append((collator(first), 0.0))
+    return out

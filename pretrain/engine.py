@@ -1,0 +1,226 @@
+"""DeepSpeed, in one place: the process group, the DeepSpeed config dict, the optimizer and the engine.
+
+The batch arithmetic (micro x accumulation x world = global) is derived here once. On CPU the
+optimizer is torch's AdamW (DeepSpeed's own Adam would compile a C++ op first); on GPUs DeepSpeed
+builds its fused Adam (or its CPU Adam for ZeRO-Offload) from the "optimizer" section.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import PretrainConfig
+
+
+class SetupError(Exception):
+    """The config cannot run on this machine or with this many processes; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Batching:
+    micro: int
+    accumulation: int
+    world: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Topology:
+    """Join (or create) the process group: gloo on CPU, NCCL on GPUs.
+
+    Works unchanged under torchrun, the deepspeed launcher (both set RANK/WORLD_SIZE/LOCAL_RANK), a
+    process group someone else created (Ray Train), and a bare `python -m pretrain` (a group of one).
+    """
+    import deepspeed
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return Topology(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def batching(cfg: PretrainConfig, world: int) -> Batching:
+    t = cfg.train
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        raise SetupError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size x ranks "
+            f"({t.micro_batch_size} x {world} = {per_step}); e.g. train.global_batch_size="
+            f"{max(1, round(t.global_batch_size / per_step)) * per_step}")
+    return Batching(t.micro_batch_size, t.global_batch_size // per_step, world)
+
+
+def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise SetupError("precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use precision=bf16 or fp32")
+    return cfg.precision
+
+
+def ds_config(cfg: PretrainConfig, b: Batching, precision: str, device: torch.device) -> dict:
+    """The DeepSpeed config dict: the only place one is written."""
+    t, z = cfg.train, cfg.deepspeed
+    on_gpu = device.type == "cuda"
+    zero: dict = {"stage": z.zero_stage}
+    if z.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=int(5e7),
+                    allgather_bucket_size=int(5e7))
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    out: dict = {
+        "train_micro_batch_size_per_gpu": b.micro,
+        "gradient_accumulation_steps": b.accumulation,
+        "train_batch_size": b.global_batch,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # progress is ours (pretrain/tracking.py)
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    elif precision == "fp16":
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1}
+    if on_gpu:
+        opt = {"type": "Lamb" if t.optimizer == "lamb" else "AdamW",
+               "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}}
+        out["optimizer"] = opt
+    else:
+        out["zero_allow_untested_optimizer"] = True
+    return _merge(out, z.config)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that clips by global norm and skips a step whose gradients hold inf/NaN.
+
+    DeepSpeed's ZeRO optimizers check and clip gradients themselves. Without ZeRO (stage 0) the engine
+    calls the optimizer directly, so this does both and reports through the two attributes the engine
+    reads: `overflow` (counts the skip and holds the LR schedule) and `_global_grad_norm`.
+    """
+
+    def __init__(self, params, max_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return super().step(closure)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        if self.max_norm > 0 and self._global_grad_norm > self.max_norm:
+            torch._foreach_mul_(grads, self.max_norm / (self._global_grad_norm + 1e-6))
+        return super().step(closure)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (as Google's and NVIDIA's BERT)."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+class Schedule:
+    """LR multiplier: linear warmup, then linear / cosine / poly decay to `min_ratio` (or constant)."""
+
+    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float = 0.0, power: float = 0.5):
+        self.kind, self.warmup, self.total, self.min_ratio, self.power = kind, warmup, total, min_ratio, power
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        done = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            f = 1.0 - done
+        elif self.kind == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * done))
+        else:
+            f = (1.0 - done) ** self.power
+        return self.min_ratio + (1.0 - self.min_ratio) * f
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, b: Batching, precision: str, device: torch.device):
+    """A DeepSpeed engine around `model`, with the optimizer and LR schedule of `cfg.train`."""
+    import deepspeed
+
+    t = cfg.train
+    if device.type != "cuda":
+        if t.optimizer == "lamb":
+            raise SetupError("train.optimizer=lamb needs a GPU (DeepSpeed's LAMB is CUDA-only); use adamw")
+        if cfg.deepspeed.offload_optimizer:
+            raise SetupError("deepspeed.offload_optimizer moves optimizer states from GPU to CPU memory; "
+                             "on a CPU-only machine leave it false")
+    config = ds_config(cfg, b, precision, device)
+    groups = param_groups(model, t.weight_decay)
+    optimizer = None
+    if cfg.deepspeed.zero_stage == 0 and t.optimizer == "adamw":
+        config.pop("optimizer", None)
+        config["gradient_clipping"] = 0.0  # GuardedAdamW clips, after its check
+        optimizer = GuardedAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps,
+                                 fused=device.type == "cuda")
+    elif "optimizer" not in config:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    sched = Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
+
+    def lr_scheduler(opt):
+        # A plain function is not saved in the scheduler's state, so a resumed run follows the schedule of
+        # its current config (e.g. a raised train.max_steps) from the restored step on.
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: sched(step))
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler, config=config)
+    return engine
+

@@ -1,0 +1,186 @@
+"""Rank 0's side effects in one object: console lines, `metrics.jsonl`, and MLflow (the only module importing it).
+
+Other ranks hold the same object with `active=False`, where every method does nothing, so the training
+loop never asks which rank it is on. MLflow calls run in a background thread from a queue: a tracking
+server that is slow or down costs the training loop nothing. Records are kept, retried with backoff,
+and sent when the server is back; the console says when it is unreachable and when it has caught up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import MlflowConfig
+
+# MLflow's own HTTP retries back off for minutes; ours (below) keep the buffer and try again.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+METRICS_FILE = "metrics.jsonl"
+MAX_BATCH = 1000      # MLflow's limit of metrics per log_batch call
+MAX_PARAMS = 100      # params per log_batch call
+MAX_BACKOFF_S = 30.0
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """Console, metrics file and MLflow run of a training job; a no-op when `active` is false."""
+
+    def __init__(self, active: bool, cfg: MlflowConfig, out_dir: str | Path):
+        self.active = active
+        self.cfg = cfg
+        self.run_id: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[tuple[str, Any]] = []
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._down_since: float | None = None
+        self._started = threading.Event()
+        self._metrics_file = None
+        if active:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self._metrics_file = open(Path(out_dir) / METRICS_FILE, "a", buffering=1, encoding="utf-8")
+
+    # -- console --------------------------------------------------------------------------------------
+    def print(self, line: str) -> None:
+        if self.active:
+            print(line, flush=True)
+
+    def warn(self, line: str) -> None:
+        if self.active:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    # -- MLflow ---------------------------------------------------------------------------------------
+    def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
+              artifacts: dict[str, Path], wait_s: float = 15.0) -> None:
+        """Continue MLflow run `run_id` (a resumed job) or create one; waits up to `wait_s` for its id."""
+        if not self.active or not self.cfg.enabled:
+            return
+        self.run_id = run_id
+        self._queue.put(("run", tags))
+        if run_id is None:  # a new run gets the config and inputs; a resumed one has them already
+            items = sorted((k, str(v)[:6000]) for k, v in params.items())
+            for i in range(0, len(items), MAX_PARAMS):
+                self._queue.put(("params", items[i:i + MAX_PARAMS]))
+            for dest, path in artifacts.items():
+                self._queue.put(("artifact", (dest, str(path))))
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        self._started.wait(wait_s)
+        if self.run_id is None:
+            self.warn(f"MLflow at {tracking_uri(self.cfg)} did not answer within {wait_s:.0f} s; training goes on "
+                      "and its records are kept until the server answers")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics: a line in metrics.jsonl now, MLflow in the background."""
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.cfg.enabled:
+            self._queue.put(("metrics", (step, int(time.time() * 1000), clean)))
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        """Send what is buffered (waiting up to `timeout_s`), then mark the run `status`."""
+        if not self.active:
+            return
+        if self._thread is not None:
+            self._queue.put(("end", status))
+            self._closing.set()
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                self.warn(f"MLflow did not take the last records within {timeout_s:.0f} s; metrics.jsonl has them all")
+        if self._metrics_file:
+            self._metrics_file.close()
+
+    def _work(self) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(self.cfg))
+        backoff = 1.0
+        while True:
+            if not self._pending:
+                self._pending.append(self._queue.get())
+            while True:  # take everything queued so far, so a backlog goes out in big batches
+                try:
+                    self._pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                done = self._send(client, Metric, Param, RunTag)
+            except Exception as e:  # the server is down, slow or refusing: keep the records, try again
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self.warn(f"MLflow at {tracking_uri(self.cfg)} is unreachable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); records are kept and retried")
+                self._started.set()  # do not hold up the start of training
+                time.sleep(min(backoff, 2.0) if self._closing.is_set() else backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+                continue
+            backoff = 1.0
+            if self._down_since is not None:
+                self.print(f"MLflow is reachable again after {time.monotonic() - self._down_since:.0f} s; "
+                           "buffered records sent")
+                self._down_since = None
+            if done:
+                return
+
+    def _send(self, client, Metric, Param, RunTag) -> bool:  # noqa: N803 (MLflow's classes, imported late)
+        """Send the pending records in order; returns True once the run has been ended."""
+        while self._pending:
+            kind, body = self._pending[0]
+            if kind == "run":
+                self._start_run(client, body, RunTag)
+            elif kind == "params":
+                client.log_batch(self.run_id, params=[Param(k, v) for k, v in body])
+            elif kind == "artifact":
+                client.log_artifact(self.run_id, body[1], artifact_path=body[0])
+            elif kind == "metrics":
+                batch, n = [], 0
+                for k2, rec in self._pending:
+                    if k2 != "metrics" or (batch and len(batch) + len(rec[2]) > MAX_BATCH):
+                        break
+                    step, ts, values = rec
+                    batch += [Metric(k, v, ts, step) for k, v in values.items()]
+                    n += 1
+                client.log_batch(self.run_id, metrics=batch)
+                del self._pending[:n]  # only once they are sent
+                continue
+            else:
+                client.set_terminated(self.run_id, status=body)
+                self._pending.pop(0)
+                return True
+            self._pending.pop(0)
+        return False
+
+    def _start_run(self, client, tags: dict[str, str], RunTag) -> None:
+        if self.run_id is None:
+            exp = client.get_experiment_by_name(self.cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+            self.run_id = client.create_run(exp_id, run_name=self.cfg.run_name, tags=tags).info.run_id
+        else:
+            client.update_run(self.run_id, status="RUNNING")
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._started.set()

@@ -1,0 +1,337 @@
+"""The training loop: one function, top to bottom, that runs the same under any launcher."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_prep.configfile import flatten
+from data_prep.examples import stable_seed
+from data_prep.tokenizer import cached
+from pretrain import checkpoint
+from pretrain.batch import Batch, Collator
+from pretrain.config import PretrainConfig
+from pretrain.data import StreamPlan, eval_batches, open_dataset, train_loader
+from pretrain.engine import SetupError, Topology, batching, build_engine, init_distributed, resolve_precision
+from pretrain.model import BertForPretraining, pretraining_loss, training_flops
+from pretrain.tracking import Tracker, git_commit
+
+# Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job stopped early, with a checkpoint to resume from
+
+# Indices of the per-step sums that are all-reduced across ranks once per step.
+LOSS, MLM, NSP, MLM_OK, MLM_N, NSP_OK, NSP_N, MICRO, TOKENS, SEQS, FLOPS, STOP = range(12)
+
+
+class NumericsError(Exception):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class StopRequest:
+    """SIGTERM or SIGINT asks for a checkpoint at the end of the current step; a second SIGINT stops at once.
+
+    Handlers can only be set from the main thread; elsewhere (e.g. inside Ray Train) the launcher
+    decides how a job stops.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, sig, _frame):
+        if self.signal is not None and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = sig
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    # Loader workers leave stopping to the training process (which saves first); they exit with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Path]:
+    """Checkpoints to try, newest first, as rank 0 sees them (every rank gets rank 0's answer)."""
+    root = Path(cfg.checkpoint.dir)
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        if cfg.resume == "never" and checkpoint.committed(root):
+            answer = [f"checkpoint.dir '{root}' holds checkpoints of an earlier run and resume=never: point "
+                      "checkpoint.dir at an empty directory (or delete those checkpoints) to start afresh"]
+        elif cfg.resume != "never":
+            answer = [[str(p) for p in checkpoint.choose(root, world, tracker.warn)]]
+            if cfg.resume == "must" and not answer[0]:
+                answer = [f"resume=must but checkpoint.dir '{root}' has no complete checkpoint"]
+        else:
+            answer = [[]]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):  # every rank raises, so none waits in a collective for the others
+        raise checkpoint.CheckpointError(answer[0])
+    return [Path(p) for p in answer[0]]
+
+
+def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
+                      path: Path, tracker: Tracker) -> None:
+    if client["model"] != model_cfg:
+        changed = sorted(k for k in model_cfg if client["model"].get(k) != model_cfg[k])
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} holds a different model ({', '.join(changed)} changed); resume with the model "
+            "config it was trained with, or use a new checkpoint.dir")
+    if client["dataset_id"] != dataset_id:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was trained on dataset {client['dataset_id']}, data.dataset is {dataset_id}; "
+            "resume on the same dataset, or use a new checkpoint.dir")
+    old_layout = {k: client["cursor"][k] for k in layout}
+    if old_layout != layout:
+        changed = sorted(k for k in layout if old_layout[k] != layout[k])
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written with a different data order ({', '.join(changed)} changed: "
+            f"{', '.join(f'{k} {old_layout[k]} -> {layout[k]}' for k in changed)}); keep them to resume exactly")
+    old, new = flatten(client["config"]), flatten(cfg)
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    if changed:
+        tracker.print("resuming with changed settings: " + "; ".join(changed))
+
+
+def train(cfg: PretrainConfig) -> dict:
+    """Train as `cfg` says, resuming from its checkpoint directory; returns the run's summary (every rank)."""
+    topo = init_distributed()
+    tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
+    try:
+        return _train(cfg, topo, tracker)
+    except BaseException:
+        tracker.close("FAILED", timeout_s=10)
+        raise
+
+
+def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
+    ckdir = Path(cfg.checkpoint.dir)
+    b = batching(cfg, topo.world)
+    precision = resolve_precision(cfg, topo.device)
+    dataset = open_dataset(cfg.data.dataset)
+    manifest = dataset.manifest
+    model_cfg = cfg.model.build(manifest["tokenizer"]["vocab_size"])
+    if model_cfg.max_position < manifest["examples"]["max_seq_length"]:
+        raise SetupError(f"model.max_position ({model_cfg.max_position}) is shorter than the dataset's sequences "
+                         f"({manifest['examples']['max_seq_length']}); raise model.max_position")
+    workers = cfg.data.num_workers
+    streams = cfg.data.streams or topo.world * max(1, workers)
+    if streams % (topo.world * max(1, workers)):
+        raise SetupError(f"data.streams ({streams}) must be a multiple of ranks x data.num_workers "
+                         f"({topo.world} x {max(1, workers)})")
+    layout = {"streams": streams, "micro_batch_size": b.micro, "seed": cfg.seed,
+              "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking}
+    candidates = _resume_point(cfg, topo.world, tracker)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = BertForPretraining(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(model, cfg, b, precision, topo.device)
+    torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
+
+    step, skipped, run_id = 0, 0, None
+    for path in candidates:
+        client = checkpoint.read_client(path)
+        _check_compatible(client, model_cfg.__dict__, dataset.id, layout, cfg, path, tracker)
+        try:
+            checkpoint.load(engine, path)
+            ok = torch.ones(1)
+        except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
+            tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+            ok = torch.zeros(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            step, skipped, run_id = client["step"], client["skipped_steps"], client["mlflow_run_id"]
+            tracker.print(f"resuming from {path} (step {step}, {client['samples']:,} samples seen)")
+            break
+    else:
+        tracker.print("no checkpoint to resume from: starting at step 0" if cfg.resume != "never"
+                      else "resume=never: starting at step 0")
+
+    tok_file = dataset.tokenizer_file(ckdir)
+    collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=cached(str(tok_file))[1])
+    plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer)
+    loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, step * b.accumulation, workers,
+                               pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))
+    evals = None
+    trace = None
+    if cfg.debug.trace_examples:
+        (ckdir / "trace").mkdir(parents=True, exist_ok=True)
+        trace = open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1)
+
+    config_file = ckdir / "config.yaml"
+    if topo.is_main:
+        config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (ckdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
+              "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
+    tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    tracker.start(run_id, params, tags, {"config": config_file, "dataset": ckdir / "manifest.json",
+                                          "tokenizer": tok_file})
+    peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
+                 and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
+    tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
+                  f"{topo.device.type} rank(s), {precision}, ZeRO-{cfg.deepspeed.zero_stage}: global batch "
+                  f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "
+                  f"{cfg.train.max_steps - step} steps to go")
+
+    stop = StopRequest()
+    consecutive = 0
+    last = {}
+    window = torch.zeros(12, dtype=torch.float64)
+    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+    started = time.perf_counter()
+    while step < cfg.train.max_steps:
+        sums = torch.zeros(12, dtype=torch.float64)
+        on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
+        t_step = time.perf_counter()
+        for _ in range(b.accumulation):
+            t0 = time.perf_counter()
+            batch: Batch = next(loader)
+            wait_window += time.perf_counter() - t0
+            if trace:
+                trace.write(json.dumps({"step": step + 1, "keys": batch.keys}) + "\n")
+            sums[MICRO] += 1
+            sums[TOKENS] += batch.real_tokens
+            sums[SEQS] += batch.input_ids.shape[0]
+            sums[FLOPS] += training_flops(model_cfg, batch.attention_mask.sum(1), batch.mlm_labels.numel())
+            batch = batch.to(topo.device)
+            mlm_logits, nsp_logits = engine(batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                                            batch.masked_positions)
+            loss, mlm, nsp = pretraining_loss(mlm_logits, batch.mlm_labels, nsp_logits, batch.nsp_labels)
+            if cfg.debug.nan_at_step == step + 1:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+            with torch.no_grad():
+                on_device[LOSS] += loss.detach()
+                on_device[MLM] += mlm.detach()
+                on_device[NSP] += nsp.detach()
+                on_device[MLM_OK] += (mlm_logits.argmax(-1) == batch.mlm_labels).sum()
+                on_device[MLM_N] += batch.mlm_labels.numel()
+                if batch.nsp_labels is not None:
+                    on_device[NSP_OK] += (nsp_logits.argmax(-1) == batch.nsp_labels).sum()
+                    on_device[NSP_N] += batch.nsp_labels.numel()
+        sums[:7] = on_device.cpu()
+        step += 1
+        sums[STOP] = 1.0 if stop.signal is not None else 0.0
+        dist.all_reduce(sums)
+        applied = engine.was_step_applied()
+        if applied:
+            consecutive = 0
+        else:
+            skipped += 1
+            consecutive += 1
+            tracker.warn(f"step {step}: non-finite loss or gradient; the update was skipped "
+                         f"({skipped} skipped so far)")
+            if consecutive >= cfg.train.max_skipped_steps:
+                raise NumericsError(
+                    f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}). "
+                    "Lower train.lr, raise train.warmup_steps, keep train.grad_clip on (e.g. 1.0), or use "
+                    "precision=bf16 instead of fp16; then resume from the last checkpoint")
+        elapsed = time.perf_counter() - t_step
+        last = {
+            "loss": sums[LOSS] / sums[MICRO], "mlm_loss": sums[MLM] / sums[MICRO], "nsp_loss": sums[NSP] / sums[MICRO],
+            "mlm_acc": sums[MLM_OK] / max(1, sums[MLM_N]), "nsp_acc": sums[NSP_OK] / max(1, sums[NSP_N]),
+            "lr": engine.get_lr()[0], "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
+            "seq_per_s": sums[SEQS] / elapsed, "tokens_per_s": sums[TOKENS] / elapsed,
+        }
+        last = {k: float(v) for k, v in last.items() if v is not None}
+        if precision == "fp16":
+            last["loss_scale"] = float(engine.optimizer.loss_scale)
+        if peak:
+            last["mfu"] = float(sums[FLOPS]) / elapsed / (peak * topo.world)
+        window += sums
+        steps_window += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            span = time.perf_counter() - t_window
+            last["data_wait"] = wait_window / span
+            eta = (cfg.train.max_steps - step) * span / steps_window
+            tracker.print(
+                f"step {step}/{cfg.train.max_steps} | loss {window[LOSS] / window[MICRO]:.4f} | "
+                f"mlm acc {window[MLM_OK] / max(1, window[MLM_N]):.3f} | nsp acc {window[NSP_OK] / max(1, window[NSP_N]):.3f}"
+                f" | lr {last['lr']:.2e} | {window[SEQS] / span:,.0f} seq/s | eta {_duration(eta)}")
+            window.zero_()
+            t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+        tracker.log(step, last)
+
+        end = step == cfg.train.max_steps
+        if cfg.data.eval_examples and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or end):
+            if evals is None:
+                evals = eval_batches(dataset, collator, b.micro, topo.rank, topo.world, cfg.data.eval_examples)
+            metrics = evaluate(engine, evals, topo.device)
+            tracker.log(step, metrics)
+            tracker.print(f"eval at step {step}: loss {metrics['eval/loss']:.4f} | "
+                          f"mlm acc {metrics['eval/mlm_acc']:.3f} | nsp acc {metrics['eval/nsp_acc']:.3f}")
+            last.update(metrics)
+        preempted = bool(sums[STOP])
+        if end or preempted or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            client = {
+                "step": step, "samples": step * b.global_batch, "skipped_steps": skipped,
+                "cursor": {"micro_batches": step * b.accumulation, **layout},
+                "model": model_cfg.__dict__, "dataset_id": dataset.id, "config_hash": cfg.hash(),
+                "config": cfg.model_dump(mode="json"), "mlflow_run_id": tracker.run_id, "world_size": topo.world,
+            }
+            path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
+            tracker.print(f"checkpoint {path}")
+        if preempted:
+            tracker.print(f"stopped by signal at step {step}; run the same command again to resume from {path}")
+            tracker.close("KILLED")
+            return {"step": step, "preempted": True, "checkpoint": str(path), **last}
+
+    took = time.perf_counter() - started
+    summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
+               "checkpoint": str(checkpoint.committed(ckdir)[0]) if checkpoint.committed(ckdir) else None, **last}
+    tracker.print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in summary.items() if k != "preempted"))
+    tracker.close("FINISHED")
+    if trace:
+        trace.close()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -> dict[str, float]:
+    """Loss and accuracies on the validation batches, summed over every rank."""
+    engine.eval()
+    s = torch.zeros(6, dtype=torch.float64)
+    for batch, weight in batches:
+        batch = batch.to(device)
+        mlm_logits, nsp_logits = engine(batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                                        batch.masked_positions)
+        mlm_ce = torch.nn.functional.cross_entropy(mlm_logits.float(), batch.mlm_labels, reduction="sum")
+        s[0] += weight * mlm_ce.item()
+        s[1] += weight * (mlm_logits.argmax(-1) == batch.mlm_labels).sum().item()
+        s[2] += weight * batch.mlm_labels.numel()
+        if batch.nsp_labels is not None:
+            nsp_ce = torch.nn.functional.cross_entropy(nsp_logits.float(), batch.nsp_labels, reduction="sum")
+            s[3] += weight * nsp_ce.item()
+            s[4] += weight * (nsp_logits.argmax(-1) == batch.nsp_labels).sum().item()
+            s[5] += weight * batch.nsp_labels.numel()
+    dist.all_reduce(s)
+    engine.train()
+    mlm, nsp = s[0] / max(1, s[2]), s[3] / max(1, s[5])
+    return {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),
+            "eval/mlm_acc": float(s[1] / max(1, s[2])), "eval/nsp_acc": float(s[4] / max(1, s[5])),
+            "eval/perplexity": float(math.exp(min(mlm, 50.0)))}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,118 @@
+"""The training data order: every example once per epoch, seekable, the same on any number of ranks or workers."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+
+from data_prep.dataset import DatasetError
+from pretrain.batch import Collator
+from pretrain.data import StreamPlan, TrainBatches, eval_batches, open_dataset, train_loader
+
+
+@pytest.fixture(scope="module")
+def ds(train_dataset):
+    return open_dataset(str(train_dataset))
+
+
+def _keys(plan: StreamPlan, stream: int, n: int, start: int = 0) -> list[tuple[int, str]]:
+    return [(e, s["__key__"]) for e, s in itertools.islice(plan.examples(stream, start), n)]
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3, 20])
+def test_each_epoch_covers_every_example_once(ds, streams):
+    """Across all streams, epoch e holds each training example exactly once, whatever the stream count.
+
+    20 streams > 8 shards: shards are cut into interleaved pieces so every stream gets examples.
+    """
+    plan = StreamPlan(ds.shards("train"), streams, seed=1, shuffle_buffer=150)
+    total = ds.manifest["splits"]["train"]["examples"]
+    per_stream = [sum(p.count for g in plan.groups(s, 0) for p in g) for s in range(streams)]
+    assert sum(per_stream) == total and min(per_stream) > 0
+    seen = Counter()
+    for s in range(streams):
+        seen.update(k for e, k in _keys(plan, s, per_stream[s] + 5) if e == 0)
+    assert len(seen) == total and set(seen.values()) == {1}
+
+
+def test_epochs_are_reshuffled_and_deterministic(ds):
+    plan = StreamPlan(ds.shards("train"), 1, seed=1, shuffle_buffer=250)
+    n = ds.manifest["splits"]["train"]["examples"]
+    two = _keys(plan, 0, 2 * n)
+    assert [k for _, k in two[:n]] != [k for _, k in two[n:]], "epoch 1 has its own order"
+    assert sorted(k for _, k in two[:n]) == sorted(k for _, k in two[n:])
+    assert two == _keys(StreamPlan(ds.shards("train"), 1, seed=1, shuffle_buffer=250), 0, 2 * n)
+    assert two != _keys(StreamPlan(ds.shards("train"), 1, seed=2, shuffle_buffer=250), 0, 2 * n)
+
+
+@pytest.mark.parametrize("start", [0, 1, 99, 400, 713, 1500])
+def test_seeking_equals_replaying(ds, start):
+    plan = StreamPlan(ds.shards("train"), 2, seed=3, shuffle_buffer=200)
+    assert _keys(plan, 1, 50, start=start) == _keys(plan, 1, start + 50)[start:]
+
+
+def _batches(ds, world: int, rank: int, start: int, n: int, workers: int = 0, streams: int = 4) -> list[list[str]]:
+    plan = StreamPlan(ds.shards("train"), streams, seed=5, shuffle_buffer=100)
+    collator = Collator(ds.manifest)
+    loader = train_loader(plan, collator, 4, rank, world, start, workers, pin_memory=False)
+    return [b.keys for b in itertools.islice(loader, n)]
+
+
+def test_global_batches_do_not_depend_on_ranks_or_workers(ds):
+    """Rank r of W takes global micro batch i * W + r: two ranks together see what one rank sees."""
+    one = _batches(ds, 1, 0, 0, 12)
+    r0, r1 = _batches(ds, 2, 0, 0, 6), _batches(ds, 2, 1, 0, 6)
+    assert one == [b for pair in zip(r0, r1) for b in pair]
+    assert _batches(ds, 2, 1, 0, 6, workers=2) == r1
+    assert _batches(ds, 1, 0, 0, 12, workers=2) == one
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cursor_resumes_the_exact_sequence(ds, workers):
+    full = _batches(ds, 2, 1, 0, 30)
+    assert _batches(ds, 2, 1, 17, 13, workers=workers) == full[17:]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_streams_must_divide_among_ranks_and_workers(ds):
+    plan = StreamPlan(ds.shards("train"), 3, seed=0, shuffle_buffer=10)
+    with pytest.raises(ValueError, match="multiple of the world size"):
+        TrainBatches(plan, Collator(ds.manifest), 4, 0, 2)
+    loader = train_loader(StreamPlan(ds.shards("train"), 2, 0, 10), Collator(ds.manifest), 4, 0, 1, 0, 0, False)
+    assert next(iter(loader)).input_ids.shape[0] == 4
+    with pytest.raises(Exception, match="data.num_workers"):
+        next(iter(train_loader(StreamPlan(ds.shards("train"), 2, 0, 10), Collator(ds.manifest), 4, 0, 1, 0, 3,
+                               False)))
+
+
+def test_eval_batches_split_ranks_evenly(ds):
+    collator = Collator(ds.manifest)
+    n_val = ds.manifest["splits"]["val"]["examples"]
+    parts = [eval_batches(ds, collator, 4, r, 3, limit=n_val) for r in range(3)]
+    assert len({len(p) for p in parts}) == 1, "every rank runs the same number of forwards (ZeRO-3)"
+    keys = [k for p in parts for b, w in p if w for k in b.keys]
+    assert len(keys) == n_val == len(set(keys))
+    assert eval_batches(ds, collator, 4, 0, 1, limit=5)[0][0].input_ids.shape[0] == 4
+
+
+def test_not_a_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="manifest.json is missing.*python -m data_prep run"):
+        open_dataset(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        open_dataset(str(tmp_path))
+
+
+def test_a_changed_shard_is_detected(ds, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds.root, copy)
+    first = ds.manifest["splits"]["train"]["shards"][0]["name"]
+    other = ds.manifest["splits"]["train"]["shards"][-1]["name"]
+    shutil.copy(copy / other, copy / first)  # a shard with a different number of examples
+    plan = StreamPlan(open_dataset(str(copy)).shards("train"), 1, seed=0, shuffle_buffer=10**6)
+    with pytest.raises(DatasetError, match="python -m data_prep verify"):
+        next(plan.examples(0))
