@@ -67,8 +67,6 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")

@@ -198,6 +198,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     while step < cfg.train.max_steps:
         sums = torch.zeros(12, dtype=torch.float64)
         on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
+        lr = engine.get_lr()[0]  # the rate this step's update uses
         t_step = time.perf_counter()
         for _ in range(b.accumulation):
             t0 = time.perf_counter()
@@ -247,7 +248,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
         last = {
             "loss": sums[LOSS] / sums[MICRO], "mlm_loss": sums[MLM] / sums[MICRO], "nsp_loss": sums[NSP] / sums[MICRO],
             "mlm_acc": sums[MLM_OK] / max(1, sums[MLM_N]), "nsp_acc": sums[NSP_OK] / max(1, sums[NSP_N]),
-            "lr": engine.get_lr()[0], "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
+            "lr": lr, "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
             "seq_per_s": sums[SEQS] / elapsed, "tokens_per_s": sums[TOKENS] / elapsed,
         }
         last = {k: float(v) for k, v in last.items() if v is not None}

@@ -1,0 +1,203 @@
+"""`python -m pretrain train` as a user runs it: one CPU process, the real DeepSpeed engine, a real MLflow store.
+
+Covers learning, checkpoints and resume, refusals, the numerics guard, SIGTERM, damaged checkpoints,
+tracking, and config errors. Runs on 2 ranks live in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp: Path, dataset: Path, **over) -> Path:
+    path = tmp / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(pretrain_config(dataset, tmp / "ck", **over)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_dataset):
+    """80 steps of the tiny model, checkpoints every 20 (keep 3), into a sqlite MLflow store."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = write_config(tmp, train_dataset, train__max_steps=80, train__lr=2e-3, train__eval_every=40,
+                       checkpoint__every_steps=20, checkpoint__keep=3)
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cfg, tmp / "ck", out
+
+
+def test_the_model_learns(trained):
+    _, ck, out = trained
+    m = read_metrics(ck)
+    assert sorted(m) == list(range(1, 81))
+    first = sum(m[s]["loss"] for s in range(1, 11)) / 10
+    last = sum(m[s]["loss"] for s in range(71, 81)) / 10
+    assert last < first - 0.3, (first, last)
+    chance = 1 / 120  # the tokenizer's vocabulary
+    assert sum(m[s]["mlm_acc"] for s in range(71, 81)) / 10 > 8 * chance
+    assert m[80]["eval/mlm_acc"] > 6 * chance and m[80]["eval/mlm_acc"] > m[40]["eval/mlm_acc"] * 0.9
+    for key in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "lr", "grad_norm", "skipped_steps",
+                "seq_per_s", "tokens_per_s"):
+        assert key in m[80], key
+    assert "data_wait" in m[10] and m[80]["skipped_steps"] == 0
+    assert "step 80/80 | loss" in out.stdout and "eval at step 80" in out.stdout
+
+
+def test_checkpoints_are_committed_and_pruned(trained):
+    _, ck, _ = trained
+    names = sorted(p.name for p in ck.iterdir() if p.name.startswith("step-"))
+    assert names == ["step-00000040", "step-00000060", "step-00000080"]
+    client = json.loads((ck / "step-00000080" / "client.json").read_text())
+    assert client["step"] == 80 and client["samples"] == 80 * 16
+    assert client["cursor"]["micro_batches"] == 160 and client["cursor"]["streams"] == 2
+    commit = json.loads((ck / "step-00000080" / "commit.json").read_text())
+    assert "rank-00000.pt" in commit["files"] and "client.json" in commit["files"]
+    assert all((ck / "step-00000080" / f).stat().st_size == n for f, n in commit["files"].items())
+
+
+def test_the_run_is_tracked_in_mlflow(trained, train_dataset):
+    from mlflow.tracking import MlflowClient
+
+    cfg, ck, _ = trained
+    client = json.loads((ck / "step-00000080" / "client.json").read_text())
+    mc = MlflowClient(f"sqlite:///{cfg.parent / 'mlflow.db'}")
+    run = mc.get_run(client["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "80" and run.data.params["model.preset"] == "tiny"
+    assert run.data.params["derived.accumulation"] == "2"
+    manifest = json.loads((train_dataset / "manifest.json").read_text())
+    assert run.data.tags["dataset_id"] == manifest["dataset_id"]
+    assert len(run.data.tags.get("git_commit", "")) in (0, 40)
+    history = mc.get_metric_history(run.info.run_id, "loss")
+    assert sorted(h.step for h in history) == list(range(1, 81))
+    assert {h.step for h in mc.get_metric_history(run.info.run_id, "eval/mlm_acc")} == {40, 80}
+    arts = {a.path for d in ("config", "dataset", "tokenizer") for a in mc.list_artifacts(run.info.run_id, d)}
+    assert arts == {"config/config.yaml", "dataset/manifest.json", "tokenizer/spm.model"}
+
+
+def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
+    cfg, ck, _ = trained
+    tmp = tmp_path / "copy"
+    shutil.copytree(cfg.parent, tmp)
+    conf = tmp / cfg.name
+    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    out = run_pretrain(conf, "train.max_steps=90")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout and "step-00000080 (step 80" in out.stdout
+    assert "train.max_steps: 80 -> 90" in out.stdout
+    m = read_metrics(tmp / "ck")
+    assert sorted(m) == list(range(1, 91))
+    assert m[90]["lr"] == pytest.approx(2e-3 / 85)  # the linear decay to the new max_steps (warmup 5)
+    old = json.loads((ck / "step-00000080" / "client.json").read_text())["mlflow_run_id"]
+    new = json.loads((tmp / "ck" / "step-00000090" / "client.json").read_text())["mlflow_run_id"]
+    assert new == old
+
+    again = run_pretrain(conf, "train.max_steps=90")  # nothing left to do
+    assert again.returncode == 0 and "0 steps to go" in again.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_layers=3", "different model (num_layers changed)"),
+    ("data.streams=4", "different data order (streams changed: streams 2 -> 4)"),
+    ("resume=never", "holds checkpoints of an earlier run and resume=never"),
+])
+def test_incompatible_resumes_are_refused(trained, override, message):
+    cfg, ck, _ = trained
+    before = sorted(p.name for p in ck.iterdir())
+    out = run_pretrain(cfg, override, "train.max_steps=100")
+    assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in ck.iterdir()) == before, "nothing written or deleted"
+
+
+def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
+    out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
+    assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path):
+    cfg, ck, _ = trained
+    tmp = tmp_path / "copy"
+    shutil.copytree(cfg.parent, tmp)
+    conf = tmp / cfg.name
+    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    newest = tmp / "ck" / "step-00000080"
+    victim = next(p for p in sorted(newest.iterdir()) if p.name.endswith("optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])  # a torn write
+    (tmp / "ck" / "step-00000100.partial").mkdir()  # a save that never finished
+    (tmp / "ck" / "step-00000100.partial" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step-00000080 is incomplete or damaged" in out.stderr and "has 100 bytes" in out.stderr
+    assert "resuming from" in out.stdout and "step-00000060 (step 60" in out.stdout
+    assert not (tmp / "ck" / "step-00000100.partial").exists(), "unfinished saves are cleared"
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nan_step_is_skipped_and_counted(tmp_path, train_dataset, stage):
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=6, debug__nan_at_step=3,
+                       deepspeed__zero_stage=stage)
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 3: non-finite loss or gradient; the update was skipped (1 skipped so far)" in out.stderr
+    m = read_metrics(tmp_path / "ck")
+    assert m[2]["skipped_steps"] == 0 and m[3]["skipped_steps"] == 1 and m[6]["skipped_steps"] == 1
+    assert m[3]["loss"] != m[3]["loss"]  # NaN
+    assert all(m[s]["loss"] == m[s]["loss"] for s in (4, 5, 6)), "the weights stayed finite"
+    assert m[4]["lr"] == m[3]["lr"], "a skipped step does not advance the schedule"
+
+
+def test_repeated_nans_stop_the_run_with_advice(tmp_path, train_dataset):
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=6, debug__nan_at_step=2,
+                       train__max_skipped_steps=1)
+    out = run_pretrain(cfg)
+    assert out.returncode == 1
+    assert "1 consecutive steps had a non-finite loss" in out.stderr and "Lower train.lr" in out.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_dataset):
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=100_000, train__warmup_steps=5,
+                       train__log_every=1, checkpoint__every_steps=0)
+    proc = subprocess.Popen(pretrain_command(cfg), cwd=tmp_path, env=pretrain_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step 5/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by signal at step" in rest
+    saved = [p for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")]
+    assert len(saved) == 1 and (saved[0] / "commit.json").is_file()
+    step = int(saved[0].name.split("-")[1])
+    assert step >= 5
+    out = run_pretrain(cfg, f"train.max_steps={step + 2}")
+    assert out.returncode == 0 and f"(step {step}," in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, code, message", [
+    ("train.optimiser=lamb", 2, "unknown key 'train.optimiser'"),
+    ("train.optimizer=lamb", 2, "train.optimizer=lamb cannot run under ZeRO"),
+    ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
+    ("precision=fp16", 1, "precision=fp16 needs a GPU"),
+    ("train.global_batch_size=8", 0, None),
+    ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
+])
+def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, message):
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=1, data__eval_examples=0)
+    out = run_pretrain(cfg, override)
+    assert out.returncode == code, out.stderr[-2000:]
+    if message:
+        assert message in out.stderr
+    assert "Traceback" not in out.stderr
