@@ -183,8 +183,11 @@ class TrainBatches(torch.utils.data.IterableDataset):
 def train_loader(plan: StreamPlan, collator: Collator, micro_batch: int, rank: int, world: int, start: int,
                  num_workers: int, pin_memory: bool, worker_init_fn=None) -> torch.utils.data.DataLoader:
     ds = TrainBatches(plan, collator, micro_batch, rank, world, start)
+    # Its own generator: starting a DataLoader draws a seed, which must not shift the training RNG (dropout)
+    # between a run and its resumption. The batches themselves use no RNG state at all.
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       prefetch_factor=4 if num_workers else None, worker_init_fn=worker_init_fn)
+                                       prefetch_factor=4 if num_workers else None, worker_init_fn=worker_init_fn,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: int, world: int,
