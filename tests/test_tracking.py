@@ -1,0 +1,74 @@
+"""MLflow tracking against a real `mlflow server` on loopback: a server that is down at the start costs nothing,
+and everything recorded meanwhile arrives once it is up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from conftest import pretrain_command, pretrain_config, pretrain_env, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(path, text: str, proc, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and text in path.read_text():
+            return True
+        time.sleep(0.1)
+    return path.is_file() and text in path.read_text()
+
+
+def test_training_goes_on_while_the_server_is_down_and_catches_up(tmp_path, train_dataset):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", train__max_steps=120,
+                                                  mlflow__tracking_uri=uri, checkpoint__every_steps=60)))
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        train = subprocess.Popen(pretrain_command(cfg), cwd=tmp_path, env=pretrain_env(), stdout=o, stderr=e)
+    server = None
+    try:
+        assert _wait_for(err, "is unreachable", train, 120), err.read_text()[-2000:]
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert train.wait(timeout=240) == 0, err.read_text()[-3000:]
+        assert "MLflow is reachable again" in out.read_text()
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("bert-pretraining")
+        (run,) = client.search_runs([exp.experiment_id])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.max_steps"] == "120"
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert steps == list(range(1, 121)) == sorted(read_metrics(tmp_path / "ck"))
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {"config/config.yaml"}
+    finally:
+        for p in (train, server):  # the server runs its web workers as child processes
+            if p is not None:
+                for q in psutil.Process(p.pid).children(recursive=True) if p.poll() is None else []:
+                    q.kill()
+                p.kill()
+                p.wait()
+        shutil.rmtree(tmp_path / "artifacts", ignore_errors=True)
