@@ -75,3 +75,54 @@ def test_content_hash_ignores_where_and_how_fast():
 def test_every_shipped_data_prep_config_is_valid(path: Path):
     cfg = load_config(DataPrepConfig, path)
     assert cfg.inputs and cfg.output
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pretrain_config_is_valid(path: Path):
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import batching
+
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.data.dataset and cfg.checkpoint.dir
+    assert batching(cfg, 1).global_batch == cfg.train.global_batch_size
+
+
+def test_pretrain_batch_arithmetic_and_schedules():
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import Schedule, SetupError, batching, ds_config
+
+    cfg = PretrainConfig(data={"dataset": "d"}, train={"micro_batch_size": 8, "global_batch_size": 64})
+    b = batching(cfg, 4)
+    assert (b.micro, b.accumulation, b.global_batch) == (8, 2, 64)
+    ds = ds_config(cfg, b, "bf16", __import__("torch").device("cpu"))
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 2, 64)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    with pytest.raises(SetupError, match=r"multiple of train.micro_batch_size x ranks \(8 x 3 = 24\).*=72"):
+        batching(cfg, 3)
+    cfg.deepspeed.config = {"zero_optimization": {"reduce_bucket_size": 7}}
+    assert ds_config(cfg, b, "fp32", __import__("torch").device("cpu"))["zero_optimization"] == {
+        **ds["zero_optimization"], "reduce_bucket_size": 7}
+    for kind in ("linear", "cosine", "poly"):
+        s = Schedule(kind, warmup=10, total=110, min_ratio=0.1)
+        assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)
+        assert s(110) == pytest.approx(0.1) and 0.1 < s(60) < 1.0
+    assert Schedule("cosine", 0, 100)(50) == pytest.approx(0.5)
+    assert Schedule("constant", 5, 100)(99) == 1.0
+
+
+def test_pretrain_config_errors_name_the_key(tmp_path: Path):
+    from pretrain.config import PretrainConfig
+
+    f = tmp_path / "p.yaml"
+    f.write_text("data: {dataset: d}\ntrain: {micro_batch_size: 8}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.layers'.*did you mean 'model.num_layers'"):
+        load_config(PretrainConfig, f, ["model.layers=3"])
+    with pytest.raises(ConfigError, match=r"'model.preset'.*'tiny', 'mini'"):
+        load_config(PretrainConfig, f, ["model.preset=huge"])
+    with pytest.raises(ConfigError, match="offload_optimizer needs deepspeed.zero_stage >= 1"):
+        load_config(PretrainConfig, f, ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"])
+    with pytest.raises(ConfigError, match=r"'data' \(in defaults\): Field required"):
+        load_config(PretrainConfig, None, [])
+    cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])
+    built = cfg.model.build(vocab_size=100)
+    assert (built.num_layers, built.hidden_size, built.vocab_size) == (3, 128, 128)
