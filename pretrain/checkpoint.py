@@ -66,6 +66,7 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=partial.name, client_state={"client": client}, save_latest=False)
+    partial.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), partial / f"rank-{rank:05d}.pt")
     dist.barrier()
     final = root / tag(step)
@@ -101,7 +102,7 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def problems(path: Path, world: int) -> list[str]:
+def problems(path: Path) -> list[str]:
     """Why the checkpoint at `path` cannot be loaded (empty: it can)."""
     commit = path / COMMIT
     if not commit.is_file():
@@ -117,21 +118,30 @@ def problems(path: Path, world: int) -> list[str]:
             out.append(f"{name} is missing")
         elif p.stat().st_size != size:
             out.append(f"{name} has {p.stat().st_size} bytes, {size} were written")
-    if record.get("world_size") != world:
-        out.append(f"it was written by {record.get('world_size')} ranks, this run has {world} (resume with the same "
-                   "number of processes, or convert it with DeepSpeed's universal checkpoint tools)")
     return out
 
 
 def choose(directory: str | Path, world: int, warn) -> list[Path]:
-    """Loadable checkpoints, newest first; each unusable newer one is reported through `warn`."""
+    """Loadable checkpoints, newest first; each damaged newer one is reported through `warn`.
+
+    Raises when checkpoints exist but none can be used: starting afresh would silently drop them.
+    """
+    found = committed(Path(directory))
     good = []
-    for p in committed(Path(directory)):
-        why = problems(p, world)
+    for p in found:
+        why = problems(p)
         if why:
             warn(f"checkpoint {p} is incomplete or damaged ({'; '.join(why[:3])}); trying an older one")
-        else:
-            good.append(p)
+            continue
+        written_by = json.loads((p / COMMIT).read_text()).get("world_size")
+        if written_by != world:
+            raise CheckpointError(
+                f"checkpoint {p} was written by {written_by} ranks and this run has {world}: resume with "
+                f"{written_by} processes (or convert it with DeepSpeed's universal checkpoint tools)")
+        good.append(p)
+    if found and not good:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in '{directory}' is complete; move them away "
+                              "to start afresh there")
     return good
 
 

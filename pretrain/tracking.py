@@ -53,6 +53,8 @@ class Tracker:
     def __init__(self, active: bool, cfg: MlflowConfig, out_dir: str | Path):
         self.active = active
         self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.uri = tracking_uri(cfg)
         self.run_id: str | None = None
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[tuple[str, Any]] = []
@@ -74,6 +76,17 @@ class Tracker:
         if self.active:
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
+    def save_inputs(self, config: dict, manifest: dict) -> dict[str, Path]:
+        """Write the effective config and the dataset manifest next to the metrics; {artifact dir: file}."""
+        if not self.active:
+            return {}
+        import yaml
+
+        config_file, manifest_file = self.out_dir / "config.yaml", self.out_dir / "manifest.json"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        manifest_file.write_text(json.dumps(manifest, indent=1))
+        return {"config": config_file, "dataset": manifest_file}
+
     # -- MLflow ---------------------------------------------------------------------------------------
     def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
               artifacts: dict[str, Path], wait_s: float = 15.0) -> None:
@@ -92,7 +105,7 @@ class Tracker:
         self._thread.start()
         self._started.wait(wait_s)
         if self.run_id is None:
-            self.warn(f"MLflow at {tracking_uri(self.cfg)} did not answer within {wait_s:.0f} s; training goes on "
+            self.warn(f"MLflow at {self.uri} did not answer within {wait_s:.0f} s; training goes on "
                       "and its records are kept until the server answers")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -121,7 +134,7 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri(self.cfg))
+        client = MlflowClient(self.uri)
         backoff = 1.0
         while True:
             if not self._pending:
@@ -136,7 +149,7 @@ class Tracker:
             except Exception as e:  # the server is down, slow or refusing: keep the records, try again
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    self.warn(f"MLflow at {tracking_uri(self.cfg)} is unreachable ({type(e).__name__}: "
+                    self.warn(f"MLflow at {self.uri} is unreachable ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}); records are kept and retried")
                 self._started.set()  # do not hold up the start of training
                 time.sleep(min(backoff, 2.0) if self._closing.is_set() else backoff)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from data_prep.configfile import flatten
 from data_prep.examples import stable_seed
@@ -70,7 +69,10 @@ def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Pat
             answer = [f"checkpoint.dir '{root}' holds checkpoints of an earlier run and resume=never: point "
                       "checkpoint.dir at an empty directory (or delete those checkpoints) to start afresh"]
         elif cfg.resume != "never":
-            answer = [[str(p) for p in checkpoint.choose(root, world, tracker.warn)]]
+            try:
+                answer = [[str(p) for p in checkpoint.choose(root, world, tracker.warn)]]
+            except checkpoint.CheckpointError as e:
+                answer = [str(e)]
             if cfg.resume == "must" and not answer[0]:
                 answer = [f"resume=must but checkpoint.dir '{root}' has no complete checkpoint"]
         else:
@@ -102,6 +104,27 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
     changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
     if changed:
         tracker.print("resuming with changed settings: " + "; ".join(changed))
+
+
+def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
+             tracker: Tracker) -> tuple[int, int, str | None]:
+    """Load the newest loadable checkpoint: (step, skipped steps, MLflow run id), or a fresh start."""
+    for path in candidates:
+        client = checkpoint.read_client(path)
+        _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
+        try:
+            checkpoint.load(engine, path)
+            ok = torch.ones(1)
+        except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
+            tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
+            ok = torch.zeros(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank loaded it, or all try the next
+        if ok.item():
+            tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
+            return client["step"], client["skipped_steps"], client["mlflow_run_id"]
+    tracker.print("no checkpoint to resume from: starting at step 0" if cfg.resume != "never"
+                  else "resume=never: starting at step 0")
+    return 0, 0, None
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -140,24 +163,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
-    step, skipped, run_id = 0, 0, None
-    for path in candidates:
-        client = checkpoint.read_client(path)
-        _check_compatible(client, model_cfg.__dict__, dataset.id, layout, cfg, path, tracker)
-        try:
-            checkpoint.load(engine, path)
-            ok = torch.ones(1)
-        except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
-            tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
-            ok = torch.zeros(1)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item():
-            step, skipped, run_id = client["step"], client["skipped_steps"], client["mlflow_run_id"]
-            tracker.print(f"resuming from {path} (step {step}, {client['samples']:,} samples seen)")
-            break
-    else:
-        tracker.print("no checkpoint to resume from: starting at step 0" if cfg.resume != "never"
-                      else "resume=never: starting at step 0")
+    step, skipped, run_id = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker)
 
     tok_file = dataset.tokenizer_file(ckdir)
     collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=cached(str(tok_file))[1])
@@ -170,18 +176,14 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
         (ckdir / "trace").mkdir(parents=True, exist_ok=True)
         trace = open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1)
 
-    config_file = ckdir / "config.yaml"
-    if topo.is_main:
-        config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        (ckdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
               "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
     tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    tracker.start(run_id, params, tags, {"config": config_file, "dataset": ckdir / "manifest.json",
-                                          "tokenizer": tok_file})
+    artifacts = tracker.save_inputs(cfg.model_dump(mode="json"), manifest)
+    tracker.start(run_id, params, tags, {**artifacts, "tokenizer": tok_file})
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
@@ -192,9 +194,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     stop = StopRequest()
     consecutive = 0
     last = {}
-    window = torch.zeros(12, dtype=torch.float64)
-    t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
-    started = time.perf_counter()
+    window = Window()
+    started, first_step = time.perf_counter(), step
     while step < cfg.train.max_steps:
         sums = torch.zeros(12, dtype=torch.float64)
         on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
@@ -203,7 +204,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
         for _ in range(b.accumulation):
             t0 = time.perf_counter()
             batch: Batch = next(loader)
-            wait_window += time.perf_counter() - t0
+            window.wait += time.perf_counter() - t0
             if trace:
                 trace.write(json.dumps({"step": step + 1, "keys": batch.keys}) + "\n")
             sums[MICRO] += 1
@@ -244,30 +245,11 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
                     f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}). "
                     "Lower train.lr, raise train.warmup_steps, keep train.grad_clip on (e.g. 1.0), or use "
                     "precision=bf16 instead of fp16; then resume from the last checkpoint")
-        elapsed = time.perf_counter() - t_step
-        last = {
-            "loss": sums[LOSS] / sums[MICRO], "mlm_loss": sums[MLM] / sums[MICRO], "nsp_loss": sums[NSP] / sums[MICRO],
-            "mlm_acc": sums[MLM_OK] / max(1, sums[MLM_N]), "nsp_acc": sums[NSP_OK] / max(1, sums[NSP_N]),
-            "lr": lr, "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
-            "seq_per_s": sums[SEQS] / elapsed, "tokens_per_s": sums[TOKENS] / elapsed,
-        }
-        last = {k: float(v) for k, v in last.items() if v is not None}
-        if precision == "fp16":
-            last["loss_scale"] = float(engine.optimizer.loss_scale)
-        if peak:
-            last["mfu"] = float(sums[FLOPS]) / elapsed / (peak * topo.world)
-        window += sums
-        steps_window += 1
+        last = _step_metrics(sums, time.perf_counter() - t_step, lr, skipped, engine, precision, peak, topo.world)
+        window.add(sums)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            span = time.perf_counter() - t_window
-            last["data_wait"] = wait_window / span
-            eta = (cfg.train.max_steps - step) * span / steps_window
-            tracker.print(
-                f"step {step}/{cfg.train.max_steps} | loss {window[LOSS] / window[MICRO]:.4f} | "
-                f"mlm acc {window[MLM_OK] / max(1, window[MLM_N]):.3f} | nsp acc {window[NSP_OK] / max(1, window[NSP_N]):.3f}"
-                f" | lr {last['lr']:.2e} | {window[SEQS] / span:,.0f} seq/s | eta {_duration(eta)}")
-            window.zero_()
-            t_window, wait_window, steps_window = time.perf_counter(), 0.0, 0
+            line, last["data_wait"] = window.report(step, cfg.train.max_steps, lr)
+            tracker.print(line)
         tracker.log(step, last)
 
         end = step == cfg.train.max_steps
@@ -297,12 +279,48 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     took = time.perf_counter() - started
     summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
                "checkpoint": str(checkpoint.committed(ckdir)[0]) if checkpoint.committed(ckdir) else None, **last}
-    tracker.print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in summary.items() if k != "preempted"))
+    tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker))
     tracker.close("FINISHED")
     if trace:
         trace.close()
     return summary
+
+
+class Window:
+    """Sums since the last console line: its averages, rate, ETA and the fraction of time spent waiting for data."""
+
+    def __init__(self):
+        self.sums = torch.zeros(12, dtype=torch.float64)
+        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def add(self, sums: torch.Tensor) -> None:
+        self.sums += sums
+        self.steps += 1
+
+    def report(self, step: int, max_steps: int, lr: float) -> tuple[str, float]:
+        s, span = self.sums, time.perf_counter() - self.start
+        line = (f"step {step}/{max_steps} | loss {s[LOSS] / s[MICRO]:.4f} | mlm acc {s[MLM_OK] / max(1, s[MLM_N]):.3f}"
+                f" | nsp acc {s[NSP_OK] / max(1, s[NSP_N]):.3f} | lr {lr:.2e} | {s[SEQS] / span:,.0f} seq/s"
+                f" | eta {_duration((max_steps - step) * span / self.steps)}")
+        wait = self.wait / span
+        self.__init__()
+        return line, wait
+
+
+def _step_metrics(sums: torch.Tensor, elapsed: float, lr: float, skipped: int, engine, precision: str,
+                  peak: float | None, world: int) -> dict[str, float]:
+    """One step's metrics from its all-reduced sums (means over micro batches and ranks)."""
+    out = {
+        "loss": sums[LOSS] / sums[MICRO], "mlm_loss": sums[MLM] / sums[MICRO], "nsp_loss": sums[NSP] / sums[MICRO],
+        "mlm_acc": sums[MLM_OK] / max(1, sums[MLM_N]), "nsp_acc": sums[NSP_OK] / max(1, sums[NSP_N]),
+        "lr": lr, "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
+        "seq_per_s": sums[SEQS] / elapsed, "tokens_per_s": sums[TOKENS] / elapsed,
+    }
+    if precision == "fp16":
+        out["loss_scale"] = engine.optimizer.loss_scale
+    if peak:
+        out["mfu"] = sums[FLOPS] / elapsed / (peak * world)
+    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 @torch.no_grad()
@@ -329,6 +347,23 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
     return {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),
             "eval/mlm_acc": float(s[1] / max(1, s[2])), "eval/nsp_acc": float(s[4] / max(1, s[5])),
             "eval/perplexity": float(math.exp(min(mlm, 50.0)))}
+
+
+def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
+    lines = ["", "== pretraining summary ==",
+             f"steps        {s['step']} ({sequences:,} sequences this run in {_duration(s['seconds'])}, "
+             f"{sequences / max(s['seconds'], 1e-9):,.0f} seq/s)"]
+    if "loss" in s:
+        lines.append(f"train        loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}, nsp {s['nsp_loss']:.4f}), "
+                     f"mlm acc {s['mlm_acc']:.3f}, nsp acc {s['nsp_acc']:.3f}, {s['skipped_steps']:.0f} skipped steps")
+    if "eval/loss" in s:
+        lines.append(f"eval         loss {s['eval/loss']:.4f}, mlm acc {s['eval/mlm_acc']:.3f}, "
+                     f"nsp acc {s['eval/nsp_acc']:.3f}, perplexity {s['eval/perplexity']:.1f}")
+    lines.append(f"checkpoint   {s['checkpoint']}")
+    if s["mlflow_run_id"]:
+        lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: mlflow ui --backend-store-uri "
+                     f"{tracker.uri})")
+    return "\n".join(lines)
 
 
 def _duration(seconds: float) -> str:

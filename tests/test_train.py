@@ -143,6 +143,21 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path)
     assert not (tmp / "ck" / "step-00000100.partial").exists(), "unfinished saves are cleared"
 
 
+def test_a_different_world_size_or_no_complete_checkpoint_is_refused(trained, tmp_path):
+    cfg, _, _ = trained
+    out = run_pretrain(cfg, "train.max_steps=100", nproc=2)
+    assert out.returncode != 0 and "was written by 1 ranks and this run has 2" in out.stderr
+
+    tmp = tmp_path / "copy"
+    shutil.copytree(cfg.parent, tmp)
+    conf = tmp / cfg.name
+    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    for commit in (tmp / "ck").glob("step-*/commit.json"):
+        commit.unlink()
+    out = run_pretrain(conf, "train.max_steps=100")
+    assert out.returncode == 1 and "none of the 3 checkpoints" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_a_nan_step_is_skipped_and_counted(tmp_path, train_dataset, stage):
     cfg = write_config(tmp_path, train_dataset, train__max_steps=6, debug__nan_at_step=3,
