@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from data_prep.configfile import ConfigError, load_config
@@ -32,6 +33,27 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config file (e.g. configs/pretrain/quickstart.yaml)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides")
+    ex = sub.add_parser("export", help="a checkpoint -> a standalone model directory (safetensors, config, tokenizer)",
+                        description="Consolidate a DeepSpeed checkpoint of any ZeRO stage into a model directory: "
+                                    "model.safetensors, config.json, tokenizer/, dataset.json, training.json, "
+                                    "checksums.json.")
+    ex.add_argument("checkpoint", help="a committed checkpoint (step-NNNNNNNN/) or a checkpoint.dir (its newest)")
+    ex.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    rg = sub.add_parser("register", help="export a checkpoint and register it in the MLflow Model Registry",
+                        description="Export (if needed), upload as an MLflow pyfunc model (texts -> embeddings), "
+                                    "verify the upload, register a version, then set the alias. Rerunning after a "
+                                    "failure completes the registration.")
+    src = rg.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a committed checkpoint or a checkpoint.dir (its newest)")
+    src.add_argument("--run", help="an MLflow run id of `pretrain train` (its checkpoint.dir, newest checkpoint)")
+    rg.add_argument("--name", required=True, help="registered model name")
+    rg.add_argument("--alias", help="alias to point at the new version (e.g. champion)")
+    rg.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="sentence embedding pooling")
+    rg.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    pl = sub.add_parser("pull", help="download a registered model version and verify its checksums")
+    pl.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    pl.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    pl.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     return p
 
 
@@ -50,6 +72,10 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_drop_launcher_args(sys.argv[1:] if argv is None else argv))
+    if args.command == "export":
+        return _export(args)
+    if args.command in ("register", "pull"):
+        return _registry(args)
     try:
         from pretrain.config import PretrainConfig
 
@@ -72,3 +98,42 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return EXIT_PREEMPTED if summary["preempted"] else EXIT_OK
+
+
+def _export(args) -> int:
+    from pretrain.export import ExportError, export
+
+    try:
+        out = export(args.checkpoint, args.out)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    training = json.loads((out / "training.json").read_text())
+    print(f"exported step {training['step']} of {training['checkpoint']} to {out}")
+    return EXIT_OK
+
+
+def _registry(args) -> int:
+    from pretrain.config import MlflowConfig
+    from pretrain.export import ExportError, export, find_checkpoint
+    from pretrain.tracking import RegistryError, model_files, pull, register, run_checkpoint_dir, tracking_uri
+
+    uri = tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
+    try:
+        if args.command == "pull":
+            out = pull(args.model_uri, args.out, uri)
+            print(f"pulled {args.model_uri} to {out} (verified); model files in {model_files(out)}")
+            return EXIT_OK
+        source = args.checkpoint or run_checkpoint_dir(args.run, uri)
+        step_dir = find_checkpoint(source)
+        model_dir = export(step_dir, step_dir.parent / "exports" / step_dir.name)
+        v = register(model_dir, args.name, args.alias, uri, args.pooling)
+    except (ExportError, RegistryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    alias = f" with alias '{args.alias}'" if args.alias else ""
+    print(f"registered {v['name']} version {v['version']}{alias} from {step_dir} (run {v['run_id']})\n"
+          f"use it: mlflow.pyfunc.load_model('models:/{v['name']}/{v['version']}'), or "
+          f"python -m pretrain pull models:/{v['name']}/{v['version']} --out DIR")
+    return EXIT_OK
+

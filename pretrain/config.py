@@ -107,6 +107,9 @@ class DebugConfig(Section):
         False, description="each rank appends the keys of every example it trains on to CHECKPOINT_DIR/trace/"
     )
     nan_at_step: int | None = Field(None, ge=1, description="make this step's loss NaN (tests the numerics guard)")
+    dump_weights: bool = Field(
+        False, description="at the end, write the live engine's weights to CHECKPOINT_DIR/engine-weights.safetensors"
+    )
 
 
 class PretrainConfig(Section):

@@ -11,6 +11,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -224,3 +225,28 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, b: Batching, preci
                                            lr_scheduler=lr_scheduler, config=config)
     return engine
 
+
+
+def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights stored in a DeepSpeed checkpoint directory, whatever its ZeRO stage.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states; DeepSpeed's
+    consolidation merges them. Without ZeRO the model-states file holds the module's own weights.
+    Both are DeepSpeed's pickled files: read only checkpoints you wrote.
+    """
+    if zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    else:
+        weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().contiguous() for k, v in weights.items()}
+
+
+def engine_weights(engine) -> dict[str, torch.Tensor]:
+    """The live engine's full weights (gathering ZeRO-3 partitions; a collective call), on CPU in fp32."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}

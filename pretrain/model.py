@@ -169,7 +169,7 @@ class BertForPretraining(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
                 masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) inputs and `masked_positions` (M,) flat indices into B * L -> (MLM logits (M, V), NSP logits (B, 2))."""
+        """(B, L) inputs, `masked_positions` (M,) flat indices into B * L -> (MLM logits (M, V), NSP logits (B, 2))."""
         seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
         h = seq.reshape(-1, seq.shape[-1]).index_select(0, masked_positions)
         h = self.mlm_norm(F.gelu(self.mlm_transform(h)))

@@ -76,16 +76,29 @@ class Tracker:
         if self.active:
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    def save_inputs(self, config: dict, manifest: dict) -> dict[str, Path]:
-        """Write the effective config and the dataset manifest next to the metrics; {artifact dir: file}."""
+    def save_inputs(self, config: dict, manifest: dict, tokenizer: Path) -> dict[str, Path]:
+        """Keep the effective config, the dataset manifest and the tokenizer with the checkpoints, so the
+        directory is self-contained (export needs nothing else); returns {artifact dir: file}."""
         if not self.active:
             return {}
+        import shutil
+
         import yaml
 
         config_file, manifest_file = self.out_dir / "config.yaml", self.out_dir / "manifest.json"
+        tok_file = self.out_dir / "tokenizer" / tokenizer.name
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         manifest_file.write_text(json.dumps(manifest, indent=1))
-        return {"config": config_file, "dataset": manifest_file}
+        if tokenizer.resolve() != tok_file.resolve():
+            tok_file.parent.mkdir(exist_ok=True)
+            shutil.copyfile(tokenizer, tok_file)
+        return {"config": config_file, "dataset": manifest_file, "tokenizer": tok_file}
+
+    def save_weights(self, weights: dict, name: str) -> None:
+        if self.active:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(self.out_dir / name))
 
     # -- MLflow ---------------------------------------------------------------------------------------
     def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
@@ -201,3 +214,142 @@ class Tracker:
             client.update_run(self.run_id, status="RUNNING")
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._started.set()
+
+
+# -- Model registry ------------------------------------------------------------------------------------
+
+REGISTERED_DIR = "registered-model"
+
+
+class RegistryError(Exception):
+    """A registration or pull that cannot be done; the message says what to do."""
+
+
+def _remote_files(client, run_id: str, path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            out.update(_remote_files(client, run_id, item.path))
+        else:
+            out[item.path] = item.file_size
+    return out
+
+
+def _missing(found: dict[str, int], expected: dict[str, int]) -> list[str]:
+    """Expected files the store lacks or holds at another size (MLflow may add files of its own)."""
+    return sorted(k for k, size in expected.items() if found.get(k) != size)
+
+
+def _embedder_signature(pooling: str):
+    """Texts in, (N, H) float32 out; `pooling` may be chosen per call (`params={"pooling": "mean"}`)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]),
+                          params=ParamSchema([ParamSpec("pooling", "string", pooling)]))
+
+
+def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
+    """Upload an exported model directory as an MLflow pyfunc model, verify it, register it, then set `alias`.
+
+    In that order, so a failure part way never leaves a version that points at missing files; rerunning
+    reuses what was uploaded and the version already registered for it. Returns {name, version, source}.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    model_dir = Path(model_dir)
+    training = json.loads((model_dir / "training.json").read_text())
+    dataset = json.loads((model_dir / "dataset.json").read_text())
+    client = MlflowClient(uri, registry_uri=uri)
+    run_id = training["mlflow_run_id"]
+    if run_id is None:  # trained without tracking: a run of its own holds the files
+        exp_name = training["config"]["mlflow"]["experiment"]
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+        run = client.create_run(exp_id, run_name=f"register-{name}", tags={"dataset_id": dataset["dataset_id"]})
+        run_id = run.info.run_id
+        client.set_terminated(run_id)
+    path = f"{REGISTERED_DIR}/step-{training['step']:08d}"
+
+    with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(local), python_model=str(Path(__file__).with_name("embedder.py")),
+            artifacts={"model_dir": str(model_dir)}, model_config={"pooling": pooling},
+            signature=_embedder_signature(pooling), pip_requirements=["bertforge"])
+        expected = {f"{path}/{p.relative_to(local)}": p.stat().st_size for p in local.rglob("*") if p.is_file()}
+        if _missing(_remote_files(client, run_id, path), expected):
+            client.log_artifacts(run_id, str(local), artifact_path=path)
+    missing = _missing(_remote_files(client, run_id, path), expected)  # 2. verify what the store holds
+    if missing:
+        raise RegistryError(f"the upload to {uri} is incomplete ({', '.join(missing[:3])}); rerun to complete it")
+
+    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"  # 3. register (once per source)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description="BERT encoder pretrained with bertforge")
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.source == source]
+    metrics = training["metrics"]
+    tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id,
+            "pooling": pooling, **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("eval/")}}
+    version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
+    if alias:  # 4. the alias moves last
+        client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id}
+
+
+def pull(model_uri: str, out: str | Path, uri: str) -> Path:
+    """Download `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/path` to `out` and verify it.
+
+    `out` is an MLflow model directory (`mlflow.pyfunc.load_model(out)` works); `model_files(out)` is
+    the exported model directory inside it. `out` appears only once complete and verified.
+    """
+    import shutil
+
+    import mlflow
+
+    from pretrain.export import verify
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
+    except mlflow.exceptions.MlflowException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0]}") from None
+    files = model_files(tmp)
+    problems = verify(files)
+    if problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RegistryError(f"{model_uri} failed verification ({'; '.join(problems[:3])}); pull it again")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def model_files(path: str | Path) -> Path:
+    """The exported model directory inside a pulled MLflow model (or `path` itself when it is one)."""
+    import yaml
+
+    p = Path(path)
+    if not (p / "MLmodel").is_file():
+        return p
+    flavor = yaml.safe_load((p / "MLmodel").read_text())["flavors"]["python_function"]
+    return p / flavor["artifacts"]["model_dir"]["path"]
+
+
+def run_checkpoint_dir(run_id: str, uri: str) -> str:
+    """The checkpoint.dir a `pretrain train` run recorded among its params."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).data.params["checkpoint.dir"]
+    except Exception as e:  # noqa: BLE001 (unknown run, a run of something else, a store that is down)
+        raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {uri}: {e}") from None

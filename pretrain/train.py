@@ -19,7 +19,15 @@ from pretrain import checkpoint
 from pretrain.batch import Batch, Collator
 from pretrain.config import PretrainConfig
 from pretrain.data import StreamPlan, eval_batches, open_dataset, train_loader
-from pretrain.engine import SetupError, Topology, batching, build_engine, init_distributed, resolve_precision
+from pretrain.engine import (
+    SetupError,
+    Topology,
+    batching,
+    build_engine,
+    engine_weights,
+    init_distributed,
+    resolve_precision,
+)
 from pretrain.model import BertForPretraining, pretraining_loss, training_flops
 from pretrain.tracking import Tracker, git_commit
 
@@ -182,8 +190,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    artifacts = tracker.save_inputs(cfg.model_dump(mode="json"), manifest)
-    tracker.start(run_id, params, tags, {**artifacts, "tokenizer": tok_file})
+    artifacts = tracker.save_inputs(cfg.model_dump(mode="json"), manifest, tok_file)
+    tracker.start(run_id, params, tags, artifacts)
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
@@ -276,6 +284,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
             tracker.close("KILLED")
             return {"step": step, "preempted": True, "checkpoint": str(path), **last}
 
+    if cfg.debug.dump_weights:
+        tracker.save_weights(engine_weights(engine), "engine-weights.safetensors")
     took = time.perf_counter() - started
     summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
                "checkpoint": str(checkpoint.committed(ckdir)[0]) if checkpoint.committed(ckdir) else None, **last}

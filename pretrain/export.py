@@ -1,0 +1,138 @@
+"""A committed checkpoint -> a standalone model directory anyone can load without DeepSpeed or this run.
+
+    MODEL_DIR/model.safetensors   the full fp32 weights (consolidated from any ZeRO stage)
+              config.json         the model config, special token ids, sequence length
+              tokenizer/spm.model the sentencepiece model the dataset was built with
+              dataset.json        the dataset's identity: id, recipe and config hashes, tokenizer sha256
+              training.json       provenance: MLflow run id, step, samples seen, metrics, the training config
+              checksums.json      sha256 of every other file (checked by `pull` and `load_model`)
+
+Nothing in it is a pickle: loading it runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_prep.worker import write_json_atomic
+from pretrain import checkpoint
+from pretrain.model import BertForPretraining, ModelConfig
+from pretrain.tracking import METRICS_FILE
+
+FORMAT = {"name": "bertforge-model", "version": 1}
+MODEL_FILE, CONFIG_FILE, CHECKSUMS = "model.safetensors", "config.json", "checksums.json"
+
+
+class ExportError(Exception):
+    """A checkpoint or model directory that cannot be used; the message says what to do."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it is a committed checkpoint, else the newest complete one inside it."""
+    p = Path(path)
+    if (p / checkpoint.COMMIT).is_file():
+        return p
+    for candidate in checkpoint.committed(p):
+        if not checkpoint.problems(candidate):
+            return candidate
+    raise ExportError(f"'{path}' is neither a committed checkpoint nor a checkpoint.dir holding a complete one")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _metrics_at(root: Path, step: int) -> dict[str, float]:
+    """The metrics recorded for `step` and the latest evaluation up to it (from metrics.jsonl)."""
+    out: dict[str, float] = {}
+    f = root / METRICS_FILE
+    for line in f.read_text().splitlines() if f.is_file() else []:
+        rec = json.loads(line)
+        if rec["step"] == step or (rec["step"] <= step and "eval/loss" in rec):
+            out.update({k: v for k, v in rec.items() if k != "step"})
+    return out
+
+
+def export(source: str | Path, out: str | Path) -> Path:
+    """Write the model directory of the checkpoint at `source` to `out` (atomically: `out` appears whole)."""
+    from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
+
+    step_dir = find_checkpoint(source)
+    why = checkpoint.problems(step_dir)
+    if why:
+        raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
+    root, client = step_dir.parent, checkpoint.read_client(step_dir)
+    manifest_file, tokenizer = root / "manifest.json", root / "tokenizer" / "spm.model"
+    for needed in (manifest_file, tokenizer):
+        if not needed.is_file():
+            raise ExportError(f"{needed} is missing: the checkpoint directory was not written by `pretrain train`")
+    manifest = json.loads(manifest_file.read_text())
+    model_cfg = ModelConfig(**client["model"])
+    weights = checkpoint_weights(step_dir, client["config"]["deepspeed"]["zero_stage"])
+    with torch.device("meta"):
+        expected = BertForPretraining(model_cfg).state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise ExportError(f"checkpoint {step_dir} does not hold the weights its model config describes")
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokenizer").mkdir(parents=True)
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    shutil.copyfile(tokenizer, tmp / "tokenizer" / "spm.model")
+    write_json_atomic(tmp / CONFIG_FILE, {
+        "format": FORMAT, "model": client["model"], "special_ids": manifest["tokenizer"]["special_ids"],
+        "tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"],
+        "max_seq_length": manifest["examples"]["max_seq_length"],
+    })
+    write_json_atomic(tmp / "dataset.json", {
+        "dataset_id": manifest["dataset_id"], "recipe_hash": manifest["recipe_hash"],
+        "config_hash": manifest["config_hash"], "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "examples": manifest["examples"], "train_examples": manifest["splits"]["train"]["examples"],
+    })
+    write_json_atomic(tmp / "training.json", {
+        "mlflow_run_id": client["mlflow_run_id"], "step": client["step"], "samples": client["samples"],
+        "checkpoint": str(step_dir), "metrics": _metrics_at(root, client["step"]), "config": client["config"],
+    })
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    write_json_atomic(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in files})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def verify(model_dir: str | Path) -> list[str]:
+    """Files of a model directory that are missing or differ from its checksums (empty: all good)."""
+    d = Path(model_dir)
+    if not (d / CHECKSUMS).is_file():
+        return [f"{CHECKSUMS} is missing"]
+    problems = []
+    for name, sha in json.loads((d / CHECKSUMS).read_text()).items():
+        if not (d / name).is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256(d / name) != sha:
+            problems.append(f"{name} differs from its checksum")
+    return problems
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPretraining, dict]:
+    """(model in eval mode, config.json) from a verified model directory."""
+    d = Path(model_dir)
+    problems = verify(d)
+    if problems:
+        raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
+    config = json.loads((d / CONFIG_FILE).read_text())
+    model = BertForPretraining(ModelConfig(**config["model"]))
+    model.load_state_dict(load_file(str(d / MODEL_FILE), device="cpu"))
+    return model.to(device).eval(), config

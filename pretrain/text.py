@@ -1,0 +1,57 @@
+"""Raw text -> model inputs with the dataset's sentencepiece model, and sentence embeddings from the encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from data_prep.config import CLS_ID, PAD_ID, SEP_ID
+from pretrain.model import BertForPretraining
+
+
+def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_len: int,
+           pairs: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_len` (longest side first), padded.
+
+    Returns (input_ids, token_type_ids, attention_mask), each (B, L) with L the longest row.
+    """
+    a = sp.encode(list(texts))
+    b = sp.encode(list(pairs)) if pairs is not None else [None] * len(a)
+    rows, types = [], []
+    for x, y in zip(a, b, strict=True):
+        x, y = list(x), list(y) if y is not None else None
+        room = max_len - (3 if y is not None else 2)
+        while len(x) + len(y or []) > room:
+            (x if y is None or len(x) >= len(y) else y).pop()
+        ids = [CLS_ID, *x, SEP_ID] + ([*y, SEP_ID] if y is not None else [])
+        rows.append(ids)
+        types.append([0] * (len(x) + 2) + [1] * (len(ids) - len(x) - 2))
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD_ID, np.int64)
+    tt = np.zeros((len(rows), width), np.int64)
+    for i, (r, t) in enumerate(zip(rows, types, strict=True)):
+        ids[i, :len(r)], tt[i, :len(t)] = r, t
+    ids_t = torch.from_numpy(ids)
+    return ids_t, torch.from_numpy(tt), (ids_t != PAD_ID).long()
+
+
+@torch.no_grad()
+def embed(model: BertForPretraining, sp: spm.SentencePieceProcessor, texts: list[str], max_len: int,
+          pooling: str = "cls", batch_size: int = 64) -> np.ndarray:
+    """(N, H) float32 sentence embeddings: the final [CLS] state, or the mean over real tokens."""
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling must be 'cls' or 'mean', not {pooling!r}")
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, types, mask = (t.to(device) for t in encode(sp, texts[i:i + batch_size], max_len))
+        seq, _ = model.bert(ids, types, mask)
+        if pooling == "cls":
+            out.append(seq[:, 0])
+        else:
+            m = mask.unsqueeze(-1).to(seq.dtype)
+            out.append((seq * m).sum(1) / m.sum(1))
+    return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, model.bert.embeddings.word.weight.shape[1]),
+                                                                     np.float32)

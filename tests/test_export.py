@@ -1,0 +1,61 @@
+"""Export: a DeepSpeed checkpoint of any ZeRO stage -> a standalone model directory, equal to the engine's weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, pretrain_config, pretrain_env, run_pretrain
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("stage, nproc", [(2, 2), (3, 2), (0, 1)])
+def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, nproc):
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", train__max_steps=6,
+                                                  deepspeed__zero_stage=stage, debug__dump_weights=True,
+                                                  mlflow__enabled=False)))
+    out = run_pretrain(cfg, nproc=nproc)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model_dir = tmp_path / "model"
+    ex = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "ck"), "--out", str(model_dir)],
+                        cwd=REPO, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    assert ex.returncode == 0, ex.stderr[-3000:]
+    assert "exported step 6" in ex.stdout
+    exported = load_file(str(model_dir / "model.safetensors"))
+    engine = load_file(str(tmp_path / "ck" / "engine-weights.safetensors"))
+    assert exported.keys() == engine.keys()
+    for k in engine:
+        assert torch.equal(exported[k], engine[k]), k
+    assert all(v.dtype == torch.float32 for v in exported.values())
+
+    from pretrain.export import load_model, verify
+
+    assert verify(model_dir) == []
+    model, config = load_model(model_dir)
+    assert config["format"]["name"] == "bertforge-model" and config["special_ids"]["[MASK]"] == 4
+    training = json.loads((model_dir / "training.json").read_text())
+    assert training["step"] == 6 and "loss" in training["metrics"]
+    dataset = json.loads((model_dir / "dataset.json").read_text())
+    assert dataset["dataset_id"] == json.loads((train_dataset / "manifest.json").read_text())["dataset_id"]
+    tok = "tokenizer/spm.model"
+    assert (model_dir / tok).read_bytes() == (train_dataset / tok).read_bytes()
+    ids = torch.tensor([[2, 10, 11, 3, 12, 3]])
+    mlm, nsp = model(ids, torch.tensor([[0, 0, 0, 0, 1, 1]]), torch.ones_like(ids), torch.tensor([1, 4]))
+    assert mlm.shape == (2, model.bert.embeddings.word.weight.shape[0]) and nsp.shape == (1, 2)
+
+
+def test_a_damaged_model_directory_is_refused(tmp_path):
+    from pretrain.export import ExportError, export, load_model
+
+    with pytest.raises(ExportError, match="neither a committed checkpoint"):
+        export(tmp_path, tmp_path / "out")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ExportError, match="checksums.json is missing"):
+        load_model(tmp_path / "m")

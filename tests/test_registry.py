@@ -1,0 +1,85 @@
+"""Register an exported checkpoint in MLflow's Model Registry (sqlite store), pull it back, predict with its pyfunc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import pretrain_config, pretrain_env, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd, env=pretrain_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_dataset):
+    tmp = tmp_path_factory.mktemp("registry")
+    cfg = tmp / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp / "ck", train__max_steps=10)))
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp, f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+def test_register_pull_and_predict(trained):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import model_files
+
+    tmp, uri = trained
+    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert", "--alias", "champion",
+               "--tracking-uri", uri, cwd=tmp)
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    assert "registered tiny-bert version 1 with alias 'champion'" in reg.stdout
+    client = MlflowClient(uri, registry_uri=uri)
+    v = client.get_model_version_by_alias("tiny-bert", "champion")
+    training_run = json.loads((tmp / "ck" / "step-00000010" / "client.json").read_text())["mlflow_run_id"]
+    assert str(v.version) == "1" and v.run_id == training_run
+    manifest = json.loads((tmp / "ck" / "manifest.json").read_text())
+    assert v.tags["dataset_id"] == manifest["dataset_id"] and v.tags["step"] == "10" and "eval/loss" in v.tags
+
+    again = _cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
+                 "--tracking-uri", uri, cwd=tmp)
+    assert again.returncode == 0 and "version 1" in again.stdout, again.stderr[-2000:]
+    assert len(client.search_model_versions("name='tiny-bert'")) == 1, "a rerun registers nothing new"
+
+    for model_uri in ("models:/tiny-bert@champion", "models:/tiny-bert/1"):
+        out = tmp / ("pulled-" + model_uri.split("/")[-1].replace("@", "-"))
+        pulled = _cli("pull", model_uri, "--out", str(out), "--tracking-uri", uri, cwd=tmp)
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        assert (out / "MLmodel").is_file() and (model_files(out) / "model.safetensors").is_file()
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-bert@champion")
+    emb = model.predict(["The river carries stone.", "Quiet harbor lantern.", "The river carries stone."])
+    assert emb.shape == (3, 128) and emb.dtype == np.float32
+    assert np.allclose(emb[0], emb[2]) and not np.allclose(emb[0], emb[1])
+    mean = model.predict(["The river carries stone."], params={"pooling": "mean"})
+    assert not np.allclose(mean[0], emb[0])
+
+
+def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
+    tmp, uri = trained
+    out = _cli("pull", "models:/no-such-model/1", "--out", str(tmp / "x"), "--tracking-uri", uri, cwd=tmp)
+    assert out.returncode == 1 and "cannot download models:/no-such-model/1" in out.stderr
+    assert not (tmp / "x").exists() and not (tmp / "x.partial").exists()
+
+    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri, cwd=tmp)
+    assert reg.returncode == 0, reg.stderr[-2000:]
+    (stored,) = (tmp / "mlruns").rglob("registered-model/*/artifacts/*/model.safetensors")
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF  # bit rot in the store, same size
+    stored.write_bytes(bytes(data))
+    out = _cli("pull", "models:/tiny-bert-2/1", "--out", str(tmp / "y"), "--tracking-uri", uri, cwd=tmp)
+    assert out.returncode == 1 and "model.safetensors differs from its checksum" in out.stderr
+    assert not (tmp / "y").exists()
