@@ -115,8 +115,15 @@ def _export(args) -> int:
 
 def _registry(args) -> int:
     from pretrain.config import MlflowConfig
-    from pretrain.export import ExportError, export, find_checkpoint
-    from pretrain.tracking import RegistryError, model_files, pull, register, run_checkpoint_dir, tracking_uri
+    from pretrain.export import ExportError, find_checkpoint
+    from pretrain.tracking import (
+        RegistryError,
+        model_files,
+        pull,
+        register_checkpoint,
+        run_checkpoint_dir,
+        tracking_uri,
+    )
 
     uri = tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
     try:
@@ -126,8 +133,7 @@ def _registry(args) -> int:
             return EXIT_OK
         source = args.checkpoint or run_checkpoint_dir(args.run, uri)
         step_dir = find_checkpoint(source)
-        model_dir = export(step_dir, step_dir.parent / "exports" / step_dir.name)
-        v = register(model_dir, args.name, args.alias, uri, args.pooling)
+        v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)
     except (ExportError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -102,6 +102,15 @@ class MlflowConfig(Section):
     run_name: str | None = None
 
 
+class RegistryConfig(Section):
+    name: str | None = Field(None, description="register checkpoints under this model name (none: do not register)")
+    alias: str | None = Field(None, description="alias moved to each newly registered version (e.g. latest)")
+    when: Literal["end", "every_checkpoint", "best"] = Field(
+        "end", description="end: the final checkpoint; best: each checkpoint with the lowest eval loss so far"
+    )
+    pooling: Literal["cls", "mean"] = Field("cls", description="sentence embedding of the registered pyfunc")
+
+
 class DebugConfig(Section):
     trace_examples: bool = Field(
         False, description="each rank appends the keys of every example it trains on to CHECKPOINT_DIR/trace/"
@@ -123,6 +132,7 @@ class PretrainConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: Literal["auto", "must", "never"] = "auto"
     mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
     seed: int = Field(1234, ge=0)
     debug: DebugConfig = DebugConfig()
 
@@ -133,6 +143,10 @@ class PretrainConfig(Section):
                 "train.optimizer=lamb cannot run under ZeRO: partitioning the parameters breaks LAMB's per-layer "
                 "trust ratios, and DeepSpeed refuses it. Use train.optimizer=adamw, or deepspeed.zero_stage=0 on GPU"
             )
+        if self.registry.name and not self.mlflow.enabled:
+            raise ValueError("registry.name needs mlflow.enabled=true (the registry lives in the MLflow store)")
+        if self.registry.when == "best" and not self.data.eval_examples:
+            raise ValueError("registry.when=best needs evaluation: set data.eval_examples > 0")
         return self
 
     def hash(self) -> str:

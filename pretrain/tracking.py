@@ -100,6 +100,18 @@ class Tracker:
 
             save_file(weights, str(self.out_dir / name))
 
+    def register(self, step_dir: Path, name: str, alias: str | None, pooling: str) -> None:
+        """Register a checkpoint from inside training; a failure is reported, never fatal to the run."""
+        if not self.active:
+            return
+        try:
+            v = register_checkpoint(step_dir, name, alias, self.uri, pooling)
+        except Exception as e:  # noqa: BLE001 (a store that is down or refusing must not end training)
+            self.warn(f"registering {step_dir} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"complete it later: python -m pretrain register --checkpoint {step_dir} --name {name}")
+            return
+        self.print(f"registered {name} version {v['version']}" + (f" (alias '{alias}')" if alias else ""))
+
     # -- MLflow ---------------------------------------------------------------------------------------
     def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
               artifacts: dict[str, Path], wait_s: float = 15.0) -> None:
@@ -246,7 +258,8 @@ def _embedder_signature(pooling: str):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]),
+    return ModelSignature(inputs=Schema([ColSpec("string")]),
+                          outputs=Schema([TensorSpec(np.dtype("float32"), (-1, -1))]),
                           params=ParamSchema([ParamSpec("pooling", "string", pooling)]))
 
 
@@ -353,3 +366,16 @@ def run_checkpoint_dir(run_id: str, uri: str) -> str:
         return MlflowClient(uri).get_run(run_id).data.params["checkpoint.dir"]
     except Exception as e:  # noqa: BLE001 (unknown run, a run of something else, a store that is down)
         raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {uri}: {e}") from None
+
+
+def register_checkpoint(step_dir: Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
+    """Export a committed checkpoint to a scratch directory next to it, register that, remove the scratch."""
+    import shutil
+
+    from pretrain.export import export
+
+    scratch = step_dir.parent / f".export-{step_dir.name}"
+    try:
+        return register(export(step_dir, scratch), name, alias, uri, pooling)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

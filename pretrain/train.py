@@ -115,8 +115,8 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
 
 
 def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
-             tracker: Tracker) -> tuple[int, int, str | None]:
-    """Load the newest loadable checkpoint: (step, skipped steps, MLflow run id), or a fresh start."""
+             tracker: Tracker) -> tuple[int, int, str | None, float]:
+    """Load the newest loadable checkpoint: (step, skipped steps, MLflow run id, best eval loss), or a fresh start."""
     for path in candidates:
         client = checkpoint.read_client(path)
         _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
@@ -129,10 +129,11 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank loaded it, or all try the next
         if ok.item():
             tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
-            return client["step"], client["skipped_steps"], client["mlflow_run_id"]
+            best = client.get("best_eval_loss")
+            return client["step"], client["skipped_steps"], client["mlflow_run_id"], math.inf if best is None else best
     tracker.print("no checkpoint to resume from: starting at step 0" if cfg.resume != "never"
                   else "resume=never: starting at step 0")
-    return 0, 0, None
+    return 0, 0, None, math.inf
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -171,7 +172,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
-    step, skipped, run_id = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker)
+    step, skipped, run_id, best_eval = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg,
+                                                tracker)
 
     tok_file = dataset.tokenizer_file(ckdir)
     collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=cached(str(tok_file))[1])
@@ -204,6 +206,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     last = {}
     window = Window()
     started, first_step = time.perf_counter(), step
+    last_eval_step = -1  # "best" registration compares checkpoints' eval losses with best_eval
     while step < cfg.train.max_steps:
         sums = torch.zeros(12, dtype=torch.float64)
         on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
@@ -269,16 +272,25 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
             tracker.print(f"eval at step {step}: loss {metrics['eval/loss']:.4f} | "
                           f"mlm acc {metrics['eval/mlm_acc']:.3f} | nsp acc {metrics['eval/nsp_acc']:.3f}")
             last.update(metrics)
+            last_eval_step = step
         preempted = bool(sums[STOP])
         if end or preempted or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            evaluated = last.get("eval/loss") if step == last_eval_step else None
+            is_best = evaluated is not None and evaluated < best_eval
+            best_eval = evaluated if is_best else best_eval
             client = {
                 "step": step, "samples": step * b.global_batch, "skipped_steps": skipped,
+                "best_eval_loss": None if math.isinf(best_eval) else best_eval,
                 "cursor": {"micro_batches": step * b.accumulation, **layout},
                 "model": model_cfg.__dict__, "dataset_id": dataset.id, "config_hash": cfg.hash(),
                 "config": cfg.model_dump(mode="json"), "mlflow_run_id": tracker.run_id, "world_size": topo.world,
             }
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
             tracker.print(f"checkpoint {path}")
+            reg = cfg.registry
+            if reg.name and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
+                             or (reg.when == "best" and is_best)):
+                tracker.register(path, reg.name, reg.alias, reg.pooling)
         if preempted:
             tracker.print(f"stopped by signal at step {step}; run the same command again to resume from {path}")
             tracker.close("KILLED")

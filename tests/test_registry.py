@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from conftest import pretrain_config, pretrain_env, run_pretrain
+from conftest import pretrain_config, pretrain_env, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +83,26 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     out = _cli("pull", "models:/tiny-bert-2/1", "--out", str(tmp / "y"), "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 1 and "model.safetensors differs from its checksum" in out.stderr
     assert not (tmp / "y").exists()
+
+
+def test_training_registers_its_best_checkpoints(tmp_path, train_dataset):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(
+        train_dataset, tmp_path / "ck", train__max_steps=15, train__eval_every=5, checkpoint__every_steps=5,
+        train__lr=3e-3, registry={"name": "best-bert", "alias": "best", "when": "best"})))
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    versions = sorted(client.search_model_versions("name='best-bert'"), key=lambda v: int(v.version))
+    evals = {s: m["eval/loss"] for s, m in read_metrics(tmp_path / "ck").items() if "eval/loss" in m}
+    best_so_far, expected = float("inf"), []
+    for step in sorted(evals):
+        if evals[step] < best_so_far:
+            best_so_far = evals[step]
+            expected.append(str(step))
+    assert [v.tags["step"] for v in versions] == expected and expected[0] == "5"
+    assert str(client.get_model_version_by_alias("best-bert", "best").version) == str(versions[-1].version)
+    assert out.stdout.count("registered best-bert version") == len(expected)
