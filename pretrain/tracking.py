@@ -269,12 +269,23 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
     In that order, so a failure part way never leaves a version that points at missing files; rerunning
     reuses what was uploaded and the version already registered for it. Returns {name, version, source}.
     """
+    stage = ["starting"]
+    try:
+        return _register(Path(model_dir), name, alias, uri, pooling, stage)
+    except RegistryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (MLflow and HTTP errors of every kind: the store failed mid-way)
+        raise RegistryError(f"MLflow at {uri} failed while {stage[0]} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing points at an incomplete "
+                            "upload: rerun the same command to complete the registration") from None
+
+
+def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: str, stage: list[str]) -> dict:
     import tempfile
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    model_dir = Path(model_dir)
     training = json.loads((model_dir / "training.json").read_text())
     dataset = json.loads((model_dir / "dataset.json").read_text())
     client = MlflowClient(uri, registry_uri=uri)
@@ -295,12 +306,15 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
             artifacts={"model_dir": str(model_dir)}, model_config={"pooling": pooling},
             signature=_embedder_signature(pooling), pip_requirements=["bertforge"])
         expected = {f"{path}/{p.relative_to(local)}": p.stat().st_size for p in local.rglob("*") if p.is_file()}
+        stage[0] = "uploading the model"
         if _missing(_remote_files(client, run_id, path), expected):
             client.log_artifacts(run_id, str(local), artifact_path=path)
+    stage[0] = "verifying the upload"
     missing = _missing(_remote_files(client, run_id, path), expected)  # 2. verify what the store holds
     if missing:
         raise RegistryError(f"the upload to {uri} is incomplete ({', '.join(missing[:3])}); rerun to complete it")
 
+    stage[0] = "registering the version"
     source = f"{client.get_run(run_id).info.artifact_uri}/{path}"  # 3. register (once per source)
     try:
         client.get_registered_model(name)
@@ -311,6 +325,7 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
     tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id,
             "pooling": pooling, **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("eval/")}}
     version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
+    stage[0] = "setting the alias"
     if alias:  # 4. the alias moves last
         client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": str(version.version), "source": source, "run_id": run_id}
@@ -331,6 +346,8 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # `models:/` URIs resolve through the registry, not the tracking URI
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
     except mlflow.exceptions.MlflowException as e:
