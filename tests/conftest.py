@@ -144,6 +144,15 @@ def pretrain_config(dataset: Path, ckdir: Path, **over) -> dict:
     return tree
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pretrain_command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
     """`python -m pretrain train`, under torchrun when `nproc` > 1."""
     launcher = [sys.executable] if nproc == 1 else [

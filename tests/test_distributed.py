@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
+from conftest import free_port, pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +61,7 @@ def test_the_deepspeed_launcher_runs_the_same_job(tmp_path, train_dataset, one_p
     """DeepSpeed's own launcher (which appends --local_rank=N to the arguments) gives the same losses."""
     cfg = _equivalence_config(tmp_path, train_dataset, 1)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_ssh", "--node_rank", "0",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--module", "pretrain", "train",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--module", "pretrain", "train",
            str(cfg)]
     out = subprocess.run(cmd, cwd=tmp_path, env=pretrain_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -70,12 +69,6 @@ def test_the_deepspeed_launcher_runs_the_same_job(tmp_path, train_dataset, one_p
     two = read_metrics(tmp_path / "ck")
     for step in range(1, STEPS + 1):
         assert two[step]["loss"] == pytest.approx(one_process[step]["loss"], rel=1e-5, abs=1e-6), step
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trace(ck: Path) -> tuple[Counter, dict[tuple[int, int], list[str]]]:

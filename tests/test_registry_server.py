@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import yaml
-from conftest import pretrain_config, pretrain_env, run_pretrain
+from conftest import free_port, pretrain_config, pretrain_env, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +64,10 @@ class CuttingProxy:
                 pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ import time
 import psutil
 import pytest
 import yaml
-from conftest import pretrain_command, pretrain_config, pretrain_env, read_metrics
+from conftest import free_port, pretrain_command, pretrain_config, pretrain_env, read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(path, text: str, proc, timeout: float) -> bool:
@@ -34,7 +27,7 @@ def _wait_for(path, text: str, proc, timeout: float) -> bool:
 
 
 def test_training_goes_on_while_the_server_is_down_and_catches_up(tmp_path, train_dataset):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = tmp_path / "pretrain.yaml"
     cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", train__max_steps=120,
