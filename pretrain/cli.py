@@ -114,7 +114,7 @@ def _export(args) -> int:
 
 
 def _registry(args) -> int:
-    from pretrain.config import MlflowConfig
+    from pretrain.config import RESERVED_ALIAS, MlflowConfig
     from pretrain.export import ExportError, find_checkpoint
     from pretrain.tracking import (
         RegistryError,
@@ -131,6 +131,8 @@ def _registry(args) -> int:
             out = pull(args.model_uri, args.out, uri)
             print(f"pulled {args.model_uri} to {out} (verified); model files in {model_files(out)}")
             return EXIT_OK
+        if args.alias and args.alias.lower() == "latest":
+            raise RegistryError(RESERVED_ALIAS)
         source = args.checkpoint or run_checkpoint_dir(args.run, uri)
         step_dir = find_checkpoint(source)
         v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)

@@ -102,13 +102,24 @@ class MlflowConfig(Section):
     run_name: str | None = None
 
 
+RESERVED_ALIAS = ("the alias 'latest' is reserved by MLflow (models:/NAME/latest already means the newest "
+                  "version); choose another, e.g. champion")
+
+
 class RegistryConfig(Section):
     name: str | None = Field(None, description="register checkpoints under this model name (none: do not register)")
-    alias: str | None = Field(None, description="alias moved to each newly registered version (e.g. latest)")
+    alias: str | None = Field(None, description="alias moved to each newly registered version (e.g. champion)")
     when: Literal["end", "every_checkpoint", "best"] = Field(
         "end", description="end: the final checkpoint; best: each checkpoint with the lowest eval loss so far"
     )
     pooling: Literal["cls", "mean"] = Field("cls", description="sentence embedding of the registered pyfunc")
+
+
+    @model_validator(mode="after")
+    def _alias(self) -> RegistryConfig:
+        if self.alias is not None and self.alias.lower() == "latest":
+            raise ValueError(RESERVED_ALIAS)
+        return self
 
 
 class DebugConfig(Section):

@@ -123,6 +123,10 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
         load_config(PretrainConfig, f, ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"])
     with pytest.raises(ConfigError, match=r"'data' \(in defaults\): Field required"):
         load_config(PretrainConfig, None, [])
+    with pytest.raises(ConfigError, match="alias 'latest' is reserved by MLflow"):
+        load_config(PretrainConfig, f, ["registry.name=m", "registry.alias=Latest"])
+    with pytest.raises(ConfigError, match="registry.when=best needs evaluation"):
+        load_config(PretrainConfig, f, ["registry.name=m", "registry.when=best", "data.eval_examples=0"])
     cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])
     built = cfg.model.build(vocab_size=100)
     assert (built.num_layers, built.hidden_size, built.vocab_size) == (3, 128, 128)
