@@ -70,21 +70,31 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
     torch.save(rng_state(), partial / f"rank-{rank:05d}.pt")
     dist.barrier()
     final = root / tag(step)
+    failure = [None]
     if rank == 0:
-        write_json_atomic(partial / CLIENT, client)
-        files = {}
-        for p in sorted(partial.rglob("*")):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                files[str(p.relative_to(partial))] = p.stat().st_size
-        write_json_atomic(partial / COMMIT, {"step": step, "world_size": dist.get_world_size(), "files": files})
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        fsync_dir(root)
-        prune(root, keep)
-    dist.barrier()
+        try:
+            _commit(partial, final, client, step)
+            prune(root, keep, step)
+        except OSError as e:  # every rank must hear of it, or the others would wait at the next collective
+            failure = [f"committing checkpoint {final} failed: {e}"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise CheckpointError(failure[0])
     return final
+
+
+def _commit(partial: Path, final: Path, client: dict, step: int) -> None:
+    write_json_atomic(partial / CLIENT, client)
+    files = {}
+    for p in sorted(partial.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(partial))] = p.stat().st_size
+    write_json_atomic(partial / COMMIT, {"step": step, "world_size": dist.get_world_size(), "files": files})
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    fsync_dir(final.parent)
 
 
 def committed(root: Path) -> list[Path]:
@@ -95,8 +105,19 @@ def committed(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def prune(root: Path, keep: int) -> None:
-    for p in committed(root)[keep:]:
+def prune(root: Path, keep: int, current: int) -> None:
+    """Keep the newest `keep` checkpoints up to step `current`; delete the rest and unfinished saves.
+
+    Checkpoints after `current` were skipped as damaged when this run resumed from an older one: the
+    run has moved past them, and they would otherwise crowd out its new checkpoints.
+    """
+    mine = []
+    for p in committed(root):
+        if int(p.name[len(PREFIX):]) > current:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            mine.append(p)
+    for p in mine[keep:]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(PREFIX + "*" + PARTIAL):
         shutil.rmtree(p, ignore_errors=True)

@@ -105,7 +105,7 @@ def _export(args) -> int:
 
     try:
         out = export(args.checkpoint, args.out)
-    except ExportError as e:
+    except (ExportError, OSError, KeyError, ValueError) as e:  # a damaged or foreign checkpoint, an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     training = json.loads((out / "training.json").read_text())
@@ -136,7 +136,7 @@ def _registry(args) -> int:
         source = args.checkpoint or run_checkpoint_dir(args.run, uri)
         step_dir = find_checkpoint(source)
         v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)
-    except (ExportError, RegistryError) as e:
+    except (ExportError, RegistryError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     alias = f" with alias '{args.alias}'" if args.alias else ""

@@ -227,6 +227,28 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, b: Batching, preci
 
 
 
+def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
+    """After loading a checkpoint: the config's LR, betas and eps win over the saved optimizer's.
+
+    Loading restores the optimizer's and the schedule's saved hyperparameters; a resumed run with a
+    lowered train.lr (what the numerics guard advises) must actually use it. Weight decay stays per group.
+    """
+    t = cfg.train
+    sched = engine.lr_scheduler
+    groups = engine.optimizer.param_groups
+    if sched is not None:
+        sched.base_lrs = [t.lr] * len(groups)
+        factors = [fn(sched.last_epoch) for fn in sched.lr_lambdas]
+    else:
+        factors = [1.0] * len(groups)
+    for g, f in zip(groups, factors, strict=False):
+        g["lr"] = t.lr * f
+        if "betas" in g:
+            g["betas"] = tuple(t.betas)
+        if "eps" in g:
+            g["eps"] = t.eps
+
+
 def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 weights stored in a DeepSpeed checkpoint directory, whatever its ZeRO stage.
 

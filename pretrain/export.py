@@ -57,7 +57,10 @@ def _metrics_at(root: Path, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     f = root / METRICS_FILE
     for line in f.read_text().splitlines() if f.is_file() else []:
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
         if rec["step"] == step or (rec["step"] <= step and "eval/loss" in rec):
             out.update({k: v for k, v in rec.items() if k != "step"})
     return out
@@ -78,13 +81,21 @@ def export(source: str | Path, out: str | Path) -> Path:
             raise ExportError(f"{needed} is missing: the checkpoint directory was not written by `pretrain train`")
     manifest = json.loads(manifest_file.read_text())
     model_cfg = ModelConfig(**client["model"])
-    weights = checkpoint_weights(step_dir, client["config"]["deepspeed"]["zero_stage"])
+    stage = client["config"]["deepspeed"]["zero_stage"]
+    if stage == 0 and client.get("precision", "fp32") != "fp32":
+        raise ExportError(f"checkpoint {step_dir} was trained in {client['precision']} without ZeRO: its fp32 master "
+                          "weights are inside the optimizer wrapper, which export does not read; train with "
+                          "deepspeed.zero_stage >= 1 (or fp32) to export full-precision weights")
+    out, r = Path(out).resolve(), root.resolve()
+    steps = [c.resolve() for c in checkpoint.committed(root)]
+    if out == r or out in r.parents or any(out == c or c in out.parents for c in steps):
+        raise ExportError(f"--out {out} would overwrite the checkpoints in {root}; choose a directory outside it")
+    weights = checkpoint_weights(step_dir, stage)
     with torch.device("meta"):
         expected = BertForPretraining(model_cfg).state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise ExportError(f"checkpoint {step_dir} does not hold the weights its model config describes")
 
-    out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)

@@ -32,6 +32,9 @@ MAX_BACKOFF_S = 30.0
 # Records go out at most this often, in one batch: a sqlite store costs ~20-50 ms of CPU per call, which
 # on a CPU-bound run would otherwise be taken from training at every step.
 FLUSH_EVERY_S = 5.0
+# MLflow error codes that are answers rather than outages: the record is dropped (or a new run made).
+PERMANENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "INVALID_STATE",
+             "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"}
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
@@ -75,6 +78,14 @@ class Tracker:
     def warn(self, line: str) -> None:
         if self.active:
             print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    def fresh_start(self) -> None:
+        """A run starting at step 0 begins a new metrics.jsonl (one left by deleted checkpoints is set aside)."""
+        if self.active and self._metrics_file and self._metrics_file.tell():
+            path = Path(self._metrics_file.name)
+            self._metrics_file.close()
+            path.replace(path.with_suffix(f".{int(time.time())}.jsonl"))
+            self._metrics_file = open(path, "a", buffering=1, encoding="utf-8")
 
     def save_inputs(self, config: dict, manifest: dict, tokenizer: Path) -> dict[str, Path]:
         """Keep the effective config, the dataset manifest and the tokenizer with the checkpoints, so the
@@ -156,6 +167,13 @@ class Tracker:
             self._metrics_file.close()
 
     def _work(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001 (tracking must never take training down with it)
+            self.warn(f"MLflow tracking stopped ({type(e).__name__}: {e}); metrics.jsonl keeps every record")
+            self._started.set()
+
+    def _loop(self) -> None:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -172,6 +190,9 @@ class Tracker:
             try:
                 done = self._send(client, Metric, Param, RunTag)
             except Exception as e:  # the server is down, slow or refusing: keep the records, try again
+                if getattr(e, "error_code", None) in PERMANENT:  # an answer, not an outage: retrying cannot help
+                    self._refused(e)
+                    continue
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     self.warn(f"MLflow at {self.uri} is unreachable ({type(e).__name__}: "
@@ -188,6 +209,16 @@ class Tracker:
             if done:
                 return
             self._closing.wait(FLUSH_EVERY_S)  # returns at once when the run ends
+
+    def _refused(self, e: Exception) -> None:
+        kind = self._pending[0][0]
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        if kind == "run" and self.run_id is not None:
+            self.warn(f"MLflow cannot continue run {self.run_id} ({first}); recording to a new run")
+            self.run_id = None
+        else:
+            self.warn(f"MLflow refused a {kind} record ({first}); it is skipped (metrics.jsonl has it)")
+            self._pending.pop(0)
 
     def _send(self, client, Metric, Param, RunTag) -> bool:  # noqa: N803 (MLflow's classes, imported late)
         """Send the pending records in order; returns True once the run has been ended."""
@@ -350,11 +381,13 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     mlflow.set_registry_uri(uri)  # `models:/` URIs resolve through the registry, not the tracking URI
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
-    except mlflow.exceptions.MlflowException as e:
+        problems = verify(model_files(tmp))
+    except Exception as e:  # noqa: BLE001 (MLflow, HTTP and file errors alike: nothing half-pulled stays)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0]}") from None
-    files = model_files(tmp)
-    problems = verify(files)
+        if isinstance(e, RegistryError):
+            raise
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
     if problems:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RegistryError(f"{model_uri} failed verification ({'; '.join(problems[:3])}); pull it again")
@@ -371,8 +404,11 @@ def model_files(path: str | Path) -> Path:
     p = Path(path)
     if not (p / "MLmodel").is_file():
         return p
-    flavor = yaml.safe_load((p / "MLmodel").read_text())["flavors"]["python_function"]
-    return p / flavor["artifacts"]["model_dir"]["path"]
+    try:
+        flavor = yaml.safe_load((p / "MLmodel").read_text())["flavors"]["python_function"]
+        return p / flavor["artifacts"]["model_dir"]["path"]
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise RegistryError(f"{p} is an MLflow model, but not one registered by `pretrain register`") from None
 
 
 def run_checkpoint_dir(run_id: str, uri: str) -> str:

@@ -22,6 +22,7 @@ from pretrain.data import StreamPlan, eval_batches, open_dataset, train_loader
 from pretrain.engine import (
     SetupError,
     Topology,
+    apply_hyperparameters,
     batching,
     build_engine,
     engine_weights,
@@ -52,9 +53,14 @@ class StopRequest:
 
     def __init__(self):
         self.signal: int | None = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, sig, _frame):
         if self.signal is not None and sig == signal.SIGINT:
@@ -114,9 +120,16 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         tracker.print("resuming with changed settings: " + "; ".join(changed))
 
 
+def _all_reduce(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor through `device` (NCCL reduces CUDA tensors only); returns it on CPU."""
+    on = t.to(device)
+    dist.all_reduce(on, op=op)
+    return on.cpu()
+
+
 def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
-             tracker: Tracker) -> tuple[int, int, str | None, float]:
-    """Load the newest loadable checkpoint: (step, skipped steps, MLflow run id, best eval loss), or a fresh start."""
+             tracker: Tracker, device: torch.device) -> dict | None:
+    """Load the newest loadable checkpoint and return its client state; None for a fresh start."""
     for path in candidates:
         client = checkpoint.read_client(path)
         _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
@@ -126,14 +139,18 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
         except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
             tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
             ok = torch.zeros(1)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank loaded it, or all try the next
-        if ok.item():
+        if _all_reduce(ok, device, dist.ReduceOp.MIN).item():  # every rank loaded it, or all try the next
             tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
-            best = client.get("best_eval_loss")
-            return client["step"], client["skipped_steps"], client["mlflow_run_id"], math.inf if best is None else best
+            apply_hyperparameters(engine, cfg)
+            return client
+    if candidates:
+        raise checkpoint.CheckpointError(
+            f"none of the {len(candidates)} complete checkpoints in '{cfg.checkpoint.dir}' could be loaded (see the "
+            "warnings above); move them away to start afresh there")
     tracker.print("no checkpoint to resume from: starting at step 0" if cfg.resume != "never"
                   else "resume=never: starting at step 0")
-    return 0, 0, None, math.inf
+    tracker.fresh_start()
+    return None
 
 
 def train(cfg: PretrainConfig) -> dict:
@@ -172,15 +189,25 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
-    step, skipped, run_id, best_eval = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg,
-                                                tracker)
+    client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker, topo.device) or {}
+    step, skipped, run_id = client.get("step", 0), client.get("skipped_steps", 0), client.get("mlflow_run_id")
+    best_eval = math.inf if client.get("best_eval_loss") is None else client["best_eval_loss"]
+    # The data cursor and samples seen advance by what each step consumed, so a resume with another
+    # accumulation (a changed global batch) continues the same example order without gaps or repeats.
+    micro_batches = client.get("cursor", {}).get("micro_batches", 0)
+    samples = client.get("samples", 0)
 
     tok_file = dataset.tokenizer_file(ckdir)
     collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=cached(str(tok_file))[1])
     plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer)
-    loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, step * b.accumulation, workers,
+    loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, micro_batches, workers,
                                pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))
     evals = None
+    do_eval = bool(cfg.data.eval_examples and manifest["splits"]["val"]["examples"])
+    if cfg.data.eval_examples and not do_eval:
+        if cfg.registry.name and cfg.registry.when == "best":
+            raise SetupError("registry.when=best needs evaluation, and the dataset's val split is empty")
+        tracker.warn("the dataset's val split is empty: no evaluation (set val_fraction > 0 in data prep)")
     trace = None
     if cfg.debug.trace_examples:
         (ckdir / "trace").mkdir(parents=True, exist_ok=True)
@@ -241,8 +268,10 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
                     on_device[NSP_N] += batch.nsp_labels.numel()
         sums[:7] = on_device.cpu()
         step += 1
+        micro_batches += b.accumulation
+        samples += b.global_batch
         sums[STOP] = 1.0 if stop.signal is not None else 0.0
-        dist.all_reduce(sums)
+        sums = _all_reduce(sums, topo.device)
         applied = engine.was_step_applied()
         if applied:
             consecutive = 0
@@ -264,7 +293,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
         tracker.log(step, last)
 
         end = step == cfg.train.max_steps
-        if cfg.data.eval_examples and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or end):
+        if do_eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or end):
             if evals is None:
                 evals = eval_batches(dataset, collator, b.micro, topo.rank, topo.world, cfg.data.eval_examples)
             metrics = evaluate(engine, evals, topo.device)
@@ -279,21 +308,24 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
             is_best = evaluated is not None and evaluated < best_eval
             best_eval = evaluated if is_best else best_eval
             client = {
-                "step": step, "samples": step * b.global_batch, "skipped_steps": skipped,
+                "step": step, "samples": samples, "skipped_steps": skipped, "precision": precision,
                 "best_eval_loss": None if math.isinf(best_eval) else best_eval,
-                "cursor": {"micro_batches": step * b.accumulation, **layout},
+                "cursor": {"micro_batches": micro_batches, **layout},
                 "model": model_cfg.__dict__, "dataset_id": dataset.id, "config_hash": cfg.hash(),
                 "config": cfg.model_dump(mode="json"), "mlflow_run_id": tracker.run_id, "world_size": topo.world,
             }
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
             tracker.print(f"checkpoint {path}")
             reg = cfg.registry
-            if reg.name and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
-                             or (reg.when == "best" and is_best)):
+            if reg.name and not preempted and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
+                                               or (reg.when == "best" and is_best)):
                 tracker.register(path, reg.name, reg.alias, reg.pooling)
         if preempted:
             tracker.print(f"stopped by signal at step {step}; run the same command again to resume from {path}")
             tracker.close("KILLED")
+            stop.restore()
+            if trace:
+                trace.close()
             return {"step": step, "preempted": True, "checkpoint": str(path), **last}
 
     if cfg.debug.dump_weights:
@@ -303,6 +335,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
                "checkpoint": str(checkpoint.committed(ckdir)[0]) if checkpoint.committed(ckdir) else None, **last}
     tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker))
     tracker.close("FINISHED")
+    stop.restore()
     if trace:
         trace.close()
     return summary
@@ -363,7 +396,7 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
             s[3] += weight * nsp_ce.item()
             s[4] += weight * (nsp_logits.argmax(-1) == batch.nsp_labels).sum().item()
             s[5] += weight * batch.nsp_labels.numel()
-    dist.all_reduce(s)
+    s = _all_reduce(s, device)
     engine.train()
     mlm, nsp = s[0] / max(1, s[2]), s[3] / max(1, s[5])
     return {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),

@@ -28,6 +28,11 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
                         cwd=REPO, env=pretrain_env(), capture_output=True, text=True, timeout=300)
     assert ex.returncode == 0, ex.stderr[-3000:]
     assert "exported step 6" in ex.stdout
+    from pretrain.export import ExportError, export
+
+    for bad in (tmp_path / "ck", tmp_path, tmp_path / "ck" / "step-00000006" / "x"):
+        with pytest.raises(ExportError, match="would overwrite the checkpoints"):
+            export(tmp_path / "ck", bad)
     exported = load_file(str(model_dir / "model.safetensors"))
     engine = load_file(str(tmp_path / "ck" / "engine-weights.safetensors"))
     assert exported.keys() == engine.keys()

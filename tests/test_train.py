@@ -26,6 +26,14 @@ def write_config(tmp: Path, dataset: Path, **over) -> Path:
     return path
 
 
+def copy_run(cfg: Path, dest: Path) -> Path:
+    """A copy of a trained run (config, checkpoints, MLflow store) to change without touching the original."""
+    shutil.copytree(cfg.parent, dest)
+    conf = dest / cfg.name
+    conf.write_text(conf.read_text().replace(str(cfg.parent), str(dest)))
+    return conf
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, train_dataset):
     """80 steps of the tiny model, checkpoints every 20 (keep 3), into a sqlite MLflow store."""
@@ -88,10 +96,8 @@ def test_the_run_is_tracked_in_mlflow(trained, train_dataset):
 
 def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
     cfg, ck, _ = trained
-    tmp = tmp_path / "copy"
-    shutil.copytree(cfg.parent, tmp)
-    conf = tmp / cfg.name
-    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    conf = copy_run(cfg, tmp_path / "copy")
+    tmp = conf.parent
     out = run_pretrain(conf, "train.max_steps=90")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stdout and "step-00000080 (step 80" in out.stdout
@@ -105,6 +111,18 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
 
     again = run_pretrain(conf, "train.max_steps=90")  # nothing left to do
     assert again.returncode == 0 and "0 steps to go" in again.stdout
+
+
+def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
+    """The data cursor advances by what each step consumed; the config's LR wins over the saved optimizer's."""
+    conf = copy_run(trained[0], tmp_path / "copy")
+    out = run_pretrain(conf, "train.max_steps=82", "train.global_batch_size=32", "train.lr=1e-4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = json.loads((conf.parent / "ck" / "step-00000082" / "client.json").read_text())
+    assert client["cursor"]["micro_batches"] == 80 * 2 + 2 * 4  # 2 more steps of 4 micro batches of 8
+    assert client["samples"] == 80 * 16 + 2 * 32
+    m = read_metrics(conf.parent / "ck")
+    assert m[81]["lr"] == pytest.approx(1e-4 * (1 - (80 - 5) / (82 - 5)))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -127,10 +145,8 @@ def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
 
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path):
     cfg, ck, _ = trained
-    tmp = tmp_path / "copy"
-    shutil.copytree(cfg.parent, tmp)
-    conf = tmp / cfg.name
-    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    conf = copy_run(cfg, tmp_path / "copy")
+    tmp = conf.parent
     newest = tmp / "ck" / "step-00000080"
     victim = next(p for p in sorted(newest.iterdir()) if p.name.endswith("optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:100])  # a torn write
@@ -148,10 +164,8 @@ def test_a_different_world_size_or_no_complete_checkpoint_is_refused(trained, tm
     out = run_pretrain(cfg, "train.max_steps=100", nproc=2)
     assert out.returncode != 0 and "was written by 1 ranks and this run has 2" in out.stderr
 
-    tmp = tmp_path / "copy"
-    shutil.copytree(cfg.parent, tmp)
-    conf = tmp / cfg.name
-    conf.write_text(conf.read_text().replace(str(cfg.parent), str(tmp)))
+    conf = copy_run(cfg, tmp_path / "copy")
+    tmp = conf.parent
     for commit in (tmp / "ck").glob("step-*/commit.json"):
         commit.unlink()
     out = run_pretrain(conf, "train.max_steps=100")

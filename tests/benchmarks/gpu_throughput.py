@@ -42,6 +42,17 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(step, batches, device) -> float:
+    """Seconds for steps on batches[1:], after a warm-up step on batches[0]."""
+    step(batches[0])
+    sync(device)
+    t = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    sync(device)
+    return time.perf_counter() - t
+
+
 def run_ours(engine, batches, device) -> float:
     def step(b):
         mlm, nsp = engine(b["ids"], b["types"], b["mask"], b["positions"])
@@ -49,13 +60,7 @@ def run_ours(engine, batches, device) -> float:
         engine.backward(loss)
         engine.step()
 
-    step(batches[0])
-    sync(device)
-    t = time.perf_counter()
-    for b in batches[1:]:
-        step(b)
-    sync(device)
-    return time.perf_counter() - t
+    return timed(step, batches, device)
 
 
 def run_theirs(model, opt, batches, device, dtype) -> float:
@@ -63,13 +68,7 @@ def run_theirs(model, opt, batches, device, dtype) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             hf_step(model, opt, b)
 
-    step(batches[0])
-    sync(device)
-    t = time.perf_counter()
-    for b in batches[1:]:
-        step(b)
-    sync(device)
-    return time.perf_counter() - t
+    return timed(step, batches, device)
 
 
 def main() -> None:
