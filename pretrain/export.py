@@ -12,7 +12,6 @@ Nothing in it is a pickle: loading it runs no code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
 from pretrain.model import BertForPretraining, ModelConfig
@@ -42,14 +42,6 @@ def find_checkpoint(path: str | Path) -> Path:
         if not checkpoint.problems(candidate):
             return candidate
     raise ExportError(f"'{path}' is neither a committed checkpoint nor a checkpoint.dir holding a complete one")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _metrics_at(root: Path, step: int) -> dict[str, float]:
@@ -116,7 +108,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         "checkpoint": str(step_dir), "metrics": _metrics_at(root, client["step"]), "config": client["config"],
     })
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json_atomic(tmp / CHECKSUMS, {str(p.relative_to(tmp)): _sha256(p) for p in files})
+    write_json_atomic(tmp / CHECKSUMS, {str(p.relative_to(tmp)): sha256_file(p) for p in files})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -132,7 +124,7 @@ def verify(model_dir: str | Path) -> list[str]:
     for name, sha in json.loads((d / CHECKSUMS).read_text()).items():
         if not (d / name).is_file():
             problems.append(f"{name} is missing")
-        elif _sha256(d / name) != sha:
+        elif sha256_file(d / name) != sha:
             problems.append(f"{name} differs from its checksum")
     return problems
 

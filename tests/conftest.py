@@ -74,6 +74,17 @@ def small_dataset(tmp_path_factory, ray_local):
     return cfg, corpus, base / "ds", run(cfg)
 
 
+def with_overrides(tree: dict, over: dict) -> dict:
+    """`tree` with `a__b=value` keyword overrides set at tree["a"]["b"] (the test spelling of `a.b=value`)."""
+    for key, value in over.items():
+        node = tree
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return tree
+
+
 def small_config(corpus: Path, out: Path, **over) -> "DataPrepConfig":
     """A config sized for a ~60 KB corpus (a small vocabulary, small shards, several units)."""
     from data_prep.config import DataPrepConfig
@@ -87,13 +98,7 @@ def small_config(corpus: Path, out: Path, **over) -> "DataPrepConfig":
         "val_fraction": 0.1,
         "ray": {"num_cpus": 2},
     }
-    for key, value in over.items():
-        node = tree
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return DataPrepConfig.model_validate(tree)
+    return DataPrepConfig.model_validate(with_overrides(tree, over))
 
 
 @pytest.fixture(scope="session")
@@ -135,13 +140,7 @@ def pretrain_config(dataset: Path, ckdir: Path, **over) -> dict:
         "checkpoint": {"dir": str(ckdir), "every_steps": 10},
         "mlflow": {"tracking_uri": f"sqlite:///{ckdir.parent / 'mlflow.db'}"},
     }
-    for key, value in over.items():
-        node = tree
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return tree
+    return with_overrides(tree, over)
 
 
 def free_port() -> int:

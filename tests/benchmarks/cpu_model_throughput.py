@@ -72,6 +72,15 @@ def timed(step, model, opt, batches) -> float:
     return time.perf_counter() - t
 
 
+def report(res: dict, json_path: str | None) -> None:
+    """Print the figures as a Markdown table (for RESULTS.md); also as JSON to `json_path` when given."""
+    print("\n| figure | value |\n|---|---|")
+    for k, v in res.items():
+        print(f"| {k} | {v} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mini")
@@ -108,11 +117,7 @@ def main() -> None:
         "transformers_seq_per_s": round(seqs / best["transformers"], 1),
         "speedup": round(best["transformers"] / best["ours"], 2),
     }
-    print("\n| figure | value |\n|---|---|")
-    for k, v in res.items():
-        print(f"| {k} | {v} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    report(res, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ and peak GPU memory. Rounds alternate between the two models; each keeps its bes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_model_throughput import hf_step, make_batches  # noqa: E402
+from cpu_model_throughput import hf_step, make_batches, report  # noqa: E402
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.engine import batching, build_engine, init_distributed  # noqa: E402
@@ -122,11 +121,7 @@ def main() -> None:
         if name in memory:
             res[f"{name}_peak_memory_gib"] = round(memory[name], 2)
     res["speedup"] = round(best["transformers"] / best["ours"], 2)
-    print("\n| figure | value |\n|---|---|")
-    for k, v in res.items():
-        print(f"| {k} | {v} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    report(res, args.json)
 
 
 if __name__ == "__main__":

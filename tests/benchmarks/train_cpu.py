@@ -69,19 +69,15 @@ def run(dataset: str, steps: int, work: Path, nproc: int, threads: int, micro: i
         "mlflow": {"enabled": False},
         "resume": "never",
     }
-    for key, value in over.items():
-        node = tree
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
     cfg = work / "config.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), MLFLOW_DISABLE_TELEMETRY="true")
-    out = subprocess.run([*launcher, "-m", "pretrain", "train", str(cfg)], cwd=work, env=env, capture_output=True,
-                         text=True)
+    # Variant settings go in as the CLI's own dotted overrides (JSON values are YAML flow values).
+    overrides = [f"{k.replace('__', '.')}={json.dumps(v)}" for k, v in over.items()]
+    out = subprocess.run([*launcher, "-m", "pretrain", "train", str(cfg), *overrides], cwd=work, env=env,
+                         capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"run failed:\n{out.stderr[-3000:]}")
     rates = [json.loads(line)["seq_per_s"] for line in (work / "ck" / "metrics.jsonl").read_text().splitlines()
