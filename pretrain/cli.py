@@ -1,4 +1,4 @@
-"""Command line of pretraining: `python -m pretrain train CONFIG [KEY=VALUE ...]`."""
+"""Command line: `python -m pretrain train | export | register | pull | finetune ...`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ Every key and its default: see pretrain/config.py.
 """
 
 
+FINETUNE_HELP = """\
+Fine-tune a pretrained encoder for sequence classification (single texts or text pairs).
+
+  python -m pretrain finetune configs/finetune/classify.yaml model=models:/my-bert@champion \\
+      task.train=train.jsonl task.test=test.jsonl [--register my-classifier --alias champion]
+
+`model` is models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, a model directory or a pretraining
+checkpoint; init=random trains the same architecture from scratch (a baseline). Rows come from jsonl or
+csv/tsv (task.text_field, task.text_pair_field, task.label_field); string labels are mapped to ids and the
+mapping is saved with the model. The best validation checkpoint is kept in OUTPUT/model and scored on
+task.test (test_accuracy, test_macro_f1). The MLflow run is tagged with the source model's name, version
+and run. deepspeed.enabled=true trains under DeepSpeed ZeRO (several processes: torchrun or deepspeed).
+Every key and its default: see FinetuneConfig in pretrain/config.py.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain",
                                 description="Pretrain BERT (MLM + NSP) with DeepSpeed ZeRO from WebDataset shards.")
@@ -33,12 +49,19 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config file (e.g. configs/pretrain/quickstart.yaml)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides")
-    ex = sub.add_parser("export", help="a checkpoint -> a standalone model directory (safetensors, config, tokenizer)",
-                        description="Consolidate a DeepSpeed checkpoint of any ZeRO stage into a model directory: "
-                                    "model.safetensors, config.json, tokenizer/, dataset.json, training.json, "
-                                    "checksums.json.")
-    ex.add_argument("checkpoint", help="a committed checkpoint (step-NNNNNNNN/) or a checkpoint.dir (its newest)")
+    ex = sub.add_parser("export", help="a checkpoint or registered model -> a model directory, ours or transformers'",
+                        description="--format native (default): consolidate a DeepSpeed checkpoint of any ZeRO stage "
+                                    "into a model directory (model.safetensors, config.json, tokenizer/, dataset.json, "
+                                    "training.json, checksums.json). --format hf: a directory transformers loads with "
+                                    "AutoModel / BertForPreTraining (fine-tuned: BertForSequenceClassification) and "
+                                    "AutoTokenizer .from_pretrained(DIR); needs pip install 'bertforge[hf]'.")
+    ex.add_argument("source", metavar="SOURCE",
+                    help="a committed checkpoint or checkpoint.dir (its newest), a model directory, "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     ex.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    ex.add_argument("--format", choices=["native", "hf"], default="native", help="native (default) or hf")
+    ex.add_argument("--tracking-uri", default="", help="for models:/ and runs:/ sources (default: "
+                                                       "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     rg = sub.add_parser("register", help="export a checkpoint and register it in the MLflow Model Registry",
                         description="Export (if needed), upload as an MLflow pyfunc model (texts -> embeddings), "
                                     "verify the upload, register a version, then set the alias. Rerunning after a "
@@ -46,10 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     src = rg.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a committed checkpoint or a checkpoint.dir (its newest)")
     src.add_argument("--run", help="an MLflow run id of `pretrain train` (its checkpoint.dir, newest checkpoint)")
+    src.add_argument("--model", help="a model directory: from `pretrain export` or `pretrain finetune` (OUTPUT/model)")
     rg.add_argument("--name", required=True, help="registered model name")
     rg.add_argument("--alias", help="alias to point at the new version (e.g. champion)")
     rg.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="sentence embedding pooling")
     rg.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
+    ft = sub.add_parser("finetune", help="fine-tune a registered or exported model for text classification",
+                        description=FINETUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft.add_argument("config", help="YAML config file (e.g. configs/finetune/classify.yaml)")
+    ft.add_argument("overrides", nargs=argparse.REMAINDER,
+                    help="KEY=VALUE or --KEY VALUE overrides; --register NAME [--alias ALIAS] registers the result")
     pl = sub.add_parser("pull", help="download a registered model version and verify its checksums")
     pl.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     pl.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
@@ -76,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command in ("register", "pull"):
         return _registry(args)
+    if args.command == "finetune":
+        return _finetune(args)
     try:
         from pretrain.config import PretrainConfig
 
@@ -101,25 +132,101 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args) -> int:
-    from pretrain.export import ExportError, export
+    import shutil
+    import tempfile
+    from pathlib import Path
 
+    from pretrain.config import MlflowConfig
+    from pretrain.export import URI_SCHEMES, ExportError, export, resolve_model
+    from pretrain.tracking import tracking_uri
+
+    source, out = args.source, Path(args.out)
+    is_checkpoint = not source.startswith(URI_SCHEMES) and "://" not in source and not (Path(source) / "config.json").is_file() and \
+        not (Path(source) / "MLmodel").is_file()
     try:
-        out = export(args.checkpoint, args.out)
-    except (ExportError, OSError, KeyError, ValueError) as e:  # a damaged or foreign checkpoint, an unwritable --out
+        if args.format == "native" and is_checkpoint:
+            out = export(source, out)
+            training = json.loads((out / "training.json").read_text())
+            print(f"exported step {training['step']} of {training['checkpoint']} to {out}")
+            return EXIT_OK
+        with tempfile.TemporaryDirectory(prefix="export-", dir=out.resolve().parent) as scratch:
+            model_dir, _ = resolve_model(source, Path(scratch) / "model", tracking_uri(MlflowConfig(
+                tracking_uri=args.tracking_uri)))
+            if args.format == "hf":
+                from pretrain.hf_compat import export_hf
+
+                export_hf(model_dir, out)
+            else:
+                tmp = out.with_name(out.name + ".partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(model_dir, tmp)
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+    except (ExportError, ImportError, OSError, KeyError, ValueError) as e:  # a damaged source, an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    training = json.loads((out / "training.json").read_text())
-    print(f"exported step {training['step']} of {training['checkpoint']} to {out}")
+    how = "transformers" if args.format == "hf" else "model"
+    print(f"exported {source} to {out} ({how} directory)")
+    if args.format == "hf":
+        print(f"load it: transformers.AutoModel.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
     return EXIT_OK
 
 
+def _finetune(args) -> int:
+    overrides, register, alias, i = [], None, None, 0
+    rest = list(args.overrides)
+    while i < len(rest):  # --register NAME and --alias ALIAS are spelled as flags; the rest are config overrides
+        a = rest[i]
+        flag, _, value = a.partition("=")
+        if flag in ("--register", "--alias"):
+            if not value:
+                if i + 1 >= len(rest):
+                    print(f"error: {flag} needs a value", file=sys.stderr)
+                    return EXIT_USAGE
+                value, i = rest[i + 1], i + 1
+            register, alias = (value, alias) if flag == "--register" else (register, value)
+        else:
+            overrides.append(a)
+        i += 1
+    if register:
+        overrides.append(f"registry.name={json.dumps(register)}")
+    if alias:
+        overrides.append(f"registry.alias={json.dumps(alias)}")
+    try:
+        from pretrain.config import FinetuneConfig
+
+        cfg = load_config(FinetuneConfig, args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch.distributed as dist
+
+    from pretrain.engine import SetupError
+    from pretrain.export import ExportError
+    from pretrain.finetune import FinetuneError, finetune
+    from pretrain.tasks import TaskError
+
+    try:
+        summary = finetune(cfg)
+    except (FinetuneError, TaskError, ExportError, SetupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return EXIT_FAILED if summary.get("register_error") else EXIT_OK
+
+
 def _registry(args) -> int:
+    from pathlib import Path
+
     from pretrain.config import RESERVED_ALIAS, MlflowConfig
     from pretrain.export import ExportError, find_checkpoint
     from pretrain.tracking import (
         RegistryError,
         model_files,
         pull,
+        register,
         register_checkpoint,
         run_checkpoint_dir,
         tracking_uri,
@@ -133,9 +240,12 @@ def _registry(args) -> int:
             return EXIT_OK
         if args.alias and args.alias.lower() == "latest":
             raise RegistryError(RESERVED_ALIAS)
-        source = args.checkpoint or run_checkpoint_dir(args.run, uri)
-        step_dir = find_checkpoint(source)
-        v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)
+        if args.model:
+            step_dir = Path(args.model)
+            v = register(model_files(step_dir), args.name, args.alias, uri, args.pooling)
+        else:
+            step_dir = find_checkpoint(args.checkpoint or run_checkpoint_dir(args.run, uri))
+            v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)
     except (ExportError, RegistryError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

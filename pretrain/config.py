@@ -162,3 +162,81 @@ class PretrainConfig(Section):
 
     def hash(self) -> str:
         return config_hash(self)
+
+
+# -- Fine-tuning (`python -m pretrain finetune`) -----------------------------------------------------------
+
+class TaskConfig(Section):
+    """A sequence classification task: labelled rows in jsonl (.jsonl/.json) or csv/tsv files, .gz allowed."""
+
+    train: str = Field(description="labelled training rows (a path or fsspec URL)")
+    validation: str | None = Field(None, description="picks the best checkpoint; none: a stratified split of train")
+    test: str | None = Field(None, description="scored once with the best checkpoint (test_accuracy, test_macro_f1)")
+    text_field: str = "text"
+    text_pair_field: str | None = Field(None, description="a second text per row (pair tasks: NLI, paraphrase, QA)")
+    label_field: str = "label"
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="of train, when task.validation is unset")
+
+
+class FinetuneTrainConfig(Section):
+    epochs: int = Field(3, ge=1)
+    micro_batch_size: int = Field(32, ge=1, description="sequences per rank per step")
+    max_seq_length: int = Field(128, ge=8, description="longer rows are truncated (the longer text of a pair first)")
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-5, gt=0.0, description="BERT's fine-tuning range is 2e-5 to 5e-5")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of all steps with a linear LR warmup")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm (0: off)")
+    classifier_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="default: the model's dropout")
+    eval_every: int = Field(0, ge=0, description="steps between validations (0: at the end of each epoch)")
+    best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy", description="the validation metric that picks the best checkpoint")
+    patience: int = Field(0, ge=0, description="validations without improvement before stopping early (0: never)")
+    log_every: int = Field(20, ge=1, description="steps between console progress lines")
+
+
+class FinetuneDeepSpeed(DeepSpeedSection):
+    enabled: bool = Field(False, description="train under a DeepSpeed engine (needed for several processes)")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class FinetuneMlflow(MlflowConfig):
+    experiment: str = "bert-finetuning"
+
+
+class FinetuneRegistry(Section):
+    name: str | None = Field(None, description="register the fine-tuned model under this name (CLI: --register NAME)")
+    alias: str | None = None
+
+    @model_validator(mode="after")
+    def _alias(self) -> FinetuneRegistry:
+        if self.alias is not None and self.alias.lower() == "latest":
+            raise ValueError(RESERVED_ALIAS)
+        return self
+
+
+class FinetuneConfig(Section):
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, a pulled or exported "
+                                   "model directory, or a pretraining checkpoint")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: the same architecture and tokenizer from scratch (a baseline)")
+    task: TaskConfig
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU; fp16 needs deepspeed.enabled")
+    deepspeed: FinetuneDeepSpeed = FinetuneDeepSpeed()
+    output: str = Field("finetune/run", description="directory for the best model, metrics.jsonl and the summary")
+    mlflow: FinetuneMlflow = FinetuneMlflow()
+    registry: FinetuneRegistry = FinetuneRegistry()
+    seed: int = Field(1234, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        if self.registry.name and not self.mlflow.enabled:
+            raise ValueError("registry.name needs mlflow.enabled=true (the registry lives in the MLflow store)")
+        if self.precision == "fp16" and not self.deepspeed.enabled:
+            raise ValueError("precision=fp16 needs deepspeed.enabled=true (its loss scaling); use bf16 or fp32")
+        return self

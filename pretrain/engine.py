@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.config import PretrainConfig
+from pretrain.config import FinetuneConfig, PretrainConfig
+
+AnyConfig = PretrainConfig | FinetuneConfig  # both have .train (optimizer fields), .deepspeed and .precision
 
 
 class SetupError(Exception):
@@ -86,7 +88,7 @@ def batching(cfg: PretrainConfig, world: int) -> Batching:
     return Batching(t.micro_batch_size, t.global_batch_size // per_step, world)
 
 
-def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
+def resolve_precision(cfg: AnyConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if cfg.precision == "fp16" and device.type != "cuda":
@@ -94,7 +96,7 @@ def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
     return cfg.precision
 
 
-def ds_config(cfg: PretrainConfig, b: Batching, precision: str, device: torch.device) -> dict:
+def ds_config(cfg: AnyConfig, b: Batching, precision: str, device: torch.device) -> dict:
     """The DeepSpeed config dict: the only place one is written."""
     t, z = cfg.train, cfg.deepspeed
     on_gpu = device.type == "cuda"
@@ -193,8 +195,9 @@ class Schedule:
         return self.min_ratio + (1.0 - self.min_ratio) * f
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, b: Batching, precision: str, device: torch.device):
-    """A DeepSpeed engine around `model`, with the optimizer and LR schedule of `cfg.train`."""
+def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision: str, device: torch.device,
+                 schedule: Schedule | None = None):
+    """A DeepSpeed engine around `model`, with the optimizer of `cfg.train` and `schedule` (default: pretraining's)."""
     import deepspeed
 
     t = cfg.train
@@ -214,7 +217,7 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, b: Batching, preci
                                  fused=device.type == "cuda")
     elif "optimizer" not in config:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
-    sched = Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
+    sched = schedule or Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
 
     def lr_scheduler(opt):
         # A plain function is not saved in the scheduler's state, so a resumed run follows the schedule of

@@ -1,10 +1,10 @@
-"""A committed checkpoint -> a standalone model directory anyone can load without DeepSpeed or this run.
+"""Model directories: a committed checkpoint (or a fine-tuned classifier) that loads without DeepSpeed or its run.
 
     MODEL_DIR/model.safetensors   the full fp32 weights (consolidated from any ZeRO stage)
-              config.json         the model config, special token ids, sequence length
+              config.json         the model config, special token ids, sequence length (a classifier: its labels)
               tokenizer/spm.model the sentencepiece model the dataset was built with
               dataset.json        the dataset's identity: id, recipe and config hashes, tokenizer sha256
-              training.json       provenance: MLflow run id, step, samples seen, metrics, the training config
+              training.json       provenance: MLflow run id, step, metrics, the training config (and source model)
               checksums.json      sha256 of every other file (checked by `pull` and `load_model`)
 
 Nothing in it is a pickle: loading it runs no code.
@@ -22,10 +22,12 @@ from safetensors.torch import load_file, save_file
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
-from pretrain.model import BertForPretraining, ModelConfig
+from pretrain.model import BertForPretraining, BertForSequenceClassification, ModelConfig
 from pretrain.tracking import METRICS_FILE
 
-FORMAT = {"name": "bertforge-model", "version": 1}
+FORMAT = {"name": "bertforge-model", "version": 1}                 # a pretrained encoder with MLM/NSP heads
+CLASSIFIER_FORMAT = {"name": "bertforge-classifier", "version": 1}  # a fine-tuned sequence classifier
+URI_SCHEMES = ("models:/", "runs:/")  # model sources resolved through MLflow
 MODEL_FILE, CONFIG_FILE, CHECKSUMS = "model.safetensors", "config.json", "checksums.json"
 
 
@@ -88,25 +90,32 @@ def export(source: str | Path, out: str | Path) -> Path:
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
         raise ExportError(f"checkpoint {step_dir} does not hold the weights its model config describes")
 
+    write_model_dir(out, weights, tokenizer, config={
+        "format": FORMAT, "model": client["model"], "special_ids": manifest["tokenizer"]["special_ids"],
+        "tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"],
+        "max_seq_length": manifest["examples"]["max_seq_length"],
+    }, dataset={
+        "dataset_id": manifest["dataset_id"], "recipe_hash": manifest["recipe_hash"],
+        "config_hash": manifest["config_hash"], "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "examples": manifest["examples"], "train_examples": manifest["splits"]["train"]["examples"],
+    }, training={
+        "mlflow_run_id": client["mlflow_run_id"], "step": client["step"], "samples": client["samples"],
+        "checkpoint": str(step_dir), "metrics": _metrics_at(root, client["step"]), "config": client["config"],
+    })
+    return out
+
+
+def write_model_dir(out: Path, weights: dict[str, torch.Tensor], tokenizer: Path, config: dict, dataset: dict,
+                    training: dict) -> Path:
+    """Write a model directory to `out` atomically (`out.partial`, then a rename): `out` appears whole or not at all."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)
     save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     shutil.copyfile(tokenizer, tmp / "tokenizer" / "spm.model")
-    write_json_atomic(tmp / CONFIG_FILE, {
-        "format": FORMAT, "model": client["model"], "special_ids": manifest["tokenizer"]["special_ids"],
-        "tokenizer_vocab_size": manifest["tokenizer"]["vocab_size"],
-        "max_seq_length": manifest["examples"]["max_seq_length"],
-    })
-    write_json_atomic(tmp / "dataset.json", {
-        "dataset_id": manifest["dataset_id"], "recipe_hash": manifest["recipe_hash"],
-        "config_hash": manifest["config_hash"], "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-        "examples": manifest["examples"], "train_examples": manifest["splits"]["train"]["examples"],
-    })
-    write_json_atomic(tmp / "training.json", {
-        "mlflow_run_id": client["mlflow_run_id"], "step": client["step"], "samples": client["samples"],
-        "checkpoint": str(step_dir), "metrics": _metrics_at(root, client["step"]), "config": client["config"],
-    })
+    write_json_atomic(tmp / CONFIG_FILE, config)
+    write_json_atomic(tmp / "dataset.json", dataset)
+    write_json_atomic(tmp / "training.json", training)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     write_json_atomic(tmp / CHECKSUMS, {str(p.relative_to(tmp)): sha256_file(p) for p in files})
     if out.exists():
@@ -129,13 +138,49 @@ def verify(model_dir: str | Path) -> list[str]:
     return problems
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[BertForPretraining, dict]:
-    """(model in eval mode, config.json) from a verified model directory."""
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, config.json) from a verified model directory: a `BertForPretraining` (pretrained)
+    or a `BertForSequenceClassification` (fine-tuned)."""
     d = Path(model_dir)
     problems = verify(d)
     if problems:
         raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
     config = json.loads((d / CONFIG_FILE).read_text())
-    model = BertForPretraining(ModelConfig(**config["model"]))
+    kind = config.get("format", {}).get("name")
+    if kind == FORMAT["name"]:
+        model = BertForPretraining(ModelConfig(**config["model"]))
+    elif kind == CLASSIFIER_FORMAT["name"]:
+        model = BertForSequenceClassification(ModelConfig(**config["model"]), len(config["labels"]),
+                                              config.get("classifier_dropout"))
+    else:
+        raise ExportError(f"{d / CONFIG_FILE} describes a {kind!r} model; this version reads "
+                          f"{FORMAT['name']} and {CLASSIFIER_FORMAT['name']}")
     model.load_state_dict(load_file(str(d / MODEL_FILE), device="cpu"))
     return model.to(device).eval(), config
+
+
+def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
+    """(model directory, what it is) for a `models:/` or `runs:/` URI (pulled into `scratch`), a pulled MLflow
+    model, an exported model directory, or a pretraining checkpoint (exported into `scratch`).
+
+    The dict holds `uri` plus, where known, the registered `name` and `version` and the `run_id` that made it.
+    """
+    from pretrain.tracking import RegistryError, model_files, pull, resolve_model_uri
+
+    if not source.startswith(URI_SCHEMES) and ("://" not in source or source.startswith("file://")):
+        path = Path(source.removeprefix("file://"))
+        if not path.exists():
+            raise ExportError(f"model '{source}' is neither a models:/ or runs:/ URI nor an existing directory")
+        d = model_files(path)
+        if not (d / CONFIG_FILE).is_file():  # a checkpoint (or checkpoint.dir) from `pretrain train`
+            d = export(path, scratch)
+        training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
+        return d, {"uri": str(path.resolve()), "run_id": training.get("mlflow_run_id")}
+    if not source.startswith(URI_SCHEMES):
+        raise ExportError(f"model '{source}': use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or "
+                          "a local directory")
+    try:
+        info = resolve_model_uri(source, uri)
+        return model_files(pull(info["pinned"], scratch, uri)), info
+    except RegistryError as e:
+        raise ExportError(str(e)) from None

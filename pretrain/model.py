@@ -60,6 +60,17 @@ def preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
     return replace(cfg, **overrides)
 
 
+def _init(m: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, std) weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=std)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -155,17 +166,7 @@ class BertForPretraining(nn.Module):
         self.mlm_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.nsp = nn.Linear(c.hidden_size, 2)
-        self.apply(self._init)
-
-    def _init(self, m: nn.Module) -> None:
-        # BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms.
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.config.init_std)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        if isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(lambda m: _init(m, c.init_std))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
                 masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +176,25 @@ class BertForPretraining(nn.Module):
         h = self.mlm_norm(F.gelu(self.mlm_transform(h)))
         mlm_logits = F.linear(h, self.bert.embeddings.word.weight, self.mlm_bias)
         return mlm_logits, self.nsp(pooled)
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT with a classifier on the pooled [CLS] state (fine-tuning); `bert.*` names match BertForPretraining's."""
+
+    def __init__(self, c: ModelConfig, num_labels: int, classifier_dropout: float | None = None):
+        super().__init__()
+        self.config = c
+        self.num_labels = num_labels
+        self.bert = BertEncoder(c)
+        self.dropout = nn.Dropout(c.dropout if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(c.hidden_size, num_labels)
+        self.apply(lambda m: _init(m, c.init_std))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) inputs -> (B, num_labels) logits."""
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.classifier(self.dropout(pooled))
 
 
 def pretraining_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, nsp_logits: torch.Tensor | None,

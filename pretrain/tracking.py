@@ -294,8 +294,37 @@ def _embedder_signature(pooling: str):
                           params=ParamSchema([ParamSpec("pooling", "string", pooling)]))
 
 
+def _classifier_signature(config: dict):
+    """One text column (or the task's two for pair models) in; `label` and `score` out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    pair = config["task"].get("text_pair_field")
+    inputs = Schema([ColSpec("string", config["task"]["text_field"]), ColSpec("string", pair)]) if pair else \
+        Schema([ColSpec("string")])
+    kind = "long" if all(isinstance(v, int) and not isinstance(v, bool) for v in config["labels"]) else "string"
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(kind, "label"), ColSpec("double", "score")]))
+
+
+def _pyfunc(model_dir: Path, pooling: str) -> tuple[Path, dict, Any, dict[str, str]]:
+    """(code file, model_config, signature, extra version tags) of the pyfunc for this kind of model directory."""
+    from pretrain.export import CLASSIFIER_FORMAT
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("format", {}).get("name") == CLASSIFIER_FORMAT["name"]:
+        source = json.loads((model_dir / "training.json").read_text()).get("source_model") or {}
+        tags = {"kind": "classifier", "labels": json.dumps(config["labels"])[:5000],
+                **{f"source_model_{k}": str(v) for k, v in source.items() if v}}
+        return Path(__file__).with_name("classifier.py"), {}, _classifier_signature(config), tags
+    return (Path(__file__).with_name("embedder.py"), {"pooling": pooling}, _embedder_signature(pooling),
+            {"kind": "encoder", "pooling": pooling})
+
+
 def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
-    """Upload an exported model directory as an MLflow pyfunc model, verify it, register it, then set `alias`.
+    """Upload a model directory as an MLflow pyfunc model, verify it, register it, then set `alias`.
+
+    A pretrained encoder's pyfunc returns sentence embeddings (`pooling`); a fine-tuned classifier's returns
+    labels and their probabilities.
 
     In that order, so a failure part way never leaves a version that points at missing files; rerunning
     reuses what was uploaded and the version already registered for it. Returns {name, version, source}.
@@ -330,12 +359,11 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
         client.set_terminated(run_id)
     path = f"{REGISTERED_DIR}/step-{training['step']:08d}"
 
+    code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
     with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
         local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(local), python_model=str(Path(__file__).with_name("embedder.py")),
-            artifacts={"model_dir": str(model_dir)}, model_config={"pooling": pooling},
-            signature=_embedder_signature(pooling), pip_requirements=["bertforge"])
+        mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"model_dir": str(model_dir)},
+                                 model_config=model_config, signature=signature, pip_requirements=["bertforge"])
         expected = {f"{path}/{p.relative_to(local)}": p.stat().st_size for p in local.rglob("*") if p.is_file()}
         stage[0] = "uploading the model"
         if _missing(_remote_files(client, run_id, path), expected):
@@ -350,11 +378,11 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description="BERT encoder pretrained with bertforge")
+        client.create_registered_model(name, description=f"BERT {kind_tags['kind']} trained with bertforge")
     versions = [v for v in client.search_model_versions(f"name='{name}'") if v.source == source]
     metrics = training["metrics"]
-    tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id,
-            "pooling": pooling, **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("eval/")}}
+    tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id, **kind_tags,
+            **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("eval/", "val_", "test_"))}}
     version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
     stage[0] = "setting the alias"
     if alias:  # 4. the alias moves last
@@ -395,6 +423,41 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def resolve_model_uri(model_uri: str, uri: str) -> dict:
+    """{uri, pinned, name, version, run_id} of a `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`.
+
+    `pinned` names the exact version, so what is downloaded is what was resolved even if the alias moves.
+    """
+    from mlflow.tracking import MlflowClient
+
+    info = {"uri": model_uri, "pinned": model_uri, "name": None, "version": None, "run_id": None}
+    if model_uri.startswith("runs:/"):
+        info["run_id"] = model_uri.removeprefix("runs:/").split("/")[0]
+        return info
+    body = model_uri.removeprefix("models:/")
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            v = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = body.split("/", 1)
+            if version == "latest":
+                found = client.search_model_versions(f"name='{name}'")
+                if not found:
+                    raise RegistryError(f"{model_uri}: model '{name}' has no versions at {uri}")
+                v = max(found, key=lambda m: int(m.version))
+            else:
+                v = client.get_model_version(name, version)
+    except RegistryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (an unknown name/alias/version, a store that is down)
+        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
+    info.update(pinned=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=v.run_id)
+    return info
 
 
 def model_files(path: str | Path) -> Path:

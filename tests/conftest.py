@@ -58,6 +58,59 @@ def write_small_corpus(root: Path) -> Path:
     return root
 
 
+# A corpus with hidden structure for the fine-tuning tests: two classes of nouns that pretraining can only tell
+# apart by the words they occur with. The task names a noun in a neutral sentence; its test rows use nouns the
+# fine-tuning rows never show, so only a model whose pretraining learned the classes can label them.
+_CLASSES = {
+    "animal": ("otter heron badger lynx moose bison ferret gecko walrus marten ibex tapir".split(),
+               "swims eats sleeps hunts grazes nests".split(), "fish grass reeds burrow den pond".split()),
+    "tool": ("hammer chisel wrench trowel pliers mallet auger anvil sickle scythe lathe clamp".split(),
+             "cuts polishes rusts grips bends sharpens".split(), "metal timber bench bolt plank wire".split()),
+}
+_NEUTRAL = ("old small large grey brown heavy new quiet".split(), "yard shed road field barn gate".split())
+
+
+def _neutral_sentence(rng: random.Random, noun: str) -> str:
+    adj, place = rng.choice(_NEUTRAL[0]), rng.choice(_NEUTRAL[1])
+    return f"The {adj} {noun} was seen near the {place} today."
+
+
+def write_topic_corpus(root: Path, docs: int = 400, seed: int = 11) -> Path:
+    """Documents of sentences where each noun keeps company with its class's verbs and objects (~150 KB)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(docs):
+        nouns, verbs, objects = _CLASSES[rng.choice(sorted(_CLASSES))]  # a document keeps to one class
+        doc = []
+        for _ in range(rng.randint(4, 9)):
+            a, b = rng.sample(nouns, 2)
+            if rng.random() < 0.2:
+                doc.append(_neutral_sentence(rng, a))
+            else:
+                doc.append(f"The {a} {rng.choice(verbs)} the {rng.choice(objects)} with the {b}.")
+        out.append(doc)
+    root.mkdir(parents=True, exist_ok=True)
+    return write_txt(root / "topics.txt", out)
+
+
+def write_topic_task(root: Path, rows: int = 160, seed: int = 5) -> dict[str, Path]:
+    """train/validation/test jsonl: a neutral sentence naming a noun, labelled with its class. Train and
+    validation use the first half of each class's nouns; test only the other half."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n, half in (("train", rows, 0), ("validation", rows // 4, 0), ("test", rows // 2, 1)):
+        lines = []
+        for i in range(n):
+            label = sorted(_CLASSES)[i % 2]
+            nouns = _CLASSES[label][0]
+            noun = rng.choice(nouns[:6] if half == 0 else nouns[6:])
+            lines.append(json.dumps({"text": _neutral_sentence(rng, noun), "label": label}))
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("\n".join(lines) + "\n")
+    return files
+
+
 @pytest.fixture
 def small_corpus(tmp_path: Path) -> Path:
     return write_small_corpus(tmp_path / "corpus")

@@ -1,0 +1,151 @@
+"""Labelled rows for fine-tuning: jsonl/csv/tsv files -> texts and label ids, the label map, the split, the metrics.
+
+Pure Python and torch: no model, no I/O beyond reading the task files. Errors name the file, the line
+and the config key to change.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+
+from pretrain.config import TaskConfig
+
+
+class TaskError(Exception):
+    """A task file that cannot be used; the message names the file and line and says what to do."""
+
+
+@dataclass
+class Rows:
+    """One split: `texts[i]` (and `pairs[i]` for pair tasks) with raw label `labels[i]`; `where[i]` is FILE:LINE."""
+
+    source: str
+    texts: list[str] = field(default_factory=list)
+    pairs: list[str] | None = None
+    labels: list = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int], source: str) -> Rows:
+        return Rows(source, [self.texts[i] for i in idx], [self.pairs[i] for i in idx] if self.pairs else None,
+                    [self.labels[i] for i in idx], [self.where[i] for i in idx])
+
+
+def _records(path: str):
+    """(line number, dict) for each row of a jsonl, csv or tsv file (by extension, after any .gz/.zst/...)."""
+    name = path.lower()
+    for ext in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(ext)
+    try:
+        f = fsspec.open(path, "rt", encoding="utf-8", compression="infer").open()
+    except (OSError, ValueError) as e:
+        raise TaskError(f"cannot open task file {path}: {e}") from None
+    with f:
+        if name.endswith((".jsonl", ".json", ".ndjson")):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise TaskError(f"{path}:{n}: not a JSON object ({e}); jsonl files hold one object per line") \
+                        from None
+                if not isinstance(rec, dict):
+                    raise TaskError(f"{path}:{n}: a {type(rec).__name__}, not a JSON object")
+                yield n, rec
+        elif name.endswith((".csv", ".tsv")):
+            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
+            for rec in reader:
+                yield reader.line_num, rec
+        else:
+            raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv (optionally .gz)")
+
+
+def read_rows(path: str, cfg: TaskConfig) -> Rows:
+    """Every row of `path`, checked: the text fields are strings and the label is present."""
+    wanted = [cfg.text_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    rows = Rows(path, pairs=[] if cfg.text_pair_field else None)
+    for n, rec in _records(path):
+        where = f"{path}:{n}"
+        for key, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
+                             (cfg.label_field, "task.label_field")):
+            if key and key not in rec:
+                raise TaskError(f"{where}: no field '{key}' (the row has: {', '.join(map(str, rec)) or 'nothing'}); "
+                                f"set {setting} to the right name")
+        for key in wanted:
+            if not isinstance(rec[key], str):
+                raise TaskError(f"{where}: field '{key}' is {type(rec[key]).__name__}, not text")
+        label = rec[cfg.label_field]
+        if label is None or label == "" or isinstance(label, (dict, list, float)):
+            raise TaskError(f"{where}: label {label!r} in field '{cfg.label_field}' is not a class name or integer")
+        rows.texts.append(rec[cfg.text_field])
+        if rows.pairs is not None:
+            rows.pairs.append(rec[cfg.text_pair_field])
+        rows.labels.append(label)
+        rows.where.append(where)
+    if not rows.texts:
+        raise TaskError(f"{path} holds no rows")
+    return rows
+
+
+def _order(label) -> tuple:
+    """Integers (and integer strings, as csv gives them) in numeric order, then names alphabetically."""
+    text = str(label)
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
+def label_names(train: Rows) -> list:
+    """The classes of the task in a stable order: id i <-> names[i] (saved with the model)."""
+    seen = {str(v): v for v in train.labels}
+    if len(seen) < 2:
+        raise TaskError(f"{train.source} has a single label ({next(iter(seen))!r}); classification needs two or more")
+    return [seen[k] for k in sorted(seen, key=_order)]
+
+
+def label_ids(rows: Rows, names: list, train_source: str) -> torch.Tensor:
+    """(N,) int64 class ids; a label the training file never shows is an error naming its row."""
+    index = {str(v): i for i, v in enumerate(names)}
+    out = []
+    for label, where in zip(rows.labels, rows.where, strict=True):
+        if str(label) not in index:
+            raise TaskError(f"{where}: label {label!r} does not occur in {train_source} "
+                            f"(its labels: {', '.join(map(str, names[:20]))})")
+        out.append(index[str(label)])
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices): `fraction` of each class (at least one where it has two rows)."""
+    rng = random.Random(seed)
+    keep, held = [], []
+    for c in sorted(set(labels.tolist())):
+        idx = [i for i, y in enumerate(labels.tolist()) if y == c]
+        rng.shuffle(idx)
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held += idx[:k]
+        keep += idx[k:]
+    return sorted(keep), sorted(held)
+
+
+def scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 from a (K, K) confusion matrix (rows: true class, columns: predicted).
+
+    Macro-F1 averages the per-class F1 over the classes that occur as truth or prediction (as
+    scikit-learn's default labels do), so a class absent from a small split does not count as 0.
+    """
+    c = confusion.double()
+    tp = c.diag()
+    support, predicted = c.sum(1), c.sum(0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    total = float(c.sum())
+    return {"accuracy": float(tp.sum()) / total if total else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0}

@@ -1,0 +1,214 @@
+"""Fine-tuning from a registered model, its baseline, its outputs and records; the transformers export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import pretrain_config, pretrain_env, run_pretrain, small_config, write_topic_corpus, write_topic_task
+
+pytestmark = pytest.mark.slow
+
+PRETRAIN_STEPS = 300  # the topic classes are learned by then (nouns of a class embed together)
+
+
+def _cli(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd, env=pretrain_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _printed(stdout: str, key: str) -> float:
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith(key + " ")]
+    return float(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, ray_local):
+    """A tiny BERT pretrained on the topic corpus (BPE tokenizer) and registered as topic-bert@champion."""
+    from data_prep.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("finetune")
+    run(small_config(write_topic_corpus(tmp / "corpus"), tmp / "ds", tokenizer__vocab_size=200,
+                     tokenizer__model_type="bpe"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tree = pretrain_config(tmp / "ds", tmp / "ck", train__max_steps=PRETRAIN_STEPS, train__micro_batch_size=32,
+                           train__global_batch_size=32, train__lr=2e-3, train__warmup_steps=20, train__log_every=50,
+                           train__eval_every=0, checkpoint__every_steps=0, data__eval_examples=64)
+    (tmp / "pretrain.yaml").write_text(yaml.safe_dump(tree))
+    out = run_pretrain(tmp / "pretrain.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "topic-bert", "--alias", "champion",
+               "--tracking-uri", uri, cwd=tmp)
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    files = write_topic_task(tmp / "task")
+    (tmp / "finetune.yaml").write_text(yaml.safe_dump({
+        "task": {k: str(v) for k, v in files.items()},
+        "train": {"epochs": 6, "micro_batch_size": 16, "lr": 5e-4, "max_seq_length": 32, "log_every": 10},
+        "mlflow": {"tracking_uri": uri},
+    }))
+    return tmp, uri
+
+
+
+def test_fine_tuning_a_registered_model_beats_random_init(registered):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.export import load_model, verify
+
+    tmp, uri = registered
+    runs = {}
+    for init in ("pretrained", "random"):
+        extra = ["--register", "topic-classifier", "--alias", "champion"] if init == "pretrained" else []
+        out = _cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@champion", f"init={init}",
+                   f"output={tmp / init}", *extra, cwd=tmp)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[init] = out.stdout
+    acc = {init: _printed(stdout, "test_accuracy") for init, stdout in runs.items()}
+    assert acc["pretrained"] >= acc["random"] + 0.2, acc  # the test nouns never appear in fine-tuning
+    assert _printed(runs["pretrained"], "test_macro_f1") > 0.5
+
+    model_dir = tmp / "pretrained" / "model"
+    assert verify(model_dir) == []
+    model, config = load_model(model_dir)
+    assert config["labels"] == ["animal", "tool"] and model.classifier.out_features == 2
+    summary = json.loads((tmp / "pretrained" / "summary.json").read_text())
+    assert summary["metrics"]["test_accuracy"] == pytest.approx(acc["pretrained"], abs=1e-4)
+    assert summary["source"]["name"] == "topic-bert" and summary["source"]["version"] == "1"
+
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["source_model_name"] == "topic-bert" and run.data.tags["source_model_version"] == "1"
+    assert run.data.tags["source_model_run_id"] == client.get_model_version("topic-bert", "1").run_id
+    assert run.data.metrics["test_accuracy"] == pytest.approx(acc["pretrained"], abs=1e-4)
+    assert "test_macro_f1" in run.data.metrics and run.data.params["init"] == "pretrained"
+
+    v = client.get_model_version_by_alias("topic-classifier", "champion")
+    assert v.run_id == run.info.run_id and v.tags["source_model_version"] == "1" and v.tags["kind"] == "classifier"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/topic-classifier@champion")
+    texts = [json.loads(line)["text"] for line in (tmp / "task" / "test.jsonl").read_text().splitlines()[:8]]
+    pred = pyfunc.predict(texts)
+    assert list(pred.columns) == ["label", "score"] and set(pred["label"]) <= {"animal", "tool"}
+    assert ((pred["score"] >= 0.5) & (pred["score"] <= 1.0)).all()
+
+
+def test_a_pair_task_from_csv_with_string_labels(registered, tmp_path):
+    """Text pairs from csv, labels mapped in a stable order, validation split from train, DeepSpeed-free on CPU."""
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune import finetune
+
+    tmp, uri = registered
+    rows = [json.loads(line)["text"] for line in (tmp / "task" / "train.jsonl").read_text().splitlines()]
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["premise", "hypothesis", "gold"])
+        for i, text in enumerate(rows):
+            same = i % 3 != 0
+            w.writerow([text, text if same else rows[(i * 7 + 1) % len(rows)], "entailment" if same else "other"])
+    cfg = FinetuneConfig.model_validate({
+        "model": str(tmp / "ck"),
+        "task": {"train": str(path), "test": str(path), "text_field": "premise", "text_pair_field": "hypothesis",
+                 "label_field": "gold", "validation_fraction": 0.25},
+        "train": {"epochs": 1, "micro_batch_size": 16, "max_seq_length": 48, "log_every": 5},
+        "output": str(tmp_path / "out"), "mlflow": {"enabled": False},
+    })
+    summary = finetune(cfg)
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert config["labels"] == ["entailment", "other"] and config["task"]["text_pair_field"] == "hypothesis"
+    assert summary["labels"] == ["entailment", "other"] and 0.0 <= summary["metrics"]["test_macro_f1"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_accuracy" in r for r in records) and any("test_accuracy" in r for r in records)
+    training = json.loads((tmp_path / "out" / "model" / "training.json").read_text())
+    assert training["task_files"]["train"]["sha256"] and training["init"] == "pretrained"
+
+
+def test_deepspeed_zero3_on_two_ranks_equals_zero0(registered, tmp_path):
+    """The DeepSpeed path: ZeRO-3 shards parameters across 2 ranks and still computes ZeRO-0's model."""
+    from safetensors.torch import load_file
+
+    tmp, uri = registered
+    results = {}
+    for stage in (0, 3):
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
+             "finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={tmp_path / str(stage)}",
+             "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}", "train.epochs=2", "mlflow.enabled=false"],
+            cwd=tmp, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[stage] = (_printed(out.stdout, "test_accuracy"),
+                          load_file(str(tmp_path / str(stage) / "model" / "model.safetensors")))
+    assert results[0][0] == pytest.approx(results[3][0], abs=1e-6)
+    for name, w in results[0][1].items():
+        torch.testing.assert_close(results[3][1][name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_transformers_loads_the_hf_export(registered, tmp_path):
+    """Registered encoder -> --format hf: same token ids and hidden states; the fine-tuned one: same logits."""
+    import sentencepiece as spm
+    import transformers
+
+    from pretrain.export import load_model
+    from pretrain.text import encode
+
+    tmp, uri = registered
+    out = _cli("export", "models:/topic-bert@champion", "--format", "hf", "--out", str(tmp_path / "hf"),
+               "--tracking-uri", uri, cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    texts = [json.loads(line)["text"] for line in (tmp / "task" / "test.jsonl").read_text().splitlines()[:6]]
+    texts += ["  Spaces   around  ", "Digits 2024 and ünïcode", "tapir sharpens the wire"]
+    pairs = texts[::-1]
+
+    ours, _ = load_model(_pulled(tmp, uri, tmp_path))
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "spm.model"))
+    ids, types, mask = encode(sp, texts, 64, pairs)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    enc = tok(texts, pairs, padding=True, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
+    assert torch.equal(enc["attention_mask"], mask)
+
+    hf = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(**enc).last_hidden_state
+        seq, _ = ours.bert(ids, types, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(theirs[keep], seq[keep], atol=1e-5, rtol=1e-5)
+    pretraining = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        nsp = pretraining(**enc).seq_relationship_logits
+        _, ours_nsp = ours(ids, types, mask, torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(nsp, ours_nsp, atol=1e-5, rtol=1e-5)
+
+    clf_dir = _classifier(tmp, tmp_path)  # a fine-tuned model: BertForSequenceClassification with its labels
+    out = _cli("export", str(clf_dir), "--format", "hf", "--out", str(tmp_path / "hf-clf"), cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    clf, _ = load_model(clf_dir)
+    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-clf").eval()
+    assert hf_clf.config.id2label == {0: "animal", 1: "tool"}
+    with torch.no_grad():
+        torch.testing.assert_close(hf_clf(**enc).logits, clf(ids, types, mask), atol=1e-5, rtol=1e-5)
+
+
+def _classifier(tmp, tmp_path):
+    """One epoch of fine-tuning from the pretraining checkpoint, in this process."""
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune import finetune
+
+    tree = yaml.safe_load((tmp / "finetune.yaml").read_text())
+    tree.update(model=str(tmp / "ck"), output=str(tmp_path / "clf"), mlflow={"enabled": False})
+    tree["train"]["epochs"] = 1
+    return finetune(FinetuneConfig.model_validate(tree))["model"]
+
+
+def _pulled(tmp, uri, tmp_path):
+    from pretrain.tracking import model_files, pull
+
+    return model_files(pull("models:/topic-bert/1", tmp_path / "pulled", uri))

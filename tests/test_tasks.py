@@ -1,0 +1,118 @@
+"""Fine-tuning inputs without a model: task files, labels, splits, metrics; the transformers tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_document
+
+from pretrain.config import TaskConfig
+from pretrain.tasks import TaskError, label_ids, label_names, read_rows, scores, stratified_split
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rows_from_jsonl_csv_tsv_and_gzip(tmp_path):
+    cfg = TaskConfig(train="x", text_pair_field="b")
+    rows = [{"text": f"a{i}", "b": f"b{i}", "label": i % 3} for i in range(5)]
+    got = read_rows(_jsonl(tmp_path / "t.jsonl", rows), cfg)
+    assert got.texts[1] == "a1" and got.pairs[1] == "b1" and got.labels == [0, 1, 2, 0, 1]
+    assert got.where[0].endswith("t.jsonl:1")
+    (tmp_path / "t.csv").write_text('text,b,label\n"a, quoted",second,yes\nplain,other,no\n')
+    got = read_rows(str(tmp_path / "t.csv"), cfg)
+    assert got.texts == ["a, quoted", "plain"] and got.labels == ["yes", "no"] and got.where[1].endswith("t.csv:3")
+    with gzip.open(tmp_path / "t.tsv.gz", "wt") as f:
+        f.write("text\tb\tlabel\nx\ty\t1\n")
+    assert read_rows(str(tmp_path / "t.tsv.gz"), cfg).pairs == ["y"]
+
+
+def test_labels_are_ordered_stably_and_unknown_ones_are_named(tmp_path):
+    cfg = TaskConfig(train="x")
+    train = read_rows(_jsonl(tmp_path / "a.jsonl", [{"text": "t", "label": v} for v in ("10", "2", "neg", "2")]), cfg)
+    names = label_names(train)
+    assert names == ["2", "10", "neg"]  # integers numerically, then names
+    assert label_ids(train, names, "a.jsonl").tolist() == [1, 0, 2, 0]
+    test = read_rows(_jsonl(tmp_path / "b.jsonl", [{"text": "t", "label": "2"}, {"text": "t", "label": "pos"}]), cfg)
+    with pytest.raises(TaskError, match=r"b.jsonl:2: label 'pos' does not occur in a.jsonl"):
+        label_ids(test, names, "a.jsonl")
+    single = read_rows(_jsonl(tmp_path / "c.jsonl", [{"text": "t", "label": 1}] * 3), cfg)
+    with pytest.raises(TaskError, match="single label"):
+        label_names(single)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a", "label": 1}\n{"txt": "b", "label": 1}\n', r"x.jsonl:2: no field 'text' .*task.text_field"),
+    ('{"text": "a", "label": 1}\nnot json\n', r"x.jsonl:2: not a JSON object"),
+    ('{"text": 5, "label": 1}\n', r"x.jsonl:1: field 'text' is int, not text"),
+    ('{"text": "a", "label": null}\n', r"x.jsonl:1: label None"),
+    ('\n\n', r"holds no rows"),
+])
+def test_bad_rows_name_the_file_and_line(tmp_path, content, message):
+    (tmp_path / "x.jsonl").write_text(content)
+    with pytest.raises(TaskError, match=message):
+        read_rows(str(tmp_path / "x.jsonl"), TaskConfig(train="x"))
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    (tmp_path / "x.txt").write_text("a\n")
+    with pytest.raises(TaskError, match="unknown format"):
+        read_rows(str(tmp_path / "x.txt"), TaskConfig(train="x"))
+    with pytest.raises(TaskError, match="cannot open task file"):
+        read_rows(str(tmp_path / "missing.jsonl"), TaskConfig(train="x"))
+
+
+def test_stratified_split_keeps_every_class_in_both_parts():
+    y = torch.tensor([0] * 20 + [1] * 5 + [2] * 2)
+    keep, held = stratified_split(y, 0.2, seed=1)
+    assert sorted(keep + held) == list(range(27)) and not set(keep) & set(held)
+    assert [int((y[held] == c).sum()) for c in range(3)] == [4, 1, 1]
+    assert stratified_split(y, 0.2, seed=1) == (keep, held)
+
+
+def test_accuracy_and_macro_f1_match_their_definitions():
+    # true 0: 3 right, 1 as class 1; true 1: 2 right; class 2 is never true nor predicted
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+    s = scores(confusion)
+    assert s["accuracy"] == pytest.approx(5 / 6)
+    f1_0, f1_1 = 2 * 3 / (2 * 3 + 1), 2 * 2 / (2 * 2 + 1)
+    assert s["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_the_transformers_tokenizer_gives_our_ids(tmp_path, model_type):
+    pytest.importorskip("transformers")
+    import sentencepiece as spm
+
+    from pretrain.hf_compat import fast_tokenizer
+    from pretrain.text import encode
+
+    rng = random.Random(3)
+    sentences = [s for _ in range(300) for s in make_document(rng, 5)] + ["Déjà vu café 12345 naïve ﬁne Ｆｕｌｌ"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=150, model_type=model_type, pad_id=0,
+        unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]", unk_piece="[UNK]",
+        control_symbols=["[CLS]", "[SEP]", "[MASK]"], split_digits=True, normalization_rule_name="nmt_nfkc",
+        minloglevel=2)
+    (tmp_path / "spm.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    fast_tokenizer(tmp_path / "spm.model", 512).save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    texts = sentences[:100] + ["  leading and   inner  spaces  ", "tabs\tand\nnewlines", "Digits 2024 and 3.14",
+                               "ünïcödé Ｆｕｌｌ ﬁ", "emoji 🙂 and 日本語", "", "x"]
+    for t in texts:
+        assert hf(t)["input_ids"] == encode(sp, [t], 512)[0][0].tolist(), repr(t)
+    ids, types, mask = encode(sp, texts[:40], 512, texts[40:80])
+    enc = hf(texts[:40], texts[40:80], padding=True, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
+    assert torch.equal(enc["attention_mask"], mask)
