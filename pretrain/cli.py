@@ -141,8 +141,8 @@ def _export(args) -> int:
     from pretrain.tracking import tracking_uri
 
     source, out = args.source, Path(args.out)
-    is_checkpoint = not source.startswith(URI_SCHEMES) and "://" not in source and not (Path(source) / "config.json").is_file() and \
-        not (Path(source) / "MLmodel").is_file()
+    is_checkpoint = not source.startswith(URI_SCHEMES) and "://" not in source and not any(
+        (Path(source) / name).is_file() for name in ("config.json", "MLmodel"))
     try:
         if args.format == "native" and is_checkpoint:
             out = export(source, out)

@@ -87,6 +87,28 @@ def test_every_shipped_pretrain_config_is_valid(path: Path):
     assert batching(cfg, 1).global_batch == cfg.train.global_batch_size
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_finetune_config_is_valid(path: Path):
+    from pretrain.config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, path, ["model=models:/other@champion"])
+    assert cfg.model == "models:/other@champion" and cfg.task.train and cfg.init == "pretrained"
+
+
+def test_finetune_config_errors_name_the_key():
+    from pretrain.config import FinetuneConfig
+
+    base = REPO / "configs" / "finetune" / "classify.yaml"
+    with pytest.raises(ConfigError, match=r"init.*'pretrained' or 'random'"):
+        load_config(FinetuneConfig, base, ["init=scratch"])
+    with pytest.raises(ConfigError, match="registry.name needs mlflow.enabled"):
+        load_config(FinetuneConfig, base, ["registry.name=x", "mlflow.enabled=false"])
+    with pytest.raises(ConfigError, match="fp16 needs deepspeed.enabled"):
+        load_config(FinetuneConfig, base, ["precision=fp16"])
+    with pytest.raises(ConfigError, match="task.text_feild"):
+        load_config(FinetuneConfig, base, ["task.text_feild=x"])
+
+
 def test_pretrain_batch_arithmetic_and_schedules():
     from pretrain.config import PretrainConfig
     from pretrain.engine import Schedule, SetupError, batching, ds_config

@@ -212,3 +212,17 @@ def _pulled(tmp, uri, tmp_path):
     from pretrain.tracking import model_files, pull
 
     return model_files(pull("models:/topic-bert/1", tmp_path / "pulled", uri))
+
+
+def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
+    tmp, uri = registered
+    out = _cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp_path / 'nowhere'}", cwd=tmp)
+    assert out.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in out.stderr
+    out = _cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@no-such-alias", cwd=tmp)
+    assert out.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in out.stderr
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"text": "a", "label": "animal"}\n{"text": "b", "label": "mineral"}\n')
+    out = _cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
+               f"output={tmp_path / 'out'}", cwd=tmp)
+    assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "out" / "model").exists()
