@@ -1,0 +1,176 @@
+"""Job specs (`configs/jobs/*.yaml`): what to run, with which config, on how many workers, stored where.
+
+A job file is validated whole before anything is submitted or rendered: its own keys, and the config
+each stage runs (loaded with its overrides against that stage's schema), so a typo in
+`train.max_step` is reported with the job file's name before any cluster resource is requested.
+
+    kind: pretrain                      # data_prep | pretrain | finetune | pipeline
+    config: configs/pretrain/quickstart.yaml
+    overrides: [train.max_steps=100]    # or a mapping {train.max_steps: 100}
+    resources: {num_workers: 2, use_gpu: false, cpus_per_worker: 1}
+    max_failures: 2
+    storage: /shared/bertforge           # or s3://bucket/prefix: checkpoints and outputs
+    runtime_env: {pip: [], env_vars: {MLFLOW_TRACKING_URI: http://mlflow:5000}}
+
+A pipeline names its stages instead of one config: `stages: {data_prep: {config, overrides},
+pretrain: {config, overrides}, registry: {name, alias}, finetune: {config, overrides}}`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from data_prep.configfile import ConfigError, Section, load_config
+
+KINDS = ("data_prep", "pretrain", "finetune", "pipeline")
+
+
+def _schema(kind: str):
+    if kind == "data_prep":
+        from data_prep.config import DataPrepConfig
+
+        return DataPrepConfig
+    if kind == "pretrain":
+        from pretrain.config import PretrainConfig
+
+        return PretrainConfig
+    from pretrain.config import FinetuneConfig
+
+    return FinetuneConfig
+
+
+class Resources(Section):
+    num_workers: int = Field(1, ge=1, description="training processes (Ray Train workers), one per GPU on GPUs")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 with use_gpu, else 0")
+    memory_gb_per_worker: float | None = Field(None, gt=0)
+    workers_per_node: int = Field(1, ge=1, description="workers that share a node (e.g. 8 on an 8-GPU machine)")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="place workers on nodes with these labels")
+
+    @property
+    def gpus(self) -> float:
+        return self.gpus_per_worker if self.gpus_per_worker is not None else (1.0 if self.use_gpu else 0.0)
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.num_workers // self.workers_per_node)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Resources:
+        if self.gpus_per_worker and not self.use_gpu:
+            raise ValueError("resources.gpus_per_worker is set but resources.use_gpu is false; set use_gpu: true")
+        if self.workers_per_node > self.num_workers:
+            raise ValueError(f"resources.workers_per_node ({self.workers_per_node}) exceeds resources.num_workers "
+                             f"({self.num_workers})")
+        return self
+
+
+class RuntimeEnv(Section):
+    pip: list[str] = Field(default_factory=list, description="extra pip packages on every node")
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    image: str | None = Field(None, description="container image for KubeRay (default: rayproject/ray with Python)")
+
+
+class Stage(Section):
+    config: str
+    overrides: list[str] | dict[str, Any] = Field(default_factory=list)
+
+    @field_validator("overrides", mode="after")
+    @classmethod
+    def _as_list(cls, v):
+        return [f"{k}={_flow(val)}" for k, val in v.items()] if isinstance(v, dict) else v
+
+
+class RegisterStage(Section):
+    name: str
+    alias: str | None = None
+
+
+class PipelineStages(Section):
+    data_prep: Stage
+    pretrain: Stage
+    registry: RegisterStage | None = None
+    finetune: Stage | None = None
+
+
+def _flow(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class JobSpec(Section):
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    name: str | None = Field(None, description="job name: a second submission with the same name is not started")
+    config: str | None = Field(None, description="the config the job runs (every kind but pipeline)")
+    overrides: list[str] | dict[str, Any] = Field(default_factory=list)
+    stages: PipelineStages | None = None
+    resources: Resources = Resources()
+    max_failures: int = Field(0, ge=0, description="worker restarts before the job fails (from the last checkpoint)")
+    storage: str = Field("outputs", description="a shared path or fsspec URL for checkpoints and outputs")
+    runtime_env: RuntimeEnv = RuntimeEnv()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+            raise ValueError(f"name {v!r}: use lowercase letters, digits and '-' (at most 63; a Kubernetes name)")
+        return v
+
+    @field_validator("overrides", mode="after")
+    @classmethod
+    def _as_list(cls, v):
+        return [f"{k}={_flow(val)}" for k, val in v.items()] if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.kind == "pipeline":
+            if self.stages is None or self.config is not None:
+                raise ValueError("kind: pipeline names its configs under stages (data_prep, pretrain, registry, "
+                                 "finetune), not under config")
+        elif self.config is None or self.stages is not None:
+            raise ValueError(f"kind: {self.kind} needs config: PATH (and no stages)")
+        if self.kind == "data_prep" and self.resources.num_workers > 1:
+            raise ValueError("kind: data_prep spreads its tasks over the cluster by itself; leave "
+                             "resources.num_workers at 1 (the driver)")
+        return self
+
+    def stage_list(self) -> list[tuple[str, Stage]]:
+        """(kind, stage) of each config-driven stage, in the order they run."""
+        if self.kind != "pipeline":
+            return [(self.kind, Stage(config=self.config, overrides=self.overrides))]
+        s = self.stages
+        return [(k, st) for k, st in (("data_prep", s.data_prep), ("pretrain", s.pretrain), ("finetune", s.finetune))
+                if st is not None]
+
+
+def _resolve(path: str, job_file: Path) -> Path:
+    """A config path as written (relative to the working directory), else relative to the job file."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else job_file.parent / p
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobSpec, dict[str, Any]]:
+    """(the job spec, {stage kind: its validated config}); every error names the job file and the key."""
+    job_file = Path(path)
+    spec = load_config(JobSpec, job_file, overrides)
+    configs = {}
+    for kind, stage in spec.stage_list():
+        where = f"{job_file}: {'stages.' + kind + '.' if spec.kind == 'pipeline' else ''}config"
+        cfg_path = _resolve(stage.config, job_file)
+        extra = []
+        if kind == "finetune" and spec.kind == "pipeline" and spec.stages.registry:  # the model just registered
+            reg = spec.stages.registry
+            extra = [f"model=models:/{reg.name}" + (f"@{reg.alias}" if reg.alias else "/latest")]
+        try:
+            configs[kind] = load_config(_schema(kind), cfg_path, extra + list(stage.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"{where} ({cfg_path}): {e}") from None
+    if spec.kind == "pipeline" and spec.stages.registry and spec.stages.registry.alias == "latest":
+        raise ConfigError(f"{job_file}: stages.registry.alias: 'latest' is reserved by MLflow; choose another")
+    return spec, configs

@@ -1,0 +1,69 @@
+"""Job specs: every shipped one validates; mistakes in the spec or in a config it names are caught up front."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from cluster.jobs import load_job
+from data_prep.configfile import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_spec_is_valid(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec, configs = load_job(path)
+    assert set(configs) == {k for k, _ in spec.stage_list()} and configs
+
+
+def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    job = tmp_path / "job.yaml"
+    job.write_text("kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+                   "  pretrain: {config: configs/pretrain/quickstart.yaml, overrides: {train.max_step: 5}}\n")
+    with pytest.raises(ConfigError, match=r"(?s)job.yaml: stages.pretrain.config .*train.max_step.*max_steps"):
+        load_job(job)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("kind: pretrain\n", "needs config"),
+    ("kind: pipeline\nconfig: x.yaml\n", "names its configs under stages"),
+    ("kind: train\nconfig: x.yaml\n", "kind"),
+    ("kind: data_prep\nconfig: configs/data_prep/quickstart.yaml\nresources: {num_workers: 4}\n",
+     "spreads its tasks"),
+    ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nresources: {gpus_per_worker: 1}\n",
+     "use_gpu is false"),
+    ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "Kubernetes name"),
+    ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "does not exist"),
+])
+def test_bad_job_specs(tmp_path, monkeypatch, body, message):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "job.yaml").write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_job(tmp_path / "job.yaml")
+
+
+def test_a_pipeline_fine_tunes_the_model_it_registered(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "task.yaml").write_text("task: {train: t.jsonl}\n")
+    (tmp_path / "job.yaml").write_text(
+        "kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+        "  pretrain: {config: configs/pretrain/quickstart.yaml}\n  registry: {name: qb, alias: champion}\n"
+        "  finetune: {config: task.yaml}\n")
+    spec, configs = load_job(tmp_path / "job.yaml")
+    assert configs["finetune"].model == "models:/qb@champion"
+    assert [k for k, _ in spec.stage_list()] == ["data_prep", "pretrain", "finetune"]
+
+
+def test_validate_command():
+    ok = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/pretrain_quickstart.yaml",
+                         "max_failures=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "a valid pretrain job 'pretrain-quickstart'" in ok.stdout and "max_failures 5" in ok.stdout
+    assert "2 worker(s)" in ok.stdout and "deepspeed.zero_stage=2" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/quickstart.yaml",
+                          "resources.num_wrkers=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "resources.num_wrkers" in bad.stderr and "num_workers" in bad.stderr
