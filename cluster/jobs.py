@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from data_prep.configfile import ConfigError, Section, load_config
+from pretrain.config import RegistrySection
 
 KINDS = ("data_prep", "pretrain", "finetune", "pipeline")
 
@@ -86,9 +87,8 @@ class Stage(Section):
         return [f"{k}={_flow(val)}" for k, val in v.items()] if isinstance(v, dict) else v
 
 
-class RegisterStage(Section):
+class RegisterStage(RegistrySection):
     name: str
-    alias: str | None = None
 
 
 class PipelineStages(Section):
@@ -171,6 +171,4 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
             configs[kind] = load_config(_schema(kind), cfg_path, extra + list(stage.overrides))
         except ConfigError as e:
             raise ConfigError(f"{where} ({cfg_path}): {e}") from None
-    if spec.kind == "pipeline" and spec.stages.registry and spec.stages.registry.alias == "latest":
-        raise ConfigError(f"{job_file}: stages.registry.alias: 'latest' is reserved by MLflow; choose another")
     return spec, configs

@@ -107,28 +107,36 @@ def main(argv: list[str] | None = None) -> int:
         return _registry(args)
     if args.command == "finetune":
         return _finetune(args)
-    try:
-        from pretrain.config import PretrainConfig
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import PretrainConfig
+    from pretrain.train import EXIT_PREEMPTED, NumericsError, train
 
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
+    summary = _run(PretrainConfig, args.config, args.overrides, train, (CheckpointError, DatasetError, NumericsError))
+    if isinstance(summary, int):
+        return summary
+    return EXIT_PREEMPTED if summary["preempted"] else EXIT_OK
+
+
+def _run(schema, config: str, overrides: list[str], job, errors: tuple) -> dict | int:
+    """Validate the config, run `job` on it, and leave no process group behind: its summary, or an exit status
+    after printing the error (a bad config: usage; `errors` or a setup problem: failed)."""
+    import torch.distributed as dist
+
+    from pretrain.engine import SetupError
+
+    try:
+        cfg = load_config(schema, config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.engine import SetupError
-    from pretrain.train import EXIT_PREEMPTED, NumericsError, train
-
-    import torch.distributed as dist
-
     try:
-        summary = train(cfg)
-    except (SetupError, CheckpointError, DatasetError, NumericsError) as e:
+        return job(cfg)
+    except (SetupError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return EXIT_PREEMPTED if summary["preempted"] else EXIT_OK
 
 
 def _export(args) -> int:
@@ -192,28 +200,14 @@ def _finetune(args) -> int:
         overrides.append(f"registry.name={json.dumps(register)}")
     if alias:
         overrides.append(f"registry.alias={json.dumps(alias)}")
-    try:
-        from pretrain.config import FinetuneConfig
-
-        cfg = load_config(FinetuneConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    import torch.distributed as dist
-
-    from pretrain.engine import SetupError
+    from pretrain.config import FinetuneConfig
     from pretrain.export import ExportError
     from pretrain.finetune import FinetuneError, finetune
     from pretrain.tasks import TaskError
 
-    try:
-        summary = finetune(cfg)
-    except (FinetuneError, TaskError, ExportError, SetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    summary = _run(FinetuneConfig, args.config, overrides, finetune, (FinetuneError, TaskError, ExportError))
+    if isinstance(summary, int):
+        return summary
     return EXIT_FAILED if summary.get("register_error") else EXIT_OK
 
 

@@ -106,20 +106,24 @@ RESERVED_ALIAS = ("the alias 'latest' is reserved by MLflow (models:/NAME/latest
                   "version); choose another, e.g. champion")
 
 
-class RegistryConfig(Section):
-    name: str | None = Field(None, description="register checkpoints under this model name (none: do not register)")
+class RegistrySection(Section):
+    """A registered model name and the alias moved to each new version; MLflow's own 'latest' is refused."""
+
+    name: str | None = Field(None, description="register under this model name (none: do not register)")
     alias: str | None = Field(None, description="alias moved to each newly registered version (e.g. champion)")
+
+    @model_validator(mode="after")
+    def _alias(self):
+        if self.alias is not None and self.alias.lower() == "latest":
+            raise ValueError(RESERVED_ALIAS)
+        return self
+
+
+class RegistryConfig(RegistrySection):
     when: Literal["end", "every_checkpoint", "best"] = Field(
         "end", description="end: the final checkpoint; best: each checkpoint with the lowest eval loss so far"
     )
     pooling: Literal["cls", "mean"] = Field("cls", description="sentence embedding of the registered pyfunc")
-
-
-    @model_validator(mode="after")
-    def _alias(self) -> RegistryConfig:
-        if self.alias is not None and self.alias.lower() == "latest":
-            raise ValueError(RESERVED_ALIAS)
-        return self
 
 
 class DebugConfig(Section):
@@ -207,17 +211,6 @@ class FinetuneMlflow(MlflowConfig):
     experiment: str = "bert-finetuning"
 
 
-class FinetuneRegistry(Section):
-    name: str | None = Field(None, description="register the fine-tuned model under this name (CLI: --register NAME)")
-    alias: str | None = None
-
-    @model_validator(mode="after")
-    def _alias(self) -> FinetuneRegistry:
-        if self.alias is not None and self.alias.lower() == "latest":
-            raise ValueError(RESERVED_ALIAS)
-        return self
-
-
 class FinetuneConfig(Section):
     model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, a pulled or exported "
                                    "model directory, or a pretraining checkpoint")
@@ -230,7 +223,7 @@ class FinetuneConfig(Section):
     deepspeed: FinetuneDeepSpeed = FinetuneDeepSpeed()
     output: str = Field("finetune/run", description="directory for the best model, metrics.jsonl and the summary")
     mlflow: FinetuneMlflow = FinetuneMlflow()
-    registry: FinetuneRegistry = FinetuneRegistry()
+    registry: RegistrySection = RegistrySection()  # CLI: --register NAME [--alias ALIAS]
     seed: int = Field(1234, ge=0)
 
     @model_validator(mode="after")
