@@ -1,46 +1,268 @@
-"""Command line of cluster jobs: `python -m cluster validate JOB [KEY=VALUE ...]`."""
+"""Command line of cluster jobs: `python -m cluster submit | run | status | logs | stop | list | up | down |
+render | validate`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from data_prep.configfile import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PREEMPTED = 143
+
+DESCRIPTION = """\
+Cluster jobs: data prep, pretraining, fine-tuning and the whole pipeline as one job spec (configs/jobs/).
+
+  python -m cluster submit configs/jobs/quickstart.yaml          # on a local Ray started for the job
+  python -m cluster up                                           # a local head for the Jobs API
+  python -m cluster submit JOB --address http://HOST:8265 --wait # through the Ray Jobs API
+  python -m cluster status ID | logs ID [--follow] | stop ID | list
+  python -m cluster render JOB --target kuberay|slurm|ray-up     # for a real cluster
+
+status, logs, stop and list take --address (default: $RAY_ADDRESS, else the head `up` started from this
+directory). Every job spec is validated in full, with each config it names, before anything is submitted.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cluster",
-                                description="Cluster jobs: data prep, pretraining, fine-tuning and the whole pipeline "
-                                            "as one job spec (configs/jobs/).")
+    p = argparse.ArgumentParser(prog="python -m cluster", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_args(sp):
+        sp.add_argument("job", help="a job spec, e.g. configs/jobs/quickstart.yaml")
+        sp.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the job spec's own keys")
+
+    def address(sp):
+        sp.add_argument("--address", help="the cluster's Jobs API, http://HOST:PORT (default: $RAY_ADDRESS, else "
+                                          "the head `up` started from this directory)")
+
+    s = sub.add_parser("submit", help="run a job: on a local Ray (no --address) or on a cluster via its Jobs API",
+                       description="Validate JOB and run it. Without --address it runs here on a local Ray started "
+                                   "for it, printing its progress. With --address it goes to that cluster's Jobs "
+                                   "API and the job id is printed; --wait streams its logs and exits with its "
+                                   "result. A job with the same name that is still pending or running is "
+                                   "reported instead of started twice.")
+    s.add_argument("--address", help="a Ray cluster's Jobs API, http://HOST:PORT (none: a local Ray for this job)")
+    s.add_argument("--wait", action="store_true", help="stream the logs until the job ends; exit with its result")
+    s.add_argument("--name", help="the job's name (default: the spec's name, else the file's)")
+    job_args(s)
+    r = sub.add_parser("run", help="the job driver (a cluster job's entrypoint); runs JOB on the Ray it is in",
+                       description="Run JOB's stages on the Ray this process belongs to ($RAY_ADDRESS, as in a Ray "
+                                   "job), else on a local Ray. Without JOB it runs the plan `submit` put in "
+                                   "$BERTFORGE_JOB_PLAN.")
+    r.add_argument("job", nargs="?", help="a job spec (default: the submitted plan in $BERTFORGE_JOB_PLAN)")
+    r.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the job spec's own keys")
+    for name, text in (("status", "a job's state"), ("logs", "a job's output"), ("stop", "stop a job")):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("id", help="the job id `submit` printed (see `list`)")
+        address(c)
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
+    address(sub.add_parser("list", help="the cluster's jobs", description="The cluster's jobs, newest last."))
+    u = sub.add_parser("up", help="start a local Ray head (loopback, dashboard, token auth) for the Jobs API",
+                       description="Start `ray start --head` on loopback with the dashboard and Ray's token "
+                                   "authentication (a token generated into .bertforge/auth_token); prints the "
+                                   "address to pass as --address. The other commands run from this directory find "
+                                   "it without flags.")
+    from cluster.head import DEFAULT_DASHBOARD_PORT, DEFAULT_HOST
+
+    u.add_argument("--host", default=DEFAULT_HOST, help=f"loopback address to listen on (default {DEFAULT_HOST})")
+    u.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                   help="the Jobs API port (default 8265; 0 or a port in use: a free one)")
+    u.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    u.add_argument("--num-gpus", type=int, help="GPUs the head offers (default: all)")
+    sub.add_parser("down", help="stop the head `up` started from this directory",
+                   description="Stop the head `up` started from this directory, and the nodes joined to it from "
+                               "this machine; other Ray instances are left alone.")
+    rd = sub.add_parser("render", help="a KubeRay RayJob, an sbatch script or a Ray cluster-launcher YAML for JOB",
+                        description="Write what runs JOB on a real cluster: --target kuberay (a RayJob manifest), "
+                                    "slurm (an sbatch script that starts Ray on the allocation and submits the job) "
+                                    "or ray-up (a cluster-launcher YAML).")
+    rd.add_argument("--target", required=True, choices=("kuberay", "slurm", "ray-up"))
+    rd.add_argument("--out", help="write here (default: standard output)")
+    job_args(rd)
     v = sub.add_parser("validate", help="check a job spec and every config it names; print what it would run",
                        description="Validate a job file in full (its keys, resources, and each stage's config with "
                                    "its overrides) without starting anything.")
-    v.add_argument("job", help="a job spec, e.g. configs/jobs/quickstart.yaml")
-    v.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE overrides of the job spec's own keys")
+    job_args(v)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from cluster.jobs import load_job
+    parser = _parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra:  # KEY=VALUE overrides may follow the options too: `submit JOB --address URL max_failures=3`
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or ()) + extra
+    from cluster.client import ClientError
+    from cluster.head import HeadError
 
     try:
-        spec, configs = load_job(args.job, args.overrides)
-    except ConfigError as e:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ClientError, HeadError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(e, ConfigError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args) -> tuple:
+    from cluster.jobs import load_job, resolve
+
+    overrides = list(args.overrides or ())
+    if getattr(args, "name", None):
+        overrides.append(f"name={json.dumps(args.name)}")
+    spec, configs = load_job(args.job, overrides)
+    return spec, configs, resolve(spec, configs, args.job)
+
+
+def _validate(args) -> int:
+    spec, _, plan = _load(args)
     r = spec.resources
-    print(f"{args.job}: a valid {spec.kind} job" + (f" '{spec.name}'" if spec.name else ""))
-    for kind, stage in spec.stage_list():
-        over = f" with {' '.join(stage.overrides)}" if stage.overrides else ""
-        print(f"  {kind:<10} {stage.config}{over}")
-    if spec.kind == "pipeline" and spec.stages.registry:
-        reg = spec.stages.registry
-        print(f"  {'register':<10} {reg.name}" + (f"@{reg.alias}" if reg.alias else ""))
+    print(f"{args.job}: a valid {spec.kind} job '{plan['name']}'")
+    for stage in plan["stages"]:
+        if stage["kind"] == "register":
+            print(f"  {'register':<10} {stage['name']}" + (f"@{stage['alias']}" if stage["alias"] else ""))
+            continue
+        st = dict(spec.stage_list())[stage["kind"]]
+        over = f" with {' '.join(st.overrides)}" if st.overrides else ""
+        print(f"  {stage['kind']:<10} {st.config}{over}")
     gpus = f", {r.gpus:g} GPU" if r.use_gpu else ""
     print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}) on {r.nodes} node(s); "
-          f"max_failures {spec.max_failures}; storage {spec.storage}")
+          f"max_failures {spec.max_failures}; storage {plan['storage']}")
     return EXIT_OK
+
+
+def _drive(plan: dict) -> int:
+    """Run `plan` here; the exit status says how it ended."""
+    from cluster.runner import StageError, run
+    from data_prep.dataset import DatasetError
+    from data_prep.pipeline import JobError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.engine import SetupError
+
+    try:
+        outcome = run(plan)
+    except (StageError, DatasetError, JobError, CheckpointError, SetupError, RuntimeError) as e:
+        print(f"error: job '{plan['name']}' failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_PREEMPTED if outcome.get("pretrain", {}).get("preempted") else EXIT_OK
+
+
+def _run(args) -> int:
+    from cluster.client import PLAN_ENV
+
+    if args.job:
+        return _drive(_load(args)[2])
+    if PLAN_ENV not in os.environ:
+        raise ConfigError(f"give a job spec (python -m cluster run JOB), or submit one (${PLAN_ENV} is not set)")
+    return _drive(json.loads(os.environ[PLAN_ENV]))
+
+
+def _submit(args) -> int:
+    from cluster import client as jobs
+
+    _, _, plan = _load(args)
+    if not args.address:
+        return _drive(plan)
+    address = jobs.resolve_address(args.address)
+    c = jobs.connect(address)
+    job_id, started = jobs.submit(c, plan)
+    if started:
+        print(f"submitted job {job_id} to {address}")
+    else:
+        print(f"job '{plan['name']}' is already running as {job_id}; not starting a second copy")
+    print(f"  python -m cluster status {job_id} --address {address}\n"
+          f"  python -m cluster logs {job_id} --follow --address {address}")
+    if not args.wait:
+        return EXIT_OK
+    status = jobs.follow(c, job_id, sys.stdout)
+    print(f"job {job_id}: {status}")
+    return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def _client(args):
+    from cluster import client as jobs
+
+    return jobs, jobs.connect(jobs.resolve_address(args.address))
+
+
+def _status(args) -> int:
+    jobs, c = _client(args)
+    print(jobs.describe(jobs.info(c, args.id)))
+    return EXIT_OK
+
+
+def _logs(args) -> int:
+    jobs, c = _client(args)
+    if args.follow:
+        jobs.follow(c, args.id, sys.stdout)
+    else:
+        jobs.info(c, args.id)
+        sys.stdout.write(jobs._call(f"reading the logs of '{args.id}'", c.get_job_logs, args.id))
+    return EXIT_OK
+
+
+def _stop(args) -> int:
+    jobs, c = _client(args)
+    print(f"job {args.id}: {jobs.stop(c, args.id)}")
+    return EXIT_OK
+
+
+def _list(args) -> int:
+    jobs, c = _client(args)
+    listed = sorted(jobs._call("listing jobs", c.list_jobs), key=lambda j: j.start_time or 0)
+    for j in listed:
+        if j.submission_id:  # drivers started by hand (ray.init) have none
+            print(jobs.describe(j))
+    if not listed:
+        print("no jobs")
+    return EXIT_OK
+
+
+def _up(args) -> int:
+    from cluster.head import up
+
+    s = up(args.host, args.dashboard_port, args.num_cpus, args.num_gpus)
+    verb = "is already up" if s.get("already_up") else "is up"
+    print(f"Ray head {verb} at {s['address']} (token authentication; token in {s['token_path']})\n"
+          f"  submit:     python -m cluster submit configs/jobs/quickstart.yaml --address {s['address']} --wait\n"
+          f"  dashboard:  {s['address']}\n"
+          f"  add a node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={s['token_path']} ray start --address={s['gcs']}\n"
+          f"  stop:       python -m cluster down")
+    return EXIT_OK
+
+
+def _down(args) -> int:
+    from cluster.head import down
+
+    n = down()
+    print(f"stopped the head ({n} processes)")
+    return EXIT_OK
+
+
+def _render(args) -> int:
+    from cluster.render import render
+
+    from cluster.jobs import load_job
+
+    spec, _ = load_job(args.job, list(args.overrides))  # paths stay as written: they resolve on the cluster
+    text = render(args.target, spec, args.job, list(args.overrides))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"submit": _submit, "run": _run, "status": _status, "logs": _logs, "stop": _stop, "list": _list,
+            "up": _up, "down": _down, "render": _render, "validate": _validate}

@@ -112,7 +112,9 @@ class JobSpec(Section):
     stages: PipelineStages | None = None
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, description="worker restarts before the job fails (from the last checkpoint)")
-    storage: str = Field("outputs", description="a shared path or fsspec URL for checkpoints and outputs")
+    storage: str = Field("outputs", description="a directory every node sees (local disk on one machine; NFS, "
+                                                "Lustre or a mounted bucket on a cluster) for datasets, "
+                                                "checkpoints and fine-tuned models")
     runtime_env: RuntimeEnv = RuntimeEnv()
 
     @field_validator("name")
@@ -126,6 +128,16 @@ class JobSpec(Section):
     @classmethod
     def _as_list(cls, v):
         return [f"{k}={_flow(val)}" for k, val in v.items()] if isinstance(v, dict) else v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v):
+        if "://" in v and not v.startswith("file://"):
+            # Datasets and DeepSpeed checkpoints are written with file I/O (atomic renames, fsync), which object
+            # stores do not offer; a bucket mounted as a filesystem gives every node the same path.
+            raise ValueError(f"storage {v!r}: datasets and checkpoints need a filesystem path every node sees "
+                             "(NFS, Lustre, or a bucket mounted with s3fs/gcsfuse/blobfuse, e.g. /mnt/bucket/run)")
+        return v.removeprefix("file://")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -172,3 +184,74 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
         except ConfigError as e:
             raise ConfigError(f"{where} ({cfg_path}): {e}") from None
     return spec, configs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resolved job: what a driver runs, with every path absolute, so it runs the same wherever the driver starts.
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _output(path: str, storage: Path) -> str:
+    """Outputs a job writes with a relative path go under its storage."""
+    return path if _is_url(path) or Path(path).is_absolute() else str(storage / path)
+
+
+def _input(path: str, storage: Path, cwd: Path) -> str:
+    """Inputs with a relative path: under storage when something is there (an earlier job's output), else
+    relative to the submitting directory."""
+    if _is_url(path) or Path(path).is_absolute():
+        return path
+    return str(storage / path) if (storage / path).exists() else str(cwd / path)
+
+
+def _mlflow_uri(given: str, spec: JobSpec, cwd: Path, environ: dict[str, str]) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI (the job's runtime_env first), else the submitting directory's
+    sqlite store: the one `python -m pretrain register/pull/finetune` use there by default."""
+    uri = given or spec.runtime_env.env_vars.get("MLFLOW_TRACKING_URI") or environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{cwd / 'mlflow.db'}"
+
+
+def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: Path | None = None,
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The plan a driver runs: {name, kind, job_file, storage, mlflow_uri, stages: [{kind, config | name/alias}]}.
+
+    Relative outputs (dataset, checkpoints, fine-tuned model) go under `storage`; in a pipeline, pretraining
+    reads the dataset the data-prep stage writes, and fine-tuning the model the registry stage registers.
+    """
+    import os
+
+    cwd = Path(cwd or Path.cwd()).resolve()
+    environ = dict(os.environ) if environ is None else environ
+    storage = (cwd / spec.storage).resolve()
+    uri = _mlflow_uri("", spec, cwd, environ)
+    stages: list[dict[str, Any]] = []
+    dataset = None
+    for kind, _ in spec.stage_list():
+        tree = configs[kind].model_dump(mode="json")
+        if kind == "data_prep":
+            tree["inputs"] = [_input(p, storage, cwd) for p in tree["inputs"]]
+            tree["output"] = dataset = _output(tree["output"], storage)
+            if tree["tokenizer"]["path"]:
+                tree["tokenizer"]["path"] = _input(tree["tokenizer"]["path"], storage, cwd)
+            tree["ray"]["address"] = ""  # the driver's own cluster
+        elif kind == "pretrain":
+            tree["data"]["dataset"] = dataset or _input(tree["data"]["dataset"], storage, cwd)
+            tree["checkpoint"]["dir"] = _output(tree["checkpoint"]["dir"], storage)
+            tree["mlflow"]["tracking_uri"] = uri = _mlflow_uri(tree["mlflow"]["tracking_uri"], spec, cwd, environ)
+        else:  # finetune
+            for split in ("train", "validation", "test"):
+                if tree["task"][split]:
+                    tree["task"][split] = _input(tree["task"][split], storage, cwd)
+            if not tree["model"].startswith(("models:/", "runs:/")):
+                tree["model"] = _input(tree["model"], storage, cwd)
+            tree["output"] = _output(tree["output"], storage)
+            tree["mlflow"]["tracking_uri"] = _mlflow_uri(tree["mlflow"]["tracking_uri"], spec, cwd, environ)
+        stages.append({"kind": kind, "config": _schema(kind).model_validate(tree).model_dump(mode="json")})
+        if kind == "pretrain" and spec.kind == "pipeline" and spec.stages.registry:
+            reg = spec.stages.registry
+            stages.append({"kind": "register", "name": reg.name, "alias": reg.alias})
+    return {"name": spec.name or Path(job_file).stem.replace("_", "-").lower(), "kind": spec.kind,
+            "job_file": str(job_file), "storage": str(storage), "mlflow_uri": uri, "stages": stages,
+            "spec": spec.model_dump(mode="json")}

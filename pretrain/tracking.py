@@ -387,7 +387,8 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     stage[0] = "setting the alias"
     if alias:  # 4. the alias moves last
         client.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id}
+    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id,
+            "reused": bool(versions)}
 
 
 def pull(model_uri: str, out: str | Path, uri: str) -> Path:

@@ -1,0 +1,161 @@
+"""Jobs on a Ray cluster through its Jobs API: submit (once per name), status, logs, stop, list.
+
+A job's entrypoint is `python -m cluster run`, the driver, with the resolved plan (every config validated,
+every path absolute) in its environment, so the cluster runs exactly what was validated here. A submission
+with a name that is already pending or running reports that job instead of starting a second copy; the
+submission id is `NAME-N`, N counting the name's earlier jobs, so two racing submissions collide in Ray
+rather than both starting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.runner import WORKER_ENV
+
+PLAN_ENV = "BERTFORGE_JOB_PLAN"
+NAME_KEY = "bertforge_name"  # metadata of our submissions
+
+
+class ClientError(Exception):
+    """The cluster cannot be reached, or refused; the message says which address and what to do."""
+
+
+def resolve_address(given: str | None, cwd: Path | None = None) -> str:
+    """--address, else RAY_ADDRESS, else the head `python -m cluster up` started from this directory."""
+    from cluster.head import read_state
+
+    address = given or os.environ.get("RAY_ADDRESS")
+    if not address:
+        state = read_state(cwd)
+        if state is None:
+            raise ClientError("no cluster address: pass --address http://HOST:PORT (a Ray head's dashboard), set "
+                              "RAY_ADDRESS, or start a local head with `python -m cluster up`")
+        address = state["address"]
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def use_token(address: str, cwd: Path | None = None) -> None:
+    """Send the right token to `address`: ours when it is the head `up` started here, else what Ray reads by
+    default (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Must run before `import ray`."""
+    from cluster.head import auth_env, read_state
+    from data_prep.pipeline import _use_cluster_token
+
+    state = read_state(cwd)
+    if state and state["address"] == address and "RAY_AUTH_MODE" not in os.environ:
+        os.environ.update(auth_env(state["token_path"]))
+    else:
+        _use_cluster_token()
+
+
+def connect(address: str):
+    """A JobSubmissionClient for `address`, or a ClientError that says why not."""
+    use_token(address)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 (connection refused, DNS, authentication, version: all mean "not there")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("the cluster requires a token: set RAY_AUTH_TOKEN_PATH to its token file"
+                if "uthentication" in str(e) else "is the head up? (python -m cluster up, or check --address)")
+        raise ClientError(f"cannot reach a Ray cluster at {address}: {first}; {hint}") from None
+
+
+def _call(what: str, fn, *args, **kwargs):
+    """A Jobs API call with Ray's HTTP errors turned into one-line messages."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        text = str(e)
+        m = re.search(r"Job (\S+) does not exist", text)
+        if m:
+            raise ClientError(f"no job '{m.group(1)}' on this cluster (`python -m cluster list` shows its jobs)") \
+                from None
+        raise ClientError(f"{what} failed: {text.strip().splitlines()[-1][:300]}") from None
+    except OSError as e:
+        raise ClientError(f"{what} failed: the cluster stopped answering ({e})") from None
+
+
+def jobs_named(client, name: str) -> list:
+    return [j for j in _call("listing jobs", client.list_jobs) if (j.metadata or {}).get(NAME_KEY) == name]
+
+
+def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
+    """Submit the plan's driver; returns (submission id, True) or, when a job of that name is pending or running,
+    (its id, False)."""
+    name = plan["name"]
+    for _ in range(3):
+        mine = jobs_named(client, name)
+        active = [j for j in mine if not j.status.is_terminal()]
+        if active:
+            return active[0].submission_id, False
+        sid = f"{name}-{len(mine) + 1}"
+        spec = plan["spec"]["runtime_env"]
+        runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, **spec["env_vars"], PLAN_ENV: json.dumps(plan)}}
+        if spec["pip"]:
+            runtime_env["pip"] = list(spec["pip"])
+        try:
+            client.submit_job(entrypoint="python -m cluster run", submission_id=sid, runtime_env=runtime_env,
+                              metadata={NAME_KEY: name, "bertforge_kind": plan["kind"]})
+            return sid, True
+        except RuntimeError as e:
+            if "already exists" not in str(e):
+                raise ClientError(f"submitting '{name}' failed: {str(e).strip().splitlines()[-1][:300]}") from None
+            # another submission of the same name won the id: look again
+    raise ClientError(f"could not pick a submission id for '{name}': jobs of that name keep appearing")
+
+
+def info(client, job_id: str):
+    return _call(f"reading job '{job_id}'", client.get_job_info, job_id)
+
+
+def describe(job) -> str:
+    took = ""
+    if job.start_time:
+        end = job.end_time or time.time() * 1000
+        took = f", {(end - job.start_time) / 1000:.0f}s"
+    msg = f": {job.message.strip().splitlines()[0][:200]}" if job.message and job.status.is_terminal() else ""
+    name = (job.metadata or {}).get(NAME_KEY)
+    return f"{job.submission_id}  {job.status.value}{took}" + (f"  ({name})" if name else "") + msg
+
+
+def stop(client, job_id: str, timeout_s: float = 60.0) -> str:
+    """Stop a pending or running job and wait until it has ended; returns its final status."""
+    job = info(client, job_id)
+    if job.status.is_terminal():
+        raise ClientError(f"job '{job_id}' already ended ({job.status.value}); nothing to stop")
+    _call(f"stopping job '{job_id}'", client.stop_job, job_id)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = info(client, job_id)
+        if job.status.is_terminal():
+            return job.status.value
+        time.sleep(0.5)
+    return info(client, job_id).status.value
+
+
+def follow(client, job_id: str, out) -> str:
+    """Stream the job's logs to `out` until it ends; returns its final status."""
+    import asyncio
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    info(client, job_id)  # an unknown id is a message, not a stack trace
+    try:
+        asyncio.run(tail())
+    except Exception:  # noqa: BLE001 (the log stream closing early is not the job's result)
+        pass
+    while not (job := info(client, job_id)).status.is_terminal():
+        time.sleep(0.5)
+    return job.status.value

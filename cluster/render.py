@@ -1,0 +1,219 @@
+"""What runs a job on a real cluster: a KubeRay `RayJob`, a Slurm `sbatch` script, a Ray cluster-launcher YAML.
+
+Each carries the job's resources: one Ray worker node (pod, Slurm node, machine) per `resources.nodes`, each
+offering `workers_per_node` x the per-worker CPUs, GPUs and memory; and Ray's token authentication on every
+node. KubeRay gets the resolved plan in the job's environment (configs inlined, paths under the storage mount),
+so the image needs the project installed but not its config files; Slurm and the cluster launcher submit the
+job file from a directory every node shares.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+
+from cluster.client import PLAN_ENV
+from cluster.jobs import JobSpec, load_job, resolve
+from cluster.runner import WORKER_ENV
+
+RAY_PORT, DASHBOARD_PORT = 6379, 8265
+MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
+
+
+def _node_resources(spec: JobSpec) -> dict[str, float]:
+    r = spec.resources
+    out = {"cpus": r.cpus_per_worker * r.workers_per_node, "gpus": r.gpus * r.workers_per_node}
+    if r.memory_gb_per_worker:
+        out["memory_gb"] = r.memory_gb_per_worker * r.workers_per_node
+    return out
+
+
+def _labels(spec: JobSpec) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec.resources.node_labels.items())
+
+
+def _command(job: str, overrides: list[str], address: str) -> str:
+    """`python -m cluster submit JOB ... --address ADDRESS --wait`; ADDRESS may hold shell variables."""
+    parts = " ".join(shlex.quote(p) for p in ["python", "-m", "cluster", "submit", job, *overrides])
+    return f'{parts} --address "{address}" --wait'
+
+
+class _Literal(str):
+    """A multi-line string written as a YAML block (`|`), so an embedded document stays readable."""
+
+
+yaml.SafeDumper.add_representer(_Literal, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|"))
+
+
+def kuberay(spec: JobSpec, job: str, overrides: list[str]) -> str:
+    name = spec.name or Path(job).stem.replace("_", "-").lower()
+    storage = spec.storage if Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
+    _, configs = load_job(job, overrides)
+    env = dict(spec.runtime_env.env_vars)
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage}/mlflow.db")  # a file on the shared volume
+    spec_for_pods = spec.model_copy(update={"storage": storage, "name": name,
+                                            "runtime_env": spec.runtime_env.model_copy(update={"env_vars": env})})
+    plan = resolve(spec_for_pods, configs, job, cwd=Path(storage), environ={})
+    res = _node_resources(spec)
+    image = spec.runtime_env.image or "bertforge:latest"
+
+    def container(role: str, cpus: float, gpus: float, memory_gb: float | None) -> dict:
+        limits: dict[str, str | int] = {"cpu": f"{cpus:g}"}
+        if memory_gb:
+            limits["memory"] = f"{memory_gb:g}Gi"
+        if gpus:
+            limits["nvidia.com/gpu"] = int(gpus)
+        return {"name": f"ray-{role}", "image": image, "resources": {"limits": limits, "requests": dict(limits)},
+                "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": f"{name}-ray-token",
+                                                                                  "key": "token"}}}],
+                "volumeMounts": [{"name": "storage", "mountPath": storage}]}
+
+    volumes = [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
+    worker_params = {"labels": _labels(spec)} if spec.resources.node_labels else {}
+    head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]  # the head runs the driver; workers the training
+    manifest = {
+        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name},
+        "spec": {
+            "entrypoint": "python -m cluster run",
+            "runtimeEnvYAML": _Literal(yaml.safe_dump(
+                {**({"pip": spec.runtime_env.pip} if spec.runtime_env.pip else {}),
+                 "env_vars": {**WORKER_ENV, **env, PLAN_ENV: json.dumps(plan)}}, width=10**6)),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": {
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": str(int(head_cpus))},
+                    "template": {"spec": {"containers": [container("head", 2, 0, 8)], "volumes": copy.deepcopy(volumes)}},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "workers", "replicas": spec.resources.nodes, "minReplicas": spec.resources.nodes,
+                    "maxReplicas": spec.resources.nodes, "rayStartParams": worker_params,
+                    "template": {"spec": {"containers": [container("worker", res["cpus"], res["gpus"],
+                                                                   res.get("memory_gb"))],
+                                          "volumes": copy.deepcopy(volumes)}},
+                }],
+            },
+        },
+    }
+    head = (f"# KubeRay RayJob for job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on "
+            f"{spec.resources.nodes} node pod(s).\n"
+            f"# Before `kubectl apply -f` this file:\n"
+            f"#   kubectl create secret generic {name}-ray-token --from-literal=token=$(openssl rand -hex 32)\n"
+            f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n"
+            f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n")
+    return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
+
+
+def slurm(spec: JobSpec, job: str, overrides: list[str]) -> str:
+    name = spec.name or Path(job).stem.replace("_", "-").lower()
+    res = _node_resources(spec)
+    nodes = spec.resources.nodes
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --cpus-per-task={int(res['cpus']) + 1}"]  # one more CPU for Ray's own processes
+    if res["gpus"]:
+        lines.append(f"#SBATCH --gpus-per-node={int(res['gpus'])}")
+    if res.get("memory_gb"):
+        lines.append(f"#SBATCH --mem={int(res['memory_gb']) + 8}G")
+    lines.append("#SBATCH --output=%x-%j.out")
+    env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.runtime_env.env_vars.items())
+    labels = f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""
+    pip = f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}\n" if spec.runtime_env.pip else ""
+    gpus = f" --num-gpus={int(res['gpus'])}" if res["gpus"] else ""
+    body = f"""
+# Job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on {nodes} node(s). Submit from the project
+# directory on a filesystem every node mounts: sbatch {name}.sbatch
+set -euo pipefail
+cd "${{SLURM_SUBMIT_DIR:-.}}"
+{env}{pip}# Ray's token authentication: a fresh token for this allocation, on the shared filesystem, readable by you only.
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+mkdir -p .bertforge && umask 077
+export RAY_AUTH_TOKEN_PATH="$PWD/.bertforge/slurm-$SLURM_JOB_ID.token"
+python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"
+
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_ip=$(srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" hostname --ip-address | awk '{{print $1}}')
+srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" --export=ALL \\
+    ray start --head --block --node-ip-address="$head_ip" --port={RAY_PORT} --dashboard-host="$head_ip" \\
+    --dashboard-port={DASHBOARD_PORT} --num-cpus={int(res['cpus'])}{gpus}{labels} --disable-usage-stats &
+pids=($!)
+sleep 10
+for host in "${{hosts[@]:1}}"; do
+  srun --nodes=1 --ntasks=1 -w "$host" --export=ALL \\
+      ray start --block --address="$head_ip:{RAY_PORT}" --num-cpus={int(res['cpus'])}{gpus}{labels} \\
+      --disable-usage-stats &
+  pids+=($!)
+done
+trap 'kill "${{pids[@]}}" 2>/dev/null; rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT
+
+# Wait until all {nodes} node(s) have joined, then run the job through the Jobs API and wait for its result.
+for _ in $(seq 120); do
+  python - "$head_ip:{RAY_PORT}" {nodes} <<'PY' && break
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+sys.exit(0 if sum(n["Alive"] for n in ray.nodes()) >= int(sys.argv[2]) else 1)
+PY
+  sleep 5
+done
+{_command(job, overrides, 'http://${head_ip}:' + str(DASHBOARD_PORT))}
+"""
+    return "\n".join(lines) + "\n" + body
+
+
+def ray_up(spec: JobSpec, job: str, overrides: list[str]) -> str:
+    name = spec.name or Path(job).stem.replace("_", "-").lower()
+    res = _node_resources(spec)
+    nodes = spec.resources.nodes
+    resources = {"CPU": int(res["cpus"])}
+    if res["gpus"]:
+        resources["GPU"] = int(res["gpus"])
+    labels = f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""
+    auth = "RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0"
+    conf = {
+        "cluster_name": name,
+        "max_workers": nodes,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        # On-premises machines; for a cloud, replace with its provider block (type: aws | gcp | azure, region ...).
+        "provider": {"type": "local", "head_ip": "HEAD_IP", "worker_ips": [f"WORKER_IP_{i + 1}" for i in range(nodes)]},
+        "auth": {"ssh_user": "USER"},
+        "file_mounts": {"~/bertforge": ".", "~/.ray/auth_token": ".bertforge/auth_token"},
+        "setup_commands": ["pip install -e ~/bertforge"]
+        + ([f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}"] if spec.runtime_env.pip else []),
+        "head_start_ray_commands": ["ray stop",
+                                    f"{auth} ray start --head --port={RAY_PORT} --num-cpus=0 "
+                                    f"--dashboard-port={DASHBOARD_PORT} --autoscaling-config=~/ray_bootstrap_config.yaml "
+                                    "--disable-usage-stats"],
+        "worker_start_ray_commands": ["ray stop",
+                                      f"{auth} ray start --address=$RAY_HEAD_IP:{RAY_PORT} "
+                                      f"--resources='{json.dumps(resources)}'{labels} --disable-usage-stats"],
+        "available_node_types": {
+            "head": {"resources": {}, "node_config": {}},
+            "worker": {"resources": resources, "node_config": {}, "min_workers": nodes, "max_workers": nodes},
+        },
+        "head_node_type": "head",
+    }
+    head = (f"# Ray cluster launcher config for job '{name}' ({spec.kind}): {nodes} worker node(s) of "
+            f"{res['cpus']:g} CPUs" + (f", {res['gpus']:g} GPUs" if res["gpus"] else "") + ".\n"
+            "# Fill in HEAD_IP / WORKER_IP_n / USER (or a cloud provider), then, from the project directory:\n"
+            "#   mkdir -p .bertforge && (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' "
+            "> .bertforge/auth_token)\n"
+            f"#   ray up {name}.yaml -y && ray dashboard {name}.yaml &   # forwards the Jobs API to localhost\n"
+            f"#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=.bertforge/auth_token "
+            f"{_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}\n"
+            "# Storage (spec.storage) must be a filesystem every machine mounts at the same path.\n")
+    env = spec.runtime_env.env_vars
+    if env:
+        head += f"# The job's env_vars ({', '.join(sorted(env))}) travel with the submission.\n"
+    return head + yaml.safe_dump(conf, sort_keys=False, width=120)
+
+
+RENDERERS = {"kuberay": kuberay, "slurm": slurm, "ray-up": ray_up}
+
+
+def render(target: str, spec: JobSpec, job: str, overrides: list[str]) -> str:
+    return RENDERERS[target](spec, job, overrides)
