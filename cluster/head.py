@@ -166,7 +166,7 @@ def head_processes(state: dict[str, Any]) -> list:
     return list(seen.values())
 
 
-def down(cwd: Path | None = None, grace_s: float = 15.0) -> int:
+def down(cwd: Path | None = None, grace_s: float = 5.0) -> int:
     """Stop the head started from `cwd` (and its nodes on this machine); returns how many processes were stopped."""
     import psutil
 

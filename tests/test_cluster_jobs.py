@@ -1,0 +1,210 @@
+"""Cluster jobs through the Ray Jobs API on a real two-node Ray on loopback (`python -m cluster up` plus a second
+`ray start` on 127.0.0.3): data prep, pretraining spread over both nodes, a killed worker recovered from the last
+checkpoint, stopping a job, one copy per name, and `down` leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import (
+    REPO,
+    free_port,
+    pretrain_config,
+    pretrain_env,
+    read_metrics,
+    run_pretrain,
+    small_config,
+    write_small_corpus,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                                   reason="a second node needs 127.0.0.3 (Linux loopback)")]
+
+STEPS = 40
+
+
+def cluster(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=cwd, env=pretrain_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head (1 CPU) started with `up`, and a second node (1 CPU) joined to it on 127.0.0.3."""
+    root = tmp_path_factory.mktemp("cluster")
+    up = cluster("up", "--num-cpus", "1", "--dashboard-port", "0", cwd=root)
+    assert up.returncode == 0, up.stderr
+    state = json.loads((root / ".bertforge" / "head.json").read_text())
+    assert state["address"] in up.stdout and "token authentication" in up.stdout
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**pretrain_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]}
+    node = subprocess.run([ray, "start", f"--address={state['gcs']}", "--node-ip-address=127.0.0.3", "--num-cpus=1",
+                           f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert node.returncode == 0, node.stderr
+        yield root, state
+    finally:
+        down = cluster("down", cwd=root)
+        assert down.returncode == 0, down.stderr
+        import psutil
+
+        left = [p for p in psutil.process_iter(["cmdline"]) if state["temp_dir"] in " ".join(p.info["cmdline"] or ())]
+        assert not left, f"processes left after down: {[p.pid for p in left]}"
+
+
+def _job(root: Path, name: str, body: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "storage": "store", **body}))
+    return path
+
+
+def _pretrain_tree(root: Path, ckdir: str, **over) -> Path:
+    """A pretraining config whose relative paths the job places: the dataset found under storage, checkpoints
+    written there."""
+    settings = dict(train__max_steps=STEPS, model__dropout=0.0, model__attention_dropout=0.0,
+                    deepspeed__zero_stage=2, data__eval_examples=0, checkpoint__every_steps=5, mlflow__enabled=False)
+    tree = pretrain_config(Path("data"), Path(ckdir), **{**settings, **over})
+    path = root / f"{ckdir}.pretrain.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(head):
+    """The small corpus prepared by a data-prep job submitted with --wait."""
+    root, state = head
+    write_small_corpus(root / "corpus")
+    tree = small_config(Path("corpus"), Path("data")).model_dump(mode="json")
+    tree["ray"] = {}
+    (root / "dp.yaml").write_text(yaml.safe_dump(tree))
+    out = cluster("submit", str(_job(root, "prep", {"kind": "data_prep", "config": "dp.yaml"})), "--address",
+                  state["address"], "--wait", cwd=root)
+    return root, state, out
+
+
+def test_the_head_requires_its_token(head):
+    root, state = head
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(state["address"] + "/api/jobs/", timeout=10)
+    assert e.value.code == 401
+    token = Path(state["token_path"])
+    assert token.stat().st_mode & 0o077 == 0  # the token file is the owner's alone
+    req = urllib.request.Request(state["address"] + "/api/jobs/",
+                                 headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+    again = cluster("up", cwd=root)
+    assert again.returncode == 0 and "already up" in again.stdout and state["address"] in again.stdout
+
+
+def test_a_data_prep_job_runs_through_the_jobs_api(dataset):
+    root, state, out = dataset
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "submitted job prep-1" in out.stdout and "job prep-1: SUCCEEDED" in out.stdout
+    assert "== data prep summary ==" in out.stdout  # --wait streamed the job's output
+    manifest = json.loads((root / "store" / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["examples"] > 0
+    status = cluster("status", "prep-1", cwd=root)  # the address comes from `up`'s record in this directory
+    assert status.returncode == 0 and "prep-1  SUCCEEDED" in status.stdout
+    logs = cluster("logs", "prep-1", cwd=root)
+    assert logs.returncode == 0 and "== job summary: prep ==" in logs.stdout
+
+
+@pytest.fixture(scope="module")
+def two_node_run(dataset):
+    root, state, _ = dataset
+    _pretrain_tree(root, "ck-two")
+    job = _job(root, "two", {"kind": "pretrain", "config": "ck-two.pretrain.yaml",
+                             "resources": {"num_workers": 2, "cpus_per_worker": 1}})
+    out = cluster("submit", str(job), "--address", state["address"], "--wait", cwd=root, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    return root, state, read_metrics(root / "store" / "ck-two")
+
+
+def test_pretraining_spreads_over_two_nodes_and_matches_one_process(two_node_run):
+    root, _, two = two_node_run
+    workers = [json.loads(p.read_text()) for p in sorted((root / "store" / "ck-two" / "workers").glob("rank-*.json"))]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert len({w["node_id"] for w in workers}) == 2  # one worker on each node
+    assert {w["node_ip"] for w in workers} == {"127.0.0.2", "127.0.0.3"}
+    assert sorted(w["node_rank"] for w in workers) == [0, 1]
+
+    ref = root / "one"
+    ref.mkdir()
+    tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
+    tree["data"]["dataset"] = str(root / "store" / "data")
+    tree["checkpoint"]["dir"] = str(ref / "ck")
+    (ref / "pretrain.yaml").write_text(yaml.safe_dump(tree))
+    one = run_pretrain(ref / "pretrain.yaml")
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = read_metrics(ref / "ck")
+    assert max(two) == STEPS
+    for step in range(1, STEPS + 1):
+        assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(two_node_run):
+    root, state, uninterrupted = two_node_run
+    _pretrain_tree(root, "ck-fault")
+    job = _job(root, "fault", {"kind": "pretrain", "config": "ck-fault.pretrain.yaml", "max_failures": 1,
+                               "resources": {"num_workers": 2, "cpus_per_worker": 1}})
+    out = cluster("submit", str(job), "--address", state["address"], cwd=root)
+    assert out.returncode == 0, out.stderr
+    ck = root / "store" / "ck-fault"
+    deadline = time.monotonic() + 300
+    while not (ck / "step-00000010").is_dir():  # committed (renamed from .partial) at step 10 of 40
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.1)
+    victim = json.loads((ck / "workers" / "rank-00001.json").read_text())
+    os.kill(victim["pid"], signal.SIGKILL)
+    while True:
+        status = cluster("status", "fault-1", cwd=root).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        assert time.monotonic() < deadline + 300, status
+        time.sleep(2)
+    assert "SUCCEEDED" in status, cluster("logs", "fault-1", cwd=root).stdout[-4000:]
+    restarted = json.loads((ck / "workers" / "rank-00001.json").read_text())
+    assert restarted["pid"] != victim["pid"]  # a new worker group took over
+    logs = cluster("logs", "fault-1", cwd=root).stdout
+    assert "resuming from" in logs or "resumed from" in logs, logs[-3000:]
+    final = read_metrics(ck)
+    assert final[STEPS]["loss"] == pytest.approx(uninterrupted[STEPS]["loss"], rel=1e-6, abs=1e-7)
+    for step in range(1, STEPS + 1):
+        assert final[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+def test_one_copy_per_name_stop_and_list(dataset):
+    root, state, _ = dataset
+    _pretrain_tree(root, "ck-long", train__max_steps=100000)
+    job = _job(root, "long", {"kind": "pretrain", "config": "ck-long.pretrain.yaml"})
+    first = cluster("submit", str(job), "--address", state["address"], cwd=root)
+    second = cluster("submit", str(job), "--address", state["address"], cwd=root)
+    assert first.returncode == 0 and "submitted job long-1" in first.stdout, first.stderr
+    assert second.returncode == 0 and "already running as long-1" in second.stdout, second.stderr
+    listed = cluster("list", "--address", state["address"], cwd=root).stdout
+    assert listed.count("(long)") == 1 and "prep-1  SUCCEEDED" in listed
+    deadline = time.monotonic() + 300
+    while not (root / "store" / "ck-long" / "step-00000005").is_dir():
+        assert time.monotonic() < deadline, "the long job never reached a checkpoint"
+        time.sleep(0.5)
+    stopped = cluster("stop", "long-1", cwd=root)
+    assert stopped.returncode == 0 and "long-1: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    again = cluster("stop", "long-1", cwd=root)
+    assert again.returncode == 1 and "already ended (STOPPED)" in again.stderr and "Traceback" not in again.stderr
+    unknown = cluster("logs", "no-such-job", cwd=root)
+    assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr and "Traceback" not in unknown.stderr
+    # a stopped job's name is free again: the next submission is a new job, resuming its checkpoints
+    third = cluster("submit", str(job), "--address", state["address"], cwd=root)
+    assert third.returncode == 0 and "submitted job long-2" in third.stdout
+    assert cluster("stop", "long-2", cwd=root).returncode == 0

@@ -1,0 +1,83 @@
+"""The pipeline job on embedded defaults (`python -m cluster submit JOB`, no address): data prep -> pretraining
+under Ray Train -> registration -> fine-tuning from the registered alias, all in one job; resubmitted, every
+stage is skipped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, pretrain_config, pretrain_env, small_config, write_small_corpus, write_topic_task
+
+pytestmark = pytest.mark.slow
+
+
+def _submit(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**pretrain_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "cluster", "submit", "job.yaml", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_small_corpus(root / "corpus")
+    write_topic_task(root / "task", rows=40)
+    dp = small_config(Path("corpus"), Path("data/small")).model_dump(mode="json")
+    dp["ray"] = {}  # the job's Ray
+    (root / "dp.yaml").write_text(yaml.safe_dump(dp))
+    pt = pretrain_config(Path("data/small"), Path("checkpoints/small"), train__max_steps=10,
+                         checkpoint__every_steps=5)
+    del pt["mlflow"]  # MLFLOW_TRACKING_URI decides
+    (root / "pt.yaml").write_text(yaml.safe_dump(pt))
+    (root / "ft.yaml").write_text(yaml.safe_dump({
+        "model": "models:/unused@x", "task": {"train": "task/train.jsonl", "validation": "task/validation.jsonl",
+                                             "test": "task/test.jsonl"},
+        "train": {"epochs": 1, "micro_batch_size": 16, "max_seq_length": 32}, "output": "finetuned"}))
+    (root / "job.yaml").write_text(yaml.safe_dump({
+        "kind": "pipeline", "name": "small", "storage": "out",
+        "stages": {"data_prep": {"config": "dp.yaml"}, "pretrain": {"config": "pt.yaml"},
+                   "registry": {"name": "small-bert", "alias": "champion"}, "finetune": {"config": "ft.yaml"}}}))
+    return root, _submit(root)
+
+
+def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline):
+    root, out = pipeline
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    summary = out.stdout[out.stdout.index("== job summary: small =="):]
+    out_dir = root / "out"
+    assert f"dataset      {out_dir / 'data/small'}" in summary
+    assert f"pretraining  {out_dir / 'checkpoints/small/step-00000010'} (step 10" in summary
+    assert "registered   small-bert version 1 (models:/small-bert@champion" in summary
+    assert f"fine-tuned   {out_dir / 'finetuned/model'} (test_accuracy" in summary
+    assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in summary
+    assert "skipped" not in summary
+    assert (out_dir / "data/small/manifest.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("small-bert", "champion")
+    assert str(version.version) == "1"
+    pretrain_run = client.get_run(version.run_id)
+    assert pretrain_run.data.params["checkpoint.dir"] == str(out_dir / "checkpoints/small")
+    finetunes = client.search_runs([client.get_experiment_by_name("bert-finetuning").experiment_id])
+    assert [r.data.tags["source_model_name"] for r in finetunes] == ["small-bert"]
+    assert finetunes[0].data.tags["source_model_version"] == "1"
+
+
+def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
+    root, first = pipeline
+    assert first.returncode == 0
+    manifest = (root / "out/data/small/manifest.json").stat().st_mtime_ns
+    again = _submit(root)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "skipped      data_prep, pretrain, register, finetune (already done with the same config)" in again.stdout
+    assert "== stage: pretrain ==\n" in again.stdout and "nothing to do" in again.stdout
+    assert "RayTrainWorker" not in again.stdout  # no training worker started
+    assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
+    assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one

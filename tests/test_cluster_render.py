@@ -1,0 +1,145 @@
+"""Job plans (paths placed under storage, pipeline stages wired) and the real-cluster renderers; no Ray started."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from cluster.jobs import load_job, resolve
+from data_prep.configfile import ConfigError
+
+JOBS = "configs/jobs"
+
+
+def _plan(job, cwd, environ=None):
+    spec, configs = load_job(job)
+    return spec, resolve(spec, configs, job, cwd=cwd, environ=environ or {})
+
+
+def test_a_pipeline_plan_puts_outputs_under_storage_and_wires_its_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "task.yaml").write_text("task: {train: t.jsonl}\noutput: ft\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("kind: pipeline\nname: wired\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+                   "  pretrain: {config: configs/pretrain/quickstart.yaml, overrides: {data.dataset: elsewhere}}\n"
+                   "  registry: {name: qb, alias: champion}\n  finetune: {config: task.yaml}\nstorage: st\n")
+    _, plan = _plan(job, tmp_path)
+    assert [s["kind"] for s in plan["stages"]] == ["data_prep", "pretrain", "register", "finetune"]
+    dp, pt, reg, ft = (s.get("config", s) for s in plan["stages"])
+    storage = tmp_path / "st"
+    assert plan["storage"] == str(storage) and plan["name"] == "wired"
+    assert dp["output"] == str(storage / "data/quickstart")
+    assert dp["inputs"] == [str(tmp_path / "corpus/demo")]  # nothing under storage yet: the submitting directory
+    assert pt["data"]["dataset"] == dp["output"]  # the dataset the pipeline builds, whatever the config said
+    assert pt["checkpoint"]["dir"] == str(storage / "checkpoints/quickstart")
+    assert reg == {"kind": "register", "name": "qb", "alias": "champion"}
+    assert ft["model"] == "models:/qb@champion" and ft["output"] == str(storage / "ft")
+    assert ft["task"]["train"] == str(tmp_path / "t.jsonl")
+    # MLflow: the submitting directory's store unless MLFLOW_TRACKING_URI (the job's env first) says otherwise
+    assert plan["mlflow_uri"] == pt["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, plan = _plan(job, tmp_path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert plan["stages"][1]["config"]["mlflow"]["tracking_uri"] == "http://127.0.0.1:5000"
+
+
+def test_relative_inputs_are_found_under_storage_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "st" / "data" / "quickstart").mkdir(parents=True)  # an earlier data-prep job's output
+    job = tmp_path / "job.yaml"
+    job.write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: st\n")
+    _, plan = _plan(job, tmp_path)
+    assert plan["stages"][0]["config"]["data"]["dataset"] == str(tmp_path / "st/data/quickstart")
+    assert plan["name"] == "job"
+
+
+def test_object_store_storage_is_refused_with_what_to_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "job.yaml").write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: s3://b/x\n")
+    with pytest.raises(ConfigError, match=r"storage.*filesystem path every node sees.*s3fs"):
+        load_job(tmp_path / "job.yaml")
+
+
+def _render(job, target, *extra):
+    out = subprocess.run([sys.executable, "-m", "cluster", "render", str(job), "--target", target, *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_kuberay_rayjob_carries_the_resources_and_the_resolved_plan():
+    manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "kuberay"))
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    assert manifest["metadata"]["name"] == "bert-base-16gpu"
+    spec = manifest["spec"]
+    assert spec["entrypoint"] == "python -m cluster run"
+    group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 16 workers, 8 per node
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "64", "memory": "384Gi", "nvidia.com/gpu": 8}
+    env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    runtime = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
+    assert plan["stages"][0]["config"]["checkpoint"]["dir"] == "/shared/bertforge/checkpoints/bert_base"
+    assert plan["spec"]["resources"]["num_workers"] == 16 and plan["spec"]["max_failures"] == 3
+
+
+def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
+    manifest = yaml.safe_load(_render(f"{JOBS}/quickstart.yaml", "kuberay"))
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount = head["containers"][0]["volumeMounts"][0]["mountPath"]
+    assert mount == "/mnt/bertforge/outputs/quickstart"
+    runtime = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
+    assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{mount}/mlflow.db"
+    plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
+    assert [s["kind"] for s in plan["stages"]] == ["data_prep", "pretrain", "register"]
+    assert plan["stages"][0]["config"]["output"].startswith(mount)
+
+
+def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
+    text = _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5")
+    (tmp_path / "job.sbatch").write_text(text)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], capture_output=True).returncode == 0
+    directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()
+                      if line.startswith("#SBATCH --") and "=" in line)
+    assert directives["--nodes"] == "2" and directives["--gpus-per-node"] == "8"
+    assert int(directives["--cpus-per-task"]) >= 64
+    assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN_PATH" in text
+    assert "ray start --head" in text and '--address="$head_ip:6379"' in text
+    assert ("python -m cluster submit configs/jobs/pretrain_bert_base_8gpu.yaml max_failures=5 "
+            '--address "http://${head_ip}:8265" --wait') in text
+    assert "export MLFLOW_TRACKING_URI=http://mlflow.internal:5000" in text
+
+
+def test_ray_up_config_carries_the_node_resources(tmp_path):
+    conf = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "ray-up"))
+    assert conf["cluster_name"] == "pretrain-quickstart"
+    worker = conf["available_node_types"]["worker"]
+    assert worker["resources"] == {"CPU": 1} and worker["min_workers"] == worker["max_workers"] == 2
+    assert all("RAY_AUTH_MODE=token" in c for c in conf["head_start_ray_commands"][1:] +
+               conf["worker_start_ray_commands"][1:])
+    assert conf["file_mounts"]["~/.ray/auth_token"] == ".bertforge/auth_token"
+    for cmd in conf["setup_commands"] + conf["head_start_ray_commands"] + conf["worker_start_ray_commands"]:
+        assert subprocess.run(["bash", "-n", "-c", cmd], capture_output=True).returncode == 0, cmd
+
+
+def test_render_validates_the_job_first():
+    out = subprocess.run([sys.executable, "-m", "cluster", "render", "configs/jobs/quickstart.yaml", "--target",
+                          "slurm", "resources.num_wrkers=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "num_wrkers" in out.stderr and "num_workers" in out.stderr and not out.stdout
+
+
+def test_client_commands_explain_a_missing_or_unreachable_cluster(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    none = subprocess.run([sys.executable, "-m", "cluster", "list"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**env, "PYTHONPATH": str(REPO)})
+    assert none.returncode == 1 and "no cluster address" in none.stderr and "cluster up" in none.stderr
+    gone = subprocess.run([sys.executable, "-m", "cluster", "status", "x", "--address", "127.0.0.1:1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": str(REPO)})
+    assert gone.returncode == 1 and "cannot reach a Ray cluster at http://127.0.0.1:1" in gone.stderr
+    assert "Traceback" not in gone.stderr + none.stderr
