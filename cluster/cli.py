@@ -139,8 +139,8 @@ def _validate(args) -> int:
     return EXIT_OK
 
 
-def _drive(plan: dict) -> int:
-    """Run `plan` here; the exit status says how it ended."""
+def _drive(plan: dict, local: bool = False) -> int:
+    """Run `plan` here (on a Ray started for it with `local`); the exit status says how it ended."""
     from cluster.runner import StageError, run
     from data_prep.dataset import DatasetError
     from data_prep.pipeline import JobError
@@ -148,7 +148,7 @@ def _drive(plan: dict) -> int:
     from pretrain.engine import SetupError
 
     try:
-        outcome = run(plan)
+        outcome = run(plan, local)
     except (StageError, DatasetError, JobError, CheckpointError, SetupError, RuntimeError) as e:
         print(f"error: job '{plan['name']}' failed: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -170,7 +170,7 @@ def _submit(args) -> int:
 
     _, _, plan = _load(args)
     if not args.address:
-        return _drive(plan)
+        return _drive(plan, local=True)
     address = jobs.resolve_address(args.address)
     c = jobs.connect(address)
     job_id, started = jobs.submit(c, plan)

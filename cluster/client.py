@@ -20,6 +20,7 @@ from cluster.runner import WORKER_ENV
 
 PLAN_ENV = "BERTFORGE_JOB_PLAN"
 NAME_KEY = "bertforge_name"  # metadata of our submissions
+AGENT_WAIT_S = 60.0  # a fresh head takes a few seconds before it accepts jobs
 
 
 class ClientError(Exception):
@@ -43,13 +44,15 @@ def resolve_address(given: str | None, cwd: Path | None = None) -> str:
 
 
 def use_token(address: str, cwd: Path | None = None) -> None:
-    """Send the right token to `address`: ours when it is the head `up` started here, else what Ray reads by
-    default (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Must run before `import ray`."""
+    """Send the right token to `address`: ours when it is the head `up` started here (whatever token settings the
+    environment has, e.g. those an in-process `ray.init` leaves), else what Ray reads by default
+    (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Must run before `import ray`."""
     from cluster.head import auth_env, read_state
     from data_prep.pipeline import _use_cluster_token
 
     state = read_state(cwd)
-    if state and state["address"] == address and "RAY_AUTH_MODE" not in os.environ:
+    if state and state["address"] == address:
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # a token given inline would win over the file
         os.environ.update(auth_env(state["token_path"]))
     else:
         _use_cluster_token()
@@ -102,14 +105,20 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
         runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, **spec["env_vars"], PLAN_ENV: json.dumps(plan)}}
         if spec["pip"]:
             runtime_env["pip"] = list(spec["pip"])
-        try:
-            client.submit_job(entrypoint="python -m cluster run", submission_id=sid, runtime_env=runtime_env,
-                              metadata={NAME_KEY: name, "bertforge_kind": plan["kind"]})
-            return sid, True
-        except RuntimeError as e:
-            if "already exists" not in str(e):
-                raise ClientError(f"submitting '{name}' failed: {str(e).strip().splitlines()[-1][:300]}") from None
-            # another submission of the same name won the id: look again
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(entrypoint="python -m cluster run", submission_id=sid, runtime_env=runtime_env,
+                                  metadata={NAME_KEY: name, "bertforge_kind": plan["kind"]})
+                return sid, True
+            except RuntimeError as e:
+                if "No available agent" in str(e) and time.monotonic() < deadline:
+                    time.sleep(1.0)  # a head that has just started: its job agent is not registered yet
+                    continue
+                if "already exists" not in str(e):
+                    raise ClientError(f"submitting '{name}' failed: {str(e).strip().splitlines()[-1][:300]}") \
+                        from None
+                break  # another submission of the same name won the id: look again
     raise ClientError(f"could not pick a submission id for '{name}': jobs of that name keep appearing")
 
 

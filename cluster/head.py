@@ -100,7 +100,10 @@ def up(host: str = DEFAULT_HOST, dashboard_port: int = DEFAULT_DASHBOARD_PORT, n
     temp = _temp_dir(cwd)
     cmd = [_ray_executable(), "start", "--head", f"--node-ip-address={host}", f"--port={gcs_port}",
            "--include-dashboard=true", f"--dashboard-host={host}", f"--dashboard-port={dashboard_port}",
-           f"--ray-client-server-port={free_port(host)}", f"--temp-dir={temp}", "--disable-usage-stats"]
+           f"--ray-client-server-port={free_port(host)}", f"--temp-dir={temp}", "--disable-usage-stats",
+           # Free ports rather than Ray's fixed defaults (52365 for the job agent): another Ray on the machine
+           # holding them would leave the head without an agent, refusing every job.
+           f"--dashboard-agent-listen-port={free_port(host)}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -128,8 +131,8 @@ def node_env(token: str | Path) -> dict[str, str]:
     """The environment of a `ray start` of ours: the token, and this environment's executables first on PATH,
     so a job's `python -m cluster run` entrypoint runs with the same installation."""
     bindir = str(Path(sys.executable).parent)
-    return {**os.environ, **auth_env(token), "RAY_USAGE_STATS_ENABLED": "0",
-            "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new head joins no other cluster
+    return {**env, **auth_env(token), "RAY_USAGE_STATS_ENABLED": "0", "PATH": bindir + os.pathsep + env.get("PATH", "")}
 
 
 def _reachable(state: dict[str, Any], timeout_s: float = 2.0) -> bool:

@@ -27,9 +27,9 @@ class StageError(Exception):
     """A stage failed for good; the message names the stage and what to do."""
 
 
-def connect(num_cpus: int | None = None) -> bool:
-    """Join the Ray this driver belongs to (`RAY_ADDRESS`, set for Ray jobs), or start a local one; True when this
-    call started Ray (and so should shut it down)."""
+def connect(local: bool = False, num_cpus: int | None = None) -> bool:
+    """Join the Ray this driver belongs to (`RAY_ADDRESS`, set for Ray jobs), or start a local one (always, with
+    `local`); True when this call started Ray (and so should shut it down)."""
     import ray
 
     if ray.is_initialized():
@@ -37,7 +37,7 @@ def connect(num_cpus: int | None = None) -> bool:
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if any(os.environ.get(k) != v for k, v in WORKER_ENV.items()):  # a submitted job has them already
         kwargs["runtime_env"] = {"env_vars": dict(WORKER_ENV)}
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and not local:
         ray.init(**kwargs)
     else:  # embedded: a fresh local Ray for this job, never a cluster that happens to be running. With the
         # dashboard (loopback): Ray Train's placement-group cleaner asks its State API whether the run is alive.
@@ -45,12 +45,13 @@ def connect(num_cpus: int | None = None) -> bool:
     return True
 
 
-def run(plan: dict[str, Any]) -> dict[str, Any]:
-    """Run every stage of `plan` (from `cluster.jobs.resolve`); returns {stage: outcome} and prints a summary."""
+def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
+    """Run every stage of `plan` (from `cluster.jobs.resolve`) on the Ray this process belongs to, or on a local
+    one started for it (`local`); returns {stage: outcome} and prints a summary."""
     import ray
 
     t0 = time.monotonic()
-    started = connect()
+    started = connect(local)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     log(f"job '{plan['name']}' ({plan['kind']}): {len(plan['stages'])} stage(s) on a Ray cluster of {len(nodes)} "
         f"node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "

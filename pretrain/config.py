@@ -59,6 +59,8 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the decay ends at lr x this")
     grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm (0: off)")
     masking: Literal["static", "dynamic"] = "static"
+    unpad: bool = Field(True, description="run the encoder on the real tokens only (the same model; saves the "
+                                          "batch's padding fraction of the work); false: the padded (B, L) layout")
     eval_every: int = Field(500, ge=0, description="steps between evaluations on the val split (0: only at the end)")
     log_every: int = Field(10, ge=1, description="steps between console progress lines")
     max_skipped_steps: int = Field(

@@ -184,7 +184,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     candidates = _resume_point(cfg, topo.world, tracker)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = BertForPretraining(model_cfg)
+    model = BertForPretraining(model_cfg, unpad=cfg.train.unpad)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)

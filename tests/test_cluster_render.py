@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -135,7 +136,7 @@ def test_render_validates_the_job_first():
 
 
 def test_client_commands_explain_a_missing_or_unreachable_cluster(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     none = subprocess.run([sys.executable, "-m", "cluster", "list"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**env, "PYTHONPATH": str(REPO)})
     assert none.returncode == 1 and "no cluster address" in none.stderr and "cluster up" in none.stderr
