@@ -143,10 +143,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, p: Packing | None = None) -> torch.Tensor:
         """x (B, L, H), or (T, H) packed with `p`; keep (B, 1, 1, L) bool: True for real tokens -> x's shape."""
-        if p is not None:  # one projection for q, k and v on the real tokens, one copy into the padded layout
-            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-            q, k, v = p.pad(F.linear(x, w, b)).chunk(3, dim=-1)
+        if p is not None:  # projections on the real tokens, one copy of q, k and v into the padded layout
+            # (each Linear is called, not its weight read: ZeRO-3 gathers a module's weights in its forward hook)
+            q, k, v = p.pad(torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)).chunk(3, dim=-1)
         else:
             q, k, v = self.query(x), self.key(x), self.value(x)
         B, L, H = q.shape
