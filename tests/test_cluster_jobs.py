@@ -30,7 +30,7 @@ from conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                                    reason="a second node needs 127.0.0.3 (Linux loopback)")]
 
-STEPS = 40
+STEPS = 30
 
 
 def env() -> dict:
@@ -139,7 +139,7 @@ def _on_both_nodes(workers: list[dict]) -> None:
 
 
 def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset):
-    """ZeRO-2 over gloo with one worker per node; SIGKILL of a worker at step 10 of 40: Ray restarts the group
+    """ZeRO-2 over gloo with one worker per node; SIGKILL of a worker at step 10 of 30: Ray restarts the group
     (max_failures 1), training resumes from the committed checkpoint, and every step's loss equals what one
     uninterrupted process computes (which also shows the two nodes train as one process would)."""
     root, state, _ = dataset
@@ -150,7 +150,7 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     assert out.returncode == 0, out.stderr
     ck = root / "store" / "ck-two"
     deadline = time.monotonic() + 300
-    while not (ck / "step-00000010").is_dir():  # committed (renamed from .partial) at step 10 of 40
+    while not (ck / "step-00000010").is_dir():  # committed (renamed from .partial) at step 10 of 30
         assert time.monotonic() < deadline, "no checkpoint within 300 s: " + cluster("logs", "two-1", cwd=root).stdout
         time.sleep(0.1)
     first = _placement(ck)
@@ -192,9 +192,9 @@ def test_one_copy_per_name_stop_and_list(dataset):
     assert second.returncode == 0 and "already running as long-1" in second.stdout, second.stderr
     listed = cluster("list", "--address", state["address"], cwd=root).stdout
     assert listed.count("(long)") == 1 and "prep-1  SUCCEEDED" in listed
-    deadline = time.monotonic() + 300
-    while not (root / "store" / "ck-long" / "step-00000005").is_dir():
-        assert time.monotonic() < deadline, "the long job never reached a checkpoint"
+    deadline = time.monotonic() + 120
+    while "RUNNING" not in (status := cluster("status", "long-1", cwd=root).stdout):  # its driver has started
+        assert time.monotonic() < deadline and "PENDING" in status, status
         time.sleep(0.5)
     stopped = cluster("stop", "long-1", cwd=root)
     assert stopped.returncode == 0 and "long-1: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -202,7 +202,7 @@ def test_one_copy_per_name_stop_and_list(dataset):
     assert again.returncode == 1 and "already ended (STOPPED)" in again.stderr and "Traceback" not in again.stderr
     unknown = cluster("logs", "no-such-job", cwd=root)
     assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr and "Traceback" not in unknown.stderr
-    # a stopped job's name is free again: the next submission is a new job, resuming its checkpoints
+    # a stopped job's name is free again: the next submission is a new job
     third = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert third.returncode == 0 and "submitted job long-2" in third.stdout
     assert cluster("stop", "long-2", cwd=root).returncode == 0

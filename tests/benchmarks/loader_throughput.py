@@ -57,8 +57,11 @@ def main() -> None:
     per_worker = 0.0
     for w in (int(x) for x in args.workers.split(",")):
         r = rate(ds, w, args.batch, args.batches, args.masking)
-        per_worker = max(per_worker, r / max(1, w))
+        if w:  # training uses worker processes: their rate includes handing batches to the training process
+            per_worker = max(per_worker, r / w)
         print(f"| {w} | {r:,.0f} | {r / max(1, w):,.0f} |", flush=True)
+    if not per_worker:
+        return
     need = math.ceil(args.target * 1.02 / per_worker)  # 2% headroom for the loader's own jitter
     print(f"\n{args.target:,.0f} seq/s needs {need} loader worker(s) at {per_worker:,.0f} seq/s each "
           f"(one CPU core per worker)")
