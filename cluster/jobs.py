@@ -9,7 +9,7 @@ each stage runs (loaded with its overrides against that stage's schema), so a ty
     overrides: [train.max_steps=100]    # or a mapping {train.max_steps: 100}
     resources: {num_workers: 2, use_gpu: false, cpus_per_worker: 1}
     max_failures: 2
-    storage: /shared/bertforge           # or s3://bucket/prefix: checkpoints and outputs
+    storage: /shared/bertforge           # datasets, checkpoints, models: a path every node mounts
     runtime_env: {pip: [], env_vars: {MLFLOW_TRACKING_URI: http://mlflow:5000}}
 
 A pipeline names its stages instead of one config: `stages: {data_prep: {config, overrides},
