@@ -145,7 +145,6 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
 
 def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     from pretrain.config import FinetuneConfig
-    from pretrain.finetune import finetune
 
     cfg = FinetuneConfig.model_validate(stage["config"])
     out = Path(cfg.output)
@@ -154,9 +153,27 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
             json.loads((out / "job-config.json").read_text()) == stage["config"]:
         log(f"'{out}' holds this fine-tune's result; nothing to do.")
         return {"skipped": True, **json.loads(done.read_text())}
-    summary = finetune(cfg)
+    import ray
+
+    from cluster.jobs import JobSpec
+
+    # On a worker with the job's per-worker resources (a GPU on GPU clusters), not on the driver's node.
+    r = JobSpec.model_validate(plan["spec"]).resources
+    task = ray.remote(_finetune_task).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus, max_retries=0)
+    try:
+        summary = ray.get(task.remote(stage["config"]))
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        raise StageError(f"fine-tuning into {out} failed: {type(cause).__name__}: {cause}") from None
     (out / "job-config.json").write_text(json.dumps(stage["config"], indent=1))
     return {"skipped": False, **summary}
+
+
+def _finetune_task(config: dict) -> dict:
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune import finetune
+
+    return finetune(FinetuneConfig.model_validate(config))
 
 
 STAGES = {"data_prep": _data_prep, "pretrain": _pretrain, "register": _register, "finetune": _finetune}
