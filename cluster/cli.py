@@ -252,8 +252,8 @@ def _render(args) -> int:
 
     from cluster.jobs import load_job
 
-    spec, _ = load_job(args.job, list(args.overrides))  # paths stay as written: they resolve on the cluster
-    text = render(args.target, spec, args.job, list(args.overrides))
+    spec, configs = load_job(args.job, list(args.overrides))  # paths stay as written: resolved on the cluster
+    text = render(args.target, spec, configs, args.job, list(args.overrides))
     if args.out:
         from pathlib import Path
 

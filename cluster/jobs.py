@@ -189,6 +189,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
 # ---------------------------------------------------------------------------------------------------------------
 # The resolved job: what a driver runs, with every path absolute, so it runs the same wherever the driver starts.
 
+def job_name(spec: JobSpec, job_file: str | Path) -> str:
+    """The spec's name, else the job file's (`pretrain_quickstart.yaml` -> `pretrain-quickstart`)."""
+    return spec.name or Path(job_file).stem.replace("_", "-").lower()
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
@@ -252,6 +257,6 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
         if kind == "pretrain" and spec.kind == "pipeline" and spec.stages.registry:
             reg = spec.stages.registry
             stages.append({"kind": "register", "name": reg.name, "alias": reg.alias})
-    return {"name": spec.name or Path(job_file).stem.replace("_", "-").lower(), "kind": spec.kind,
+    return {"name": job_name(spec, job_file), "kind": spec.kind,
             "job_file": str(job_file), "storage": str(storage), "mlflow_uri": uri, "stages": stages,
             "spec": spec.model_dump(mode="json")}

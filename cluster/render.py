@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from cluster.client import PLAN_ENV
-from cluster.jobs import JobSpec, load_job, resolve
+from cluster.jobs import JobSpec, job_name, resolve
 from cluster.runner import WORKER_ENV
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
@@ -49,10 +49,9 @@ class _Literal(str):
 yaml.SafeDumper.add_representer(_Literal, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|"))
 
 
-def kuberay(spec: JobSpec, job: str, overrides: list[str]) -> str:
-    name = spec.name or Path(job).stem.replace("_", "-").lower()
+def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+    name = job_name(spec, job)
     storage = spec.storage if Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
-    _, configs = load_job(job, overrides)
     env = dict(spec.runtime_env.env_vars)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage}/mlflow.db")  # a file on the shared volume
     spec_for_pods = spec.model_copy(update={"storage": storage, "name": name,
@@ -109,8 +108,8 @@ def kuberay(spec: JobSpec, job: str, overrides: list[str]) -> str:
     return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
 
 
-def slurm(spec: JobSpec, job: str, overrides: list[str]) -> str:
-    name = spec.name or Path(job).stem.replace("_", "-").lower()
+def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+    name = job_name(spec, job)
     res = _node_resources(spec)
     nodes = spec.resources.nodes
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
@@ -164,8 +163,8 @@ done
     return "\n".join(lines) + "\n" + body
 
 
-def ray_up(spec: JobSpec, job: str, overrides: list[str]) -> str:
-    name = spec.name or Path(job).stem.replace("_", "-").lower()
+def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+    name = job_name(spec, job)
     res = _node_resources(spec)
     nodes = spec.resources.nodes
     resources = {"CPU": int(res["cpus"])}
@@ -215,5 +214,6 @@ def ray_up(spec: JobSpec, job: str, overrides: list[str]) -> str:
 RENDERERS = {"kuberay": kuberay, "slurm": slurm, "ray-up": ray_up}
 
 
-def render(target: str, spec: JobSpec, job: str, overrides: list[str]) -> str:
-    return RENDERERS[target](spec, job, overrides)
+def render(target: str, spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+    """`target`'s text for the job `job` (as written, with `overrides`), validated as `spec` and `configs`."""
+    return RENDERERS[target](spec, configs, job, overrides)

@@ -144,3 +144,14 @@ def test_client_commands_explain_a_missing_or_unreachable_cluster(tmp_path):
                           capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": str(REPO)})
     assert gone.returncode == 1 and "cannot reach a Ray cluster at http://127.0.0.1:1" in gone.stderr
     assert "Traceback" not in gone.stderr + none.stderr
+
+
+def test_node_labels_reach_every_renderer(tmp_path):
+    job = tmp_path / "labelled.yaml"
+    job.write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\n"
+                   "resources: {num_workers: 2, node_labels: {pool: a100}}\n")
+    manifest = yaml.safe_load(_render(str(job), "kuberay"))
+    assert manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == {"labels": "pool=a100"}
+    assert "--labels=pool=a100" in _render(str(job), "slurm")
+    conf = yaml.safe_load(_render(str(job), "ray-up"))
+    assert "--labels=pool=a100" in conf["worker_start_ray_commands"][1]
