@@ -61,6 +61,9 @@ class TrainConfig(Section):
     masking: Literal["static", "dynamic"] = "static"
     unpad: bool = Field(True, description="run the encoder on the real tokens only (the same model; saves the "
                                           "batch's padding fraction of the work); false: the padded (B, L) layout")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the encoder layers (fused elementwise kernels; the same model). auto: on "
+                            "with CUDA and ZeRO 0-2; off on CPU, where compiling takes longer than it saves")
     eval_every: int = Field(500, ge=0, description="steps between evaluations on the val split (0: only at the end)")
     log_every: int = Field(10, ge=1, description="steps between console progress lines")
     max_skipped_steps: int = Field(
@@ -160,6 +163,10 @@ class PretrainConfig(Section):
                 "train.optimizer=lamb cannot run under ZeRO: partitioning the parameters breaks LAMB's per-layer "
                 "trust ratios, and DeepSpeed refuses it. Use train.optimizer=adamw, or deepspeed.zero_stage=0 on GPU"
             )
+        if self.train.compile is True and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.compile=true cannot run under ZeRO-3: its parameters are gathered by hooks "
+                             "inside each layer's forward, which a compiled layer does not run. Use "
+                             "train.compile=auto (off under ZeRO-3) or deepspeed.zero_stage=1 or 2")
         if self.registry.name and not self.mlflow.enabled:
             raise ValueError("registry.name needs mlflow.enabled=true (the registry lives in the MLflow store)")
         if self.registry.when == "best" and not self.data.eval_examples:

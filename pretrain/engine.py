@@ -1,8 +1,8 @@
 """DeepSpeed, in one place: the process group, the DeepSpeed config dict, the optimizer and the engine.
 
 The batch arithmetic (micro x accumulation x world = global) is derived here once. On CPU the
-optimizer is torch's AdamW (DeepSpeed's own Adam would compile a C++ op first); on GPUs DeepSpeed
-builds its fused Adam (or its CPU Adam for ZeRO-Offload) from the "optimizer" section.
+AdamW is torch's (fused into a few kernels on GPUs; DeepSpeed's own Adam would compile a C++/CUDA op at the
+first run); DeepSpeed builds its LAMB and, for ZeRO-Offload, its CPU Adam from the "optimizer" section.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def ds_config(cfg: AnyConfig, b: Batching, precision: str, device: torch.device)
     elif precision == "fp16":
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
-    if on_gpu:
+    if t.optimizer == "lamb" or z.offload_optimizer:
         opt = {"type": "Lamb" if t.optimizer == "lamb" else "AdamW",
                "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay}}
         out["optimizer"] = opt
@@ -216,7 +216,7 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         optimizer = GuardedAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps,
                                  fused=device.type == "cuda")
     elif "optimizer" not in config:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=device.type == "cuda")
     sched = schedule or Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
 
     def lr_scheduler(opt):

@@ -29,7 +29,7 @@ from pretrain.engine import (
     init_distributed,
     resolve_precision,
 )
-from pretrain.model import BertForPretraining, pretraining_loss, training_flops
+from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, training_flops
 from pretrain.tracking import Tracker, git_commit
 
 # Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
@@ -185,6 +185,10 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BertForPretraining(model_cfg, unpad=cfg.train.unpad)
+    compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and topo.device.type == "cuda"
+                                              and cfg.deepspeed.zero_stage < 3)
+    if compiled:
+        compile_layers(model)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
@@ -224,7 +228,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
-                  f"{topo.device.type} rank(s), {precision}, ZeRO-{cfg.deepspeed.zero_stage}: global batch "
+                  f"{topo.device.type} rank(s), {precision}, ZeRO-{cfg.deepspeed.zero_stage}"
+                  f"{', compiled layers' if compiled else ''}: global batch "
                   f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "
                   f"{cfg.train.max_steps - step} steps to go")
 

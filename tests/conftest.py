@@ -173,11 +173,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 
 
 @pytest.fixture(scope="session")
-def train_dataset(tmp_path_factory, ray_local) -> Path:
-    """The small corpus built once per session as a dataset for the pretraining tests (713 train examples)."""
+def train_dataset(tmp_path_factory, request) -> Path:
+    """The small corpus built once per session as a dataset for the pretraining tests (713 train examples).
+
+    With BERTFORGE_TRAIN_DATASET=DIR it is built there once and reused by later sessions (e.g. on a GPU
+    machine without Ray: build it elsewhere and bring the folder).
+    """
+    from data_prep.dataset import MANIFEST
+
+    keep = os.environ.get("BERTFORGE_TRAIN_DATASET")
+    if keep and (Path(keep) / "ds" / MANIFEST).exists():
+        return Path(keep).resolve() / "ds"
     from data_prep.pipeline import run
 
-    base = tmp_path_factory.mktemp("train-dataset")
+    request.getfixturevalue("ray_local")
+    base = Path(keep).resolve() if keep else tmp_path_factory.mktemp("train-dataset")
     run(small_config(write_small_corpus(base / "corpus"), base / "ds"))
     return base / "ds"
 
@@ -214,7 +224,8 @@ def pretrain_command(config: Path, *overrides: str, nproc: int = 1) -> list[str]
 
 def pretrain_env() -> dict:
     """Quiet, one thread per rank, and DeepSpeed's CPU op built once into a stable cache (31 s cold)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=path)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return env
 

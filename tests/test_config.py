@@ -147,6 +147,11 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
         load_config(PretrainConfig, None, [])
     with pytest.raises(ConfigError, match="alias 'latest' is reserved by MLflow"):
         load_config(PretrainConfig, f, ["registry.name=m", "registry.alias=Latest"])
+    with pytest.raises(ConfigError, match="train.compile=true cannot run under ZeRO-3"):
+        load_config(PretrainConfig, f, ["train.compile=true", "deepspeed.zero_stage=3"])
+    assert load_config(PretrainConfig, f, ["deepspeed.zero_stage=3"]).train.compile == "auto"
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(PretrainConfig, f, ["train.compile=sometimes"])
     with pytest.raises(ConfigError, match="registry.when=best needs evaluation"):
         load_config(PretrainConfig, f, ["registry.name=m", "registry.when=best", "data.eval_examples=0"])
     cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])

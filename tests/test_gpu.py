@@ -1,4 +1,8 @@
-"""Training on a CUDA device (skipped without one): bf16 and fp16 under ZeRO, NCCL chosen automatically."""
+"""Training on a CUDA device (skipped without one): bf16 and fp16 under ZeRO, NCCL chosen automatically.
+
+MLflow is off here (metrics.jsonl is what these tests read), so a GPU machine needs no tracking store.
+    BERTFORGE_TRAIN_DATASET=DIR pytest -m gpu tests/test_gpu.py   # DIR: a dataset built once, e.g. on a CPU machine
+"""
 
 from __future__ import annotations
 
@@ -15,29 +19,32 @@ def test_training_on_gpu(tmp_path, train_dataset, precision, stage):
     cfg = tmp_path / "pretrain.yaml"
     cfg.write_text(yaml.safe_dump(pretrain_config(
         train_dataset, tmp_path / "ck", precision=precision, deepspeed__zero_stage=stage, train__max_steps=40,
-        data__num_workers=2, train__lr=2e-3)))
+        data__num_workers=2, train__lr=2e-3, mlflow__enabled=False)))
     out = run_pretrain(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"cuda rank(s), {precision}, ZeRO-{stage}" in out.stdout
+    assert ("compiled layers" in out.stdout) == (stage < 3)  # train.compile=auto: on with CUDA, off under ZeRO-3
     m = read_metrics(tmp_path / "ck")
     assert sum(m[s]["loss"] for s in range(31, 41)) < sum(m[s]["loss"] for s in range(1, 11))
     if precision == "fp16":
         assert m[40]["loss_scale"] > 0
 
 
-def test_unpadded_training_matches_the_padded_path_in_bf16(tmp_path, train_dataset):
-    """300 bf16 steps each way: the optimized (unpadded) path trains the model the plain path does."""
+def test_optimized_training_matches_the_plain_path_in_bf16(tmp_path, train_dataset):
+    """300 bf16 steps each way: the default path on a GPU (unpadded, compiled layers) trains the model the
+    plain path (padded, eager) does."""
     curves = {}
-    for unpad in (True, False):
-        cfg = tmp_path / f"unpad-{unpad}.yaml"
+    for fast in (True, False):
+        cfg = tmp_path / f"fast-{fast}.yaml"
         cfg.write_text(yaml.safe_dump(pretrain_config(
-            train_dataset, tmp_path / f"ck-{unpad}", precision="bf16", train__max_steps=300, train__unpad=unpad,
-            model__dropout=0.0, model__attention_dropout=0.0, checkpoint__every_steps=0, data__eval_examples=0,
-            train__log_every=50)))
+            train_dataset, tmp_path / f"ck-{fast}", precision="bf16", train__max_steps=300, train__unpad=fast,
+            train__compile="auto" if fast else False, model__dropout=0.0, model__attention_dropout=0.0,
+            checkpoint__every_steps=0, data__eval_examples=0, train__log_every=50, mlflow__enabled=False)))
         out = run_pretrain(cfg, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
-        m = read_metrics(tmp_path / f"ck-{unpad}")
-        curves[unpad] = [m[s]["loss"] for s in range(1, 301)]
+        assert ("compiled layers" in out.stdout) == fast
+        m = read_metrics(tmp_path / f"ck-{fast}")
+        curves[fast] = [m[s]["loss"] for s in range(1, 301)]
     fast, plain = curves[True], curves[False]
     # bf16 rounds differently along the two paths, so steps drift apart a little; the curves must not
     assert sum(abs(a - b) for a, b in zip(fast, plain)) / 300 < 0.05

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from pretrain.hf_compat import hf_config_fields, to_hf_state_dict
-from pretrain.model import PRESETS, BertForPretraining, ModelConfig, padded_vocab, pretraining_loss, preset
+from pretrain.model import (
+    PRESETS,
+    BertForPretraining,
+    ModelConfig,
+    compile_layers,
+    padded_vocab,
+    pretraining_loss,
+    preset,
+)
 
 
 def batch(c: ModelConfig, B: int = 3, L: int = 24, seed: int = 0):
@@ -75,10 +83,14 @@ def test_unpadded_path_computes_the_same_outputs_and_gradients(pre_ln):
     c = preset("tiny", 500, pre_ln=pre_ln, dropout=0.0, attention_dropout=0.0)
     plain, unpadded = BertForPretraining(c), BertForPretraining(c, unpad=True)
     unpadded.load_state_dict(plain.state_dict())
-    ids, types, mask, masked = batch(c)
+    assert_same_outputs_and_gradients(plain, unpadded, *batch(c))
+
+
+def assert_same_outputs_and_gradients(a: BertForPretraining, b: BertForPretraining, ids, types, mask, masked):
     labels, nsp_labels = ids.view(-1)[masked], torch.tensor([0, 1, 0])
     results = []
-    for model in (plain, unpadded):
+    for model in (a, b):
+        model.zero_grad()
         mlm, nsp = model(ids, types, mask, masked)
         loss, _, _ = pretraining_loss(mlm, labels, nsp, nsp_labels)
         loss.backward()
@@ -88,6 +100,31 @@ def test_unpadded_path_computes_the_same_outputs_and_gradients(pre_ln):
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_compiled_layers_are_captured_whole_once_and_compute_the_same(unpad):
+    """`compile_layers` as on GPUs, through the compiler's front end (dynamo + autograd capture, no codegen):
+    every layer is one graph (fullgraph: a graph break fails), all layers share it, a batch with another
+    real-token count reuses it, and outputs and gradients equal the eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    c = preset("tiny", 500, num_layers=3, dropout=0.0, attention_dropout=0.0)
+    eager, compiled = BertForPretraining(c, unpad=unpad), BertForPretraining(c, unpad=unpad)
+    compiled.load_state_dict(eager.state_dict())
+    compile_layers(compiled, backend="aot_eager")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are interchangeable
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in (0, 1):  # the second batch has another number of real tokens
+        ids, types, mask, masked = batch(c, seed=seed)
+        if seed:
+            mask[1, 10:] = 0
+        assert_same_outputs_and_gradients(eager, compiled, ids, types, mask, masked)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["calls_captured"] > 0
 
 
 def test_unpadded_training_follows_the_plain_loss_curve():

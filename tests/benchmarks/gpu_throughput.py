@@ -1,12 +1,16 @@
-"""One-GPU training throughput: our model in the DeepSpeed engine (ZeRO-1, bf16), unpadded (the default) and
-padded, against transformers' BertForPreTraining (SDPA attention, bf16 autocast, fused AdamW), side by side.
+"""One-GPU training throughput: our model in the DeepSpeed engine (ZeRO-1, bf16) as pretraining runs it on a
+GPU (unpadded, compiled layers, fused AdamW), its levers one at a time, and transformers' BertForPreTraining
+(SDPA attention, bf16 autocast, fused AdamW), side by side.
 
     python tests/benchmarks/gpu_throughput.py                       # BERT-base@128, base@512, large@128
-    python tests/benchmarks/gpu_throughput.py --configs base:128 --batches 128,256 --dataset data/bench128
-    python tests/benchmarks/gpu_throughput.py --configs tiny:64 --batches 8 --steps 3 --precision fp32  # CPU smoke
+    python tests/benchmarks/gpu_throughput.py --configs base:128:256/512 --dataset data/bench128
+    python tests/benchmarks/gpu_throughput.py --configs tiny:64:8 --steps 3 --precision fp32  # CPU smoke
 
-For each config and variant it tries every batch size of --batches (an out-of-memory one is skipped) and
-keeps the best; rounds alternate between variants and each keeps its best round. Batches are synthetic,
+Variants: `ours` (the default: unpadded, compiled), `ours-eager` (unpadded, not compiled), `ours-padded`
+(neither), `ours-zero0` (the default under ZeRO-0), `transformers`.
+
+For each config (PRESET:SEQ, optionally :B1/B2/... batch sizes, else --batches) and variant it tries every
+batch size (an out-of-memory one is skipped) and keeps the best; rounds alternate between variants and each keeps its best round. Batches are synthetic,
 shaped like pretraining data (lengths --min-fill..100% of the sequence, 15% of real tokens masked). Reported:
 sequences/s, real (non-padding) tokens/s, MFU = model FLOPs on real tokens (pretrain.model.training_flops)
 / time / 790 TFLOP/s (the bf16 peak used for H100 and H200), and peak GPU memory. With --dataset (a dataset
@@ -29,15 +33,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_model_throughput import hf_step, make_batches  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from cpu_model_throughput import make_batches  # noqa: E402
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.engine import batching, build_engine, init_distributed  # noqa: E402
 from pretrain.hf_compat import hf_config_fields  # noqa: E402
-from pretrain.model import BertForPretraining, pretraining_loss, preset, training_flops  # noqa: E402
+from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, preset, training_flops  # noqa: E402
 
 PEAK = 790e12
-VARIANTS = ("ours", "ours-padded", "transformers")
+VARIANTS = ("ours", "ours-eager", "ours-padded", "transformers")
+# variant -> (unpad, compile, ZeRO stage)
+OURS = {"ours": (True, True, 1), "ours-eager": (True, False, 1), "ours-padded": (False, False, 1),
+        "ours-zero0": (True, True, 0)}
 
 
 def to(b: dict, device) -> dict:
@@ -49,21 +57,27 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step, batches, device) -> float:
-    """Seconds for steps on batches[1:], after a warm-up step on batches[0]."""
-    step(batches[0])
+def timed(step, batches, device, warm: int = 1) -> float:
+    """Seconds for micro steps on batches[warm:], after warm-up micro steps on batches[:warm]."""
+    for b in batches[:warm]:
+        step(b)
     sync(device)
     t = time.perf_counter()
-    for b in batches[1:]:
+    for b in batches[warm:]:
         step(b)
     sync(device)
     return time.perf_counter() - t
 
 
-def engine_for(c, unpad: bool, batch: int, precision: str, device):
-    cfg = PretrainConfig(data={"dataset": "-"}, precision=precision, deepspeed={"zero_stage": 1},
-                         train={"micro_batch_size": batch, "global_batch_size": batch, "grad_clip": 1.0})
-    return build_engine(BertForPretraining(c, unpad=unpad), cfg, batching(cfg, 1), precision, device)
+def engine_for(c, variant: str, batch: int, precision: str, device, accumulation: int = 1):
+    unpad, compiled, stage = OURS[variant]
+    cfg = PretrainConfig(data={"dataset": "-"}, precision=precision, deepspeed={"zero_stage": stage},
+                         train={"micro_batch_size": batch, "global_batch_size": batch * accumulation,
+                                "grad_clip": 1.0})
+    model = BertForPretraining(c, unpad=unpad)
+    if compiled:
+        compile_layers(model)
+    return build_engine(model, cfg, batching(cfg, 1), precision, device)
 
 
 def ours_step(engine):
@@ -75,45 +89,94 @@ def ours_step(engine):
     return step
 
 
-def theirs_step(c, device, dtype):
+def theirs_step(c, device, dtype, accumulation: int = 1):
     import transformers
 
     model = transformers.BertForPreTraining(
         transformers.BertConfig(**hf_config_fields(c), attn_implementation="sdpa")).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
-    def step(b):
+    micro = [0]
+
+    def step(b):  # as hf_step, without reading the loss back (no sync per step, as ours)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            hf_step(model, opt, b)
+            out = model(input_ids=b["ids"], token_type_ids=b["types"], attention_mask=b["mask"])
+            V = out.prediction_logits.shape[-1]
+            loss = F.cross_entropy(out.prediction_logits.view(-1, V), b["labels_full"].view(-1)) \
+                + F.cross_entropy(out.seq_relationship_logits, b["nsp"])
+        (loss / accumulation).backward()
+        micro[0] += 1
+        if micro[0] % accumulation == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return step
 
 
-def measure(variant: str, c, batch: int, seq: int, args, device) -> dict | None:
-    """Best of --rounds for one variant at one batch size; None when it does not fit in memory."""
+def measure(variant: str, c, size: str, seq: int, args, device) -> dict | None:
+    """Best of --rounds for one variant at one batch size (MICRO or MICROxACCUMULATION); None when it does not
+    fit in memory."""
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    batches = [to(b, device) for b in make_batches(c.vocab_size, args.steps + 1, batch, seq, min_fill=args.min_fill)]
+    batch, acc = (int(x) for x in (size.split("x") if "x" in size else (size, 1)))
+    batches = [to(b, device) for b in
+               make_batches(c.vocab_size, (args.steps + 1) * acc, batch, seq, min_fill=args.min_fill)]
     step = None
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = (theirs_step(c, device, dtype) if variant == "transformers"
-                else ours_step(engine_for(c, variant == "ours", batch, args.precision, device)))
-        best = min(timed(step, batches, device) for _ in range(args.rounds))
+        step = (theirs_step(c, device, dtype, acc) if variant == "transformers"
+                else ours_step(engine_for(c, variant, batch, args.precision, device, acc)))
+        best = min(timed(step, batches, device, warm=acc) for _ in range(args.rounds))
     except torch.OutOfMemoryError:
         return None
+    except Exception as e:  # one variant failing (e.g. a compiler error) must not lose the others' figures
+        print(f"{variant} at batch {size} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        return {"batch": size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
         del step
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    timed_batches = batches[1:]
+    timed_batches = batches[acc:]
     flops = sum(training_flops(c, b["mask"].sum(1).cpu(), len(b["labels"])) for b in timed_batches)
     real = sum(int(b["mask"].sum()) for b in timed_batches)
-    out = {"batch": batch, "seq_per_s": round(args.steps * batch / best, 1), "real_tokens_per_s": round(real / best),
-           "mfu": round(flops / best / PEAK, 3)}
+    out = {"batch": size, "seq_per_s": round(len(timed_batches) * batch / best, 1),
+           "real_tokens_per_s": round(real / best), "mfu": round(flops / best / PEAK, 3),
+           "ms_per_step": round(1000 * best / args.steps, 1)}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
+
+
+def profile(variant: str, c, size: str, seq: int, args, device, out_dir: str) -> dict:
+    """Three steps of one variant under torch.profiler: the busiest kernels and host functions, written to
+    out_dir, and the share of wall time the GPU was busy (low: the step is bound by host-side work)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch, acc = (int(x) for x in (size.split("x") if "x" in size else (size, 1)))
+    batches = [to(b, device) for b in make_batches(c.vocab_size, 4 * acc, batch, seq, min_fill=args.min_fill)]
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    step = (theirs_step(c, device, dtype, acc) if variant == "transformers"
+            else ours_step(engine_for(c, variant, batch, args.precision, device, acc)))
+    for b in batches[:acc]:
+        step(b)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for b in batches[acc:]:
+            step(b)
+        sync(device)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    name = f"{c.num_layers}x{c.hidden_size}@{seq}-{size}-{variant}"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(out_dir, f"profile-{name}.txt").write_text(
+        f"wall {wall * 1000:.1f} ms for 3 steps\n\n" + events.table(sort_by=sort, row_limit=40)
+        + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=40))
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else 0.0
+    return {"config": name, "wall_ms_per_step": round(wall * 1000 / 3, 1), "gpu_busy": round(busy / wall, 3)}
 
 
 def data_wait(c, batch: int, args, device) -> dict:
@@ -126,7 +189,7 @@ def data_wait(c, batch: int, args, device) -> dict:
     collator = Collator(ds.manifest, "static", 1234, word_start=cached(str(ds.tokenizer_file(".")))[1])
     plan = StreamPlan(ds.shards("train"), max(1, args.workers), 1234, 10000)
     loader = iter(train_loader(plan, collator, batch, 0, 1, 0, args.workers, pin_memory=device.type == "cuda"))
-    step = ours_step(engine_for(c, True, batch, args.precision, device))
+    step = ours_step(engine_for(c, "ours", batch, args.precision, device))
 
     def next_batch():
         b = next(loader)
@@ -150,8 +213,10 @@ def data_wait(c, batch: int, args, device) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="base:128,base:512,large:128", help="PRESET:SEQ, comma-separated")
-    ap.add_argument("--batches", default="64,128,256", help="batch sizes to try per config and variant")
+    ap.add_argument("--configs", default="base:128:512/512x4/1024,base:512:64x4/128x2,large:128:256x4",
+                    help="PRESET:SEQ[:B1/B2/...], comma-separated; a batch MICROxN accumulates N micro batches "
+                         "per optimizer step")
+    ap.add_argument("--batches", default="64,128,256", help="batch sizes to try where a config names none")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--vocab", type=int, default=30522)
     ap.add_argument("--min-fill", type=float, default=0.8, help="shortest sequence as a share of --seq")
@@ -160,6 +225,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--dataset", help="a dataset whose sequence length matches a config: measures data-wait")
     ap.add_argument("--workers", type=int, default=4, help="loader processes for the data-wait measurement")
+    ap.add_argument("--profile", metavar="DIR", help="also profile 3 steps of each variant's best batch into DIR "
+                                                     "(kernel and host tables, GPU-busy share)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -172,41 +239,56 @@ def main() -> None:
 
         dataset_seq = open_dataset(args.dataset).manifest["examples"]["max_seq_length"]
     for spec in args.configs.split(","):
-        name, seq = spec.split(":")
+        name, seq, *sizes = spec.split(":")
         seq = int(seq)
+        batches = sizes[0].split("/") if sizes else args.batches.split(",")
         torch.manual_seed(0)
         c = preset(name, args.vocab, max_position=max(512, seq))
         best: dict[str, dict] = {}
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             for variant in args.variants.split(","):
                 got = measure(variant, c, batch, seq, args, device)
                 print(f"{name}@{seq} batch {batch} {variant}: {got or 'out of memory'}", flush=True)
-                if got and got["seq_per_s"] > best.get(variant, {}).get("seq_per_s", 0):
+                if got and "error" in got:
+                    best.setdefault(variant, got)
+                elif got and got["seq_per_s"] > best.get(variant, {}).get("seq_per_s", 0):
                     best[variant] = got
         for variant, got in best.items():
             row = {"config": f"{name}@{seq}", "variant": variant, **got}
-            if variant == "ours" and dataset_seq == seq:
-                row.update(data_wait(c, got["batch"], args, device))
+            if variant == "ours" and dataset_seq == seq and "error" not in got:
+                row.update(data_wait(c, int(got["batch"].split("x")[0]), args, device))
+            if args.profile and "error" not in got:
+                found = profile(variant, c, got["batch"], seq, args, device, args.profile)
+                print(f"profile: {found}", flush=True)
+                row["gpu_busy"] = found["gpu_busy"]
             rows.append(row)
-        if "ours" in best and "transformers" in best:
+            if args.json:  # kept as it goes: a run stopped early still leaves what it measured
+                report(rows, meta(device, args.precision), args.json, quiet=True)
+        if "seq_per_s" in best.get("ours", {}) and "seq_per_s" in best.get("transformers", {}):
             rows.append({"config": f"{name}@{seq}", "variant": "ours / transformers",
                          "seq_per_s": round(best["ours"]["seq_per_s"] / best["transformers"]["seq_per_s"], 2)})
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    report(rows, {"device": device_name, "precision": args.precision, "torch": torch.__version__,
-                  "date": time.strftime("%Y-%m-%d")}, args.json)
+    report(rows, meta(device, args.precision), args.json)
 
 
-def report(rows: list[dict], meta: dict, json_path: str | None) -> None:
+def meta(device, precision: str = "bf16") -> dict:
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def report(rows: list[dict], meta: dict, json_path: str | None, quiet: bool = False) -> None:
     import json
 
-    cols = ["config", "variant", "batch", "seq_per_s", "real_tokens_per_s", "mfu", "peak_memory_gib", "data_wait",
-            "loader_seq_per_s"]
+    if json_path:
+        Path(json_path).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    if quiet:
+        return
+    cols = ["config", "variant", "batch", "seq_per_s", "real_tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib",
+            "gpu_busy", "data_wait",
+            "loader_seq_per_s", "error"]
     print("\n" + ", ".join(f"{k} {v}" for k, v in meta.items()))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    if json_path:
-        Path(json_path).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
