@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from data_prep import storage as store
 from data_prep.configfile import ConfigError, Section, load_config
 from pretrain.config import RegistrySection
 
@@ -112,9 +113,9 @@ class JobSpec(Section):
     stages: PipelineStages | None = None
     resources: Resources = Resources()
     max_failures: int = Field(0, ge=0, description="worker restarts before the job fails (from the last checkpoint)")
-    storage: str = Field("outputs", description="a directory every node sees (local disk on one machine; NFS, "
-                                                "Lustre or a mounted bucket on a cluster) for datasets, "
-                                                "checkpoints and fine-tuned models")
+    storage: str = Field("outputs", description="where datasets, checkpoints and fine-tuned models go: a directory "
+                                                "every node sees (local disk on one machine; NFS or Lustre on a "
+                                                "cluster) or an object-store URL (s3://bucket/prefix, gs://...)")
     runtime_env: RuntimeEnv = RuntimeEnv()
 
     @field_validator("name")
@@ -132,12 +133,7 @@ class JobSpec(Section):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v):
-        if "://" in v and not v.startswith("file://"):
-            # Datasets and DeepSpeed checkpoints are written with file I/O (atomic renames, fsync), which object
-            # stores do not offer; a bucket mounted as a filesystem gives every node the same path.
-            raise ValueError(f"storage {v!r}: datasets and checkpoints need a filesystem path every node sees "
-                             "(NFS, Lustre, or a bucket mounted with s3fs/gcsfuse/blobfuse, e.g. /mnt/bucket/run)")
-        return v.removeprefix("file://")
+        return v.removeprefix("file://").rstrip("/") or "/"
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -198,17 +194,22 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _output(path: str, storage: Path) -> str:
-    """Outputs a job writes with a relative path go under its storage."""
-    return path if _is_url(path) or Path(path).is_absolute() else str(storage / path)
+def _output(path: str, storage: str) -> str:
+    """Outputs a job writes with a relative path go under its storage (a directory or an object-store URL)."""
+    return path if _is_url(path) or Path(path).is_absolute() else store.join(storage, path)
 
 
-def _input(path: str, storage: Path, cwd: Path) -> str:
+def _input(path: str, storage: str, cwd: Path) -> str:
     """Inputs with a relative path: under storage when something is there (an earlier job's output), else
     relative to the submitting directory."""
     if _is_url(path) or Path(path).is_absolute():
         return path
-    return str(storage / path) if (storage / path).exists() else str(cwd / path)
+    under = store.join(storage, path)
+    try:
+        found = store.exists(under) if store.is_remote(storage) else Path(under).exists()
+    except Exception:  # an object store this machine cannot read (no credentials here): the job's nodes can
+        found = True
+    return under if found else str(cwd / path)
 
 
 def _mlflow_uri(given: str, spec: JobSpec, cwd: Path, environ: dict[str, str]) -> str:
@@ -229,7 +230,7 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
 
     cwd = Path(cwd or Path.cwd()).resolve()
     environ = dict(os.environ) if environ is None else environ
-    storage = (cwd / spec.storage).resolve()
+    storage = spec.storage if store.is_remote(spec.storage) else str((cwd / spec.storage).resolve())
     uri = _mlflow_uri("", spec, cwd, environ)
     stages: list[dict[str, Any]] = []
     dataset = None
@@ -258,5 +259,5 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
             reg = spec.stages.registry
             stages.append({"kind": "register", "name": reg.name, "alias": reg.alias})
     return {"name": job_name(spec, job_file), "kind": spec.kind,
-            "job_file": str(job_file), "storage": str(storage), "mlflow_uri": uri, "stages": stages,
+            "job_file": str(job_file), "storage": storage, "mlflow_uri": uri, "stages": stages,
             "spec": spec.model_dump(mode="json")}

@@ -3,23 +3,38 @@
 Ray Train creates the process group (gloo on CPU, NCCL on GPUs) and sets RANK/WORLD_SIZE/LOCAL_RANK;
 `pretrain` joins the existing group, so the training function is the one torchrun runs. Recovery is
 pretrain's own: after a worker dies, Ray restarts the workers (up to `max_failures`) and `train` resumes
-from the newest committed checkpoint in `checkpoint.dir`, which must be on storage every node sees.
+from the newest committed checkpoint in `checkpoint.dir`.
+
+Two kinds of storage:
+- a shared path (NFS, a mounted bucket, or one machine's disk): `checkpoint.dir` is on it, every rank writes
+  its part there and rank 0 commits;
+- an object-store URL (`remote_checkpoints`): each rank checkpoints into a directory of its own on its machine,
+  and `ray.train.report` uploads every rank's files into one checkpoint directory under the URL
+  (`URL/step-NNNNNNNN/`); when all of them are there, rank 0 uploads `complete.json`, the marker of a usable
+  checkpoint. A starting worker downloads the newest complete one into its own directory and resumes from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from cluster.jobs import JobSpec
+from data_prep import storage
+from pretrain.tracking import METRICS_FILE
 
 WORKERS_DIR = "workers"  # CHECKPOINT_DIR/workers/rank-NNNNN.json: where each rank of the latest attempt runs
+COMPLETE = "complete.json"  # in an uploaded checkpoint: every rank's files are there (written last, by rank 0)
+RUN_DIR = "run"  # in an uploaded checkpoint: copies of the run's own files from checkpoint.dir
+RUN_FILES = (METRICS_FILE, "manifest.json", "tokenizer/spm.model")
 
 
-def _record_placement(ckdir: Path) -> None:
+def _record_placement(ckdir: Path, remote: str | None = None) -> None:
     """Write which node and process this rank runs in (for operators: where to look, what to kill)."""
     import ray
     import ray.train
@@ -34,6 +49,20 @@ def _record_placement(ckdir: Path) -> None:
     tmp = out / f".rank-{rank:05d}.json.partial"
     tmp.write_text(json.dumps(rec))
     os.replace(tmp, out / f"rank-{rank:05d}.json")
+    if remote:
+        storage.upload(out / f"rank-{rank:05d}.json", storage.join(remote, WORKERS_DIR, f"rank-{rank:05d}.json"))
+
+
+def complete_checkpoints(remote: str) -> list[str]:
+    """Tags (step-NNNNNNNN) of the complete checkpoints uploaded under `remote`, newest first."""
+    from pretrain.checkpoint import PREFIX
+
+    fs, path = storage.filesystem(remote)
+    try:
+        found = fs.glob(f"{path.rstrip('/')}/{PREFIX}*/{COMPLETE}")
+    except FileNotFoundError:
+        return []
+    return sorted((f.rstrip("/").split("/")[-2] for f in found), reverse=True)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -41,18 +70,107 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from pretrain.train import train
 
     cfg = PretrainConfig.model_validate(config["pretrain"])
-    _record_placement(Path(cfg.checkpoint.dir))
-    train(cfg)
+    remote = config.get("remote_checkpoints")
+    if not remote:
+        _record_placement(Path(cfg.checkpoint.dir))
+        train(cfg)
+        return
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = storage.staging_dir(remote, "checkpoints") / f"rank-{rank:05d}"
+    _download_newest(remote, local, rank)
+    _record_placement(local, remote)
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(local)})})
+    train(cfg, on_checkpoint=lambda path, step: _upload(path, step, remote, rank, world))
 
 
-def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage: str | None = None) -> dict[str, Any]:
+def _download_newest(remote: str, local: Path, rank: int) -> None:
+    """Make the newest complete uploaded checkpoint this rank's newest local one (kept if already there)."""
+    from pretrain import checkpoint
+
+    tags = complete_checkpoints(remote)
+    if not tags:
+        return
+    fetch_checkpoint(storage.join(remote, tags[0]), local)
+    for p in checkpoint.committed(local):  # newer local ones were never completed in storage
+        if p.name > tags[0]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def fetch_checkpoint(url: str, local: Path) -> Path:
+    """Download the uploaded checkpoint at `url` into `local/<tag>` (unless already there) and put the run's
+    files it carries (metrics, dataset manifest, tokenizer) back in `local`, as pretrain left them."""
+    from pretrain import checkpoint
+
+    tag = url.rstrip("/").rsplit("/", 1)[1]
+    target = local / tag
+    if not _holds_all(target):
+        fetching = local / (tag + ".download")
+        shutil.rmtree(fetching, ignore_errors=True)
+        storage.download_dir(url, fetching)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(fetching, target)
+    for name in RUN_FILES:
+        if (target / RUN_DIR / name).is_file() and not (local / name).is_file():
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target / RUN_DIR / name, local / name)
+    return target
+
+
+def _holds_all(step_dir: Path) -> bool:
+    """Whether a local checkpoint directory holds every rank's files (as its uploaded copy does), not only the
+    part the rank that wrote it made."""
+    try:
+        files = json.loads((step_dir / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((step_dir / name).is_file() and (step_dir / name).stat().st_size == size for name, size in files.items())
+
+
+def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
+    """Upload this rank's part of the checkpoint just committed; rank 0 marks it complete once every rank's is."""
+    import ray.train
+
+    from pretrain import checkpoint
+
+    mine = path if path.is_dir() else path.with_name(path.name + checkpoint.PARTIAL)  # only rank 0 renames
+    if rank == 0:  # the run's files so far travel along (metrics; what export needs)
+        for name in RUN_FILES:
+            if (path.parent / name).is_file():
+                (mine / RUN_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path.parent / name, mine / RUN_DIR / name)
+    ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(mine)),
+                     checkpoint_dir_name=path.name)
+    if rank == 0:
+        where = storage.join(remote, path.name)
+        expected = {f"rank-{r:05d}.pt" for r in range(world)}
+        deadline = time.monotonic() + 120
+        while not expected <= set(files := storage.listing(where)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"checkpoint {where}: the files of ranks "
+                                   f"{sorted(expected - set(files))} did not arrive within 120 s")
+            time.sleep(1)
+        marker = mine / COMPLETE
+        marker.write_text(json.dumps({"step": step, "world_size": world, "files": files}))
+        storage.upload(marker, storage.join(where, COMPLETE))
+    else:  # rank 0 prunes its directory as it commits; the others keep only the newest part
+        for p in path.parent.iterdir():
+            if p.name.startswith(checkpoint.PREFIX) and p != mine:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None = None,
+                    remote_checkpoints: bool = False) -> dict[str, Any]:
     """Fit the pretraining `cfg` with the job's resources on the Ray this process is connected to.
 
-    `storage` (default: the job's) holds Ray Train's own run state. Returns {checkpoint, step, samples,
-    mlflow_run_id} of the newest committed checkpoint (the run's outcome as pretrain recorded it); raises
-    RuntimeError when the job fails for good.
+    `storage_path` (default: the job's storage) holds Ray Train's own run state. With `remote_checkpoints`
+    (object-store storage) the checkpoints go to `storage_path/run_name/step-NNNNNNNN/`, not `checkpoint.dir`.
+    Returns {checkpoint, step, samples, mlflow_run_id} of the newest committed checkpoint (the run's outcome
+    as pretrain recorded it); raises RuntimeError when the job fails for good.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     r = spec.resources
@@ -64,22 +182,31 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage: str | None = Non
     scaling = dict(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker)
     if r.node_labels:
         scaling["label_selector"] = dict(r.node_labels)
-    storage = str(Path(storage or spec.storage).resolve())
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"pretrain": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(**scaling),
-        run_config=RunConfig(name=run_name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=spec.max_failures)),
-    )
+    where = storage_path or spec.storage
+    where = where.rstrip("/") if storage.is_remote(where) else str(Path(where).resolve())
+    remote = storage.join(where, run_name) if remote_checkpoints else None
+    loop_config: dict[str, Any] = {"pretrain": cfg.model_dump(mode="json")}
+    run = dict(name=run_name, storage_path=where, failure_config=FailureConfig(max_failures=spec.max_failures))
+    if remote:
+        loop_config["remote_checkpoints"] = remote
+        run["checkpoint_config"] = CheckpointConfig(num_to_keep=cfg.checkpoint.keep)
+    trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=ScalingConfig(**scaling),
+                           run_config=RunConfig(**run))
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"pretraining failed after {spec.max_failures} restarts: {result.error}")
     from pretrain import checkpoint
 
-    newest = checkpoint.committed(Path(cfg.checkpoint.dir))
-    if not newest:
-        raise RuntimeError(f"the workers finished but {cfg.checkpoint.dir} holds no committed checkpoint")
-    client = checkpoint.read_client(newest[0])
-    return {"checkpoint": str(newest[0]), "step": client["step"], "samples": client["samples"],
+    if remote:
+        tags = complete_checkpoints(remote)
+        if not tags:
+            raise RuntimeError(f"the workers finished but {remote} holds no complete checkpoint")
+        client = json.loads(storage.read_text(storage.join(remote, tags[0], checkpoint.CLIENT)))
+        newest = storage.join(remote, tags[0])
+    else:
+        found = checkpoint.committed(Path(cfg.checkpoint.dir))
+        if not found:
+            raise RuntimeError(f"the workers finished but {cfg.checkpoint.dir} holds no committed checkpoint")
+        client, newest = checkpoint.read_client(found[0]), str(found[0])
+    return {"checkpoint": newest, "step": client["step"], "samples": client["samples"],
             "mlflow_run_id": client.get("mlflow_run_id")}

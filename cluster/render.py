@@ -19,6 +19,8 @@ import yaml
 from cluster.client import PLAN_ENV
 from cluster.jobs import JobSpec, job_name, resolve
 from cluster.runner import WORKER_ENV
+from data_prep.configfile import ConfigError
+from data_prep.storage import is_remote
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
 MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
@@ -51,8 +53,12 @@ yaml.SafeDumper.add_representer(_Literal, lambda d, s: d.represent_scalar("tag:y
 
 def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
     name = job_name(spec, job)
-    storage = spec.storage if Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
+    remote = is_remote(spec.storage)  # an object store: no shared volume, every pod reads and writes the bucket
+    storage = spec.storage if remote or Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
     env = dict(spec.runtime_env.env_vars)
+    if remote and "MLFLOW_TRACKING_URI" not in env:
+        raise ConfigError(f"storage {storage} is an object store, so there is no shared volume for a local MLflow "
+                          "store: set runtime_env.env_vars.MLFLOW_TRACKING_URI to your tracking server")
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage}/mlflow.db")  # a file on the shared volume
     spec_for_pods = spec.model_copy(update={"storage": storage, "name": name,
                                             "runtime_env": spec.runtime_env.model_copy(update={"env_vars": env})})
@@ -70,9 +76,9 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
                 "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
                         {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": f"{name}-ray-token",
                                                                                   "key": "token"}}}],
-                "volumeMounts": [{"name": "storage", "mountPath": storage}]}
+                "volumeMounts": [] if remote else [{"name": "storage", "mountPath": storage}]}
 
-    volumes = [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
+    volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
     worker_params = {"labels": _labels(spec)} if spec.resources.node_labels else {}
     head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]  # the head runs the driver; workers the training
     manifest = {
@@ -103,8 +109,10 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
             f"{spec.resources.nodes} node pod(s).\n"
             f"# Before `kubectl apply -f` this file:\n"
             f"#   kubectl create secret generic {name}-ray-token --from-literal=token=$(openssl rand -hex 32)\n"
-            f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n"
-            f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n")
+            + (f"#   credentials for {storage} in the pods (e.g. runtime_env.env_vars, or the nodes' cloud identity)\n"
+               if remote else
+               f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n")
+            + f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n")
     return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
 
 
@@ -204,7 +212,8 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
             f"#   ray up {name}.yaml -y && ray dashboard {name}.yaml &   # forwards the Jobs API to localhost\n"
             f"#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=.bertforge/auth_token "
             f"{_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}\n"
-            "# Storage (spec.storage) must be a filesystem every machine mounts at the same path.\n")
+            "# Storage (spec.storage): a filesystem every machine mounts at the same path, or an object-store URL\n"
+            "# with credentials on every machine.\n")
     env = spec.runtime_env.env_vars
     if env:
         head += f"# The job's env_vars ({', '.join(sorted(env))}) travel with the submission.\n"

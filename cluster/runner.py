@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from data_prep import storage
+
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
 # (to its logger and, as our stdout is wrapped, to stdout as well).
@@ -56,7 +58,8 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     log(f"job '{plan['name']}' ({plan['kind']}): {len(plan['stages'])} stage(s) on a Ray cluster of {len(nodes)} "
         f"node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
         f"storage {plan['storage']}", flush=True)
-    Path(plan["storage"]).mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(plan["storage"]):
+        Path(plan["storage"]).mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {}
     try:
         for stage in plan["stages"]:
@@ -84,45 +87,63 @@ def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:
             "dataset_id": summary["dataset_id"], "examples": summary["examples"]}
 
 
-def _final_checkpoint(cfg) -> Path | None:
-    """The committed checkpoint at train.max_steps of this very config, if the run already got there."""
+def _newest_checkpoint(cfg, remote: str | None) -> tuple[str, dict] | None:
+    """(location, client record) of the newest committed checkpoint: under `remote` (object-store storage)
+    or in `checkpoint.dir`."""
     from pretrain import checkpoint
 
+    if remote:
+        from cluster.launch import complete_checkpoints
+
+        tags = complete_checkpoints(remote)
+        if not tags:
+            return None
+        where = storage.join(remote, tags[0])
+        return where, json.loads(storage.read_text(storage.join(where, checkpoint.CLIENT)))
     newest = checkpoint.committed(Path(cfg.checkpoint.dir))
-    if not newest:
-        return None
-    client = checkpoint.read_client(newest[0])
-    return newest[0] if client["step"] >= cfg.train.max_steps and client.get("config_hash") == cfg.hash() else None
+    return (str(newest[0]), checkpoint.read_client(newest[0])) if newest else None
 
 
 def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
     from cluster.jobs import JobSpec
     from cluster.launch import pretrain_on_ray
-    from pretrain import checkpoint
     from pretrain.config import PretrainConfig
 
     cfg = PretrainConfig.model_validate(stage["config"])
-    done = _final_checkpoint(cfg)
-    if done is not None:
-        log(f"'{done}' is this config's final checkpoint (step {cfg.train.max_steps}); nothing to do.")
-        client = checkpoint.read_client(done)
-        return {"skipped": True, "checkpoint": str(done), "step": client["step"],
-                "mlflow_run_id": client.get("mlflow_run_id"), "metrics": _last_metrics(done.parent)}
+    # An object-store checkpoint.dir (URL/NAME): Ray Train's run NAME under URL keeps the checkpoints, so a
+    # resubmission resumes from them. A path: pretrain's checkpoint.dir carries the resume point, and Ray's own
+    # run state goes under storage with a fresh name per attempt.
+    remote = cfg.checkpoint.dir.rstrip("/") if storage.is_remote(cfg.checkpoint.dir) else None
+    newest = _newest_checkpoint(cfg, remote)
+    if newest and newest[1]["step"] >= cfg.train.max_steps and newest[1].get("config_hash") == cfg.hash():
+        log(f"'{newest[0]}' is this config's final checkpoint (step {cfg.train.max_steps}); nothing to do.")
+        return {"skipped": True, "checkpoint": newest[0], "step": newest[1]["step"],
+                "mlflow_run_id": newest[1].get("mlflow_run_id"), "metrics": _last_metrics(newest[0], remote)}
     spec = JobSpec.model_validate(plan["spec"])
-    # Ray Train keeps its own run state under storage; a fresh name per attempt (pretrain's checkpoints, not
-    # Ray's, carry the resume point).
-    result = pretrain_on_ray(cfg, spec, f"{plan['name']}-pretrain-{uuid.uuid4().hex[:8]}",
-                             storage=str(Path(plan["storage"]) / "ray-train"))
+    if remote:
+        where, name = remote.rsplit("/", 1)
+        result = pretrain_on_ray(cfg, spec, name, storage_path=where, remote_checkpoints=True)
+    else:
+        result = pretrain_on_ray(cfg, spec, f"{plan['name']}-pretrain-{uuid.uuid4().hex[:8]}",
+                                 storage_path=storage.join(plan["storage"], "ray-train"))
     return {"skipped": False, **result, "preempted": result["step"] < cfg.train.max_steps,
-            "metrics": _last_metrics(Path(cfg.checkpoint.dir))}
+            "metrics": _last_metrics(result["checkpoint"], remote)}
 
 
-def _last_metrics(ckdir: Path) -> dict[str, float]:
-    """The last training record and the last eval record of metrics.jsonl (the run's final figures)."""
+def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
+    """The last training record and the last eval record of the run's metrics.jsonl (its final figures): in
+    the checkpoint directory's parent, or the copy an uploaded checkpoint carries."""
     out: dict[str, float] = {}
-    path = ckdir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if remote:
+        from cluster.launch import RUN_DIR
+
+        where = storage.join(step_dir, RUN_DIR, "metrics.jsonl")
+        text = storage.read_text(where) if storage.exists(where) else ""
+    else:
+        path = Path(step_dir).parent / "metrics.jsonl"
+        text = path.read_text() if path.is_file() else ""
+    if text:
+        for line in text.splitlines():
             rec = json.loads(line)
             out.update({k: v for k, v in rec.items() if k in ("step", "loss", "mlm_acc", "nsp_acc", "eval/loss",
                                                               "eval/mlm_acc", "eval/nsp_acc", "eval/perplexity")})
@@ -132,11 +153,22 @@ def _last_metrics(ckdir: Path) -> dict[str, float]:
 def _register(stage: dict, plan: dict, outcome: dict) -> dict:
     from pretrain.tracking import RegistryError, register_checkpoint
 
-    step_dir = Path(outcome["pretrain"]["checkpoint"])
+    where = outcome["pretrain"]["checkpoint"]
+    local = None
+    if storage.is_remote(where):  # an uploaded checkpoint: registered from a local copy
+        from cluster.launch import fetch_checkpoint
+
+        local = storage.staging_dir(where, "register")
+        step_dir = fetch_checkpoint(where, local)
+    else:
+        step_dir = Path(where)
     try:
         v = register_checkpoint(step_dir, stage["name"], stage["alias"], plan["mlflow_uri"])
     except RegistryError as e:
-        raise StageError(f"registering {step_dir} as '{stage['name']}': {e}") from None
+        raise StageError(f"registering {where} as '{stage['name']}': {e}") from None
+    finally:
+        if local:
+            storage.clear_local(local)
     alias = f"@{stage['alias']}" if stage["alias"] else ""
     log(f"registered {v['name']} version {v['version']}{alias} (models:/{v['name']}/{v['version']})")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),
@@ -147,12 +179,12 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     from pretrain.config import FinetuneConfig
 
     cfg = FinetuneConfig.model_validate(stage["config"])
-    out = Path(cfg.output)
-    done = out / "summary.json"
-    if done.is_file() and (out / "job-config.json").is_file() and \
-            json.loads((out / "job-config.json").read_text()) == stage["config"]:
+    out = cfg.output.rstrip("/")
+    summary_at, config_at = storage.join(out, "summary.json"), storage.join(out, JOB_CONFIG)
+    if storage.exists(summary_at) and storage.exists(config_at) and json.loads(storage.read_text(config_at)) == \
+            stage["config"]:
         log(f"'{out}' holds this fine-tune's result; nothing to do.")
-        return {"skipped": True, **json.loads(done.read_text())}
+        return {"skipped": True, **json.loads(storage.read_text(summary_at))}
     import ray
 
     from cluster.jobs import JobSpec
@@ -165,15 +197,32 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e
         raise StageError(f"fine-tuning into {out} failed: {type(cause).__name__}: {cause}") from None
-    (out / "job-config.json").write_text(json.dumps(stage["config"], indent=1))
+    if not storage.is_remote(out):
+        (Path(out) / JOB_CONFIG).write_text(json.dumps(stage["config"], indent=1))
     return {"skipped": False, **summary}
 
 
+JOB_CONFIG = "job-config.json"  # beside a fine-tune's summary.json: the stage config that produced it
+
+
 def _finetune_task(config: dict) -> dict:
+    """Fine-tune as `config` says. An object-store output is written in a local staging directory and uploaded
+    with its summary.json last; the returned summary names the uploaded files."""
     from pretrain.config import FinetuneConfig
     from pretrain.finetune import finetune
 
-    return finetune(FinetuneConfig.model_validate(config))
+    cfg = FinetuneConfig.model_validate(config)
+    if not storage.is_remote(cfg.output):
+        return finetune(cfg)
+    remote = cfg.output.rstrip("/")
+    local = storage.staging_dir(remote, "finetune")
+    summary = finetune(cfg.model_copy(update={"output": str(local)}))
+    (local / JOB_CONFIG).write_text(json.dumps(config, indent=1))
+    summary = json.loads(json.dumps(summary).replace(str(local), remote))
+    (local / "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.upload_dir(local, remote, last=("summary.json",))
+    storage.clear_local(local)
+    return summary
 
 
 STAGES = {"data_prep": _data_prep, "pretrain": _pretrain, "register": _register, "finetune": _finetune}

@@ -90,6 +90,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from data_prep import storage
+
+    if not storage.is_remote(args.dataset):
+        return _inspect_local(args, args.dataset)
+    import tempfile
+
+    from data_prep.dataset import MANIFEST
+
+    url = args.dataset.rstrip("/")
+    with tempfile.TemporaryDirectory() as local:  # the manifest, tokenizer and the shards the examples need
+        try:
+            text = storage.read_text(storage.join(url, MANIFEST))
+        except FileNotFoundError:
+            print(f"error: '{url}' is not a finished dataset: {MANIFEST} is missing", file=sys.stderr)
+            return EXIT_USAGE
+        (Path(local) / MANIFEST).write_text(text)
+        m = json.loads(text)
+        wanted, have = [m["tokenizer"]["file"]], 0
+        for shard in m["splits"].get(args.split, {}).get("shards", []):
+            if have >= args.n:
+                break
+            wanted.append(shard["name"])
+            have += shard["examples"]
+        for name in wanted:
+            storage.download(storage.join(url, name), Path(local) / name)
+        return _inspect_local(args, local, shown=url, shards=len(wanted) - 1)
+
+
+def _inspect_local(args: argparse.Namespace, dataset: str, shown: str | None = None, shards: int | None = None) -> int:
     import webdataset as wds
 
     from data_prep.dataset import DatasetError, read_manifest
@@ -97,22 +126,23 @@ def _inspect(args: argparse.Namespace) -> int:
     from data_prep.tokenizer import load as load_tokenizer
 
     try:
-        m = read_manifest(args.dataset)
+        m = read_manifest(dataset)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    root = Path(args.dataset)
+    root = Path(dataset)
     sp = load_tokenizer(root / m["tokenizer"]["file"], key="manifest tokenizer.file")
     ex = m["examples"]
     if not args.json:
-        print(f"dataset {root}  id {m['dataset_id']}  format {m['format']['name']} v{m['format']['version']}")
+        print(f"dataset {shown or root}  id {m['dataset_id']}  format {m['format']['name']} "
+              f"v{m['format']['version']}")
         print(f"tokenizer {m['tokenizer']['model_type']}, vocab {m['tokenizer']['vocab_size']}, "
               f"sha256 {m['tokenizer']['sha256'][:12]}")
         print(f"examples: max_seq_length {ex['max_seq_length']}, nsp {ex['nsp']}, "
               f"whole_word_mask {ex['whole_word_mask']}")
         for split, info in m["splits"].items():
             print(f"  {split}: {info['examples']:,} examples, {info['tokens']:,} tokens, {len(info['shards'])} shards")
-    shards = [str(root / s["name"]) for s in m["splits"][args.split]["shards"]]
+    shards = [str(root / s["name"]) for s in m["splits"][args.split]["shards"]][:shards]
     if not shards or args.n <= 0:
         return EXIT_OK
     ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode()
@@ -141,8 +171,13 @@ def _pieces_text(sp, ids: list[int]) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from data_prep import storage
     from data_prep.dataset import DatasetError, verify
 
+    if storage.is_remote(args.dataset):
+        print(f"error: verify re-hashes every shard of a local copy: copy '{args.dataset}' first (e.g. aws s3 sync "
+              "URL DIR, gsutil -m rsync -r URL DIR), then verify DIR", file=sys.stderr)
+        return EXIT_USAGE
     try:
         problems = verify(args.dataset)
     except DatasetError as e:

@@ -20,8 +20,9 @@ from typing import Callable, Iterator
 
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
+from data_prep import storage
 from data_prep.dataset import (
-    MANIFEST, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
+    MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
     prepare_output, read_manifest, recipe_hash,
 )
 from data_prep.sources import expand_inputs
@@ -142,59 +143,108 @@ def _run_units(fn: Callable, units: list[Unit], args: tuple, rc: RayConfig, on_d
 
 
 def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
-    """Build the dataset described by `cfg`; returns the summary that is also printed."""
+    """Build the dataset described by `cfg`; returns the summary that is also printed.
+
+    An `output` URL of an object store (s3://...) is built in a local staging directory, with each shard
+    uploaded by the worker that wrote it; the tokenizer and report follow, and the manifest goes up last.
+    """
     t0 = time.monotonic()
     sources = expand_inputs(cfg.inputs)  # input and tokenizer problems surface before Ray starts
     given_tok = None
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)
         given_tok = sha256_file(cfg.tokenizer.path)
-    root = Path(cfg.output)
     recipe = recipe_hash(cfg, sources, given_tok)
-    state = prepare_output(root, recipe, overwrite)
+    remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
+    root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)
+    state = _prepare_remote(remote, root, recipe, overwrite) if remote else prepare_output(root, recipe, overwrite)
     if state == "complete":
-        log(f"'{root}' already holds this dataset (same config, same input files); nothing to do.")
-        return summarize(root, time.monotonic() - t0, sources_bytes=None)
+        log(f"'{cfg.output}' already holds this dataset (same config, same input files); nothing to do.")
+        if not remote:
+            return summarize(root, time.monotonic() - t0, sources_bytes=None)
+        root.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST, REPORT):
+            (root / name).write_text(storage.read_text(storage.join(remote, name)), encoding="utf-8")
+        summary = summarize(root, time.monotonic() - t0, sources_bytes=None, shown=remote)
+        storage.clear_local(root)
+        return summary
     work = root / WORK
-    try:
-        (work / "units").mkdir(parents=True, exist_ok=True)
-        (work / "sample").mkdir(exist_ok=True)
-        if state == "fresh":
-            write_json_atomic(work / "config.json", {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
-    except OSError as e:
-        raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
-    if state == "resume":
-        log(f"resuming the unfinished dataset in '{root}'")
-    unknown = [s.url for s in sources if s.size < 0]
-    if unknown:
-        print(f"warning: {len(unknown)} inputs report no size (e.g. {unknown[0]}); each becomes a work unit of "
-              "its own and counts as shards.group_bytes for sampling", file=sys.stderr)
     units = plan_units(sources, cfg.shards.group_bytes)
     total = sum(u.bytes for u in units)
-    log(f"{len(sources)} input files, {total / 1e6:.1f} MB, {len(units)} work units -> '{root}'")
-    tok = work / TOKENIZER_MODEL
     stages: dict[str, float] = {}
-    with ray_session(cfg.ray):
-        stages["start"] = time.monotonic() - t0
-        if not tok.is_file():
-            if cfg.tokenizer.path:
-                shutil.copyfile(cfg.tokenizer.path, work / (TOKENIZER_MODEL + ".partial"))
-                os.replace(work / (TOKENIZER_MODEL + ".partial"), tok)
-            else:
-                _train_tokenizer(cfg, units, total, work, tok)
-        stages["tokenizer"] = time.monotonic() - t0 - sum(stages.values())
-        todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
-        if len(todo) < len(units):
-            log(f"{len(units) - len(todo)} of {len(units)} units already written; skipping them")
-        _run_units(write_unit, todo, (cfg, str(tok), str(root)), cfg.ray,
-                   lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
-        stages["shards"] = time.monotonic() - t0 - sum(stages.values())
-    records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
-    _finish(root, cfg, sources, tok, records, recipe)
-    summary = summarize(root, time.monotonic() - t0, sources_bytes=total)
+    records = []
+    if state != "published":
+        try:
+            (work / "units").mkdir(parents=True, exist_ok=True)
+            (work / "sample").mkdir(exist_ok=True)
+            if state == "fresh":
+                write_json_atomic(work / "config.json",
+                                  {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
+        except OSError as e:
+            raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
+        if state == "resume":
+            log(f"resuming the unfinished dataset in '{cfg.output}'")
+        unknown = [s.url for s in sources if s.size < 0]
+        if unknown:
+            print(f"warning: {len(unknown)} inputs report no size (e.g. {unknown[0]}); each becomes a work unit "
+                  "of its own and counts as shards.group_bytes for sampling", file=sys.stderr)
+        log(f"{len(sources)} input files, {total / 1e6:.1f} MB, {len(units)} work units -> '{cfg.output}'")
+        tok = work / TOKENIZER_MODEL
+        with ray_session(cfg.ray):
+            stages["start"] = time.monotonic() - t0
+            if not tok.is_file():
+                if cfg.tokenizer.path:
+                    shutil.copyfile(cfg.tokenizer.path, work / (TOKENIZER_MODEL + ".partial"))
+                    os.replace(work / (TOKENIZER_MODEL + ".partial"), tok)
+                else:
+                    _train_tokenizer(cfg, units, total, work, tok)
+            stages["tokenizer"] = time.monotonic() - t0 - sum(stages.values())
+            todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
+            if len(todo) < len(units):
+                log(f"{len(units) - len(todo)} of {len(units)} units already written; skipping them")
+            worker_tok, out = str(tok), str(root)
+            if remote:  # workers on any node read the tokenizer from, and write shards to, the object store
+                worker_tok, out = storage.join(remote, WORK, TOKENIZER_MODEL), remote
+                storage.upload(tok, worker_tok)
+            _run_units(write_unit, todo, (cfg, worker_tok, out), cfg.ray,
+                       lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
+            stages["shards"] = time.monotonic() - t0 - sum(stages.values())
+        records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
+        _finish(root, cfg, sources, tok, records, recipe)
+    if remote:
+        storage.upload_dir(root, remote, last=(MANIFEST,))
+        storage.remove(storage.join(remote, WORK))
+    summary = summarize(root, time.monotonic() - t0, sources_bytes=total, shown=remote)
     summary["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     summary["task_seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 2)
+    if remote:
+        storage.clear_local(root)
     return summary
+
+
+def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) -> str:
+    """As `prepare_output` for a dataset at an object-store URL, whose unfinished state lives in `staging`:
+    'complete', 'published' (finished in staging, not yet uploaded), 'resume' or 'fresh'."""
+    try:
+        found = storage.listing(remote)
+    except Exception as e:  # credentials, endpoint, bucket: say where, not a traceback
+        raise DatasetError(f"cannot read output '{remote}': {type(e).__name__}: {e}") from None
+    if MANIFEST in found:
+        if json.loads(storage.read_text(storage.join(remote, MANIFEST))).get("recipe_hash") == recipe \
+                and not overwrite:
+            return "complete"
+        if not overwrite:
+            raise DatasetError(f"'{remote}' already holds a different dataset (its config or its input files differ "
+                               "from this run's). Choose another output, or pass --overwrite to replace it.")
+    strangers = sorted({n.split("/", 1)[0] for n in found} - set(OWNED))
+    if strangers and not overwrite:
+        raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
+                           "Choose an empty or new output, or pass --overwrite.")
+    if overwrite or MANIFEST in found:
+        for name in OWNED:  # the manifest first: the old dataset stops existing at once
+            storage.remove(storage.join(remote, name))
+    state = prepare_output(staging, recipe, overwrite)
+    return "published" if state == "complete" else state
 
 
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:
@@ -236,13 +286,13 @@ def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[d
     shutil.rmtree(root / WORK, ignore_errors=True)
 
 
-def summarize(root: Path, seconds: float, sources_bytes: int | None) -> dict:
-    """Print and return the end-of-job summary of the dataset in `root`."""
+def summarize(root: Path, seconds: float, sources_bytes: int | None, shown: str | None = None) -> dict:
+    """Print and return the end-of-job summary of the dataset in `root` (published at `shown`, if given)."""
     manifest = read_manifest(root)
     report = json.loads((root / REPORT).read_text(encoding="utf-8"))
     splits = manifest["splits"]
     summary = {
-        "dataset": str(root),
+        "dataset": shown or str(root),
         "dataset_id": manifest["dataset_id"],
         "documents": report["documents"],
         "sentences": report["sentences"],
@@ -255,7 +305,7 @@ def summarize(root: Path, seconds: float, sources_bytes: int | None) -> dict:
         "seconds": round(seconds, 1),
     }
     log("\n== data prep summary ==")
-    log(f"dataset      {root}  (id {summary['dataset_id']})")
+    log(f"dataset      {summary['dataset']}  (id {summary['dataset_id']})")
     log(f"read         {summary['documents']:,} documents, {summary['sentences']:,} sentences, "
         f"{summary['tokens']:,} tokens")
     log("examples     " + ", ".join(f"{k} {v:,} in {summary['shards'][k]} shards" for k, v in summary["examples"].items()))
@@ -263,8 +313,8 @@ def summarize(root: Path, seconds: float, sources_bytes: int | None) -> dict:
         log(f"NSP          {summary['nsp_random_next_fraction']:.1%} random next; "
             f"truncated {summary['truncation_rate']:.1%}")
     bad = ", ".join(f"{k} {v}" for k, v in summary["bad_input"].items()) or "none"
-    log(f"bad input    {bad}  (per file in {root / REPORT})")
+    log(f"bad input    {bad}  (per file in {storage.join(shown, REPORT) if shown else root / REPORT})")
     if sources_bytes:
         log(f"time         {seconds:.1f}s, {sources_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s")
-    log(f"next         python -m data_prep inspect {root} -n 2")
+    log(f"next         python -m data_prep inspect {summary['dataset']} -n 2")
     return summary

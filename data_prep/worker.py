@@ -11,6 +11,8 @@ import gc
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from data_prep import storage
 from data_prep.config import DataPrepConfig
 from data_prep.examples import Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, unit_fraction
 from data_prep.masking import mask_batch, noise_bytes
@@ -125,18 +128,30 @@ def write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: st
 
 
 def _write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: str) -> dict:
+    """`out_dir` (and `tokenizer_path`) may be object-store URLs: shards are then written to a temporary
+    directory on this worker's machine and uploaded whole, one object each, before the record returns."""
     t0 = time.perf_counter()
+    if storage.is_remote(tokenizer_path):
+        tokenizer_path = storage.local_copy(tokenizer_path)
     sp, table = cached_tokenizer(tokenizer_path)  # loaded once per worker process
     params = ExampleParams.from_config(cfg.examples, sp.GetPieceSize())
     word_start = table if cfg.examples.whole_word_mask else None
-    root = Path(out_dir)
+    remote = out_dir if storage.is_remote(out_dir) else None
+    root = Path(tempfile.mkdtemp(prefix=f"unit-{unit.index:06d}-")) if remote else Path(out_dir)
     writers = {s: ShardWriter(root, s, unit.index, cfg.shards.examples_per_shard) for s in SPLITS}
     try:
-        return _fill(unit, cfg, sp, params, word_start, writers, t0)
+        record = _fill(unit, cfg, sp, params, word_start, writers, t0)
+        if remote:
+            for shard in record["shards"]:
+                storage.upload(root / shard["name"], storage.join(remote, shard["name"]))
+        return record
     except BaseException:
         for w in writers.values():  # a retry may run in this same process: leave no writer behind
             w.abort()
         raise
+    finally:
+        if remote:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start: bytes | None,

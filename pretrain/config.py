@@ -174,7 +174,8 @@ class PretrainConfig(Section):
         return self
 
     def hash(self) -> str:
-        return config_hash(self)
+        """What the run computes, not where its checkpoints are kept (a cluster job moves checkpoint.dir)."""
+        return config_hash(self.model_dump(mode="json", exclude={"checkpoint": {"dir"}}))
 
 
 # -- Fine-tuning (`python -m pretrain finetune`) -----------------------------------------------------------

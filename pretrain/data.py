@@ -28,7 +28,7 @@ import fsspec
 import msgpack
 import numpy as np
 import torch
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep.dataset import MANIFEST, DatasetError
 from data_prep.shards import SAMPLE_EXT
@@ -65,6 +65,12 @@ class Dataset:
                 tmp.write(src.read())
             Path(tmp.name).replace(local)
         return local
+
+
+def tar_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard (a path or any fsspec URL: s3://, gs://, https://), by webdataset's tar reader."""
+    with fsspec.open(url, "rb") as f:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
 
 
 def open_dataset(location: str) -> Dataset:
@@ -138,7 +144,7 @@ class StreamPlan:
 def read_piece(p: Piece) -> list[dict]:
     """The samples of one piece, as {"__key__", "mp": raw bytes}, read with webdataset's tar reader."""
     out = []
-    for i, s in enumerate(tarfile_samples([{"url": p.url}])):
+    for i, s in enumerate(tar_samples(p.url)):
         if i % p.parts == p.part:
             out.append({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
     if len(out) != p.count:
@@ -200,7 +206,7 @@ def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: i
     mine, first = [], []
     seen = 0
     for url, _ in dataset.shards("val"):
-        for s in tarfile_samples([{"url": url}]):
+        for s in tar_samples(url):
             if seen >= limit:
                 break
             if seen % world == rank or not first:

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -153,18 +154,26 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
     return None
 
 
-def train(cfg: PretrainConfig) -> dict:
-    """Train as `cfg` says, resuming from its checkpoint directory; returns the run's summary (every rank)."""
+def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+    """Train as `cfg` says, resuming from its checkpoint directory; returns the run's summary (every rank).
+
+    `on_checkpoint(path, step)` runs on every rank after each committed checkpoint (e.g. to copy it to
+    storage the ranks do not share); `path` is the committed directory as rank 0 names it.
+    """
+    if "://" in cfg.checkpoint.dir and not cfg.checkpoint.dir.startswith("file://"):
+        raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir}: checkpoints in an object store are kept by cluster "
+                         "jobs (python -m cluster submit, storage: s3://...); here, give a directory")
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
-        return _train(cfg, topo, tracker)
+        return _train(cfg, topo, tracker, on_checkpoint)
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
 
 
-def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
+def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
+           on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
     ckdir = Path(cfg.checkpoint.dir)
     b = batching(cfg, topo.world)
     precision = resolve_precision(cfg, topo.device)
@@ -321,6 +330,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker) -> dict:
             }
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
             tracker.print(f"checkpoint {path}")
+            if on_checkpoint:
+                on_checkpoint(path, step)
             reg = cfg.registry
             if reg.name and not preempted and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
                                                or (reg.when == "best" and is_best)):

@@ -245,3 +245,28 @@ def read_metrics(ckdir: Path) -> dict[int, dict]:
         else:
             out.setdefault(rec["step"], {}).update(rec)
     return out
+
+
+def write_pipeline_job(root: Path, storage: str, resources: dict | None = None, steps: int = 10,
+                       every: int = 5) -> None:
+    """`root/job.yaml`: the small pipeline (data prep -> pretrain `steps` steps, a checkpoint `every` steps ->
+    register -> fine-tune) with its corpus, task and stage configs, every output relative (under `storage`)."""
+    import yaml
+
+    write_small_corpus(root / "corpus")
+    write_topic_task(root / "task", rows=40)
+    dp = small_config(Path("corpus"), Path("data/small")).model_dump(mode="json")
+    dp["ray"] = {}  # the job's Ray
+    (root / "dp.yaml").write_text(yaml.safe_dump(dp))
+    pt = pretrain_config(Path("data/small"), Path("checkpoints/small"), train__max_steps=steps,
+                         checkpoint__every_steps=every)
+    del pt["mlflow"]  # MLFLOW_TRACKING_URI decides
+    (root / "pt.yaml").write_text(yaml.safe_dump(pt))
+    (root / "ft.yaml").write_text(yaml.safe_dump({
+        "model": "models:/unused@x", "task": {"train": "task/train.jsonl", "validation": "task/validation.jsonl",
+                                             "test": "task/test.jsonl"},
+        "train": {"epochs": 1, "micro_batch_size": 16, "max_seq_length": 32}, "output": "finetuned"}))
+    (root / "job.yaml").write_text(yaml.safe_dump({
+        "kind": "pipeline", "name": "small", "storage": storage, **({"resources": resources} if resources else {}),
+        "stages": {"data_prep": {"config": "dp.yaml"}, "pretrain": {"config": "pt.yaml"},
+                   "registry": {"name": "small-bert", "alias": "champion"}, "finetune": {"config": "ft.yaml"}}}))

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, pretrain_config, pretrain_env, small_config, write_small_corpus, write_topic_task
+from conftest import pretrain_env, write_pipeline_job
 
 pytestmark = pytest.mark.slow
 
 
-def _submit(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**pretrain_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+def _submit(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**pretrain_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "cluster", "submit", "job.yaml", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -25,23 +24,7 @@ def _submit(root: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    write_small_corpus(root / "corpus")
-    write_topic_task(root / "task", rows=40)
-    dp = small_config(Path("corpus"), Path("data/small")).model_dump(mode="json")
-    dp["ray"] = {}  # the job's Ray
-    (root / "dp.yaml").write_text(yaml.safe_dump(dp))
-    pt = pretrain_config(Path("data/small"), Path("checkpoints/small"), train__max_steps=10,
-                         checkpoint__every_steps=5)
-    del pt["mlflow"]  # MLFLOW_TRACKING_URI decides
-    (root / "pt.yaml").write_text(yaml.safe_dump(pt))
-    (root / "ft.yaml").write_text(yaml.safe_dump({
-        "model": "models:/unused@x", "task": {"train": "task/train.jsonl", "validation": "task/validation.jsonl",
-                                             "test": "task/test.jsonl"},
-        "train": {"epochs": 1, "micro_batch_size": 16, "max_seq_length": 32}, "output": "finetuned"}))
-    (root / "job.yaml").write_text(yaml.safe_dump({
-        "kind": "pipeline", "name": "small", "storage": "out",
-        "stages": {"data_prep": {"config": "dp.yaml"}, "pretrain": {"config": "pt.yaml"},
-                   "registry": {"name": "small-bert", "alias": "champion"}, "finetune": {"config": "ft.yaml"}}}))
+    write_pipeline_job(root, storage="out")
     return root, _submit(root)
 
 

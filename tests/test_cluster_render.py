@@ -57,11 +57,28 @@ def test_relative_inputs_are_found_under_storage_first(tmp_path, monkeypatch):
     assert plan["name"] == "job"
 
 
-def test_object_store_storage_is_refused_with_what_to_use(tmp_path, monkeypatch):
+def test_object_store_storage_puts_outputs_under_its_url_and_renders_without_a_volume(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    (tmp_path / "job.yaml").write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: s3://b/x\n")
-    with pytest.raises(ConfigError, match=r"storage.*filesystem path every node sees.*s3fs"):
-        load_job(tmp_path / "job.yaml")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the bucket cannot be checked
+    job = tmp_path / "job.yaml"
+    job.write_text("kind: pipeline\nname: obj\nstorage: s3://b/x/\nstages:\n"
+                   "  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+                   "  pretrain: {config: configs/pretrain/quickstart.yaml}\n")
+    _, plan = _plan(job, tmp_path)
+    dp, pt = (s["config"] for s in plan["stages"])
+    assert plan["storage"] == "s3://b/x"
+    assert dp["output"] == pt["data"]["dataset"] == "s3://b/x/data/quickstart"
+    assert pt["checkpoint"]["dir"] == "s3://b/x/checkpoints/quickstart"
+    assert dp["inputs"] == ["s3://b/x/corpus/demo"]  # unreadable from here: the job's nodes will read it there
+    out = subprocess.run([sys.executable, "-m", "cluster", "render", str(job), "--target", "kuberay"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "set runtime_env.env_vars.MLFLOW_TRACKING_URI" in out.stderr
+    job.write_text(job.read_text() + "runtime_env: {env_vars: {MLFLOW_TRACKING_URI: 'http://mlflow:5000'}}\n")
+    manifest = yaml.safe_load(_render(job, "kuberay"))
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["volumes"] == [] and head["containers"][0]["volumeMounts"] == []
+    env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert json.loads(env["BERTFORGE_JOB_PLAN"])["storage"] == "s3://b/x"
 
 
 def _render(job, target, *extra):

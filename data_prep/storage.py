@@ -1,0 +1,129 @@
+"""Outputs at object-store URLs (s3://, gs://, az://, any fsspec filesystem), written the way local outputs are:
+nothing half-written is ever visible as finished.
+
+An object store has no rename, but one object appears whole or not at all. So outputs are made in a local
+staging directory (or a worker's temporary one) and published one file per upload, the file that marks the
+output finished (a dataset's manifest, a checkpoint's commit record, a fine-tune's summary) last. Credentials
+and endpoints come from the usual environment of each filesystem (AWS_* for s3, GOOGLE_* for gs, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for a URL of a filesystem other than the local one (`file://` and plain paths are local)."""
+    s = str(location)
+    return "://" in s and not s.startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for `url`; a clear error when its driver package is missing.
+
+    Listings are read afresh each time: other processes (other nodes) write the same prefixes.
+    """
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()
+        return fs, path
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        raise ImportError(f"'{url}': the {scheme}:// filesystem needs a package that is not installed ({e}); "
+                          f"for s3:// install s3fs (pip install 'bertforge[s3]'), for gs:// gcsfs") from None
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_text(url: str) -> str:
+    fs, path = filesystem(url)
+    return fs.cat_file(path).decode("utf-8")
+
+
+def listing(url: str) -> dict[str, int]:
+    """Every file under `url` by its path relative to it, with its size (empty when nothing is there)."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    files = {name[len(path) + 1:].rstrip("/"): int(info.get("size") or 0) for name, info in found.items()
+             if info.get("type") != "directory" and name.startswith(path + "/")}
+    parents = {p.rsplit("/", 1)[0] for p in files if "/" in p}
+    return {name: size for name, size in files.items() if name and name not in parents}  # no directory markers
+
+
+def upload(local: str | Path, url: str) -> None:
+    fs, path = filesystem(url)
+    fs.put_file(str(local), path)
+
+
+def download(url: str, local: str | Path) -> None:
+    """Copy the file at `url` to `local` (written beside, then renamed: never seen half-written)."""
+    fs, path = filesystem(url)
+    target = Path(local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    fs.get_file(path, str(tmp))
+    os.replace(tmp, target)
+
+
+def upload_dir(local: str | Path, url: str, last: tuple[str, ...] = ()) -> list[str]:
+    """Upload every file under `local` to the same relative paths under `url`; the names in `last` go after all
+    others, in that order (the marker that makes the upload count as finished). Returns the relative paths."""
+    root = Path(local)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    for name in [f for f in files if f not in last] + [f for f in last if f in files]:
+        upload(root / name, join(url, name))
+    return files
+
+
+def download_dir(url: str, local: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under `url` into `local` (a file lands whole: written beside, then renamed)."""
+    names = [n for n in listing(url) if n not in skip]
+    for name in names:
+        download(join(url, name), Path(local) / name)
+    return names
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def staging_dir(url: str, kind: str) -> Path:
+    """A local directory that belongs to the output at `url` (the same one on every run on this machine, so an
+    interrupted run resumes from it): under $BERTFORGE_STAGING, else the system's temporary directory."""
+    base = Path(os.environ.get("BERTFORGE_STAGING") or Path(tempfile.gettempdir()) / "bertforge-staging")
+    return base / f"{kind}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+def local_copy(url: str) -> str:
+    """A local file with the content of `url` (a file the worker processes read, e.g. a tokenizer), fetched once
+    per machine and content."""
+    fs, path = filesystem(url)
+    info = fs.info(path)
+    key = hashlib.sha256(f"{url}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or ''}".encode())
+    target = staging_dir(url, "file") / f"{key.hexdigest()[:16]}-{Path(path).name}"
+    if not target.is_file():
+        download(url, target)
+    return str(target)
+
+
+def clear_local(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
