@@ -61,7 +61,8 @@ def _ray_executable() -> str:
     return found
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now at `host`."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from data_prep import storage
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
-from data_prep import storage
 from data_prep.dataset import (
     MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
     prepare_output, read_manifest, recipe_hash,
 )
+from data_prep.ray_auth import use_cluster_token
 from data_prep.sources import expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import sha256_file, train
@@ -41,7 +42,7 @@ class JobError(Exception):
 def ray_session(rc: RayConfig) -> Iterator[None]:
     """Join the Ray at `rc.address`, or start a local one for this job (reused if the caller already has one)."""
     if rc.address:
-        _use_cluster_token()
+        use_cluster_token()
     import ray
 
     if ray.is_initialized():
@@ -60,18 +61,6 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def _use_cluster_token() -> None:
-    """Send Ray's auth token to a cluster that requires one, the way Ray documents it: `RAY_AUTH_MODE=token`
-    with the token at `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token` (the file `ray start` and `ray.init` write).
-    Must run before Ray is imported; an explicit `RAY_AUTH_MODE` is left alone."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if token.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(token))
 
 
 class Progress:

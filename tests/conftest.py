@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from cluster.head import free_port  # noqa: F401  (the tests' free ports: the same helper `up` uses)
+
 if TYPE_CHECKING:
     from data_prep.config import DataPrepConfig
 
@@ -206,13 +208,6 @@ def pretrain_config(dataset: Path, ckdir: Path, **over) -> dict:
     return with_overrides(tree, over)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (loopback)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pretrain_command(config: Path, *overrides: str, nproc: int = 1) -> list[str]:

@@ -7,7 +7,6 @@ uploaded checkpoint."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import pretrain_env, write_pipeline_job
+from conftest import free_port, pretrain_env, write_pipeline_job
 from test_cluster_pipeline import _submit
 
 pytestmark = pytest.mark.slow
@@ -25,9 +24,7 @@ BUCKET = "bertforge-test"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 endpoint on loopback and the environment that points boto/s3fs/pyarrow at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
