@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the Jobs API port (default 8265; 0 or a port in use: a free one)")
     u.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
     u.add_argument("--num-gpus", type=int, help="GPUs the head offers (default: all)")
+    u.add_argument("--labels", metavar="KEY=VALUE,...", default="",
+                   help="the head node's labels, which a job's resources.node_labels select (e.g. pool=train)")
     sub.add_parser("down", help="stop the head `up` started from this directory",
                    description="Stop the head `up` started from this directory, and the nodes joined to it from "
                                "this machine; other Ray instances are left alone.")
@@ -229,12 +231,17 @@ def _list(args) -> int:
 def _up(args) -> int:
     from cluster.head import up
 
-    s = up(args.host, args.dashboard_port, args.num_cpus, args.num_gpus)
+    labels = dict(pair.split("=", 1) for pair in args.labels.split(",") if pair)
+    if any(not k or not v for k, v in labels.items()) or args.labels.count("=") != len(labels):
+        print(f"error: --labels {args.labels!r}: write KEY=VALUE pairs separated by commas", file=sys.stderr)
+        return EXIT_USAGE
+    s = up(args.host, args.dashboard_port, args.num_cpus, args.num_gpus, labels=labels)
     verb = "is already up" if s.get("already_up") else "is up"
     print(f"Ray head {verb} at {s['address']} (token authentication; token in {s['token_path']})\n"
           f"  submit:     python -m cluster submit configs/jobs/quickstart.yaml --address {s['address']} --wait\n"
           f"  dashboard:  {s['address']}\n"
-          f"  add a node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={s['token_path']} ray start --address={s['gcs']}\n"
+          f"  add a node: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={s['token_path']} ray start --address={s['gcs']}"
+          f"{' --labels=' + args.labels if args.labels else ''}\n"
           f"  stop:       python -m cluster down")
     return EXIT_OK
 

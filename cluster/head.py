@@ -79,8 +79,10 @@ def _temp_dir(cwd: Path) -> str:
 
 
 def up(host: str = DEFAULT_HOST, dashboard_port: int = DEFAULT_DASHBOARD_PORT, num_cpus: int | None = None,
-       num_gpus: int | None = None, cwd: Path | None = None, timeout_s: float = 90.0) -> dict[str, Any]:
-    """Start a head (or find the one already up from `cwd`); returns its state: address, gcs, token_path, ..."""
+       num_gpus: int | None = None, cwd: Path | None = None, timeout_s: float = 90.0,
+       labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start a head (or find the one already up from `cwd`); returns its state: address, gcs, token_path, ...
+    `labels` are the head node's Ray labels (what a job's resources.node_labels select)."""
     cwd = Path(cwd or Path.cwd()).resolve()
     current = read_state(cwd)
     if current and _reachable(current):
@@ -109,6 +111,8 @@ def up(host: str = DEFAULT_HOST, dashboard_port: int = DEFAULT_DASHBOARD_PORT, n
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
+    if labels:
+        cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
     env = node_env(token)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0:

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from data_prep.config import DataPrepConfig
 
 REPO = Path(__file__).resolve().parents[1]
+BUCKET = "bertforge-test"  # the bucket of the `s3` fixture
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -265,3 +267,30 @@ def write_pipeline_job(root: Path, storage: str, resources: dict | None = None, 
         "kind": "pipeline", "name": "small", "storage": storage, **({"resources": resources} if resources else {}),
         "stages": {"data_prep": {"config": "dp.yaml"}, "pretrain": {"config": "pt.yaml"},
                    "registry": {"name": "small-bert", "alias": "champion"}, "finetune": {"config": "ft.yaml"}}}))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3 endpoint on loopback and the environment that points boto/s3fs/pyarrow at it."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fs.mkdir(BUCKET)
+            break
+        except Exception:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise
+            time.sleep(0.3)
+    yield env, fs
+    server.terminate()
+    server.wait(10)
+    log.close()

@@ -1,6 +1,7 @@
 """Cluster jobs through the Ray Jobs API on a real two-node Ray on loopback (`python -m cluster up` plus a second
-`ray start` on 127.0.0.3): data prep, pretraining spread over both nodes, a killed worker recovered from the last
-checkpoint, stopping a job, one copy per name, and `down` leaving nothing behind."""
+`ray start` on 127.0.0.3): data prep, pretraining spread over both nodes with its checkpoints in an object store
+(moto's S3 server), a killed worker recovered from the last checkpoint in the bucket, stopping a job, one copy
+per name, and `down` leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import (
+    BUCKET,
     REPO,
     free_port,
     pretrain_config,
@@ -47,16 +49,19 @@ def cluster(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head (1 CPU) started with `up`, and a second node (1 CPU) joined to it on 127.0.0.3."""
+    """A head (1 CPU) started with `up`, and a second node (1 CPU) joined to it on 127.0.0.3; both labelled
+    pool=train (what a job's resources.node_labels select)."""
     root = tmp_path_factory.mktemp("cluster")
-    up = cluster("up", "--num-cpus", "1", "--dashboard-port", "0", cwd=root)
+    up = cluster("up", "--num-cpus", "1", "--dashboard-port", "0", "--labels", "pool=train", cwd=root)
     assert up.returncode == 0, up.stderr
     state = json.loads((root / ".bertforge" / "head.json").read_text())
     assert state["address"] in up.stdout and "token authentication" in up.stdout
+    assert "--labels=pool=train" in up.stdout  # the line that joins another node keeps the label
     ray = str(Path(sys.executable).parent / "ray")
     node_env = {**env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]}
     node = subprocess.run([ray, "start", f"--address={state['gcs']}", "--node-ip-address=127.0.0.3", "--num-cpus=1",
-                           f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                           "--labels=pool=train", f"--dashboard-agent-listen-port={free_port()}",
+                           "--disable-usage-stats"],
                           env=node_env, capture_output=True, text=True, timeout=120)
     try:
         assert node.returncode == 0, node.stderr
@@ -127,8 +132,8 @@ def test_a_data_prep_job_runs_through_the_jobs_api(dataset):
     assert logs.returncode == 0 and "== job summary: prep ==" in logs.stdout
 
 
-def _placement(ckdir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((ckdir / "workers").glob("rank-*.json"))]
+def _placement(fs, ck: str) -> list[dict]:
+    return [json.loads(fs.cat_file(f"{ck}/workers/rank-{r:05d}.json")) for r in (0, 1)]
 
 
 def _on_both_nodes(workers: list[dict]) -> None:
@@ -138,22 +143,30 @@ def _on_both_nodes(workers: list[dict]) -> None:
     assert sorted(w["node_rank"] for w in workers) == [0, 1]
 
 
-def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset):
-    """ZeRO-2 over gloo with one worker per node; SIGKILL of a worker at step 10 of 30: Ray restarts the group
-    (max_failures 1), training resumes from the committed checkpoint, and every step's loss equals what one
+def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset, s3):
+    """ZeRO-2 over gloo with one worker per node (selected by their label), checkpoints in an S3 bucket (the
+    nodes share no disk for them); SIGKILL of a worker at step 10 of 30: Ray restarts the group (max_failures 1),
+    the workers download the newest complete checkpoint and resume, and every step's loss equals what one
     uninterrupted process computes (which also shows the two nodes train as one process would)."""
     root, state, _ = dataset
+    aws, fs = s3
     _pretrain_tree(root, "ck-two")
     job = _job(root, "two", {"kind": "pretrain", "config": "ck-two.pretrain.yaml", "max_failures": 1,
-                             "resources": {"num_workers": 2, "cpus_per_worker": 1}})
+                             "storage": f"s3://{BUCKET}/two", "runtime_env": {"env_vars": aws},
+                             "resources": {"num_workers": 2, "cpus_per_worker": 1,
+                                           "node_labels": {"pool": "train"}}})
+    tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
+    tree["data"]["dataset"] = str(root / "store" / "data")  # the data-prep job's output (a path both nodes see)
+    (root / "ck-two.pretrain.yaml").write_text(yaml.safe_dump(tree))
     out = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert out.returncode == 0, out.stderr
-    ck = root / "store" / "ck-two"
+    ck = f"{BUCKET}/two/ck-two"
     deadline = time.monotonic() + 300
-    while not (ck / "step-00000010").is_dir():  # committed (renamed from .partial) at step 10 of 30
+    while not fs.exists(f"{ck}/step-00000010/complete.json"):  # every rank's part uploaded, at step 10 of 30
         assert time.monotonic() < deadline, "no checkpoint within 300 s: " + cluster("logs", "two-1", cwd=root).stdout
-        time.sleep(0.1)
-    first = _placement(ck)
+        time.sleep(0.2)
+        fs.invalidate_cache()
+    first = _placement(fs, ck)
     _on_both_nodes(first)
     os.kill(first[1]["pid"], signal.SIGKILL)
     while not any(s in (status := cluster("status", "two-1", cwd=root).stdout) for s in ("SUCCEEDED", "FAILED",
@@ -163,16 +176,18 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     logs = cluster("logs", "two-1", cwd=root).stdout
     assert "SUCCEEDED" in status, logs[-4000:]
     assert "resuming from" in logs, logs[-3000:]
-    again = _placement(ck)
+    fs.invalidate_cache()
+    again = _placement(fs, ck)
     _on_both_nodes(again)
     assert again[1]["pid"] != first[1]["pid"]  # a new worker group took over
-    two = read_metrics(ck)
+    final = root / "two-final"
+    final.mkdir()
+    (final / "metrics.jsonl").write_bytes(fs.cat_file(f"{ck}/step-{STEPS:08d}/run/metrics.jsonl"))
+    two = read_metrics(final)
     assert max(two) == STEPS
 
     ref = root / "one"
     ref.mkdir()
-    tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
-    tree["data"]["dataset"] = str(root / "store" / "data")
     tree["checkpoint"]["dir"] = str(ref / "ck")
     (ref / "pretrain.yaml").write_text(yaml.safe_dump(tree))
     one = run_pretrain(ref / "pretrain.yaml")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import pretrain_env, write_pipeline_job
+from conftest import pretrain_env, write_pipeline_job, write_topic_task
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +64,19 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     assert "RayTrainWorker" not in again.stdout  # no training worker started
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
+
+
+def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
+    """The fine-tuning stage runs as a Ray task; its failure reaches the driver as one StageError naming the
+    output and the cause, not a remote traceback."""
+    from cluster.jobs import JobSpec
+    from cluster.runner import StageError, _finetune
+    from pretrain.config import FinetuneConfig
+
+    task = write_topic_task(tmp_path / "task", rows=20)
+    cfg = FinetuneConfig.model_validate({"model": str(tmp_path / "no-such-model"), "task": {"train": str(task["train"])},
+                                         "output": str(tmp_path / "ft"), "mlflow": {"enabled": False}})
+    plan = {"spec": JobSpec.model_validate({"kind": "finetune", "config": "ft.yaml"}).model_dump(mode="json")}
+    with pytest.raises(StageError, match=rf"fine-tuning into {tmp_path / 'ft'} failed: \w+Error: .*no-such-model"):
+        _finetune({"kind": "finetune", "config": cfg.model_dump(mode="json")}, plan, {})
+    assert not (tmp_path / "ft" / "summary.json").exists()

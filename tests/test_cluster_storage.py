@@ -1,51 +1,19 @@
 """Object-store storage (`storage: s3://...`), against a real S3 API (moto's server on loopback, read and written
 with s3fs and pyarrow as on AWS): the pipeline job with 2 training workers writes its dataset, checkpoints and
-fine-tuned model to the bucket and nothing to local outputs; resubmitted with more steps from a fresh
-machine-local directory (a new machine), it skips what is done and resumes pretraining from the newest
-uploaded checkpoint."""
+fine-tuned model to the bucket and nothing to local outputs. (Resuming from the bucket after a worker dies, on
+two nodes: tests/test_cluster_jobs.py.)"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import free_port, pretrain_env, write_pipeline_job
+from conftest import BUCKET, pretrain_env, write_pipeline_job
 from test_cluster_pipeline import _submit
 
 pytestmark = pytest.mark.slow
-BUCKET = "bertforge-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on loopback and the environment that points boto/s3fs/pyarrow at it."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fs.mkdir(BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise
-            time.sleep(0.3)
-    yield env, fs
-    server.terminate()
-    server.wait(10)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +58,3 @@ def test_the_pipeline_keeps_every_output_in_the_bucket(job, s3):
     workers = [json.loads(fs.cat_file(f"{ck}/workers/rank-{r:05d}.json")) for r in (0, 1)]
     assert {w["rank"] for w in workers} == {0, 1}
     assert fs.exists(f"{BUCKET}/jobs/finetuned/summary.json") and fs.exists(f"{BUCKET}/jobs/finetuned/model")
-
-
-def test_resubmitted_with_more_steps_on_a_new_machine_it_resumes_from_the_bucket(job, s3):
-    root, env, first = job
-    assert first.returncode == 0
-    _, fs = s3
-    pt = yaml.safe_load((root / "pt.yaml").read_text())
-    pt["train"]["max_steps"] = 9
-    (root / "pt.yaml").write_text(yaml.safe_dump(pt))
-    longer = _submit(root, env={**env, "BERTFORGE_STAGING": str(root / "machine-b")})
-    assert longer.returncode == 0, longer.stdout[-4000:] + longer.stderr[-4000:]
-    assert "resuming from" in longer.stdout and "step-00000006" in longer.stdout
-    assert f"pretraining  s3://{BUCKET}/jobs/checkpoints/small/step-00000009 (step 9" in longer.stdout
-    metrics = [json.loads(line) for line in
-               fs.cat_file(f"{BUCKET}/jobs/checkpoints/small/step-00000009/run/metrics.jsonl").decode().splitlines()]
-    trained = [m["step"] for m in metrics if "loss" in m]
-    assert trained == sorted(set(trained)) and trained[-1] == 9 and 6 in trained  # one history, continued
-    assert "registered   small-bert version 2 " in longer.stdout
-    # the dataset (its manifest's recipe) and the fine-tune (its summary and config) were found in the bucket
-    assert "skipped      data_prep, finetune (already done with the same config)" in longer.stdout

@@ -44,7 +44,8 @@ def one_process(tmp_path_factory, train_dataset) -> dict[int, dict]:
     return read_metrics(cfg.parent / "ck")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO-2 on two ranks (one per node, under Ray Train) is tests/test_cluster_jobs.py's fault test
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_zero_stages_on_two_ranks_match_one_process(tmp_path, train_dataset, one_process, stage):
     cfg = _equivalence_config(tmp_path, train_dataset, stage)
     out = run_pretrain(cfg, nproc=2)
