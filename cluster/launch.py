@@ -87,16 +87,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _download_newest(remote: str, local: Path, rank: int) -> None:
-    """Make the newest complete uploaded checkpoint this rank's newest local one (kept if already there)."""
+    """Make the newest complete uploaded checkpoint this rank's newest local one (kept if already there). Local
+    checkpoints are only copies of the bucket's: one the bucket does not hold complete (never finished there, or
+    from an earlier run of the same URL) is removed, never resumed from."""
     from pretrain import checkpoint
 
     tags = complete_checkpoints(remote)
-    if not tags:
-        return
-    fetch_checkpoint(storage.join(remote, tags[0]), local)
-    for p in checkpoint.committed(local):  # newer local ones were never completed in storage
-        if p.name > tags[0]:
+    for p in checkpoint.committed(local):
+        if p.name not in tags:
             shutil.rmtree(p, ignore_errors=True)
+    if tags:
+        fetch_checkpoint(storage.join(remote, tags[0]), local)
 
 
 def fetch_checkpoint(url: str, local: Path) -> Path:

@@ -1,7 +1,7 @@
 """Cluster jobs through the Ray Jobs API on a real two-node Ray on loopback (`python -m cluster up` plus a second
-`ray start` on 127.0.0.3): data prep, pretraining spread over both nodes with its checkpoints in an object store
-(moto's S3 server), a killed worker recovered from the last checkpoint in the bucket, stopping a job, one copy
-per name, and `down` leaving nothing behind."""
+`ray start` on 127.0.0.3), every output in an S3 bucket (moto's server on loopback; the nodes share no disk for
+them): data prep, pretraining spread over both nodes, a killed worker recovered from the last checkpoint in the
+bucket, stopping a job, one copy per name, and `down` leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -33,11 +33,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("
                                                    reason="a second node needs 127.0.0.3 (Linux loopback)")]
 
 STEPS = 30
+STORAGE = f"s3://{BUCKET}/cluster"  # every job's outputs: the nodes share no disk for them
+
+
+STORE: dict[str, str] = {}  # the bucket's environment (endpoint, keys) and a staging directory, set by `head`
 
 
 def env() -> dict:
-    """The test process's environment, less the RAY_ADDRESS of the session's own local Ray (ray.init sets it)."""
-    out = pretrain_env()
+    """The test process's environment, less the RAY_ADDRESS of the session's own local Ray (ray.init sets it),
+    plus the bucket's (the nodes started with it pass it to every job)."""
+    out = {**pretrain_env(), **STORE}
     out.pop("RAY_ADDRESS", None)
     return out
 
@@ -48,10 +53,11 @@ def cluster(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, s3):
     """A head (1 CPU) started with `up`, and a second node (1 CPU) joined to it on 127.0.0.3; both labelled
     pool=train (what a job's resources.node_labels select)."""
     root = tmp_path_factory.mktemp("cluster")
+    STORE.update(s3[0], BERTFORGE_STAGING=str(root / "staging"))
     up = cluster("up", "--num-cpus", "1", "--dashboard-port", "0", "--labels", "pool=train", cwd=root)
     assert up.returncode == 0, up.stderr
     state = json.loads((root / ".bertforge" / "head.json").read_text())
@@ -77,7 +83,7 @@ def head(tmp_path_factory):
 
 def _job(root: Path, name: str, body: dict) -> Path:
     path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "storage": "store", **body}))
+    path.write_text(yaml.safe_dump({"name": name, "storage": STORAGE, **body}))
     return path
 
 
@@ -119,13 +125,22 @@ def test_the_head_requires_its_token(head):
     assert again.returncode == 0 and "already up" in again.stdout and state["address"] in again.stdout
 
 
-def test_a_data_prep_job_runs_through_the_jobs_api(dataset):
+def test_a_data_prep_job_runs_through_the_jobs_api(dataset, s3):
     root, state, out = dataset
+    _, fs = s3
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "submitted job prep-1" in out.stdout and "job prep-1: SUCCEEDED" in out.stdout
     assert "== data prep summary ==" in out.stdout  # --wait streamed the job's output
-    manifest = json.loads((root / "store" / "data" / "manifest.json").read_text())
+    # in the bucket: every shard a worker uploaded, the manifest last; nothing of the job's staging state
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/cluster/data/manifest.json"))
     assert manifest["splits"]["train"]["examples"] > 0
+    shards = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+    assert all(fs.exists(f"{BUCKET}/cluster/data/{name}") for name in shards)
+    assert not fs.exists(f"{BUCKET}/cluster/data/.work") and not (root / "store").exists()
+    shown = subprocess.run([sys.executable, "-m", "data_prep", "inspect", f"{STORAGE}/data", "-n", "2"], env=env(),
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and f"dataset {STORAGE}/data  id {manifest['dataset_id']}" in shown.stdout
+    assert shown.stdout.count("\n[") == 2, shown.stdout + shown.stderr
     status = cluster("status", "prep-1", cwd=root)  # the address comes from `up`'s record in this directory
     assert status.returncode == 0 and "prep-1  SUCCEEDED" in status.stdout
     logs = cluster("logs", "prep-1", cwd=root)
@@ -143,7 +158,7 @@ def _on_both_nodes(workers: list[dict]) -> None:
     assert sorted(w["node_rank"] for w in workers) == [0, 1]
 
 
-def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset, s3):
+def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset, s3, monkeypatch):
     """ZeRO-2 over gloo with one worker per node (selected by their label), checkpoints in an S3 bucket (the
     nodes share no disk for them); SIGKILL of a worker at step 10 of 30: Ray restarts the group (max_failures 1),
     the workers download the newest complete checkpoint and resume, and every step's loss equals what one
@@ -152,15 +167,12 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     aws, fs = s3
     _pretrain_tree(root, "ck-two")
     job = _job(root, "two", {"kind": "pretrain", "config": "ck-two.pretrain.yaml", "max_failures": 1,
-                             "storage": f"s3://{BUCKET}/two", "runtime_env": {"env_vars": aws},
+                             "runtime_env": {"env_vars": aws},  # (the nodes have it too: shown as a job sets it)
                              "resources": {"num_workers": 2, "cpus_per_worker": 1,
                                            "node_labels": {"pool": "train"}}})
-    tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
-    tree["data"]["dataset"] = str(root / "store" / "data")  # the data-prep job's output (a path both nodes see)
-    (root / "ck-two.pretrain.yaml").write_text(yaml.safe_dump(tree))
     out = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert out.returncode == 0, out.stderr
-    ck = f"{BUCKET}/two/ck-two"
+    ck = f"{BUCKET}/cluster/ck-two"
     deadline = time.monotonic() + 300
     while not fs.exists(f"{ck}/step-00000010/complete.json"):  # every rank's part uploaded, at step 10 of 30
         assert time.monotonic() < deadline, "no checkpoint within 300 s: " + cluster("logs", "two-1", cwd=root).stdout
@@ -188,7 +200,11 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
 
     ref = root / "one"
     ref.mkdir()
+    tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
+    tree["data"]["dataset"] = f"{STORAGE}/data"  # the data-prep job's output, read from the bucket
     tree["checkpoint"]["dir"] = str(ref / "ck")
+    for k, v in aws.items():
+        monkeypatch.setenv(k, v)
     (ref / "pretrain.yaml").write_text(yaml.safe_dump(tree))
     one = run_pretrain(ref / "pretrain.yaml")
     assert one.returncode == 0, one.stderr[-3000:]
