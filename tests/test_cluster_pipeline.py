@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import pretrain_env, write_pipeline_job, write_topic_task
+import yaml
+from conftest import BUCKET, pretrain_env, write_pipeline_job, write_topic_task
 
 pytestmark = pytest.mark.slow
 
@@ -22,24 +23,34 @@ def _submit(root: Path, *args: str, env: dict | None = None) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, s3):
+    """The pipeline on a local storage directory, its fine-tuned model sent to an S3 bucket (moto on loopback):
+    the object-store path of the fine-tuning stage, and of its skip check on resubmission."""
     root = tmp_path_factory.mktemp("pipeline")
     write_pipeline_job(root, storage="out")
-    return root, _submit(root)
+    ft = yaml.safe_load((root / "ft.yaml").read_text())
+    ft["output"] = f"s3://{BUCKET}/pipeline/finetuned"
+    (root / "ft.yaml").write_text(yaml.safe_dump(ft))
+    env = {**s3[0], "BERTFORGE_STAGING": str(root / "staging")}
+    return root, env, _submit(root, env=env)
 
 
-def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline):
-    root, out = pipeline
+def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
+    root, _, out = pipeline
+    fs = s3[1]
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = out.stdout[out.stdout.index("== job summary: small =="):]
     out_dir = root / "out"
     assert f"dataset      {out_dir / 'data/small'}" in summary
     assert f"pretraining  {out_dir / 'checkpoints/small/step-00000010'} (step 10" in summary
     assert "registered   small-bert version 1 (models:/small-bert@champion" in summary
-    assert f"fine-tuned   {out_dir / 'finetuned/model'} (test_accuracy" in summary
+    assert f"fine-tuned   s3://{BUCKET}/pipeline/finetuned/model (test_accuracy" in summary
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in summary
     assert "skipped" not in summary
     assert (out_dir / "data/small/manifest.json").is_file()
+    uploaded = fs.find(f"{BUCKET}/pipeline/finetuned")  # the model, its summary (last) and the stage's config
+    assert {f"{BUCKET}/pipeline/finetuned/{n}" for n in ("summary.json", "job-config.json")} <= set(uploaded)
+    assert any("/finetuned/model/" in f for f in uploaded) and not list((root / "staging").glob("finetune-*"))
 
     from mlflow.tracking import MlflowClient
 
@@ -54,10 +65,10 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline):
 
 
 def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
-    root, first = pipeline
+    root, env, first = pipeline
     assert first.returncode == 0
     manifest = (root / "out/data/small/manifest.json").stat().st_mtime_ns
-    again = _submit(root)
+    again = _submit(root, env=env)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "skipped      data_prep, pretrain, register, finetune (already done with the same config)" in again.stdout
     assert "== stage: pretrain ==\n" in again.stdout and "nothing to do" in again.stdout
