@@ -61,6 +61,9 @@ class TrainConfig(Section):
     masking: Literal["static", "dynamic"] = "static"
     unpad: bool = Field(True, description="run the encoder on the real tokens only (the same model; saves the "
                                           "batch's padding fraction of the work); false: the padded (B, L) layout")
+    varlen_attention: bool = Field(
+        False, description="with unpad: attention too on the real tokens, each sequence over its own (nested jagged "
+                           "tensors; FlashAttention's varlen kernel on GPUs) instead of padding inside attention")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the encoder layers (fused elementwise kernels; the same model). auto: on "
                             "with CUDA and ZeRO 0-2; off on CPU, where compiling takes longer than it saves")
@@ -72,6 +75,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        if self.varlen_attention and not self.unpad:
+            raise ValueError("train.varlen_attention=true runs attention on the packed real tokens: it needs "
+                             "train.unpad=true")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
@@ -146,7 +152,8 @@ class PretrainConfig(Section):
     model: ModelSection = ModelSection()
     train: TrainConfig = TrainConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs, fp32 on CPU (where bf16 matmuls are slow without AMX)"
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU (where bf16 matmuls are slow without AMX); bf16: fp32 "
+                            "weights and optimizer, bf16 compute under autocast; fp16: fp16 weights, loss scaling"
     )
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -1,8 +1,16 @@
 """DeepSpeed, in one place: the process group, the DeepSpeed config dict, the optimizer and the engine.
 
-The batch arithmetic (micro x accumulation x world = global) is derived here once. On CPU the
-AdamW is torch's (fused into a few kernels on GPUs; DeepSpeed's own Adam would compile a C++/CUDA op at the
-first run); DeepSpeed builds its LAMB and, for ZeRO-Offload, its CPU Adam from the "optimizer" section.
+The batch arithmetic (micro x accumulation x world = global) is derived here once. AdamW is torch's fused
+implementation (a few kernels per step on GPUs and CPUs; DeepSpeed's own Adam would compile a C++/CUDA op at
+the first run); DeepSpeed builds its LAMB and, for ZeRO-Offload, its CPU Adam from the "optimizer" section.
+
+bf16 is mixed precision through DeepSpeed's `torch_autocast` section: the weights, their gradients and the
+optimizer stay fp32, the matmuls and attention run in bf16 under `torch.autocast`, and gradients of Linear
+weights are reduced (and ZeRO-3 weights gathered) in bf16. DeepSpeed's `bf16` section (bf16 weights with
+fp32 master copies) costs a fixed ~2,700 extra kernel launches per optimizer step at BERT-base's 206
+parameter tensors, almost all from its per-tensor inf/NaN check, plus, without ZeRO, one host sync per
+tensor (counted by tests/benchmarks/gpu_throughput.py --count-ops; on one H200 that mode showed a fixed
+56 ms per step). Under autocast an inf/NaN gradient is caught by the global norm, once per step.
 """
 
 from __future__ import annotations
@@ -115,8 +123,8 @@ def ds_config(cfg: AnyConfig, b: Batching, precision: str, device: torch.device)
         "steps_per_print": 2**31 - 1,  # progress is ours (pretrain/tracking.py)
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16":
-        out["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if precision == "bf16":  # fp32 weights and optimizer, bf16 compute (see the module's docstring)
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
@@ -214,9 +222,9 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         config.pop("optimizer", None)
         config["gradient_clipping"] = 0.0  # GuardedAdamW clips, after its check
         optimizer = GuardedAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps,
-                                 fused=device.type == "cuda")
+                                 fused=True)
     elif "optimizer" not in config:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     sched = schedule or Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
 
     def lr_scheduler(opt):
@@ -253,7 +261,8 @@ def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
 
 
 def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 weights stored in a DeepSpeed checkpoint directory, whatever its ZeRO stage.
+    """The full weights stored in a DeepSpeed checkpoint directory, whatever its ZeRO stage (fp32, except
+    fp16 weights without ZeRO, whose fp32 masters sit in the optimizer wrapper's state).
 
     ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states; DeepSpeed's
     consolidation merges them. Without ZeRO the model-states file holds the module's own weights.
@@ -265,7 +274,7 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
         weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     else:
         weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.detach().float().contiguous() for k, v in weights.items()}
+    return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
 def engine_weights(engine) -> dict[str, torch.Tensor]:

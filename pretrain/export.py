@@ -76,15 +76,16 @@ def export(source: str | Path, out: str | Path) -> Path:
     manifest = json.loads(manifest_file.read_text())
     model_cfg = ModelConfig(**client["model"])
     stage = client["config"]["deepspeed"]["zero_stage"]
-    if stage == 0 and client.get("precision", "fp32") != "fp32":
-        raise ExportError(f"checkpoint {step_dir} was trained in {client['precision']} without ZeRO: its fp32 master "
-                          "weights are inside the optimizer wrapper, which export does not read; train with "
-                          "deepspeed.zero_stage >= 1 (or fp32) to export full-precision weights")
     out, r = Path(out).resolve(), root.resolve()
     steps = [c.resolve() for c in checkpoint.committed(root)]
     if out == r or out in r.parents or any(out == c or c in out.parents for c in steps):
         raise ExportError(f"--out {out} would overwrite the checkpoints in {root}; choose a directory outside it")
     weights = checkpoint_weights(step_dir, stage)
+    if any(w.dtype != torch.float32 for w in weights.values()):  # fp16 (DeepSpeed's fp16 mode) without ZeRO
+        raise ExportError(f"checkpoint {step_dir} holds {client.get('precision')} weights without ZeRO: its fp32 "
+                          "master weights are inside the optimizer wrapper, which export does not read; train with "
+                          "deepspeed.zero_stage >= 1 (or precision bf16 or fp32) to export full-precision weights")
+    weights = {k: w.float() for k, w in weights.items()}
     with torch.device("meta"):
         expected = BertForPretraining(model_cfg).state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):

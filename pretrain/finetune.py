@@ -64,7 +64,7 @@ class _PlainStepper:
         t = cfg.train
         self.module, self.clip = model, t.grad_clip
         self.opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
-                                     fused=device.type == "cuda")
+                                     fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
 
     def __call__(self, *inputs):

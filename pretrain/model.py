@@ -11,6 +11,10 @@ sees the padded (B, heads, L, L) layout, filled in and read back by one index co
 work saved is the batch's padding fraction of nearly all FLOPs (attention scores are ~3% of BERT-base's
 FLOPs at L = 128). Both layouts compute the same function (tests/test_model.py).
 
+Variable-length attention (`BertForPretraining(c, unpad=True, varlen=True)`): the attention core too runs on the
+packed tokens, each sequence over its own tokens as nested jagged tensors (PyTorch dispatches them to
+FlashAttention's varlen kernel on GPUs): no padded copy of q, k and v, no scores over padding.
+
 Compilation (`compile_layers`, on by default for pretraining on GPUs): each encoder layer goes through
 `torch.compile`, which fuses the elementwise work between the matmuls (bias + GELU, dropout + residual +
 LayerNorm, forward and backward) into a few kernels. The layers share one compiled graph, and the packed
@@ -86,22 +90,26 @@ def _init(m: nn.Module, std: float) -> None:
 class Packing:
     """Where the real tokens of a (B, L) batch are: `index` (T,) their flat positions in B * L, in order;
     `where` (B * L,) each flat position's row in the packed (T, H) tensor (-1 for padding); `first` (B,) the
-    packed row of each sequence's first token ([CLS])."""
+    packed row of each sequence's first token ([CLS]); `offsets` (B + 1,) where each sequence's rows start
+    (and the last one ends); `varlen`: attention runs on the packed rows too (`varlen_attention`)."""
 
     index: torch.Tensor
     where: torch.Tensor
     first: torch.Tensor
+    offsets: torch.Tensor
     batch: int
     length: int
+    varlen: bool = False
 
     @staticmethod
-    def of(attention_mask: torch.Tensor) -> "Packing":
+    def of(attention_mask: torch.Tensor, varlen: bool = False) -> "Packing":
         flat = attention_mask.reshape(-1).bool()
         index = flat.nonzero().squeeze(1)
         where = torch.cumsum(flat, 0) - 1
         where = torch.where(flat, where, torch.full_like(where, -1))
         B, L = attention_mask.shape
-        return Packing(index, where, where.view(B, L)[:, 0], B, L)
+        offsets = F.pad(torch.cumsum(attention_mask.bool().sum(1), 0), (1, 0))
+        return Packing(index, where, where.view(B, L)[:, 0], offsets, B, L, varlen)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(T, D) packed -> (B, L, D), zeros at padding (differentiable)."""
@@ -136,6 +144,18 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+@torch.compiler.disable  # eager between a compiled layer's two graphs: nested tensors have no CPU kernels there
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int,
+                     dropout_p: float) -> torch.Tensor:
+    """q, k, v (T, heads, D) packed sequence after sequence, `offsets` (B + 1,) where each starts -> (T, heads, D):
+    each sequence attends over its own tokens only (scaled dot-product attention on nested jagged tensors)."""
+    def nested(t: torch.Tensor) -> torch.Tensor:  # (B, heads, ragged length, D)
+        return torch.nested.nested_tensor_from_jagged(t, offsets, min_seqlen=1, max_seqlen=max_length).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(nested(q), nested(k), nested(v), dropout_p=dropout_p)
+    return y.transpose(1, 2).values()
+
+
 class SelfAttention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -148,6 +168,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, p: Packing | None = None) -> torch.Tensor:
         """x (B, L, H), or (T, H) packed with `p`; keep (B, 1, 1, L) bool: True for real tokens -> x's shape."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if p is not None and p.varlen:
+            T, H = x.shape
+            q, k, v = (m(x).view(T, self.heads, H // self.heads) for m in (self.query, self.key, self.value))
+            return self.out(varlen_attention(q, k, v, p.offsets, p.length, dropout_p).reshape(T, H))
         if p is not None:  # projections on the real tokens, one copy of q, k and v into the padded layout
             # (each Linear is called, not its weight read: ZeRO-3 gathers a module's weights in its forward hook)
             q, k, v = p.pad(torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)).chunk(3, dim=-1)
@@ -158,8 +183,7 @@ class SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, L, self.heads, H // self.heads).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=keep,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
+        y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=keep, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, L, H)
         return self.out(p.pack(y) if p is not None else y)
 
@@ -207,10 +231,10 @@ class BertEncoder(nn.Module):
         x = self.final_norm(x)
         return x, torch.tanh(self.pooler(x[:, 0]))
 
-    def packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Packing]:
+    def packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
+               varlen: bool = False) -> tuple[torch.Tensor, torch.Tensor, Packing]:
         """As `forward` on the real tokens only -> (sequence (T, H), pooled [CLS] (B, H), the packing)."""
-        p = Packing.of(attention_mask)
+        p = Packing.of(attention_mask, varlen)
         keep = attention_mask.bool()[:, None, None, :]
         x = self.embeddings.packed(input_ids, token_type_ids, p)
         for t in (x, p.index):  # T changes every batch: compiled layers take it as a symbol
@@ -223,12 +247,14 @@ class BertEncoder(nn.Module):
 
 class BertForPretraining(nn.Module):
     """BERT with the MLM head (tied to the word embeddings) and the NSP head; `unpad` computes on the real tokens
-    only (the same function, less work by the batch's padding fraction)."""
+    only (the same function, less work by the batch's padding fraction), `varlen` attention too."""
 
-    def __init__(self, c: ModelConfig, unpad: bool = False):
+    def __init__(self, c: ModelConfig, unpad: bool = False, varlen: bool = False):
         super().__init__()
+        if varlen and not unpad:
+            raise ValueError("varlen attention runs on the packed tokens: it needs unpad=True")
         self.config = c
-        self.unpad = unpad
+        self.unpad, self.varlen = unpad, varlen
         self.bert = BertEncoder(c)
         self.mlm_transform = nn.Linear(c.hidden_size, c.hidden_size)
         self.mlm_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -240,7 +266,7 @@ class BertForPretraining(nn.Module):
                 masked_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) inputs, `masked_positions` (M,) flat indices into B * L -> (MLM logits (M, V), NSP logits (B, 2))."""
         if self.unpad:
-            seq, pooled, p = self.bert.packed(input_ids, token_type_ids, attention_mask)
+            seq, pooled, p = self.bert.packed(input_ids, token_type_ids, attention_mask, self.varlen)
             h = seq.index_select(0, p.where[masked_positions])
         else:
             seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
@@ -273,11 +299,12 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile each encoder layer of `model` in place (parameter names and checkpoints are unchanged).
 
     `fullgraph=True`: a layer that cannot be captured whole is an error, not a silent fallback to eager
-    pieces. The layers are identical modules, so they share one compiled graph (one compilation).
+    pieces. The layers are identical modules, so they share one compiled graph (one compilation). With
+    varlen attention, whose core runs eagerly, each layer is the two graphs around it.
     """
     encoder = model.bert if hasattr(model, "bert") else model
     for layer in encoder.layers:
-        layer.compile(backend=backend, fullgraph=True)
+        layer.compile(backend=backend, fullgraph=not getattr(model, "varlen", False))
     return model
 
 

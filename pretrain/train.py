@@ -193,7 +193,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
     candidates = _resume_point(cfg, topo.world, tracker)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = BertForPretraining(model_cfg, unpad=cfg.train.unpad)
+    model = BertForPretraining(model_cfg, unpad=cfg.train.unpad, varlen=cfg.train.varlen_attention)
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and topo.device.type == "cuda"
                                               and cfg.deepspeed.zero_stage < 3)
     if compiled:
@@ -238,7 +238,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
                   f"{topo.device.type} rank(s), {precision}, ZeRO-{cfg.deepspeed.zero_stage}"
-                  f"{', compiled layers' if compiled else ''}: global batch "
+                  f"{', compiled layers' if compiled else ''}"
+                  f"{', varlen attention' if cfg.train.varlen_attention else ''}: global batch "
                   f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "
                   f"{cfg.train.max_steps - step} steps to go")
 

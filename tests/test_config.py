@@ -118,7 +118,8 @@ def test_pretrain_batch_arithmetic_and_schedules():
     assert (b.micro, b.accumulation, b.global_batch) == (8, 2, 64)
     ds = ds_config(cfg, b, "bf16", __import__("torch").device("cpu"))
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 2, 64)
-    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    assert ds["zero_optimization"]["stage"] == 1
     with pytest.raises(SetupError, match=r"multiple of train.micro_batch_size x ranks \(8 x 3 = 24\).*=72"):
         batching(cfg, 3)
     cfg.deepspeed.config = {"zero_optimization": {"reduce_bucket_size": 7}}
@@ -152,6 +153,8 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
     assert load_config(PretrainConfig, f, ["deepspeed.zero_stage=3"]).train.compile == "auto"
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(PretrainConfig, f, ["train.compile=sometimes"])
+    with pytest.raises(ConfigError, match="train.varlen_attention=true .* needs train.unpad=true"):
+        load_config(PretrainConfig, f, ["train.varlen_attention=true", "train.unpad=false"])
     with pytest.raises(ConfigError, match="registry.when=best needs evaluation"):
         load_config(PretrainConfig, f, ["registry.name=m", "registry.when=best", "data.eval_examples=0"])
     cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])

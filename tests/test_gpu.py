@@ -50,3 +50,31 @@ def test_optimized_training_matches_the_plain_path_in_bf16(tmp_path, train_datas
     assert sum(abs(a - b) for a, b in zip(fast, plain)) / 300 < 0.05
     assert abs(sum(fast[-50:]) - sum(plain[-50:])) / sum(plain[-50:]) < 0.02
     assert sum(fast[-50:]) < sum(fast[:50])  # and both learned
+
+
+def test_varlen_attention_on_gpu_computes_what_the_padded_path_does():
+    """Nested jagged attention dispatches to a fused varlen kernel on CUDA (on CPU it falls back to a loop): in
+    bf16 under autocast, eager and compiled, it gives the padded path's outputs and gradients."""
+    from test_model import batch
+
+    from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, preset
+
+    torch.manual_seed(0)
+    c = preset("mini", 500, dropout=0.0, attention_dropout=0.0)
+    plain = BertForPretraining(c).cuda()
+    varlen = BertForPretraining(c, unpad=True, varlen=True).cuda()
+    varlen.load_state_dict(plain.state_dict())
+    compiled = compile_layers(BertForPretraining(c, unpad=True, varlen=True).cuda())
+    compiled.load_state_dict(plain.state_dict())
+    ids, types, mask, masked = (t.cuda() for t in batch(c, B=3, L=64))
+    labels, nsp_labels = ids.view(-1)[masked], torch.tensor([0, 1, 0], device="cuda")
+    results = []
+    for model in (plain, varlen, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mlm, nsp = model(ids, types, mask, masked)
+            loss, _, _ = pretraining_loss(mlm, labels, nsp, nsp_labels)
+        loss.backward()
+        results.append((mlm.float(), model.bert.layers[0].attention.query.weight.grad))
+    for mlm, grad in results[1:]:
+        assert torch.allclose(mlm, results[0][0], atol=5e-2, rtol=5e-2), (mlm - results[0][0]).abs().max()
+        assert torch.allclose(grad, results[0][1], atol=5e-3, rtol=5e-2), (grad - results[0][1]).abs().max()

@@ -77,11 +77,11 @@ def test_equals_transformers_bert_for_pretraining():
     assert torch.allclose(nsp, out.seq_relationship_logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("pre_ln", [False, True])
-def test_unpadded_path_computes_the_same_outputs_and_gradients(pre_ln):
+@pytest.mark.parametrize("pre_ln, varlen", [(False, False), (True, False), (False, True), (True, True)])
+def test_unpadded_path_computes_the_same_outputs_and_gradients(pre_ln, varlen):
     torch.manual_seed(0)
     c = preset("tiny", 500, pre_ln=pre_ln, dropout=0.0, attention_dropout=0.0)
-    plain, unpadded = BertForPretraining(c), BertForPretraining(c, unpad=True)
+    plain, unpadded = BertForPretraining(c), BertForPretraining(c, unpad=True, varlen=varlen)
     unpadded.load_state_dict(plain.state_dict())
     assert_same_outputs_and_gradients(plain, unpadded, *batch(c))
 
@@ -102,17 +102,19 @@ def assert_same_outputs_and_gradients(a: BertForPretraining, b: BertForPretraini
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
 
 
-@pytest.mark.parametrize("unpad", [True, False])
-def test_compiled_layers_are_captured_whole_once_and_compute_the_same(unpad):
+@pytest.mark.parametrize("unpad, varlen", [(True, False), (False, False), (True, True)])
+def test_compiled_layers_are_captured_whole_once_and_compute_the_same(unpad, varlen):
     """`compile_layers` as on GPUs, through the compiler's front end (dynamo + autograd capture, no codegen):
     every layer is one graph (fullgraph: a graph break fails), all layers share it, a batch with another
-    real-token count reuses it, and outputs and gradients equal the eager model's."""
+    real-token count reuses it, and outputs and gradients equal the eager model's. With varlen attention the
+    one break is around its eager core: three graphs (before it, the output projection, the rest of the layer)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     c = preset("tiny", 500, num_layers=3, dropout=0.0, attention_dropout=0.0)
-    eager, compiled = BertForPretraining(c, unpad=unpad), BertForPretraining(c, unpad=unpad)
+    eager = BertForPretraining(c, unpad=unpad, varlen=varlen)
+    compiled = BertForPretraining(c, unpad=unpad, varlen=varlen)
     compiled.load_state_dict(eager.state_dict())
     compile_layers(compiled, backend="aot_eager")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are interchangeable
@@ -123,19 +125,23 @@ def test_compiled_layers_are_captured_whole_once_and_compute_the_same(unpad):
         if seed:
             mask[1, 10:] = 0
         assert_same_outputs_and_gradients(eager, compiled, ids, types, mask, masked)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == (3 if varlen else 1), dict(counters["stats"])
+    breaks = list(counters["graph_break"])
+    assert all("varlen_attention" in b for b in breaks) and (len(breaks) > 0) == varlen, breaks
     assert counters["stats"]["calls_captured"] > 0
 
 
 def test_unpadded_training_follows_the_plain_loss_curve():
-    """40 AdamW steps on batches with 0-60% padding: the two paths train the same model (fp32, no dropout)."""
+    """40 AdamW steps on batches with 0-60% padding: the three paths (padded, unpadded, unpadded with varlen
+    attention) train the same model (fp32, no dropout)."""
     torch.manual_seed(1)
     c = preset("tiny", 300, dropout=0.0, attention_dropout=0.0)
-    models = [BertForPretraining(c), BertForPretraining(c, unpad=True)]
-    models[1].load_state_dict(models[0].state_dict())
+    models = [BertForPretraining(c), BertForPretraining(c, unpad=True), BertForPretraining(c, unpad=True, varlen=True)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
     opts = [torch.optim.AdamW(m.parameters(), lr=2e-3) for m in models]
     g = torch.Generator().manual_seed(2)
-    curves: list[list[float]] = [[], []]
+    curves: list[list[float]] = [[], [], []]
     B, L = 8, 32
     for _ in range(40):
         lengths = torch.randint(L * 4 // 10, L + 1, (B,), generator=g)
@@ -153,3 +159,4 @@ def test_unpadded_training_follows_the_plain_loss_curve():
             curve.append(loss.item())
     assert curves[0][-1] < curves[0][0] - 0.5  # it learned something, so equal curves mean something
     assert curves[1] == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
+    assert curves[2] == pytest.approx(curves[0], rel=1e-4, abs=1e-5)

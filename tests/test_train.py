@@ -172,10 +172,12 @@ def test_a_different_world_size_or_no_complete_checkpoint_is_refused(trained, tm
     assert out.returncode == 1 and "none of the 3 checkpoints" in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_nan_step_is_skipped_and_counted(tmp_path, train_dataset, stage):
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (2, "bf16")])
+def test_a_nan_step_is_skipped_and_counted(tmp_path, train_dataset, stage, precision):
+    """Without ZeRO our optimizer checks the gradients; under ZeRO (bf16: fp32 weights under autocast) DeepSpeed's
+    global gradient norm does."""
     cfg = write_config(tmp_path, train_dataset, train__max_steps=6, debug__nan_at_step=3,
-                       deepspeed__zero_stage=stage)
+                       deepspeed__zero_stage=stage, precision=precision)
     out = run_pretrain(cfg)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3: non-finite loss or gradient; the update was skipped (1 skipped so far)" in out.stderr

@@ -6,8 +6,14 @@ GPU (unpadded, compiled layers, fused AdamW), its levers one at a time, and tran
     python tests/benchmarks/gpu_throughput.py --configs base:128:256/512 --dataset data/bench128
     python tests/benchmarks/gpu_throughput.py --configs tiny:64:8 --steps 3 --precision fp32  # CPU smoke
 
-Variants: `ours` (the default: unpadded, compiled), `ours-eager` (unpadded, not compiled), `ours-padded`
-(neither), `ours-zero0` (the default under ZeRO-0), `transformers`.
+Variants: `ours` (the default: unpadded, compiled, bf16 through autocast), `ours-eager` (unpadded, not
+compiled), `ours-padded` (neither), `ours-varlen` (attention on the packed tokens too: `train.varlen_attention`),
+`ours-zero0` (the default under ZeRO-0), `ours-dsbf16` and
+`ours-dsbf16-zero0` (DeepSpeed's bf16 mode: bf16 weights with fp32 master copies), `transformers`.
+
+    python tests/benchmarks/gpu_throughput.py --count-ops --configs base:128:8 --variants ours,ours-dsbf16
+
+counts the host-side work of one optimizer step per phase instead of timing (runs on CPU too).
 
 For each config (PRESET:SEQ, optionally :B1/B2/... batch sizes, else --batches) and variant it tries every
 batch size (an out-of-memory one is skipped) and keeps the best; rounds alternate between variants and each keeps its best round. Batches are synthetic,
@@ -40,12 +46,29 @@ from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.engine import batching, build_engine, init_distributed  # noqa: E402
 from pretrain.hf_compat import hf_config_fields  # noqa: E402
 from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, preset, training_flops  # noqa: E402
+from torch.profiler import ProfilerActivity, record_function  # noqa: E402
+from torch.profiler import profile as torch_profile  # noqa: E402
 
 PEAK = 790e12
 VARIANTS = ("ours", "ours-eager", "ours-padded", "transformers")
-# variant -> (unpad, compile, ZeRO stage)
-OURS = {"ours": (True, True, 1), "ours-eager": (True, False, 1), "ours-padded": (False, False, 1),
-        "ours-zero0": (True, True, 0)}
+# DeepSpeed's bf16 mode (bf16 weights, fp32 master copies), the default before bf16 went through autocast
+DS_BF16 = {"bf16": {"enabled": True, "check_grad_overflow": True}, "torch_autocast": {"enabled": False}}
+# variant -> (unpad, varlen attention, compile, ZeRO stage, DeepSpeed config overrides)
+OURS = {"ours": (True, False, True, 1, {}), "ours-eager": (True, False, False, 1, {}),
+        "ours-padded": (False, False, False, 1, {}), "ours-varlen": (True, True, True, 1, {}),
+        "ours-zero0": (True, False, True, 0, {}), "ours-dsbf16": (True, False, True, 1, DS_BF16),
+        "ours-dsbf16-zero0": (True, False, True, 0, DS_BF16)}
+PHASES = ("forward", "backward", "step")
+# aten ops that launch no kernel (views, allocation, metadata) or are counted as host syncs
+NO_KERNEL = {"aten::" + n for n in (
+    "view", "as_strided", "detach", "detach_", "empty", "empty_strided", "empty_like",
+    "_has_compatible_shallow_copy_type", "resolve_conj", "resolve_neg", "_unsafe_view", "alias", "expand", "t",
+    "transpose", "reshape", "_reshape_alias", "select", "slice", "unsqueeze", "squeeze", "lift_fresh", "to",
+    "_to_copy", "chunk", "split", "narrow", "permute", "set_", "result_type", "is_nonzero", "item",
+    "_local_scalar_dense", "unbind", "flatten", "contiguous", "zeros", "ones", "full", "new_zeros", "new_empty")}
+HOST_SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+              "cudaMemcpy"}
+LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
 
 
 def to(b: dict, device) -> dict:
@@ -70,11 +93,12 @@ def timed(step, batches, device, warm: int = 1) -> float:
 
 
 def engine_for(c, variant: str, batch: int, precision: str, device, accumulation: int = 1):
-    unpad, compiled, stage = OURS[variant]
-    cfg = PretrainConfig(data={"dataset": "-"}, precision=precision, deepspeed={"zero_stage": stage},
+    unpad, varlen, compiled, stage, overrides = OURS[variant]
+    cfg = PretrainConfig(data={"dataset": "-"}, precision=precision,
+                         deepspeed={"zero_stage": stage, "config": overrides},
                          train={"micro_batch_size": batch, "global_batch_size": batch * accumulation,
                                 "grad_clip": 1.0})
-    model = BertForPretraining(c, unpad=unpad)
+    model = BertForPretraining(c, unpad=unpad, varlen=varlen)
     if compiled:
         compile_layers(model)
     return build_engine(model, cfg, batching(cfg, 1), precision, device)
@@ -82,10 +106,13 @@ def engine_for(c, variant: str, batch: int, precision: str, device, accumulation
 
 def ours_step(engine):
     def step(b):
-        mlm, nsp = engine(b["ids"], b["types"], b["mask"], b["positions"])
-        loss, _, _ = pretraining_loss(mlm, b["labels"], nsp, b["nsp"])
-        engine.backward(loss)
-        engine.step()
+        with record_function("forward"):
+            mlm, nsp = engine(b["ids"], b["types"], b["mask"], b["positions"])
+            loss, _, _ = pretraining_loss(mlm, b["labels"], nsp, b["nsp"])
+        with record_function("backward"):
+            engine.backward(loss)
+        with record_function("step"):
+            engine.step()
     return step
 
 
@@ -94,37 +121,44 @@ def theirs_step(c, device, dtype, accumulation: int = 1):
 
     model = transformers.BertForPreTraining(
         transformers.BertConfig(**hf_config_fields(c), attn_implementation="sdpa")).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     micro = [0]
 
     def step(b):  # as hf_step, without reading the loss back (no sync per step, as ours)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with record_function("forward"), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(input_ids=b["ids"], token_type_ids=b["types"], attention_mask=b["mask"])
             V = out.prediction_logits.shape[-1]
             loss = F.cross_entropy(out.prediction_logits.view(-1, V), b["labels_full"].view(-1)) \
                 + F.cross_entropy(out.seq_relationship_logits, b["nsp"])
-        (loss / accumulation).backward()
+        with record_function("backward"):
+            (loss / accumulation).backward()
         micro[0] += 1
         if micro[0] % accumulation == 0:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with record_function("step"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     return step
+
+
+def setup(variant: str, c, size: str, seq: int, args, device, steps: int):
+    """(step function, device batches for warm-up + `steps` optimizer steps, micro batch, accumulation)."""
+    batch, acc = (int(x) for x in (size.split("x") if "x" in size else (size, 1)))
+    batches = [to(b, device) for b in make_batches(c.vocab_size, (steps + 1) * acc, batch, seq, min_fill=args.min_fill)]
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    step = (theirs_step(c, device, dtype, acc) if variant == "transformers"
+            else ours_step(engine_for(c, variant, batch, args.precision, device, acc)))
+    return step, batches, batch, acc
 
 
 def measure(variant: str, c, size: str, seq: int, args, device) -> dict | None:
     """Best of --rounds for one variant at one batch size (MICRO or MICROxACCUMULATION); None when it does not
     fit in memory."""
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    batch, acc = (int(x) for x in (size.split("x") if "x" in size else (size, 1)))
-    batches = [to(b, device) for b in
-               make_batches(c.vocab_size, (args.steps + 1) * acc, batch, seq, min_fill=args.min_fill)]
     step = None
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = (theirs_step(c, device, dtype, acc) if variant == "transformers"
-                else ours_step(engine_for(c, variant, batch, args.precision, device, acc)))
+        step, batches, batch, acc = setup(variant, c, size, seq, args, device, args.steps)
         best = min(timed(step, batches, device, warm=acc) for _ in range(args.rounds))
     except torch.OutOfMemoryError:
         return None
@@ -133,9 +167,7 @@ def measure(variant: str, c, size: str, seq: int, args, device) -> dict | None:
         return {"batch": size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
         del step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     timed_batches = batches[acc:]
     flops = sum(training_flops(c, b["mask"].sum(1).cpu(), len(b["labels"])) for b in timed_batches)
     real = sum(int(b["mask"].sum()) for b in timed_batches)
@@ -147,17 +179,15 @@ def measure(variant: str, c, size: str, seq: int, args, device) -> dict | None:
     return out
 
 
-def profile(variant: str, c, size: str, seq: int, args, device, out_dir: str) -> dict:
-    """Three steps of one variant under torch.profiler: the busiest kernels and host functions, written to
-    out_dir, and the share of wall time the GPU was busy (low: the step is bound by host-side work)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    batch, acc = (int(x) for x in (size.split("x") if "x" in size else (size, 1)))
-    batches = [to(b, device) for b in make_batches(c.vocab_size, 4 * acc, batch, seq, min_fill=args.min_fill)]
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    step = (theirs_step(c, device, dtype, acc) if variant == "transformers"
-            else ours_step(engine_for(c, variant, batch, args.precision, device, acc)))
+
+def profiled(variant: str, c, size: str, seq: int, args, device, steps: int):
+    """`steps` optimizer steps of one variant under torch.profiler (after a warm-up) -> (profiler, wall seconds)."""
+    step, batches, _, acc = setup(variant, c, size, seq, args, device, steps)
     for b in batches[:acc]:
         step(b)
     sync(device)
@@ -168,6 +198,15 @@ def profile(variant: str, c, size: str, seq: int, args, device, out_dir: str) ->
             step(b)
         sync(device)
         wall = time.perf_counter() - t
+    del step
+    release(device)
+    return prof, wall
+
+
+def profile(variant: str, c, size: str, seq: int, args, device, out_dir: str) -> dict:
+    """Three steps of one variant under torch.profiler: the busiest kernels and host functions, written to
+    out_dir, and the share of wall time the GPU was busy (low: the step is bound by host-side work)."""
+    prof, wall = profiled(variant, c, size, seq, args, device, 3)
     events = prof.key_averages()
     name = f"{c.num_layers}x{c.hidden_size}@{seq}-{size}-{variant}"
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -177,6 +216,45 @@ def profile(variant: str, c, size: str, seq: int, args, device, out_dir: str) ->
         + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=40))
     busy = sum(e.self_device_time_total for e in events) / 1e6 if device.type == "cuda" else 0.0
     return {"config": name, "wall_ms_per_step": round(wall * 1000 / 3, 1), "gpu_busy": round(busy / wall, 3)}
+
+
+def multi_tensor(e) -> bool:
+    """A foreach or fused op: one multi-tensor kernel (per ~100 tensors) on a GPU."""
+    return e.name.startswith(("aten::_foreach_", "aten::_fused_"))
+
+
+def in_multi_tensor(e) -> bool:
+    """Inside a foreach or fused op, whose CPU fallback loops over the tensors (and reads the step counters
+    inline): on a GPU these are part of its one kernel, neither launches nor syncs of their own."""
+    while e.cpu_parent is not None:
+        e = e.cpu_parent
+        if multi_tensor(e):
+            return True
+    return False
+
+
+def count_ops(variant: str, c, size: str, seq: int, args, device) -> dict:
+    """Host-side work of one optimizer step, per phase (forward, backward, step): host milliseconds, aten ops
+    that launch a kernel (on CPU they run inline), CUDA kernel launches, and host syncs (reading a device value
+    back). A phase's fixed cost on a GPU is its launches x a few microseconds each plus its syncs, whatever the
+    batch. On CPU the same code paths run as on a GPU, with compiled layers' kernels not counted as aten ops."""
+    prof, _ = profiled(variant, c, size, seq, args, device, 1)
+    events = prof.events()
+    out = {}
+    for phase in PHASES:
+        for span in (e for e in events if e.name == phase):
+            start, end = span.time_range.start, span.time_range.end
+            inside = [e for e in events if start <= e.time_range.start and e.time_range.end <= end and e is not span]
+            aten = [e for e in inside if e.name.startswith("aten::")]
+            leaves = [e for e in aten if e.name not in NO_KERNEL and not in_multi_tensor(e) and (
+                multi_tensor(e) or not any(ch.name.startswith("aten::") for ch in e.cpu_children))]
+            out[f"{phase}_ms"] = round(out.get(f"{phase}_ms", 0) + (end - start) / 1000, 1)
+            out[f"{phase}_ops"] = out.get(f"{phase}_ops", 0) + len(leaves)
+            out[f"{phase}_syncs"] = out.get(f"{phase}_syncs", 0) + sum(
+                e.name in HOST_SYNCS and not in_multi_tensor(e) for e in inside)
+            if device.type == "cuda":
+                out[f"{phase}_launches"] = out.get(f"{phase}_launches", 0) + sum(e.name in LAUNCHES for e in inside)
+    return out
 
 
 def data_wait(c, batch: int, args, device) -> dict:
@@ -227,6 +305,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="loader processes for the data-wait measurement")
     ap.add_argument("--profile", metavar="DIR", help="also profile 3 steps of each variant's best batch into DIR "
                                                      "(kernel and host tables, GPU-busy share)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="instead of timing: count each variant's host-side work per optimizer step (host ms, "
+                         "kernel-launching ops, host syncs per phase) at each config's first batch size")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -244,6 +325,12 @@ def main() -> None:
         batches = sizes[0].split("/") if sizes else args.batches.split(",")
         torch.manual_seed(0)
         c = preset(name, args.vocab, max_position=max(512, seq))
+        if args.count_ops:
+            for variant in args.variants.split(","):
+                rows.append({"config": f"{name}@{seq}", "variant": variant, "batch": batches[0],
+                             **count_ops(variant, c, batches[0], seq, args, device)})
+                print(rows[-1], flush=True)
+            continue
         best: dict[str, dict] = {}
         for batch in batches:
             for variant in args.variants.split(","):
@@ -283,8 +370,10 @@ def report(rows: list[dict], meta: dict, json_path: str | None, quiet: bool = Fa
     if quiet:
         return
     cols = ["config", "variant", "batch", "seq_per_s", "real_tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib",
-            "gpu_busy", "data_wait",
-            "loader_seq_per_s", "error"]
+            "gpu_busy", "data_wait", "loader_seq_per_s", "error"]
+    if rows and "step_ops" in rows[0]:
+        cols = ["config", "variant", "batch"] + [f"{p}_{k}" for p in PHASES for k in ("ms", "ops", "launches", "syncs")]
+        cols = [k for k in cols if any(k in r for r in rows)]
     print("\n" + ", ".join(f"{k} {v}" for k, v in meta.items()))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

@@ -1,0 +1,56 @@
+"""The optimizer step's host-side cost under bf16, counted on CPU with the benchmark's counter.
+
+bf16 runs as fp32 weights under autocast (pretrain/engine.py). DeepSpeed's own bf16 mode checks every
+parameter tensor for inf/NaN on each step, ~15 kernel launches per tensor: on a GPU that was a fixed cost of
+56 ms per BERT-base step. The counts are the same on CPU (the same Python code paths), so CI guards them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import argparse, json, sys
+sys.path[:0] = [{root!r}, {bench!r}]
+import torch
+import gpu_throughput as g
+from pretrain.engine import init_distributed
+from pretrain.model import BertForPretraining, preset
+
+device = init_distributed().device
+g.OURS.update({{"zero1": (True, False, False, 1, {{}}), "zero0": (True, False, False, 0, {{}}),
+               "ds-bf16": (True, False, False, 1, g.DS_BF16)}})
+args = argparse.Namespace(min_fill=0.8, precision="bf16")
+c = preset("mini", 1000)
+out = {{"tensors": len(list(BertForPretraining(c).parameters()))}}
+for variant in ("zero1", "zero0", "ds-bf16"):
+    out[variant] = g.count_ops(variant, c, "4", 32, args, device)
+engine = g.engine_for(c, "zero1", 4, "bf16", device)
+b = g.to(g.make_batches(c.vocab_size, 1, 4, 32)[0], device)
+mlm, _ = engine(b["ids"], b["types"], b["mask"], b["positions"])
+out["weights"] = str(next(engine.module.parameters()).dtype)
+out["logits"] = str(mlm.dtype)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_bf16_weights_stay_fp32_and_the_step_has_no_per_tensor_checks():
+    code = PROBE.format(root=str(ROOT), bench=str(ROOT / "tests" / "benchmarks"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    n = got["tensors"]
+    assert got["weights"] == "torch.float32" and got["logits"] == "torch.bfloat16"  # autocast computes in bf16
+    # ZeRO-1: about one copy per tensor between the flat fp32 partition and the weights, a few host syncs
+    assert got["zero1"]["step_ops"] <= 3 * n and got["zero1"]["step_syncs"] <= 8, got["zero1"]
+    # without ZeRO: the fused AdamW and the norm check, one host sync (the norm, read for the inf/NaN check)
+    assert got["zero0"]["step_ops"] <= 10 and got["zero0"]["step_syncs"] == 1, got["zero0"]
+    # DeepSpeed's bf16 mode, for contrast: the counter sees its per-tensor checks
+    assert got["ds-bf16"]["step_ops"] >= 10 * n, got["ds-bf16"]
+    for variant in ("zero1", "zero0"):  # one sync in the forward: the packed token count (unpadding)
+        assert got[variant]["forward_syncs"] == 1 and got[variant]["backward_syncs"] == 0, got[variant]
