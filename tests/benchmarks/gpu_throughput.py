@@ -13,7 +13,9 @@ compiled), `ours-padded` (neither), `ours-varlen` (attention on the packed token
 
     python tests/benchmarks/gpu_throughput.py --count-ops --configs base:128:8 --variants ours,ours-dsbf16
 
-counts the host-side work of one optimizer step per phase instead of timing (runs on CPU too).
+counts the host-side work of one optimizer step per phase instead of timing (runs on CPU too). Where a config
+names two or more batch sizes without accumulation, each variant's time per step is also fitted as a fixed cost
+per step plus a cost per sequence ("step cost fit" rows).
 
 For each config (PRESET:SEQ, optionally :B1/B2/... batch sizes, else --batches) and variant it tries every
 batch size (an out-of-memory one is skipped) and keeps the best; rounds alternate between variants and each keeps its best round. Batches are synthetic,
@@ -332,10 +334,13 @@ def main() -> None:
                 print(rows[-1], flush=True)
             continue
         best: dict[str, dict] = {}
+        every: dict[str, list[dict]] = {}
         for batch in batches:
             for variant in args.variants.split(","):
                 got = measure(variant, c, batch, seq, args, device)
                 print(f"{name}@{seq} batch {batch} {variant}: {got or 'out of memory'}", flush=True)
+                if got and "seq_per_s" in got:
+                    every.setdefault(variant, []).append(got)
                 if got and "error" in got:
                     best.setdefault(variant, got)
                 elif got and got["seq_per_s"] > best.get(variant, {}).get("seq_per_s", 0):
@@ -351,10 +356,26 @@ def main() -> None:
             rows.append(row)
             if args.json:  # kept as it goes: a run stopped early still leaves what it measured
                 report(rows, meta(device, args.precision), args.json, quiet=True)
+        for variant, got in every.items():
+            fit = step_cost(got)
+            if fit:
+                rows.append({"config": f"{name}@{seq}", "variant": f"{variant}: step cost fit", **fit})
         if "seq_per_s" in best.get("ours", {}) and "seq_per_s" in best.get("transformers", {}):
             rows.append({"config": f"{name}@{seq}", "variant": "ours / transformers",
                          "seq_per_s": round(best["ours"]["seq_per_s"] / best["transformers"]["seq_per_s"], 2)})
     report(rows, meta(device, args.precision), args.json)
+
+
+def step_cost(measured: list[dict]) -> dict | None:
+    """Least-squares fit of ms per optimizer step = fixed + per sequence x batch over the batch sizes measured
+    without accumulation: the fixed part is what a step costs whatever its batch (optimizer, launches, syncs)."""
+    points = [(int(m["batch"]), m["ms_per_step"]) for m in measured if "x" not in m["batch"]]
+    if len({b for b, _ in points}) < 2:
+        return None
+    n = len(points)
+    mb, mt = sum(b for b, _ in points) / n, sum(t for _, t in points) / n
+    slope = sum((b - mb) * (t - mt) for b, t in points) / sum((b - mb) ** 2 for b, _ in points)
+    return {"fixed_ms": round(mt - slope * mb, 1), "ms_per_seq": round(slope, 4)}
 
 
 def meta(device, precision: str = "bf16") -> dict:
@@ -370,7 +391,7 @@ def report(rows: list[dict], meta: dict, json_path: str | None, quiet: bool = Fa
     if quiet:
         return
     cols = ["config", "variant", "batch", "seq_per_s", "real_tokens_per_s", "mfu", "ms_per_step", "peak_memory_gib",
-            "gpu_busy", "data_wait", "loader_seq_per_s", "error"]
+            "gpu_busy", "data_wait", "loader_seq_per_s", "fixed_ms", "ms_per_seq", "error"]
     if rows and "step_ops" in rows[0]:
         cols = ["config", "variant", "batch"] + [f"{p}_{k}" for p in PHASES for k in ("ms", "ops", "launches", "syncs")]
         cols = [k for k in cols if any(k in r for r in rows)]
