@@ -94,12 +94,13 @@ def timed(step, batches, device, warm: int = 1) -> float:
     return time.perf_counter() - t
 
 
-def engine_for(c, variant: str, batch: int, precision: str, device, accumulation: int = 1):
+def engine_for(c, variant: str, batch: int, precision: str, device, accumulation: int = 1, **train):
+    """The DeepSpeed engine of one of OURS variants, with `train` overriding keys of the train section."""
     unpad, varlen, compiled, stage, overrides = OURS[variant]
     cfg = PretrainConfig(data={"dataset": "-"}, precision=precision,
                          deepspeed={"zero_stage": stage, "config": overrides},
                          train={"micro_batch_size": batch, "global_batch_size": batch * accumulation,
-                                "grad_clip": 1.0})
+                                "grad_clip": 1.0, **train})
     model = BertForPretraining(c, unpad=unpad, varlen=varlen)
     if compiled:
         compile_layers(model)
