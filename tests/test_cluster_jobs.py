@@ -21,10 +21,10 @@ from conftest import (
     BUCKET,
     REPO,
     free_port,
+    pretrain_command,
     pretrain_config,
     pretrain_env,
     read_metrics,
-    run_pretrain,
     small_config,
     write_small_corpus,
 )
@@ -32,7 +32,7 @@ from conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"),
                                                    reason="a second node needs 127.0.0.3 (Linux loopback)")]
 
-STEPS = 30
+STEPS = 20
 STORAGE = f"s3://{BUCKET}/cluster"  # every job's outputs: the nodes share no disk for them
 
 
@@ -91,7 +91,7 @@ def _pretrain_tree(root: Path, ckdir: str, **over) -> Path:
     """A pretraining config whose relative paths the job places: the dataset found under storage, checkpoints
     written there."""
     settings = dict(train__max_steps=STEPS, model__dropout=0.0, model__attention_dropout=0.0,
-                    deepspeed__zero_stage=2, data__eval_examples=0, checkpoint__every_steps=5, mlflow__enabled=False)
+                    deepspeed__zero_stage=2, data__eval_examples=0, checkpoint__every_steps=10, mlflow__enabled=False)
     tree = pretrain_config(Path("data"), Path(ckdir), **{**settings, **over})
     path = root / f"{ckdir}.pretrain.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -158,9 +158,10 @@ def _on_both_nodes(workers: list[dict]) -> None:
     assert sorted(w["node_rank"] for w in workers) == [0, 1]
 
 
-def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset, s3, monkeypatch):
+def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_process(dataset, s3, monkeypatch,
+                                                                                      request):
     """ZeRO-2 over gloo with one worker per node (selected by their label), checkpoints in an S3 bucket (the
-    nodes share no disk for them); SIGKILL of a worker at step 10 of 30: Ray restarts the group (max_failures 1),
+    nodes share no disk for them); SIGKILL of a worker at step 10 of 20: Ray restarts the group (max_failures 1),
     the workers download the newest complete checkpoint and resume, and every step's loss equals what one
     uninterrupted process computes (which also shows the two nodes train as one process would)."""
     root, state, _ = dataset
@@ -172,9 +173,11 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
                                            "node_labels": {"pool": "train"}}})
     out = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert out.returncode == 0, out.stderr
+    reference = _single_process_reference(root, aws, monkeypatch)  # runs while the job does
+    request.addfinalizer(lambda: reference.poll() is None and reference.kill())
     ck = f"{BUCKET}/cluster/ck-two"
     deadline = time.monotonic() + 300
-    while not fs.exists(f"{ck}/step-00000010/complete.json"):  # every rank's part uploaded, at step 10 of 30
+    while not fs.exists(f"{ck}/step-00000010/complete.json"):  # every rank's part uploaded, at step 10 of 20
         assert time.monotonic() < deadline, "no checkpoint within 300 s: " + cluster("logs", "two-1", cwd=root).stdout
         time.sleep(0.2)
         fs.invalidate_cache()
@@ -198,6 +201,14 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     two = read_metrics(final)
     assert max(two) == STEPS
 
+    assert reference.wait(timeout=300) == 0, (root / "one" / "stderr.txt").read_text()[-3000:]
+    single = read_metrics(root / "one" / "ck")
+    for step in range(1, STEPS + 1):
+        assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5, abs=1e-6), step
+
+
+def _single_process_reference(root: Path, aws: dict, monkeypatch) -> subprocess.Popen:
+    """The fault test's job as one uninterrupted process, reading the dataset from the bucket (started now)."""
     ref = root / "one"
     ref.mkdir()
     tree = yaml.safe_load((root / "ck-two.pretrain.yaml").read_text())
@@ -206,11 +217,9 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     for k, v in aws.items():
         monkeypatch.setenv(k, v)
     (ref / "pretrain.yaml").write_text(yaml.safe_dump(tree))
-    one = run_pretrain(ref / "pretrain.yaml")
-    assert one.returncode == 0, one.stderr[-3000:]
-    single = read_metrics(ref / "ck")
-    for step in range(1, STEPS + 1):
-        assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5, abs=1e-6), step
+    with open(ref / "stderr.txt", "w") as err:
+        return subprocess.Popen(pretrain_command(ref / "pretrain.yaml"), cwd=ref, env=pretrain_env(),
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def test_one_copy_per_name_stop_and_list(dataset):

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage, nproc", [(2, 2), (3, 2), (0, 1)])
-def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, nproc):
+@pytest.mark.parametrize("stage, nproc, precision", [(2, 2, "fp32"), (3, 2, "fp32"), (0, 1, "bf16")])
+def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, nproc, precision):
+    """Consolidated from any ZeRO stage; bf16 (fp32 weights under autocast) exports full precision without ZeRO."""
     cfg = tmp_path / "pretrain.yaml"
     cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", train__max_steps=6,
                                                   deepspeed__zero_stage=stage, debug__dump_weights=True,
-                                                  mlflow__enabled=False)))
+                                                  precision=precision, mlflow__enabled=False)))
     out = run_pretrain(cfg, nproc=nproc)
     assert out.returncode == 0, out.stderr[-3000:]
     model_dir = tmp_path / "model"
