@@ -144,7 +144,7 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
-@torch.compiler.disable  # eager between a compiled layer's two graphs: nested tensors have no CPU kernels there
+@torch.compiler.disable  # eager between a compiled layer's graphs: nested attention has no compiled CPU kernel
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int,
                      dropout_p: float) -> torch.Tensor:
     """q, k, v (T, heads, D) packed sequence after sequence, `offsets` (B + 1,) where each starts -> (T, heads, D):
@@ -300,7 +300,8 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> nn.Module:
 
     `fullgraph=True`: a layer that cannot be captured whole is an error, not a silent fallback to eager
     pieces. The layers are identical modules, so they share one compiled graph (one compilation). With
-    varlen attention, whose core runs eagerly, each layer is the two graphs around it.
+    varlen attention, whose core runs eagerly, each layer is three graphs (before the core, the output
+    projection, the rest), shared as well.
     """
     encoder = model.bert if hasattr(model, "bert") else model
     for layer in encoder.layers:
