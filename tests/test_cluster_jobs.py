@@ -168,9 +168,7 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     aws, fs = s3
     _pretrain_tree(root, "ck-two")
     job = _job(root, "two", {"kind": "pretrain", "config": "ck-two.pretrain.yaml", "max_failures": 1,
-                             # the bucket's settings (the nodes have them too: shown as a job sets them); Ray
-                             # Train's wait for a worker group's process-group teardown bounded to 5 s (30 s)
-                             "runtime_env": {"env_vars": {**aws, "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}},
+                             "runtime_env": {"env_vars": aws},  # (the nodes have it too: shown as a job sets it)
                              "resources": {"num_workers": 2, "cpus_per_worker": 1,
                                            "node_labels": {"pool": "train"}}})
     out = cluster("submit", str(job), "--address", state["address"], cwd=root)
