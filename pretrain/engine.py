@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def environment_tools_first() -> None:
+    """Put this Python environment's executables first on PATH when they include `ninja`.
+
+    DeepSpeed builds a C++ op at its first use (its CPU communication op, in every run on CPUs) with the `ninja`
+    it finds on PATH; pip installs one with DeepSpeed, in this environment's bin directory. A command run as
+    `.venv/bin/python -m ...` without activating the environment would otherwise need a system ninja, and
+    processes that found different ninjas would each rebuild the op (~30 s): their build records differ.
+    """
+    bindir = Path(sys.executable).parent
+    ninja = bindir / ("ninja.exe" if os.name == "nt" else "ninja")
+    if ninja.is_file() and Path(shutil.which("ninja") or "") != ninja:
+        os.environ["PATH"] = os.pathsep.join(p for p in (str(bindir), os.environ.get("PATH")) if p)
+
+
 def init_distributed() -> Topology:
     """Join (or create) the process group: gloo on CPU, NCCL on GPUs.
 
@@ -70,6 +86,7 @@ def init_distributed() -> Topology:
     """
     import deepspeed
 
+    environment_tools_first()
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))

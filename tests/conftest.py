@@ -23,11 +23,6 @@ BUCKET = "bertforge-test"  # the bucket of the `s3` fixture
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# This environment's executables first for every process of the session, as in an activated environment and as
-# `cluster up` starts its head: the `ninja` that builds DeepSpeed's CPU op must be one version throughout. Two
-# ninjas (the system's, the environment's) record the op's build differently and each rebuilds it (~30 s).
-if os.environ.get("PATH", "").split(os.pathsep)[0] != str(Path(sys.executable).parent):
-    os.environ["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), os.environ.get("PATH")) if p)
 
 _WORDS = (
     "river stone cloud market engine garden signal paper window letter forest bridge harbor lantern copper "
