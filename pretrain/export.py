@@ -81,10 +81,12 @@ def export(source: str | Path, out: str | Path) -> Path:
     if out == r or out in r.parents or any(out == c or c in out.parents for c in steps):
         raise ExportError(f"--out {out} would overwrite the checkpoints in {root}; choose a directory outside it")
     weights = checkpoint_weights(step_dir, stage)
-    if any(w.dtype != torch.float32 for w in weights.values()):  # fp16 (DeepSpeed's fp16 mode) without ZeRO
-        raise ExportError(f"checkpoint {step_dir} holds {client.get('precision')} weights without ZeRO: its fp32 "
-                          "master weights are inside the optimizer wrapper, which export does not read; train with "
-                          "deepspeed.zero_stage >= 1 (or precision bf16 or fp32) to export full-precision weights")
+    low = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values() if w.dtype != torch.float32})
+    if low:  # DeepSpeed's fp16 mode without ZeRO: the module holds fp16 copies of the weights
+        raise ExportError(f"checkpoint {step_dir} (precision {client.get('precision')}, ZeRO-{stage}) holds "
+                          f"{'/'.join(low)} module weights: its fp32 master weights are inside the optimizer wrapper, "
+                          "which export does not read; train with deepspeed.zero_stage >= 1 (or precision bf16 or "
+                          "fp32) to export full-precision weights")
     weights = {k: w.float() for k, w in weights.items()}
     with torch.device("meta"):
         expected = BertForPretraining(model_cfg).state_dict()

@@ -90,13 +90,13 @@ def _init(m: nn.Module, std: float) -> None:
 class Packing:
     """Where the real tokens of a (B, L) batch are: `index` (T,) their flat positions in B * L, in order;
     `where` (B * L,) each flat position's row in the packed (T, H) tensor (-1 for padding); `first` (B,) the
-    packed row of each sequence's first token ([CLS]); `offsets` (B + 1,) where each sequence's rows start
-    (and the last one ends); `varlen`: attention runs on the packed rows too (`varlen_attention`)."""
+    packed row of each sequence's first token ([CLS]); `varlen`: attention runs on the packed rows too
+    (`varlen_attention`), and `offsets` (B + 1,) says where each sequence's rows start (and the last one ends)."""
 
     index: torch.Tensor
     where: torch.Tensor
     first: torch.Tensor
-    offsets: torch.Tensor
+    offsets: torch.Tensor | None
     batch: int
     length: int
     varlen: bool = False
@@ -108,7 +108,7 @@ class Packing:
         where = torch.cumsum(flat, 0) - 1
         where = torch.where(flat, where, torch.full_like(where, -1))
         B, L = attention_mask.shape
-        offsets = F.pad(torch.cumsum(attention_mask.bool().sum(1), 0), (1, 0))
+        offsets = F.pad(torch.cumsum(attention_mask.bool().sum(1), 0), (1, 0)) if varlen else None
         return Packing(index, where, where.view(B, L)[:, 0], offsets, B, L, varlen)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:

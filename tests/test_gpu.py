@@ -30,6 +30,22 @@ def test_training_on_gpu(tmp_path, train_dataset, precision, stage):
         assert m[40]["loss_scale"] > 0
 
 
+def test_export_refuses_fp16_weights_without_zero(tmp_path, train_dataset):
+    """DeepSpeed's fp16 mode without ZeRO keeps fp16 weights in the module (the fp32 ones in its optimizer
+    wrapper): export says so and what to train with, rather than writing half-precision weights."""
+    from pretrain.export import ExportError, export
+
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", precision="fp16",
+                                                  deepspeed__zero_stage=0, train__max_steps=4,
+                                                  checkpoint__every_steps=4, mlflow__enabled=False)))
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with pytest.raises(ExportError, match=r"\(precision fp16, ZeRO-0\) holds float16 module weights.*zero_stage >= 1"):
+        export(tmp_path / "ck", tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_optimized_training_matches_the_plain_path_in_bf16(tmp_path, train_dataset):
     """300 bf16 steps each way: the default path on a GPU (unpadded, compiled layers) trains the model the
     plain path (padded, eager) does."""
