@@ -67,15 +67,26 @@ def _free_port() -> int:
 def environment_tools_first() -> None:
     """Put this Python environment's executables first on PATH when they include `ninja`.
 
-    DeepSpeed builds a C++ op at its first use (its CPU communication op, in every run on CPUs) with the `ninja`
-    it finds on PATH; pip installs one with DeepSpeed, in this environment's bin directory. A command run as
+    DeepSpeed builds some ops at their first use (its CPU Adam for ZeRO-Offload, its LAMB) with the `ninja` it
+    finds on PATH; pip installs one with DeepSpeed, in this environment's bin directory. A command run as
     `.venv/bin/python -m ...` without activating the environment would otherwise need a system ninja, and
-    processes that found different ninjas would each rebuild the op (~30 s): their build records differ.
+    processes that found different ninjas would each rebuild the op: their build records differ.
     """
     bindir = Path(sys.executable).parent
     ninja = bindir / ("ninja.exe" if os.name == "nt" else "ninja")
     if ninja.is_file() and Path(shutil.which("ninja") or "") != ninja:
         os.environ["PATH"] = os.pathsep.join(p for p in (str(bindir), os.environ.get("PATH")) if p)
+
+
+def skip_inference_ops() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op, which only its inference and tensor-parallel
+    layers call (`inference_all_reduce`). Its communication backend builds that op whenever it starts on a CPU
+    machine: ~30 s of C++ compilation at a run's first start, a C++ compiler and ninja required for any training
+    on CPUs. DeepSpeed reads which ops it may build from `deepspeed.ops.__compatible_ops__`, a dict it keeps for
+    the process so that edits persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_distributed() -> Topology:
@@ -87,6 +98,7 @@ def init_distributed() -> Topology:
     import deepspeed
 
     environment_tools_first()
+    skip_inference_ops()
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))

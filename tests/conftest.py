@@ -220,7 +220,7 @@ def pretrain_command(config: Path, *overrides: str, nproc: int = 1) -> list[str]
 
 
 def pretrain_env() -> dict:
-    """Quiet, one thread per rank, and DeepSpeed's CPU op built once into a stable cache (31 s cold)."""
+    """Quiet, one thread per rank, and any op DeepSpeed builds kept in one cache with the environment."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=path)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))

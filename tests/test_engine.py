@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,17 @@ def test_bf16_training_is_the_same_padded_unpadded_and_with_varlen_attention():
     for variant in ("zero1", "varlen"):
         curve = got[variant + "_curve"]
         assert max(abs(a - b) for a, b in zip(curve, padded)) < 0.03, (variant, curve, padded)
+
+
+def test_the_environments_ninja_comes_first(monkeypatch):
+    """DeepSpeed builds ops (ZeRO-Offload's CPU Adam, LAMB) with the `ninja` on PATH: this environment's own
+    (pip installs it with DeepSpeed), also when the environment is used without activating it."""
+    from pretrain.engine import environment_tools_first
+
+    bindir = str(Path(sys.executable).parent)
+    assert (Path(bindir) / "ninja").is_file(), "DeepSpeed's dependency ninja is installed beside python"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    environment_tools_first()
+    assert os.environ["PATH"] == os.pathsep.join((bindir, "/usr/bin", "/bin"))
+    environment_tools_first()  # already first: unchanged
+    assert os.environ["PATH"].count(bindir) == 1
