@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,26 +65,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def environment_tools_first() -> None:
-    """Put this Python environment's executables first on PATH when they include `ninja`.
+def prepare_deepspeed() -> None:
+    """Set up this process for DeepSpeed, before it is first imported (repeatable, cheap):
 
-    DeepSpeed builds some ops at their first use (its CPU Adam for ZeRO-Offload, its LAMB) with the `ninja` it
-    finds on PATH; pip installs one with DeepSpeed, in this environment's bin directory. A command run as
-    `.venv/bin/python -m ...` without activating the environment would otherwise need a system ninja, and
-    processes that found different ninjas would each rebuild the op: their build records differ.
+    - this Python environment's executables first on PATH when they include `ninja`. DeepSpeed builds some ops
+      at their first use (ZeRO-Offload's CPU Adam, LAMB) with the ninja on PATH; pip installs one with
+      DeepSpeed, beside python. Run as `.venv/bin/python -m ...` without activating the environment, a machine
+      would otherwise need a system ninja, and processes that found different ninjas would each rebuild the op
+      (their build records differ);
+    - its shared-memory all-reduce op never built. Only DeepSpeed's inference and tensor-parallel layers call
+      it (`inference_all_reduce`), but its communication backend builds it whenever it starts on CPUs: ~30 s of
+      C++ compilation at a run's first start, and a compiler and ninja required for any training on CPUs.
+      DeepSpeed reads which ops it may build from `deepspeed.ops.__compatible_ops__`, a dict it keeps for the
+      process so that edits persist;
+    - on a machine without a GPU, DeepSpeed's CPU accelerator named (what it would pick, without the warning
+      that it guessed), and the deprecation warning its ZeRO calls raise in torch on every rank silenced.
     """
     bindir = Path(sys.executable).parent
     ninja = bindir / ("ninja.exe" if os.name == "nt" else "ninja")
     if ninja.is_file() and Path(shutil.which("ninja") or "") != ninja:
         os.environ["PATH"] = os.pathsep.join(p for p in (str(bindir), os.environ.get("PATH")) if p)
-
-
-def skip_inference_ops() -> None:
-    """Keep DeepSpeed from building its shared-memory all-reduce op, which only its inference and tensor-parallel
-    layers call (`inference_all_reduce`). Its communication backend builds that op whenever it starts on a CPU
-    machine: ~30 s of C++ compilation at a run's first start, a C++ compiler and ninja required for any training
-    on CPUs. DeepSpeed reads which ops it may build from `deepspeed.ops.__compatible_ops__`, a dict it keeps for
-    the process so that edits persist."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -95,10 +100,9 @@ def init_distributed() -> Topology:
     Works unchanged under torchrun, the deepspeed launcher (both set RANK/WORLD_SIZE/LOCAL_RANK), a
     process group someone else created (Ray Train), and a bare `python -m pretrain` (a group of one).
     """
+    prepare_deepspeed()
     import deepspeed
 
-    environment_tools_first()
-    skip_inference_ops()
     if not dist.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -298,6 +302,7 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     Both are DeepSpeed's pickled files: read only checkpoints you wrote.
     """
     if zero_stage >= 1:
+        prepare_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)

@@ -91,15 +91,23 @@ def test_bf16_training_is_the_same_padded_unpadded_and_with_varlen_attention():
         assert max(abs(a - b) for a, b in zip(curve, padded)) < 0.03, (variant, curve, padded)
 
 
-def test_the_environments_ninja_comes_first(monkeypatch):
+def test_deepspeed_is_prepared_before_it_starts(monkeypatch):
     """DeepSpeed builds ops (ZeRO-Offload's CPU Adam, LAMB) with the `ninja` on PATH: this environment's own
-    (pip installs it with DeepSpeed), also when the environment is used without activating it."""
-    from pretrain.engine import environment_tools_first
+    (pip installs it with DeepSpeed), also when the environment is used without activating it. The op only its
+    inference layers use is never built; without a GPU the CPU accelerator is named rather than guessed."""
+    import torch
+
+    from pretrain.engine import prepare_deepspeed
 
     bindir = str(Path(sys.executable).parent)
     assert (Path(bindir) / "ninja").is_file(), "DeepSpeed's dependency ninja is installed beside python"
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    environment_tools_first()
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    prepare_deepspeed()
     assert os.environ["PATH"] == os.pathsep.join((bindir, "/usr/bin", "/bin"))
-    environment_tools_first()  # already first: unchanged
+    prepare_deepspeed()  # already first: unchanged
     assert os.environ["PATH"].count(bindir) == 1
+    assert os.environ.get("DS_ACCELERATOR") == (None if torch.cuda.is_available() else "cpu")
+    import deepspeed.ops
+
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
