@@ -301,8 +301,8 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     consolidation merges them. Without ZeRO the model-states file holds the module's own weights.
     Both are DeepSpeed's pickled files: read only checkpoints you wrote.
     """
+    prepare_deepspeed()  # (a ZeRO-0 checkpoint's pickle imports DeepSpeed too)
     if zero_stage >= 1:
-        prepare_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
