@@ -73,22 +73,23 @@ def prepare_deepspeed() -> None:
       DeepSpeed, beside python. Run as `.venv/bin/python -m ...` without activating the environment, a machine
       would otherwise need a system ninja, and processes that found different ninjas would each rebuild the op
       (their build records differ);
-    - its shared-memory all-reduce op never built. Only DeepSpeed's inference and tensor-parallel layers call
-      it (`inference_all_reduce`), but its communication backend builds it whenever it starts on CPUs: ~30 s of
-      C++ compilation at a run's first start, and a compiler and ninja required for any training on CPUs.
-      DeepSpeed reads which ops it may build from `deepspeed.ops.__compatible_ops__`, a dict it keeps for the
-      process so that edits persist;
-    - on a machine without a GPU, DeepSpeed's CPU accelerator named (what it would pick, without the warning
-      that it guessed), and the deprecation warning its ZeRO calls raise in torch on every rank silenced.
+    - the deprecation warning DeepSpeed's ZeRO calls raise in torch, on every rank, silenced;
+    - on a machine without a GPU: DeepSpeed's CPU accelerator named (what it would pick, without the warning
+      that it guessed), and its shared-memory all-reduce op never built. Only DeepSpeed's inference and
+      tensor-parallel layers call that op (`inference_all_reduce`), but its communication backend builds it
+      whenever it starts on CPUs: ~30 s of C++ compilation at a run's first start, and a compiler and ninja
+      required for any training on CPUs. DeepSpeed reads which ops it may build from
+      `deepspeed.ops.__compatible_ops__`, a dict it keeps for the process so that edits persist.
     """
     bindir = Path(sys.executable).parent
     ninja = bindir / ("ninja.exe" if os.name == "nt" else "ninja")
     if ninja.is_file() and Path(shutil.which("ninja") or "") != ninja:
         os.environ["PATH"] = os.pathsep.join(p for p in (str(bindir), os.environ.get("PATH")) if p)
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
+    if torch.cuda.is_available():
+        return  # (only the CPU accelerator builds that op; reading which ops may build costs a probe of each)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
