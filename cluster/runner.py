@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cluster.head import free_port
 from data_prep import storage
@@ -33,40 +33,45 @@ class StageError(Exception):
 
 def connect(local: bool = False, num_cpus: int | None = None) -> bool:
     """Join the Ray this driver belongs to (`RAY_ADDRESS`, set for Ray jobs), or start a local one (always, with
-    `local`); True when this call started Ray (and so should shut it down).
-
-    Every process of the job is told which Ray it belongs to. Otherwise Ray's State API, which Ray Train's
-    placement-group cleaner polls from inside the cluster, takes the address of the last `ray start` on the
-    machine: a dead cluster's address costs a 40 s connect timeout and a 12 s stall with a traceback at the end of
-    every run; a live one answers that the run's controller does not exist, and the cleaner quits.
-    """
+    `local`); True when this call started Ray (and so should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in WORKER_ENV.items() if os.environ.get(k) != v}  # a submitted job has them already
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
-    address = os.environ.get("RAY_ADDRESS")
-    if address and not local:
-        if re.fullmatch(r"[\w.\-]+:\d+", address) and "RAY_ADDRESS" not in _submitted_env():
-            env["RAY_ADDRESS"] = address  # the GCS address Ray gave this job's driver
+    if os.environ.get("RAY_ADDRESS") and not local:
+        env = job_env(os.environ)
         ray.init(**kwargs, **({"runtime_env": {"env_vars": env}} if env else {}))
     else:  # embedded: a fresh local Ray for this job, never a cluster that happens to be running. With the
         # dashboard (loopback): Ray Train's placement-group cleaner asks its State API whether the run is alive.
         port = free_port()
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env}, **kwargs)
+                 dashboard_port=port, runtime_env={"env_vars": job_env(os.environ, dashboard_port=port)}, **kwargs)
     return True
 
 
-def _submitted_env() -> dict[str, str]:
-    """The env_vars of the runtime_env this driver's Ray job was submitted with (Ray hands a job's config to its
-    driver in RAY_JOB_CONFIG_JSON_ENV_VAR); a key set there cannot be set again by `ray.init`."""
-    try:
-        return json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["runtime_env"].get("env_vars") or {}
+def job_env(environ: Mapping[str, str], dashboard_port: int | None = None) -> dict[str, str]:
+    """The environment variables this driver adds to its job's processes: WORKER_ENV (unless the job was submitted
+    with it), and which Ray they belong to: the local one's dashboard (`dashboard_port`), else the GCS address
+    (`RAY_ADDRESS`, as Ray gives it to a job's driver) unless the submitted job sets that itself.
+
+    Without the address, Ray's State API, which Ray Train's placement-group cleaner polls from inside the
+    cluster, takes the address of the last `ray start` on the machine: a dead cluster's costs a 40 s connect
+    timeout and a 12 s stall with a traceback at the end of every run; a live one answers that the run's
+    controller does not exist, and the cleaner quits.
+    """
+    env = {k: v for k, v in WORKER_ENV.items() if environ.get(k) != v}
+    if dashboard_port is not None:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        return env
+    try:  # the job's submitted runtime_env, which Ray hands its driver; a key set there cannot be set again
+        submitted = json.loads(environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["runtime_env"].get("env_vars") or {}
     except (KeyError, ValueError, TypeError, AttributeError):
-        return {}
+        submitted = {}
+    address = environ.get("RAY_ADDRESS", "")
+    if re.fullmatch(r"[\w.\-]+:\d+", address) and "RAY_ADDRESS" not in submitted:
+        env["RAY_ADDRESS"] = address
+    return env
 
 
 def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:

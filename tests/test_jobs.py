@@ -67,3 +67,18 @@ def test_validate_command():
     bad = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/quickstart.yaml",
                           "resources.num_wrkers=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "resources.num_wrkers" in bad.stderr and "num_workers" in bad.stderr
+
+
+def test_a_jobs_processes_are_told_which_ray_they_belong_to():
+    """Ray Train's placement-group cleaner finds the State API of the job's own Ray (not the machine's last
+    `ray start`): a local job's dashboard, a submitted job's GCS address, never a key the job set itself."""
+    import json
+
+    from cluster.runner import WORKER_ENV, job_env
+
+    assert job_env({}, dashboard_port=8300) == {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8300"}
+    driver = {**WORKER_ENV, "RAY_ADDRESS": "10.1.2.3:6379"}  # a submitted job's driver
+    assert job_env(driver) == {"RAY_ADDRESS": "10.1.2.3:6379"}
+    submitted = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.1.2.3:6379"}}}
+    assert job_env({**driver, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(submitted)}) == {}
+    assert job_env({**driver, "RAY_ADDRESS": "ray://head:10001"}) == {}  # Ray Client: not a GCS address
