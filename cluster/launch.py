@@ -16,6 +16,7 @@ Two kinds of storage:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,12 +27,9 @@ from typing import Any
 
 from cluster.jobs import JobSpec
 from data_prep import storage
-from pretrain.tracking import METRICS_FILE
+from pretrain import checkpoint
 
 WORKERS_DIR = "workers"  # CHECKPOINT_DIR/workers/rank-NNNNN.json: where each rank of the latest attempt runs
-COMPLETE = "complete.json"  # in an uploaded checkpoint: every rank's files are there (written last, by rank 0)
-RUN_DIR = "run"  # in an uploaded checkpoint: copies of the run's own files from checkpoint.dir
-RUN_FILES = (METRICS_FILE, "manifest.json", "tokenizer/spm.model")
 
 
 def _record_placement(ckdir: Path, remote: str | None = None) -> None:
@@ -53,18 +51,6 @@ def _record_placement(ckdir: Path, remote: str | None = None) -> None:
         storage.upload(out / f"rank-{rank:05d}.json", storage.join(remote, WORKERS_DIR, f"rank-{rank:05d}.json"))
 
 
-def complete_checkpoints(remote: str) -> list[str]:
-    """Tags (step-NNNNNNNN) of the complete checkpoints uploaded under `remote`, newest first."""
-    from pretrain.checkpoint import PREFIX
-
-    fs, path = storage.filesystem(remote)
-    try:
-        found = fs.glob(f"{path.rstrip('/')}/{PREFIX}*/{COMPLETE}")
-    except FileNotFoundError:
-        return []
-    return sorted((f.rstrip("/").split("/")[-2] for f in found), reverse=True)
-
-
 def _worker_loop(config: dict[str, Any]) -> None:
     from pretrain.config import PretrainConfig
     from pretrain.train import train
@@ -83,65 +69,36 @@ def _worker_loop(config: dict[str, Any]) -> None:
     _download_newest(remote, local, rank)
     _record_placement(local, remote)
     cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(local)})})
-    train(cfg, on_checkpoint=lambda path, step: _upload(path, step, remote, rank, world))
+    train(cfg, on_checkpoint=lambda path, step: _upload(path, step, remote, rank, world), checkpoint_url=remote)
+    # Finished: every checkpoint is in the bucket, which a later run resumes from. The local copies (kept across
+    # a failure, for a restarted worker on this node) would only fill the node's disk.
+    storage.clear_local(local)
+    with contextlib.suppress(OSError):  # the job's directory, once the other ranks on this node cleared theirs
+        local.parent.rmdir()
 
 
 def _download_newest(remote: str, local: Path, rank: int) -> None:
     """Make the newest complete uploaded checkpoint this rank's newest local one (kept if already there). Local
     checkpoints are only copies of the bucket's: one the bucket does not hold complete (never finished there, or
     from an earlier run of the same URL) is removed, never resumed from."""
-    from pretrain import checkpoint
-
-    tags = complete_checkpoints(remote)
+    tags = checkpoint.uploaded(remote)
     for p in checkpoint.committed(local):
         if p.name not in tags:
             shutil.rmtree(p, ignore_errors=True)
     if tags:
-        fetch_checkpoint(storage.join(remote, tags[0]), local)
-
-
-def fetch_checkpoint(url: str, local: Path) -> Path:
-    """Download the uploaded checkpoint at `url` into `local/<tag>` (unless already there) and put the run's
-    files it carries (metrics, dataset manifest, tokenizer) back in `local`, as pretrain left them."""
-    from pretrain import checkpoint
-
-    tag = url.rstrip("/").rsplit("/", 1)[1]
-    target = local / tag
-    if not _holds_all(target):
-        fetching = local / (tag + ".download")
-        shutil.rmtree(fetching, ignore_errors=True)
-        storage.download_dir(url, fetching)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(fetching, target)
-    for name in RUN_FILES:
-        if (target / RUN_DIR / name).is_file() and not (local / name).is_file():
-            (local / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target / RUN_DIR / name, local / name)
-    return target
-
-
-def _holds_all(step_dir: Path) -> bool:
-    """Whether a local checkpoint directory holds every rank's files (as its uploaded copy does), not only the
-    part the rank that wrote it made."""
-    try:
-        files = json.loads((step_dir / COMPLETE).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((step_dir / name).is_file() and (step_dir / name).stat().st_size == size for name, size in files.items())
+        checkpoint.fetch(storage.join(remote, tags[0]), local)
 
 
 def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
     """Upload this rank's part of the checkpoint just committed; rank 0 marks it complete once every rank's is."""
     import ray.train
 
-    from pretrain import checkpoint
-
     mine = path if path.is_dir() else path.with_name(path.name + checkpoint.PARTIAL)  # only rank 0 renames
     if rank == 0:  # the run's files so far travel along (metrics; what export needs)
-        for name in RUN_FILES:
+        for name in checkpoint.RUN_FILES:
             if (path.parent / name).is_file():
-                (mine / RUN_DIR / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path.parent / name, mine / RUN_DIR / name)
+                (mine / checkpoint.RUN_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path.parent / name, mine / checkpoint.RUN_DIR / name)
     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(mine)),
                      checkpoint_dir_name=path.name)
     if rank == 0:
@@ -153,9 +110,9 @@ def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
                 raise RuntimeError(f"checkpoint {where}: the files of ranks "
                                    f"{sorted(expected - set(files))} did not arrive within 120 s")
             time.sleep(0.2)
-        marker = mine / COMPLETE
+        marker = mine / checkpoint.COMPLETE
         marker.write_text(json.dumps({"step": step, "world_size": world, "files": files}))
-        storage.upload(marker, storage.join(where, COMPLETE))
+        storage.upload(marker, storage.join(where, checkpoint.COMPLETE))
     else:  # rank 0 prunes its directory as it commits; the others keep only the newest part
         for p in path.parent.iterdir():
             if p.name.startswith(checkpoint.PREFIX) and p != mine:
@@ -196,10 +153,8 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"pretraining failed after {spec.max_failures} restarts: {result.error}")
-    from pretrain import checkpoint
-
     if remote:
-        tags = complete_checkpoints(remote)
+        tags = checkpoint.uploaded(remote)
         if not tags:
             raise RuntimeError(f"the workers finished but {remote} holds no complete checkpoint")
         client = json.loads(storage.read_text(storage.join(remote, tags[0], checkpoint.CLIENT)))

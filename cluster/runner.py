@@ -120,9 +120,7 @@ def _newest_checkpoint(cfg, remote: str | None) -> tuple[str, dict] | None:
     from pretrain import checkpoint
 
     if remote:
-        from cluster.launch import complete_checkpoints
-
-        tags = complete_checkpoints(remote)
+        tags = checkpoint.uploaded(remote)
         if not tags:
             return None
         where = storage.join(remote, tags[0])
@@ -162,7 +160,7 @@ def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
     the checkpoint directory's parent, or the copy an uploaded checkpoint carries."""
     out: dict[str, float] = {}
     if remote:
-        from cluster.launch import RUN_DIR
+        from pretrain.checkpoint import RUN_DIR
 
         where = storage.join(step_dir, RUN_DIR, "metrics.jsonl")
         text = storage.read_text(where) if storage.exists(where) else ""
@@ -178,24 +176,14 @@ def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
 
 
 def _register(stage: dict, plan: dict, outcome: dict) -> dict:
+    from pretrain.export import ExportError
     from pretrain.tracking import RegistryError, register_checkpoint
 
-    where = outcome["pretrain"]["checkpoint"]
-    local = None
-    if storage.is_remote(where):  # an uploaded checkpoint: registered from a local copy
-        from cluster.launch import fetch_checkpoint
-
-        local = storage.staging_dir(where, "register")
-        step_dir = fetch_checkpoint(where, local)
-    else:
-        step_dir = Path(where)
+    where = outcome["pretrain"]["checkpoint"]  # an uploaded checkpoint is registered from a downloaded copy
     try:
-        v = register_checkpoint(step_dir, stage["name"], stage["alias"], plan["mlflow_uri"])
-    except RegistryError as e:
+        v = register_checkpoint(where, stage["name"], stage["alias"], plan["mlflow_uri"])
+    except (RegistryError, ExportError) as e:
         raise StageError(f"registering {where} as '{stage['name']}': {e}") from None
-    finally:
-        if local:
-            storage.clear_local(local)
     alias = f"@{stage['alias']}" if stage["alias"] else ""
     log(f"registered {v['name']} version {v['version']}{alias} (models:/{v['name']}/{v['version']})")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),

@@ -12,6 +12,14 @@ Layout under `checkpoint.dir`:
 A save goes to `<tag>.partial`; when every rank has written its part, rank 0 syncs the files, writes
 `commit.json` and renames the directory. A checkpoint whose files no longer match `commit.json` is
 skipped with a warning, and the next newest is loaded instead.
+
+Cluster jobs whose storage is an object store upload every checkpoint (cluster/launch.py):
+
+    URL/step-00000500/          every rank's files of one checkpoint
+        run/                    copies of the run's metrics.jsonl, manifest.json and tokenizer/spm.model
+        complete.json           every file with its size, uploaded last: the marker of a usable checkpoint
+
+`fetch` turns one back into a local checkpoint directory that export, registration and resume read.
 """
 
 from __future__ import annotations
@@ -25,13 +33,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_prep import storage
 from data_prep.shards import fsync_dir
 from data_prep.worker import write_json_atomic
+from pretrain.tracking import METRICS_FILE
 
 PREFIX = "step-"
 PARTIAL = ".partial"
 COMMIT = "commit.json"
 CLIENT = "client.json"
+COMPLETE = "complete.json"  # in an uploaded checkpoint: every rank's files are there (written last, by rank 0)
+RUN_DIR = "run"  # in an uploaded checkpoint: copies of the run's own files from checkpoint.dir
+RUN_FILES = (METRICS_FILE, "manifest.json", "tokenizer/spm.model")
 
 
 class CheckpointError(Exception):
@@ -178,3 +191,41 @@ def load(engine, path: Path) -> None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {path}")
     rank_file = path / f"rank-{dist.get_rank():05d}.pt"
     set_rng_state(torch.load(rank_file, weights_only=True))
+
+
+def uploaded(remote: str) -> list[str]:
+    """Tags (step-NNNNNNNN) of the complete checkpoints uploaded under `remote`, newest first."""
+    fs, path = storage.filesystem(remote)
+    try:
+        found = fs.glob(f"{path.rstrip('/')}/{PREFIX}*/{COMPLETE}")
+    except FileNotFoundError:
+        return []
+    return sorted((f.rstrip("/").split("/")[-2] for f in found), reverse=True)
+
+
+def fetch(url: str, local: Path) -> Path:
+    """Download the uploaded checkpoint at `url` into `local/<tag>` (unless already there) and put the run's
+    files it carries (metrics, dataset manifest, tokenizer) back in `local`, as pretrain left them."""
+    tag = url.rstrip("/").rsplit("/", 1)[1]
+    target = local / tag
+    if not _holds_all(target):
+        fetching = local / (tag + ".download")
+        shutil.rmtree(fetching, ignore_errors=True)
+        storage.download_dir(url, fetching)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(fetching, target)
+    for name in RUN_FILES:
+        if (target / RUN_DIR / name).is_file() and not (local / name).is_file():
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target / RUN_DIR / name, local / name)
+    return target
+
+
+def _holds_all(step_dir: Path) -> bool:
+    """Whether a local checkpoint directory holds every rank's files (as its uploaded copy does), not only the
+    part the rank that wrote it made."""
+    try:
+        files = json.loads((step_dir / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((step_dir / name).is_file() and (step_dir / name).stat().st_size == size for name, size in files.items())

@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "AutoModel / BertForPreTraining (fine-tuned: BertForSequenceClassification) and "
                                     "AutoTokenizer .from_pretrained(DIR); needs pip install 'bertforge[hf]'.")
     ex.add_argument("source", metavar="SOURCE",
-                    help="a committed checkpoint or checkpoint.dir (its newest), a model directory, "
-                         "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+                    help="a committed checkpoint or checkpoint.dir (its newest; also the object-store URL a "
+                         "cluster job uploads them to), a model directory, models:/NAME@ALIAS, models:/NAME/VERSION "
+                         "or runs:/RUN_ID/PATH")
     ex.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     ex.add_argument("--format", choices=["native", "hf"], default="native", help="native (default) or hf")
     ex.add_argument("--tracking-uri", default="", help="for models:/ and runs:/ sources (default: "
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "verify the upload, register a version, then set the alias. Rerunning after a "
                                     "failure completes the registration.")
     src = rg.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a committed checkpoint or a checkpoint.dir (its newest)")
+    src.add_argument("--checkpoint", help="a committed checkpoint or a checkpoint.dir (its newest), a path or the "
+                                          "object-store URL a cluster job uploads them to")
     src.add_argument("--run", help="an MLflow run id of `pretrain train` (its checkpoint.dir, newest checkpoint)")
     src.add_argument("--model", help="a model directory: from `pretrain export` or `pretrain finetune` (OUTPUT/model)")
     rg.add_argument("--name", required=True, help="registered model name")
@@ -144,12 +146,13 @@ def _export(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from data_prep.storage import is_remote
     from pretrain.config import MlflowConfig
     from pretrain.export import URI_SCHEMES, ExportError, export, resolve_model
     from pretrain.tracking import tracking_uri
 
     source, out = args.source, Path(args.out)
-    is_checkpoint = not source.startswith(URI_SCHEMES) and "://" not in source and not any(
+    is_checkpoint = not source.startswith(URI_SCHEMES) and ("://" not in source or is_remote(source)) and not any(
         (Path(source) / name).is_file() for name in ("config.json", "MLmodel"))
     try:
         if args.format == "native" and is_checkpoint:
@@ -215,7 +218,7 @@ def _registry(args) -> int:
     from pathlib import Path
 
     from pretrain.config import RESERVED_ALIAS, MlflowConfig
-    from pretrain.export import ExportError, find_checkpoint
+    from pretrain.export import ExportError
     from pretrain.tracking import (
         RegistryError,
         model_files,
@@ -235,16 +238,17 @@ def _registry(args) -> int:
         if args.alias and args.alias.lower() == "latest":
             raise RegistryError(RESERVED_ALIAS)
         if args.model:
-            step_dir = Path(args.model)
-            v = register(model_files(step_dir), args.name, args.alias, uri, args.pooling)
+            source = args.model
+            v = register(model_files(Path(source)), args.name, args.alias, uri, args.pooling)
         else:
-            step_dir = find_checkpoint(args.checkpoint or run_checkpoint_dir(args.run, uri))
-            v = register_checkpoint(step_dir, args.name, args.alias, uri, args.pooling)
+            v = register_checkpoint(args.checkpoint or run_checkpoint_dir(args.run, uri), args.name, args.alias, uri,
+                                    args.pooling)
+            source = v["checkpoint"]
     except (ExportError, RegistryError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     alias = f" with alias '{args.alias}'" if args.alias else ""
-    print(f"registered {v['name']} version {v['version']}{alias} from {step_dir} (run {v['run_id']})\n"
+    print(f"registered {v['name']} version {v['version']}{alias} from {source} (run {v['run_id']})\n"
           f"use it: mlflow.pyfunc.load_model('models:/{v['name']}/{v['version']}'), or "
           f"python -m pretrain pull models:/{v['name']}/{v['version']} --out DIR")
     return EXIT_OK

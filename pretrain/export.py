@@ -12,13 +12,16 @@ Nothing in it is a pickle: loading it runs no code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep import storage
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
@@ -46,6 +49,29 @@ def find_checkpoint(path: str | Path) -> Path:
     raise ExportError(f"'{path}' is neither a committed checkpoint nor a checkpoint.dir holding a complete one")
 
 
+@contextlib.contextmanager
+def checkpoint_at(source: str | Path) -> Iterator[tuple[Path, str]]:
+    """(local checkpoint directory, where it is) for a committed checkpoint or a checkpoint.dir (its newest):
+    a local path as it is, or one uploaded by a cluster job (an object-store URL of `step-NNNNNNNN/` or of the
+    directory holding them) downloaded for the duration of the block."""
+    if not storage.is_remote(source):
+        step_dir = find_checkpoint(source)
+        yield step_dir, str(step_dir)
+        return
+    url = str(source).rstrip("/")
+    if not storage.exists(storage.join(url, checkpoint.COMPLETE)):
+        tags = checkpoint.uploaded(url)
+        if not tags:
+            raise ExportError(f"'{source}' holds no complete uploaded checkpoint (a step-NNNNNNNN/ directory with "
+                              f"{checkpoint.COMPLETE}, as cluster jobs upload them)")
+        url = storage.join(url, tags[0])
+    local = storage.staging_dir(url, "checkpoint")
+    try:
+        yield checkpoint.fetch(url, local), url
+    finally:
+        storage.clear_local(local)
+
+
 def _metrics_at(root: Path, step: int) -> dict[str, float]:
     """The metrics recorded for `step` and the latest evaluation up to it (from metrics.jsonl)."""
     out: dict[str, float] = {}
@@ -61,10 +87,16 @@ def _metrics_at(root: Path, step: int) -> dict[str, float]:
 
 
 def export(source: str | Path, out: str | Path) -> Path:
-    """Write the model directory of the checkpoint at `source` to `out` (atomically: `out` appears whole)."""
+    """Write the model directory of the checkpoint at `source` (a path or an uploaded checkpoint's URL, see
+    `checkpoint_at`) to `out` (atomically: `out` appears whole)."""
+    with checkpoint_at(source) as (step_dir, where):
+        return export_step(step_dir, where, Path(out))
+
+
+def export_step(step_dir: Path, where: str, out: Path) -> Path:
+    """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
     from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
 
-    step_dir = find_checkpoint(source)
     why = checkpoint.problems(step_dir)
     if why:
         raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
@@ -103,7 +135,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         "examples": manifest["examples"], "train_examples": manifest["splits"]["train"]["examples"],
     }, training={
         "mlflow_run_id": client["mlflow_run_id"], "step": client["step"], "samples": client["samples"],
-        "checkpoint": str(step_dir), "metrics": _metrics_at(root, client["step"]), "config": client["config"],
+        "checkpoint": where, "metrics": _metrics_at(root, client["step"]), "config": client["config"],
     })
     return out
 
@@ -164,24 +196,24 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
     """(model directory, what it is) for a `models:/` or `runs:/` URI (pulled into `scratch`), a pulled MLflow
-    model, an exported model directory, or a pretraining checkpoint (exported into `scratch`).
+    model, an exported model directory, or a pretraining checkpoint, local or uploaded (exported into `scratch`).
 
     The dict holds `uri` plus, where known, the registered `name` and `version` and the `run_id` that made it.
     """
     from pretrain.tracking import RegistryError, model_files, pull, resolve_model_uri
 
-    if not source.startswith(URI_SCHEMES) and ("://" not in source or source.startswith("file://")):
-        path = Path(source.removeprefix("file://"))
-        if not path.exists():
-            raise ExportError(f"model '{source}' is neither a models:/ or runs:/ URI nor an existing directory")
-        d = model_files(path)
-        if not (d / CONFIG_FILE).is_file():  # a checkpoint (or checkpoint.dir) from `pretrain train`
-            d = export(path, scratch)
-        training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
-        return d, {"uri": str(path.resolve()), "run_id": training.get("mlflow_run_id")}
     if not source.startswith(URI_SCHEMES):
-        raise ExportError(f"model '{source}': use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or "
-                          "a local directory")
+        if storage.is_remote(source):  # a checkpoint a cluster job uploaded
+            d, where = export(source, scratch), source
+        else:
+            path = Path(source.removeprefix("file://"))
+            if not path.exists():
+                raise ExportError(f"model '{source}' is neither a models:/ or runs:/ URI nor an existing directory")
+            d, where = model_files(path), str(path.resolve())
+            if not (d / CONFIG_FILE).is_file():  # a checkpoint (or checkpoint.dir) from `pretrain train`
+                d = export(path, scratch)
+        training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
+        return d, {"uri": where, "run_id": training.get("mlflow_run_id")}
     try:
         info = resolve_model_uri(source, uri)
         return model_files(pull(info["pinned"], scratch, uri)), info

@@ -111,15 +111,16 @@ class Tracker:
 
             save_file(weights, str(self.out_dir / name))
 
-    def register(self, step_dir: Path, name: str, alias: str | None, pooling: str) -> None:
-        """Register a checkpoint from inside training; a failure is reported, never fatal to the run."""
+    def register(self, source: str | Path, name: str, alias: str | None, pooling: str) -> None:
+        """Register a checkpoint (a path or an uploaded checkpoint's URL) from inside training; a failure is
+        reported, never fatal to the run."""
         if not self.active:
             return
         try:
-            v = register_checkpoint(step_dir, name, alias, self.uri, pooling)
+            v = register_checkpoint(source, name, alias, self.uri, pooling)
         except Exception as e:  # noqa: BLE001 (a store that is down or refusing must not end training)
-            self.warn(f"registering {step_dir} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      f"complete it later: python -m pretrain register --checkpoint {step_dir} --name {name}")
+            self.warn(f"registering {source} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"complete it later: python -m pretrain register --checkpoint {source} --name {name}")
             return
         self.print(f"registered {name} version {v['version']}" + (f" (alias '{alias}')" if alias else ""))
 
@@ -485,14 +486,17 @@ def run_checkpoint_dir(run_id: str, uri: str) -> str:
         raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {uri}: {e}") from None
 
 
-def register_checkpoint(step_dir: Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
-    """Export a committed checkpoint to a scratch directory next to it, register that, remove the scratch."""
+def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
+    """Export a committed checkpoint (a path or an uploaded checkpoint's URL, or a checkpoint.dir: its newest) to
+    a scratch directory next to it, register that, remove the scratch. The version's dict names the checkpoint
+    (`checkpoint`)."""
     import shutil
 
-    from pretrain.export import export
+    from pretrain.export import checkpoint_at, export_step
 
-    scratch = step_dir.parent / f".export-{step_dir.name}"
-    try:
-        return register(export(step_dir, scratch), name, alias, uri, pooling)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with checkpoint_at(source) as (step_dir, where):
+        scratch = step_dir.parent / f".export-{step_dir.name}"
+        try:
+            return {**register(export_step(step_dir, where, scratch), name, alias, uri, pooling), "checkpoint": where}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from data_prep import storage
 from data_prep.configfile import flatten
 from data_prep.examples import stable_seed
 from data_prep.tokenizer import cached
@@ -154,11 +155,14 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
     return None
 
 
-def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None = None,
+          checkpoint_url: str | None = None) -> dict:
     """Train as `cfg` says, resuming from its checkpoint directory; returns the run's summary (every rank).
 
     `on_checkpoint(path, step)` runs on every rank after each committed checkpoint (e.g. to copy it to
-    storage the ranks do not share); `path` is the committed directory as rank 0 names it.
+    storage the ranks do not share); `path` is the committed directory as rank 0 names it. Where it uploads
+    them to `checkpoint_url/<tag>`, that URL is what the run records as its checkpoint.dir, names in its output
+    and registers from (checkpoint.dir is then only the local copy).
     """
     if "://" in cfg.checkpoint.dir and not cfg.checkpoint.dir.startswith("file://"):
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir}: checkpoints in an object store are kept by cluster "
@@ -166,14 +170,14 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
-        return _train(cfg, topo, tracker, on_checkpoint)
+        return _train(cfg, topo, tracker, on_checkpoint, checkpoint_url)
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
 
 
 def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
-           on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
+           on_checkpoint: Callable[[Path, int], None] | None = None, checkpoint_url: str | None = None) -> dict:
     ckdir = Path(cfg.checkpoint.dir)
     b = batching(cfg, topo.world)
     precision = resolve_precision(cfg, topo.device)
@@ -228,6 +232,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
 
     params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
               "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
+    if checkpoint_url:
+        params["checkpoint.dir"] = checkpoint_url
     tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
     commit = git_commit()
     if commit:
@@ -330,9 +336,11 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
                 "config": cfg.model_dump(mode="json"), "mlflow_run_id": tracker.run_id, "world_size": topo.world,
             }
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
-            tracker.print(f"checkpoint {path}")
             if on_checkpoint:
                 on_checkpoint(path, step)
+            if checkpoint_url:
+                path = storage.join(checkpoint_url, path.name)
+            tracker.print(f"checkpoint {path}")
             reg = cfg.registry
             if reg.name and not preempted and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
                                                or (reg.when == "best" and is_best)):

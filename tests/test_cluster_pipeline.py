@@ -4,6 +4,7 @@ stage is skipped."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -26,16 +27,21 @@ def _submit(root: Path, *args: str, env: dict | None = None) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, s3):
-    """The pipeline on a local storage directory, its fine-tuned model sent to an S3 bucket (moto on loopback):
-    the object-store path of the fine-tuning stage, and of its skip check on resubmission.
+    """The pipeline on a local storage directory, its checkpoints and fine-tuned model sent to an S3 bucket (moto
+    on loopback): the object-store paths of the pretraining, registration (from a fetched copy) and fine-tuning
+    stages, and of their skip checks on resubmission.
 
     On a machine where the last `ray start` left the address of a Ray that is gone (in the file Ray's State API
     falls back to; a short RAY_TMPDIR of the test's own holds it and the local Ray's session)."""
     root = tmp_path_factory.mktemp("pipeline")
     write_pipeline_job(root, storage="out")
-    ft = yaml.safe_load((root / "ft.yaml").read_text())
-    ft["output"] = f"s3://{BUCKET}/pipeline/finetuned"
-    (root / "ft.yaml").write_text(yaml.safe_dump(ft))
+    for name, key, where in (("pt", ("checkpoint", "dir"), "checkpoints"), ("ft", ("output",), "finetuned")):
+        tree = yaml.safe_load((root / f"{name}.yaml").read_text())
+        section = tree
+        for k in key[:-1]:
+            section = section[k]
+        section[key[-1]] = f"s3://{BUCKET}/pipeline/{where}"
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(tree))
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
@@ -53,7 +59,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     summary = out.stdout[out.stdout.index("== job summary: small =="):]
     out_dir = root / "out"
     assert f"dataset      {out_dir / 'data/small'}" in summary
-    assert f"pretraining  {out_dir / 'checkpoints/small/step-00000010'} (step 10" in summary
+    assert f"pretraining  s3://{BUCKET}/pipeline/checkpoints/step-00000010 (step 10" in summary
     assert "registered   small-bert version 1 (models:/small-bert@champion" in summary
     assert f"fine-tuned   s3://{BUCKET}/pipeline/finetuned/model (test_accuracy" in summary
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in summary
@@ -61,7 +67,9 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     assert (out_dir / "data/small/manifest.json").is_file()
     uploaded = fs.find(f"{BUCKET}/pipeline/finetuned")  # the model, its summary (last) and the stage's config
     assert {f"{BUCKET}/pipeline/finetuned/{n}" for n in ("summary.json", "job-config.json")} <= set(uploaded)
-    assert any("/finetuned/model/" in f for f in uploaded) and not list((root / "staging").glob("finetune-*"))
+    assert any("/finetuned/model/" in f for f in uploaded)
+    assert fs.exists(f"{BUCKET}/pipeline/checkpoints/step-00000010")
+    assert not list((root / "staging").glob("*"))  # the registered checkpoint's and the model's local copies
 
     from mlflow.tracking import MlflowClient
 
@@ -69,7 +77,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     version = client.get_model_version_by_alias("small-bert", "champion")
     assert str(version.version) == "1"
     pretrain_run = client.get_run(version.run_id)
-    assert pretrain_run.data.params["checkpoint.dir"] == str(out_dir / "checkpoints/small")
+    assert pretrain_run.data.params["checkpoint.dir"] == f"s3://{BUCKET}/pipeline/checkpoints"
     finetunes = client.search_runs([client.get_experiment_by_name("bert-finetuning").experiment_id])
     assert [r.data.tags["source_model_name"] for r in finetunes] == ["small-bert"]
     assert finetunes[0].data.tags["source_model_version"] == "1"
@@ -86,6 +94,33 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     assert "RayTrainWorker" not in again.stdout  # no training worker started
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
+
+
+def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pipeline, s3, tmp_path):
+    """The run records the bucket as its checkpoint.dir, so `register --run` finds the checkpoints a job
+    uploaded; `export` takes their URL. Both download a copy for the time they need it."""
+    root, env, first = pipeline
+    assert first.returncode == 0
+    from mlflow.tracking import MlflowClient
+
+    run_id = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_model_version_by_alias("small-bert", "champion").run_id
+    env = {**pretrain_env(), **env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+
+    def pretrain(*args):
+        return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    url = f"s3://{BUCKET}/pipeline/checkpoints"
+    reg = pretrain("register", "--run", run_id, "--name", "from-bucket")
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    assert f"registered from-bucket version 1 from {url}/step-00000010 (run {run_id})" in reg.stdout
+    out = pretrain("export", f"{url}/step-00000005", "--out", "exported")
+    assert out.returncode == 0, out.stderr[-3000:]
+    training = json.loads((tmp_path / "exported" / "training.json").read_text())
+    assert training["checkpoint"] == f"{url}/step-00000005" and training["step"] == 5
+    assert not list((root / "staging").glob("*"))  # the downloaded copies are gone
+    missing = pretrain("export", f"s3://{BUCKET}/pipeline/nothing-here", "--out", "x")
+    assert missing.returncode == 1 and "holds no complete uploaded checkpoint" in missing.stderr, missing.stderr
 
 
 def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
