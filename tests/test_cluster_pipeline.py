@@ -41,6 +41,8 @@ def pipeline(tmp_path_factory, s3):
         for k in key[:-1]:
             section = section[k]
         section[key[-1]] = f"s3://{BUCKET}/pipeline/{where}"
+        if name == "pt":  # training registers its final checkpoint too, from the bucket
+            tree["registry"] = {"name": "small-bert-live", "when": "end"}
         (root / f"{name}.yaml").write_text(yaml.safe_dump(tree))
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
     (ray_tmp / "ray").mkdir()
@@ -78,6 +80,9 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     assert str(version.version) == "1"
     pretrain_run = client.get_run(version.run_id)
     assert pretrain_run.data.params["checkpoint.dir"] == f"s3://{BUCKET}/pipeline/checkpoints"
+    live = client.get_model_version("small-bert-live", "1")  # registered by training itself
+    assert f"checkpoint s3://{BUCKET}/pipeline/checkpoints/step-00000010\n" in out.stdout  # as training names it
+    assert live.run_id == version.run_id and live.tags["step"] == "10"
     finetunes = client.search_runs([client.get_experiment_by_name("bert-finetuning").experiment_id])
     assert [r.data.tags["source_model_name"] for r in finetunes] == ["small-bert"]
     assert finetunes[0].data.tags["source_model_version"] == "1"
