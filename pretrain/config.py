@@ -230,7 +230,8 @@ class FinetuneMlflow(MlflowConfig):
 
 class FinetuneConfig(Section):
     model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH, a pulled or exported "
-                                   "model directory, or a pretraining checkpoint")
+                                   "model directory, or a pretraining checkpoint (a path, or the object-store URL "
+                                   "a cluster job uploaded it to)")
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="random: the same architecture and tokenizer from scratch (a baseline)")
     task: TaskConfig
