@@ -41,6 +41,20 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if missing. In a store on this machine (a sqlite file) a new
+    experiment's artifacts go to `mlruns/<name>` beside the file: MLflow's default, ./mlruns, is relative to the
+    process that creates the experiment, which for training under Ray is a worker in Ray's session directory."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+        location = (db.resolve().parent / "mlruns" / name.replace("/", "_")).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -251,8 +265,7 @@ class Tracker:
 
     def _start_run(self, client, tags: dict[str, str], RunTag) -> None:
         if self.run_id is None:
-            exp = client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+            exp_id = experiment_id(client, self.cfg.experiment, self.uri)
             self.run_id = client.create_run(exp_id, run_name=self.cfg.run_name, tags=tags).info.run_id
         else:
             client.update_run(self.run_id, status="RUNNING")
@@ -352,9 +365,7 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     client = MlflowClient(uri, registry_uri=uri)
     run_id = training["mlflow_run_id"]
     if run_id is None:  # trained without tracking: a run of its own holds the files
-        exp_name = training["config"]["mlflow"]["experiment"]
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+        exp_id = experiment_id(client, training["config"]["mlflow"]["experiment"], uri)
         run = client.create_run(exp_id, run_name=f"register-{name}", tags={"dataset_id": dataset["dataset_id"]})
         run_id = run.info.run_id
         client.set_terminated(run_id)

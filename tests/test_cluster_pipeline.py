@@ -79,6 +79,10 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     version = client.get_model_version_by_alias("small-bert", "champion")
     assert str(version.version) == "1"
     pretrain_run = client.get_run(version.run_id)
+    # created by the Ray Train worker, whose working directory is Ray's: its artifacts still live beside the store
+    experiment = client.get_experiment(pretrain_run.info.experiment_id)
+    assert experiment.artifact_location == (root / "mlruns" / "bert-pretraining").as_uri()
+    assert version.source.startswith(experiment.artifact_location + "/")
     assert pretrain_run.data.params["checkpoint.dir"] == f"s3://{BUCKET}/pipeline/checkpoints"
     live = client.get_model_version("small-bert-live", "1")  # registered by training itself
     assert f"checkpoint s3://{BUCKET}/pipeline/checkpoints/step-00000010\n" in out.stdout  # as training names it
