@@ -185,7 +185,11 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
     except (RegistryError, ExportError) as e:
         raise StageError(f"registering {where} as '{stage['name']}': {e}") from None
     alias = f"@{stage['alias']}" if stage["alias"] else ""
-    log(f"registered {v['name']} version {v['version']}{alias} (models:/{v['name']}/{v['version']})")
+    if v["reused"]:
+        log(f"{v['checkpoint']} is registered already: {v['name']} version {v['version']}{alias} "
+            f"(models:/{v['name']}/{v['version']})")
+    else:
+        log(f"registered {v['name']} version {v['version']}{alias} (models:/{v['name']}/{v['version']})")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),
             "skipped": v["reused"]}
 

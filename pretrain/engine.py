@@ -15,6 +15,8 @@ tensor (counted by tests/benchmarks/gpu_throughput.py --count-ops; on one H200 t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import shutil
@@ -306,7 +308,13 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     if zero_stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        said = io.StringIO()  # its progress lines and bars, shown only if it fails
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        except BaseException:
+            sys.stderr.write(said.getvalue())
+            raise
     else:
         weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().contiguous() for k, v in weights.items()}

@@ -49,6 +49,28 @@ def find_checkpoint(path: str | Path) -> Path:
     raise ExportError(f"'{path}' is neither a committed checkpoint nor a checkpoint.dir holding a complete one")
 
 
+def _uploaded_step(source: str | Path) -> str:
+    """The URL of an uploaded checkpoint: `source` itself, or the newest complete one under it."""
+    url = str(source).rstrip("/")
+    if storage.exists(storage.join(url, checkpoint.COMPLETE)):
+        return url
+    tags = checkpoint.uploaded(url)
+    if not tags:
+        raise ExportError(f"'{source}' holds no complete uploaded checkpoint (a step-NNNNNNNN/ directory with "
+                          f"{checkpoint.COMPLETE}, as cluster jobs upload them)")
+    return storage.join(url, tags[0])
+
+
+def checkpoint_record(source: str | Path) -> tuple[str, dict]:
+    """(where, client record: step, config, MLflow run id...) of the checkpoint `checkpoint_at(source)` would
+    give, read without downloading it."""
+    if not storage.is_remote(source):
+        step_dir = find_checkpoint(source)
+        return str(step_dir), checkpoint.read_client(step_dir)
+    url = _uploaded_step(source)
+    return url, json.loads(storage.read_text(storage.join(url, checkpoint.CLIENT)))
+
+
 @contextlib.contextmanager
 def checkpoint_at(source: str | Path) -> Iterator[tuple[Path, str]]:
     """(local checkpoint directory, where it is) for a committed checkpoint or a checkpoint.dir (its newest):
@@ -58,13 +80,7 @@ def checkpoint_at(source: str | Path) -> Iterator[tuple[Path, str]]:
         step_dir = find_checkpoint(source)
         yield step_dir, str(step_dir)
         return
-    url = str(source).rstrip("/")
-    if not storage.exists(storage.join(url, checkpoint.COMPLETE)):
-        tags = checkpoint.uploaded(url)
-        if not tags:
-            raise ExportError(f"'{source}' holds no complete uploaded checkpoint (a step-NNNNNNNN/ directory with "
-                              f"{checkpoint.COMPLETE}, as cluster jobs upload them)")
-        url = storage.join(url, tags[0])
+    url = _uploaded_step(source)
     local = storage.staging_dir(url, "checkpoint")
     try:
         yield checkpoint.fetch(url, local), url

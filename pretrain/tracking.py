@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,7 @@ class Tracker:
 # -- Model registry ------------------------------------------------------------------------------------
 
 REGISTERED_DIR = "registered-model"
+PYFUNC_ADVICE = ("Add type hints to the `predict` method", "An input example was not provided")
 
 
 class RegistryError(Exception):
@@ -374,8 +376,12 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
     with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
         local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"model_dir": str(model_dir)},
-                                 model_config=model_config, signature=signature, pip_requirements=["bertforge"])
+        with warnings.catch_warnings(record=True) as said:  # (MLflow sets its own filters inside)
+            mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"model_dir": str(model_dir)},
+                                     model_config=model_config, signature=signature, pip_requirements=["bertforge"])
+        for w in said:  # all but MLflow's advice for pyfuncs written otherwise (ours comes with its signature)
+            if not any(advice in str(w.message) for advice in PYFUNC_ADVICE):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         expected = {f"{path}/{p.relative_to(local)}": p.stat().st_size for p in local.rglob("*") if p.is_file()}
         stage[0] = "uploading the model"
         if _missing(_remote_files(client, run_id, path), expected):
@@ -499,15 +505,42 @@ def run_checkpoint_dir(run_id: str, uri: str) -> str:
 
 def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
     """Export a committed checkpoint (a path or an uploaded checkpoint's URL, or a checkpoint.dir: its newest) to
-    a scratch directory next to it, register that, remove the scratch. The version's dict names the checkpoint
+    a scratch directory next to it, register that, remove the scratch; where a version of `name` already holds
+    that checkpoint (same run, step and pooling), only move the alias. The version's dict names the checkpoint
     (`checkpoint`)."""
     import shutil
 
-    from pretrain.export import checkpoint_at, export_step
+    from pretrain.export import checkpoint_at, checkpoint_record, export_step
 
-    with checkpoint_at(source) as (step_dir, where):
+    where, record = checkpoint_record(source)
+    found = _registered(record, name, alias, uri, pooling)
+    if found:
+        return {**found, "checkpoint": where}
+    with checkpoint_at(where) as (step_dir, where):
         scratch = step_dir.parent / f".export-{step_dir.name}"
         try:
             return {**register(export_step(step_dir, where, scratch), name, alias, uri, pooling), "checkpoint": where}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: str) -> dict | None:
+    """`register`'s answer for the version of `name` registered from the checkpoint whose client record this is,
+    its alias moved; None when there is none (or the store does not answer: `register` then says why)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = record.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        client = MlflowClient(uri, registry_uri=uri)
+        source = f"{client.get_run(run_id).info.artifact_uri}/{REGISTERED_DIR}/step-{record['step']:08d}"
+        versions = [v for v in client.search_model_versions(f"name='{name}'")
+                    if v.source == source and v.tags.get("pooling") == pooling]
+        if not versions:
+            return None
+        if alias:
+            client.set_registered_model_alias(name, alias, versions[0].version)
+    except Exception:  # noqa: BLE001 (a store that is down: the full path reports it)
+        return None
+    return {"name": name, "version": str(versions[0].version), "source": source, "run_id": run_id, "reused": True}

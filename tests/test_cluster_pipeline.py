@@ -58,6 +58,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     # Ray Train's placement-group cleaner reached this job's Ray, not the dead one: no 12 s stall, no traceback
     assert "Traceback" not in out.stdout + out.stderr, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Processing zero checkpoint" not in out.stdout  # DeepSpeed's consolidation works quietly
     summary = out.stdout[out.stdout.index("== job summary: small =="):]
     out_dir = root / "out"
     assert f"dataset      {out_dir / 'data/small'}" in summary
@@ -103,6 +104,9 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     assert "RayTrainWorker" not in again.stdout  # no training worker started
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
+    # found by the checkpoint's run and step, without downloading or exporting the checkpoint again
+    assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1@champion" \
+        in again.stdout
 
 
 def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pipeline, s3, tmp_path):
