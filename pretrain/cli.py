@@ -41,6 +41,10 @@ Every key and its default: see FinetuneConfig in pretrain/config.py.
 """
 
 
+OUT_HELP = "directory to write (an earlier model directory there is replaced; a directory holding anything else " \
+           "is refused)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain",
                                 description="Pretrain BERT (MLM + NSP) with DeepSpeed ZeRO from WebDataset shards.")
@@ -59,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a committed checkpoint or checkpoint.dir (its newest; also the object-store URL a "
                          "cluster job uploads them to), a model directory, models:/NAME@ALIAS, models:/NAME/VERSION "
                          "or runs:/RUN_ID/PATH")
-    ex.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    ex.add_argument("--out", required=True, help=OUT_HELP)
     ex.add_argument("--format", choices=["native", "hf"], default="native", help="native (default) or hf")
     ex.add_argument("--tracking-uri", default="", help="for models:/ and runs:/ sources (default: "
                                                        "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
@@ -83,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="KEY=VALUE or --KEY VALUE overrides; --register NAME [--alias ALIAS] registers the result")
     pl = sub.add_parser("pull", help="download a registered model version and verify its checksums")
     pl.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
-    pl.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
+    pl.add_argument("--out", required=True, help=OUT_HELP)
     pl.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db")
     return p
 
@@ -148,13 +152,14 @@ def _export(args) -> int:
 
     from data_prep.storage import is_remote
     from pretrain.config import MlflowConfig
-    from pretrain.export import URI_SCHEMES, ExportError, export, resolve_model
+    from pretrain.export import URI_SCHEMES, ExportError, check_out, export, resolve_model
     from pretrain.tracking import tracking_uri
 
     source, out = args.source, Path(args.out)
     is_checkpoint = not source.startswith(URI_SCHEMES) and ("://" not in source or is_remote(source)) and not any(
         (Path(source) / name).is_file() for name in ("config.json", "MLmodel"))
     try:
+        check_out(out)
         if args.format == "native" and is_checkpoint:
             out = export(source, out)
             training = json.loads((out / "training.json").read_text())
@@ -218,7 +223,7 @@ def _registry(args) -> int:
     from pathlib import Path
 
     from pretrain.config import RESERVED_ALIAS, MlflowConfig
-    from pretrain.export import ExportError
+    from pretrain.export import ExportError, check_out
     from pretrain.tracking import (
         RegistryError,
         model_files,
@@ -232,6 +237,7 @@ def _registry(args) -> int:
     uri = tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
     try:
         if args.command == "pull":
+            check_out(args.out)
             out = pull(args.model_uri, args.out, uri)
             print(f"pulled {args.model_uri} to {out} (verified); model files in {model_files(out)}")
             return EXIT_OK

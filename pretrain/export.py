@@ -38,6 +38,22 @@ class ExportError(Exception):
     """A checkpoint or model directory that cannot be used; the message says what to do."""
 
 
+def check_out(out: str | Path) -> None:
+    """Refuse an output directory that holds anything but an earlier model directory (ours, transformers' or a
+    pulled MLflow model): writing the new one replaces it whole, which would delete those files."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a directory to write")
+    if any((out / name).is_file() for name in (CONFIG_FILE, "MLmodel")):
+        return
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        raise ExportError(f"--out {out} holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}, not a model "
+                          "directory; it would be replaced whole, so choose a new or empty directory")
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """`path` itself when it is a committed checkpoint, else the newest complete one inside it."""
     p = Path(path)

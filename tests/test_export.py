@@ -65,3 +65,25 @@ def test_a_damaged_model_directory_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ExportError, match="checksums.json is missing"):
         load_model(tmp_path / "m")
+
+
+def test_out_holding_other_files_is_refused_not_replaced(tmp_path):
+    """export and pull write --out whole (replacing an earlier model directory there); a directory holding
+    anything else is refused before any work, and keeps its files."""
+    mine = tmp_path / "project"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "a.txt").write_text("keep me")
+    env = {**pretrain_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for args in (["export", str(tmp_path / "no-checkpoint")], ["export", "models:/x@y", "--format", "hf"],
+                 ["pull", "models:/x@y"]):
+        out = subprocess.run([sys.executable, "-m", "pretrain", *args, "--out", str(mine)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, (args, out.stderr)
+        assert f"--out {mine} holds a.txt, notes, not a model directory" in out.stderr, (args, out.stderr)
+        assert (mine / "a.txt").read_text() == "keep me" and (mine / "notes").is_dir()
+    earlier = tmp_path / "earlier"  # an earlier model directory: replaced (here the source is missing, so kept)
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "no-checkpoint"), "--out",
+                          str(earlier)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "neither a committed checkpoint" in out.stderr, out.stderr
