@@ -52,6 +52,15 @@ class Dataset:
         """(url, examples) of each shard of `split`, in manifest order."""
         return [(f"{self.root}/{s['name']}", s["examples"]) for s in self.manifest["splits"][split]["shards"]]
 
+    def missing(self) -> list[str]:
+        """The files the manifest names (tokenizer, shards) that a local dataset lacks ([] for a remote one:
+        listing a bucket costs more than a missing shard's error when it is read)."""
+        if "://" in self.root:
+            return []
+        names = [self.manifest["tokenizer"]["file"]] + [s["name"] for split in self.manifest["splits"].values()
+                                                        for s in split["shards"]]
+        return [n for n in names if not Path(self.root, n).is_file()]
+
     def tokenizer_file(self, cache_dir: str | Path) -> Path:
         """A local path to the dataset's tokenizer model (copied from a remote dataset into `cache_dir`)."""
         rel = self.manifest["tokenizer"]["file"]
@@ -79,6 +88,9 @@ def open_dataset(location: str) -> Dataset:
     try:
         with fsspec.open(f"{root}/{MANIFEST}", "rt", encoding="utf-8") as f:
             manifest = json.load(f)
+    except NotADirectoryError:
+        hint = f"; give the directory that holds it ({Path(root).parent})" if root.endswith(MANIFEST) else ""
+        raise DatasetError(f"data.dataset: '{location}' is a file, not a dataset directory{hint}") from None
     except FileNotFoundError:
         raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
                            "build one with `python -m data_prep run CONFIG`") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -170,18 +171,35 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
-        return _train(cfg, topo, tracker, on_checkpoint, checkpoint_url)
+        with contextlib.ExitStack() as cleanup:
+            return _train(cfg, topo, tracker, cleanup, on_checkpoint, checkpoint_url)
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
 
 
-def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
+def _stop_workers(loader) -> None:
+    """Stop the loader's worker processes now. They ignore SIGTERM (`_ignore_signals`), so the interpreter's exit,
+    which terminates and then joins them, would wait forever for a loader an error left running."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # torch's multi-process loader
+    if shutdown:
+        shutdown()
+    for w in getattr(loader, "_workers", []):
+        if w.is_alive():
+            w.kill()
+
+
+def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: contextlib.ExitStack,
            on_checkpoint: Callable[[Path, int], None] | None = None, checkpoint_url: str | None = None) -> dict:
     ckdir = Path(cfg.checkpoint.dir)
     b = batching(cfg, topo.world)
     precision = resolve_precision(cfg, topo.device)
     dataset = open_dataset(cfg.data.dataset)
+    missing = dataset.missing()
+    if missing:
+        raise SetupError(f"data.dataset '{dataset.root}' is damaged: {', '.join(missing[:3])}"
+                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; "
+                         f"check it with python -m data_prep verify {dataset.root}, and rebuild it with data_prep run")
     manifest = dataset.manifest
     model_cfg = cfg.model.build(manifest["tokenizer"]["vocab_size"])
     if model_cfg.max_position < manifest["examples"]["max_seq_length"]:
@@ -219,6 +237,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker,
     plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer)
     loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, micro_batches, workers,
                                pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))
+    cleanup.callback(_stop_workers, loader)
     evals = None
     do_eval = bool(cfg.data.eval_examples and manifest["splits"]["val"]["examples"])
     if cfg.data.eval_examples and not do_eval:

@@ -230,11 +230,31 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
     ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
     ("precision=fp16", 1, "precision=fp16 needs a GPU"),
     ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
+    ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
 ])
 def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, message):
     cfg = write_config(tmp_path, train_dataset, train__max_steps=1, data__eval_examples=0)
+    override, message = override.format(ds=train_dataset), message.format(ds=train_dataset)
     out = run_pretrain(cfg, override)
     assert out.returncode == code, out.stderr[-2000:]
     if message:
         assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_damaged_dataset_stops_the_run_with_advice(tmp_path, train_dataset):
+    """A shard the manifest names but the directory lacks: refused before training, naming the file. One that
+    cannot be read: the loader's error ends the run (its worker, which leaves stopping to the training process,
+    is stopped with it rather than waited for)."""
+    ds = tmp_path / "ds"
+    shutil.copytree(train_dataset, ds)
+    shard = json.loads((ds / "manifest.json").read_text())["splits"]["train"]["shards"][1]["name"]
+    (ds / shard).unlink()
+    cfg = write_config(tmp_path, ds, train__max_steps=2, data__eval_examples=0, data__num_workers=1)
+    out = run_pretrain(cfg)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"data.dataset '{ds}' is damaged: {shard} missing; check it with python -m data_prep verify {ds}" \
+        in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (ds / shard).write_bytes(b"not a tar file" * 100)
+    out = run_pretrain(cfg, timeout=120)  # (it used to hang here, in the interpreter's exit)
+    assert out.returncode != 0 and "ReadError" in out.stderr, out.stderr[-2000:]
