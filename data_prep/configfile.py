@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -137,6 +138,12 @@ def _explain(err: ValidationError, schema: type[BaseModel], sources: dict[str, s
             lines.append(
                 f"unknown key '{key}' (in {where}); {hint} Valid keys here: {', '.join(valid)}".replace(";  ", "; ")
             )
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across a section's keys
+            msg = e["msg"].removeprefix("Value error, ")
+            named = [k for k in dict.fromkeys(re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", msg))
+                     if k.split(".")[-1] in _valid_keys(schema, k.split(".")[:-1])]
+            set_by = "; ".join(f"{k}: {sources.get(k, 'default')}" for k in named)
+            lines.append(f"{msg} ({set_by or f'in {where}'})")
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"'{key}' (in {where}): {e['msg']}{got}")
@@ -156,7 +163,8 @@ def _valid_keys(schema: type[BaseModel], path: list[str]) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = field.annotation
+        # a section that may be left out (`X | None`): its model's keys
+        model = next((a for a in get_args(field.annotation) if hasattr(a, "model_fields")), field.annotation)
     return list(getattr(model, "model_fields", {}).keys())
 
 

@@ -41,6 +41,14 @@ class ModelSection(Section):
         over = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
         return preset(self.preset, vocab_size, **over)
 
+    @model_validator(mode="after")
+    def _shape(self):
+        _, hidden, heads = PRESETS[self.preset]
+        hidden, heads = self.hidden_size or hidden, self.num_heads or heads
+        if hidden % heads:
+            raise ValueError(f"model.hidden_size ({hidden}) is not a multiple of model.num_heads ({heads})")
+        return self
+
 
 class TrainConfig(Section):
     max_steps: int = Field(1000, ge=1, description="optimizer steps")

@@ -144,6 +144,14 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
         load_config(PretrainConfig, f, ["model.preset=huge"])
     with pytest.raises(ConfigError, match="offload_optimizer needs deepspeed.zero_stage >= 1"):
         load_config(PretrainConfig, f, ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"])
+    # a check across keys names each one and where its value came from
+    with pytest.raises(ConfigError, match=r"\n  train.global_batch_size \(20\) is not a multiple of "
+                                          r"train.micro_batch_size \(8\).*\(train.global_batch_size: command line; "
+                                          rf"train.micro_batch_size: {f}\)$"):
+        load_config(PretrainConfig, f, ["train.global_batch_size=20"])
+    with pytest.raises(ConfigError, match=r"model.hidden_size \(256\) is not a multiple of model.num_heads \(5\) "
+                                          r"\(model.hidden_size: default; model.num_heads: command line\)"):
+        load_config(PretrainConfig, f, ["model.preset=mini", "model.num_heads=5"])
     with pytest.raises(ConfigError, match=r"'data' \(in defaults\): Field required"):
         load_config(PretrainConfig, None, [])
     with pytest.raises(ConfigError, match="alias 'latest' is reserved by MLflow"):

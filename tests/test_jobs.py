@@ -38,6 +38,8 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
      "use_gpu is false"),
     ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "Kubernetes name"),
     ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "does not exist"),
+    ("kind: pipeline\nstages: {pretraining: {config: x.yaml}}\n",  # (a section that may be left out)
+     r"did you mean 'stages.pretrain'\? Valid keys here: data_prep, pretrain, registry, finetune"),
 ])
 def test_bad_job_specs(tmp_path, monkeypatch, body, message):
     monkeypatch.chdir(REPO)
