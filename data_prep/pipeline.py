@@ -239,14 +239,22 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) ->
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:
     sample_dir = work / "sample"
 
-    def save(unit: Unit, sentences: list[str]) -> None:
+    def save(unit: Unit, sample: dict) -> None:
         path = sample_dir / f"unit-{unit.index:06d}.txt"
+        if sample["empty"]:  # why its files gave no sentence (the error's words if none of the corpus's did)
+            write_json_atomic(path.with_suffix(".empty.json"), sample["empty"])
         tmp = path.with_name(path.name + ".partial")
-        tmp.write_text("".join(s.replace("\n", " ") + "\n" for s in sentences), encoding="utf-8")
+        tmp.write_text("".join(s.replace("\n", " ") + "\n" for s in sample["sentences"]), encoding="utf-8")
         os.replace(tmp, path)
 
     todo = [u for u in units if not (sample_dir / f"unit-{u.index:06d}.txt").is_file()]
     _run_units(sample_unit, todo, (cfg, total), cfg.ray, save, "sample")
+    if not any((sample_dir / f"unit-{u.index:06d}.txt").stat().st_size for u in units):
+        why = [w for f in sorted(sample_dir.glob("*.empty.json")) for w in json.loads(f.read_text())]
+        files = sum(len(u.sources) for u in units)
+        raise JobError(f"no text was read from the {files} input file(s):\n  " + "\n  ".join(why[:10])
+                       + (f"\n  ... and {len(why) - 10} more" if len(why) > 10 else "")
+                       + f"\nCheck the inputs' format and text_field (now '{cfg.text_field}').")
 
     def sentences() -> Iterator[str]:
         for u in units:

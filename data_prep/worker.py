@@ -74,13 +74,14 @@ def read_unit(unit: Unit, cfg: DataPrepConfig) -> tuple[Iterator[list[str]], lis
     return (doc for r in readers for doc in r), [r.report for r in readers]
 
 
-def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> list[str]:
-    """A reservoir sample of this unit's sentences, sized by its share of the corpus bytes (tokenizer training)."""
+def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> dict:
+    """A reservoir sample of this unit's sentences, sized by its share of the corpus bytes (tokenizer training):
+    {"sentences": [...], "empty": why each file that gave no sentence gave none}."""
     quota = max(1, math.ceil(cfg.tokenizer.sample_sentences * unit.bytes / max(1, total_bytes)))
     rng = doc_rng(cfg.seed, unit.index, -1, -1)
     reservoir: list[str] = []
     seen = 0
-    docs, _ = read_unit(unit, cfg)
+    docs, reports = read_unit(unit, cfg)
     for doc in docs:
         for sentence in doc:
             seen += 1
@@ -90,7 +91,18 @@ def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> list[str]:
                 j = int(rng.random() * seen)
                 if j < quota:
                     reservoir[j] = sentence
-    return reservoir
+    return {"sentences": reservoir, "empty": [why_empty(r) for r in reports if not r.sentences]}
+
+
+def why_empty(report: FileReport) -> str:
+    """`path: 542 lines missing_field (first at line 1: no 'text' (set text_field))`, or that it has no text."""
+    if not report.issues:
+        return f"{report.path}: no sentences (read.min_sentence_chars or shorter text?)"
+    issue, n = report.issues.most_common(1)[0]
+    first = next((s for s in report.samples if s["issue"] == issue), {})
+    at = f"line {first['line']}: " if first.get("line") else ""
+    return f"{report.path}: {n:,} x {issue}" + (f" (first at {at}{first['detail']})" if first.get("detail") or at
+                                                else "")
 
 
 class UnitStats:

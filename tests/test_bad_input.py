@@ -368,6 +368,26 @@ def test_corpus_too_small_for_vocab_fails_cleanly(tmp_path, ray_local, capsys):
     assert (out / "manifest.json").is_file()
 
 
+def test_a_corpus_with_no_readable_text_names_each_files_reason(tmp_path, ray_local, capsys):
+    """Nothing to train a tokenizer on: the error says, per file, why nothing was read (not sentencepiece's
+    internal complaint about an empty sample)."""
+    from data_prep.cli import main
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [[f"Sentence {i} is here.", "And one more."] for i in range(20)], field="content")
+    (corpus / "b.txt").write_bytes(bytes(range(256)) * 40)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", {"inputs": [str(corpus)], "output": str(out), "ray": {"num_cpus": 2}})
+    assert main(["run", str(cfg)]) != 0
+    err = capsys.readouterr().err
+    assert "no text was read from the 2 input file(s):" in err, err
+    assert f"{corpus / 'a.jsonl'}: 20 x missing_field (first at line 1: no 'text' (set text_field))" in err, err
+    assert f"{corpus / 'b.txt'}: 1 x binary_file" in err and "text_field (now 'text')" in err, err
+    assert "sentencepiece" not in err
+    assert_no_dataset(out)
+
+
 def test_job_counts_bad_input_per_file(tmp_path, small_corpus, ray_local):
     from data_prep.pipeline import run
 
