@@ -345,6 +345,11 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
     In that order, so a failure part way never leaves a version that points at missing files; rerunning
     reuses what was uploaded and the version already registered for it. Returns {name, version, source}.
     """
+    missing = [n for n in ("config.json", "training.json", "dataset.json") if not Path(model_dir, n).is_file()]
+    if missing:
+        raise RegistryError(f"{model_dir} is not a model directory ({', '.join(missing)} missing): give one that "
+                            "`pretrain export` or `pretrain finetune` (OUTPUT/model) wrote, or --checkpoint for a "
+                            "checkpoint")
     stage = ["starting"]
     try:
         return _register(Path(model_dir), name, alias, uri, pooling, stage)

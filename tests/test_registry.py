@@ -107,3 +107,13 @@ def test_training_registers_its_best_checkpoints(tmp_path, train_dataset):
     assert [v.tags["step"] for v in versions] == expected and expected[0] == "5"
     assert str(client.get_model_version_by_alias("best-bert", "best").version) == str(versions[-1].version)
     assert out.stdout.count("registered best-bert version") == len(expected)
+
+
+def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    out = _cli("register", "--model", str(tmp_path / "data"), "--name", "x", "--tracking-uri",
+               f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"{tmp_path / 'data'} is not a model directory (config.json, training.json, dataset.json missing)" \
+        in out.stderr and "MLflow" not in out.stderr, out.stderr
