@@ -44,29 +44,37 @@ def _records(path: str):
     name = path.lower()
     for ext in (".gz", ".bz2", ".xz", ".zst"):
         name = name.removesuffix(ext)
-    try:
-        f = fsspec.open(path, "rt", encoding="utf-8", compression="infer").open()
+    try:  # utf-8-sig: also a file saved with a byte-order mark (Excel's "CSV UTF-8")
+        f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
     except (OSError, ValueError) as e:
         raise TaskError(f"cannot open task file {path}: {e}") from None
-    with f:
-        if name.endswith((".jsonl", ".json", ".ndjson")):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise TaskError(f"{path}:{n}: not a JSON object ({e}); jsonl files hold one object per line") \
-                        from None
-                if not isinstance(rec, dict):
-                    raise TaskError(f"{path}:{n}: a {type(rec).__name__}, not a JSON object")
-                yield n, rec
-        elif name.endswith((".csv", ".tsv")):
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            for rec in reader:
-                yield reader.line_num, rec
-        else:
-            raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv (optionally .gz)")
+    n = 0
+    try:
+        with f:
+            if name.endswith((".jsonl", ".json", ".ndjson")):
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        raise TaskError(f"{path}:{n}: not a JSON object ({e}); jsonl files hold one object per "
+                                        "line") from None
+                    if not isinstance(rec, dict):
+                        raise TaskError(f"{path}:{n}: a {type(rec).__name__}, not a JSON object")
+                    yield n, rec
+            elif name.endswith((".csv", ".tsv")):
+                reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
+                for rec in reader:
+                    n = reader.line_num
+                    yield n, rec
+            else:
+                raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv "
+                                "(optionally .gz)")
+    except UnicodeDecodeError as e:
+        after = f", after line {n}" if n else ""  # (text is decoded a block at a time, ahead of the lines)
+        raise TaskError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}{after}); save the file as UTF-8") \
+            from None
 
 
 def read_rows(path: str, cfg: TaskConfig) -> Rows:

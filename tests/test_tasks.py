@@ -61,6 +61,16 @@ def test_bad_rows_name_the_file_and_line(tmp_path, content, message):
         read_rows(str(tmp_path / "x.jsonl"), TaskConfig(train="x"))
 
 
+def test_files_saved_by_spreadsheets(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (read as UTF-8); its other CSVs are not UTF-8 (named)."""
+    (tmp_path / "bom.csv").write_bytes("text,label\ncafé au lait,1\nthé,0\n".encode("utf-8-sig"))
+    got = read_rows(str(tmp_path / "bom.csv"), TaskConfig(train="x"))
+    assert got.texts == ["café au lait", "thé"] and got.labels == ["1", "0"]
+    (tmp_path / "latin1.csv").write_bytes("text,label\ntea,0\ncafé au lait,1\n".encode("cp1252"))
+    with pytest.raises(TaskError, match=r"latin1.csv: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        read_rows(str(tmp_path / "latin1.csv"), TaskConfig(train="x"))
+
+
 def test_unknown_extension_and_missing_file(tmp_path):
     (tmp_path / "x.txt").write_text("a\n")
     with pytest.raises(TaskError, match="unknown format"):
