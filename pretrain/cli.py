@@ -152,7 +152,7 @@ def _export(args) -> int:
 
     from data_prep.storage import is_remote
     from pretrain.config import MlflowConfig
-    from pretrain.export import URI_SCHEMES, ExportError, check_out, export, resolve_model
+    from pretrain.export import URI_SCHEMES, ExportError, check_out, export, publish, resolve_model
     from pretrain.tracking import tracking_uri
 
     source, out = args.source, Path(args.out)
@@ -176,8 +176,7 @@ def _export(args) -> int:
                 tmp = out.with_name(out.name + ".partial")
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(model_dir, tmp)
-                shutil.rmtree(out, ignore_errors=True)
-                tmp.rename(out)
+                publish(tmp, out)
     except (ExportError, ImportError, OSError, KeyError, ValueError) as e:  # a damaged source, an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +186,17 @@ def write_model_dir(out: Path, weights: dict[str, torch.Tensor], tokenizer: Path
     write_json_atomic(tmp / "training.json", training)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     write_json_atomic(tmp / CHECKSUMS, {str(p.relative_to(tmp)): sha256_file(p) for p in files})
+    return publish(tmp, out)
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Put the finished directory `tmp` in place of `out`, its files readable as the umask allows (safetensors
+    writes its files for the owner alone, which on shared storage hides the weights from everyone else)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -129,7 +129,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
         import transformers
     except ImportError:
         raise ImportError("--format hf needs transformers: pip install 'bertforge[hf]'") from None
-    from pretrain.export import CLASSIFIER_FORMAT, load_model
+    from pretrain.export import CLASSIFIER_FORMAT, load_model, publish
 
     d = Path(model_dir)
     model, config = load_model(d)
@@ -163,7 +163,4 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     shutil.copyfile(d / "tokenizer" / "spm.model", tmp / "spm.model")
     for name in ("dataset.json", "training.json"):  # provenance travels with the weights
         shutil.copyfile(d / name, tmp / f"bertforge_{name}")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)

@@ -424,7 +424,7 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
 
     import mlflow
 
-    from pretrain.export import verify
+    from pretrain.export import publish, verify
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
@@ -443,10 +443,7 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     if problems:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RegistryError(f"{model_uri} failed verification ({'; '.join(problems[:3])}); pull it again")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return publish(tmp, out)
 
 
 def resolve_model_uri(model_uri: str, uri: str) -> dict:
@@ -522,9 +519,10 @@ def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: s
     if found:
         return {**found, "checkpoint": where}
     with checkpoint_at(where) as (step_dir, where):
-        scratch = step_dir.parent / f".export-{step_dir.name}"
+        scratch = step_dir.parent / f".export-{step_dir.name}"  # its model/ becomes the version's artifacts/model
         try:
-            return {**register(export_step(step_dir, where, scratch), name, alias, uri, pooling), "checkpoint": where}
+            return {**register(export_step(step_dir, where, scratch / "model"), name, alias, uri, pooling),
+                    "checkpoint": where}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

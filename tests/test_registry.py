@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,6 +59,10 @@ def test_register_pull_and_predict(trained):
         pulled = _cli("pull", model_uri, "--out", str(out), "--tracking-uri", uri, cwd=tmp)
         assert pulled.returncode == 0, pulled.stderr[-2000:]
         assert (out / "MLmodel").is_file() and (model_files(out) / "model.safetensors").is_file()
+        assert model_files(out) == out / "artifacts" / "model"  # a visible name, not the export's scratch
+        umask = os.umask(0)
+        os.umask(umask)  # the weights are as readable as any file the user writes (safetensors writes them 0600)
+        assert (model_files(out) / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
