@@ -9,6 +9,7 @@ transformers counterpart.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -160,6 +161,10 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(tmp)
     fast_tokenizer(d / "tokenizer" / "spm.model", config["max_seq_length"]).save_pretrained(tmp)
+    # The class's name in transformers 4 and 5 alike (5 writes its new name, TokenizersBackend, which 4 lacks)
+    tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+    (tmp / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "tokenizer_class": "PreTrainedTokenizerFast"},
+                                                          indent=2))
     shutil.copyfile(d / "tokenizer" / "spm.model", tmp / "spm.model")
     for name in ("dataset.json", "training.json"):  # provenance travels with the weights
         shutil.copyfile(d / name, tmp / f"bertforge_{name}")

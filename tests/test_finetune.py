@@ -180,6 +180,9 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "spm.model"))
     ids, types, mask = encode(sp, texts, 64, pairs)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    # named as transformers 4 knows it too (checked by hand: 4.57 loads it and gives these ids)
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     enc = tok(texts, pairs, padding=True, return_tensors="pt")
     assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
     assert torch.equal(enc["attention_mask"], mask)
