@@ -32,16 +32,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="build a dataset from a config", description=RUN_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a different dataset already in the output directory (also accepted after CONFIG)")
     run.add_argument("config", help="YAML config file (e.g. configs/data_prep/quickstart.yaml)")
-    run.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides")
+    run.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides (optional)")
     ins = sub.add_parser("inspect", help="print a dataset's summary and decoded examples")
     ins.add_argument("dataset", help="dataset directory (holding manifest.json)")
     ins.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
-    ins.add_argument("--split", default="train", choices=["train", "val"])
+    ins.add_argument("--split", default="train", choices=["train", "val"], help="which split's examples to show "
+                                                                             "(default train)")
     ins.add_argument("--json", action="store_true",
                      help="one JSON object per example with Google BERT's feature names")
-    ver = sub.add_parser("verify", help="re-hash every shard against the manifest")
-    ver.add_argument("dataset")
+    ver = sub.add_parser("verify", help="re-hash every shard against the manifest",
+                         description="Check that every file the manifest names is there with its size and sha256 "
+                                     "(shards, tokenizer); exits 1 naming each one that is missing or differs.")
+    ver.add_argument("dataset", help="dataset directory (holding manifest.json)")
     demo = sub.add_parser("demo-corpus", help="write a small corpus made from Python's own documentation")
     demo.add_argument("out", help="directory to write it to")
     demo.add_argument("--mb", type=float, default=4.0, help="approximate size of the docstring part (MB)")
@@ -74,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     from data_prep.configfile import load_config
 
     overrides = list(args.overrides)
-    overwrite = "--overwrite" in overrides
+    overwrite = args.overwrite or "--overwrite" in overrides
     overrides = [o for o in overrides if o != "--overwrite"]
     cfg = load_config(DataPrepConfig, args.config, overrides)  # everything is checked before any work
     from data_prep.dataset import DatasetError

@@ -168,3 +168,12 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
     cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])
     built = cfg.model.build(vocab_size=100)
     assert (built.num_layers, built.hidden_size, built.vocab_size) == (3, 128, 128)
+
+
+def test_data_prep_run_takes_overwrite_before_or_after_the_config():
+    from data_prep.cli import _parser
+
+    before = _parser().parse_args(["run", "--overwrite", "c.yaml", "output=x"])
+    assert before.overwrite and before.config == "c.yaml" and before.overrides == ["output=x"]
+    after = _parser().parse_args(["run", "c.yaml", "output=x", "--overwrite"])
+    assert not after.overwrite and after.overrides == ["output=x", "--overwrite"]  # (_run reads it from there)
