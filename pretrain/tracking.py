@@ -49,11 +49,26 @@ def experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp:
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-        location = (db.resolve().parent / "mlruns" / name.replace("/", "_")).as_uri()
+    db = _sqlite_file(uri)
+    location = (db.resolve().parent / "mlruns" / name.replace("/", "_")).as_uri() if db else None
     return client.create_experiment(name, artifact_location=location)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store (None for other stores)."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
+
+
+def check_source(uri: str, model_uri: str | None = None) -> None:
+    """Before reading from the store: a local one must exist (MLflow would create an empty one and then report
+    the model missing), and a `models:/` URI must name a version."""
+    db = _sqlite_file(uri)
+    if db and not db.is_file():
+        raise RegistryError(f"there is no MLflow store at {db}: run from the directory that holds your mlflow.db, "
+                            "or set MLFLOW_TRACKING_URI (or --tracking-uri) to your store")
+    body = (model_uri or "").removeprefix("models:/")
+    if model_uri and model_uri.startswith("models:/") and "@" not in body and "/" not in body.strip("/"):
+        raise RegistryError(f"{model_uri} names no version: use models:/{body}@ALIAS or models:/{body}/VERSION")
 
 
 def git_commit() -> str | None:
@@ -426,6 +441,7 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
 
     from pretrain.export import publish, verify
 
+    check_source(uri, model_uri)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -453,6 +469,7 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
     """
     from mlflow.tracking import MlflowClient
 
+    check_source(uri, model_uri)
     info = {"uri": model_uri, "pinned": model_uri, "name": None, "version": None, "run_id": None}
     if model_uri.startswith("runs:/"):
         info["run_id"] = model_uri.removeprefix("runs:/").split("/")[0]
@@ -499,6 +516,7 @@ def run_checkpoint_dir(run_id: str, uri: str) -> str:
     """The checkpoint.dir a `pretrain train` run recorded among its params."""
     from mlflow.tracking import MlflowClient
 
+    check_source(uri)
     try:
         return MlflowClient(uri).get_run(run_id).data.params["checkpoint.dir"]
     except Exception as e:  # noqa: BLE001 (unknown run, a run of something else, a store that is down)

@@ -122,3 +122,16 @@ def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
     assert out.returncode == 1
     assert f"{tmp_path / 'data'} is not a model directory (config.json, training.json, dataset.json missing)" \
         in out.stderr and "MLflow" not in out.stderr, out.stderr
+
+
+def test_reading_a_store_that_is_not_there_creates_none(tmp_path):
+    """Run from the wrong directory, a read names the missing store rather than creating an empty one and
+    reporting the model missing; a models:/ URI without a version says how to name one."""
+    env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _cli("pull", "models:/tiny-bert@champion", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
+    assert out.returncode == 1 and f"there is no MLflow store at {tmp_path / 'mlflow.db'}" in out.stderr, out.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "mlflow.db").touch()
+    out = _cli("pull", "models:/tiny-bert", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
+    assert out.returncode == 1 and "models:/tiny-bert names no version: use models:/tiny-bert@ALIAS or " \
+        "models:/tiny-bert/VERSION" in out.stderr, out.stderr
