@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -38,6 +40,19 @@ class JobError(Exception):
     """A task failed for good (after its retries); the message names the unit and its files."""
 
 
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nothing listens on: Ray would retry it for many minutes, printing as it goes."""
+    m = re.fullmatch(r"(?:ray://)?([\w.\-]+):(\d+)", address)
+    if not m:
+        return  # "auto" and the like: Ray's own lookup
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach ray.address '{address}' ({e.strerror or e}): is a Ray head running there "
+                          "(ray start --head), and is this its GCS port (6379 by default; ray:// takes the client "
+                          "port, 10001)?") from None
+
+
 @contextmanager
 def ray_session(rc: RayConfig) -> Iterator[None]:
     """Join the Ray at `rc.address`, or start a local one for this job (reused if the caller already has one)."""
@@ -51,6 +66,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
         if rc.address:
+            _check_reachable(rc.address)
             ray.init(address=rc.address, **kwargs)
         else:
             ray.init(address="local", num_cpus=rc.num_cpus, **kwargs)  # never a cluster that happens to be running

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Iterator
 
 import fsspec
@@ -80,6 +81,11 @@ def detect_format(name: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _relative_to(spec: str) -> str:
+    """For a relative local path: where it was looked for (a config run from another directory)."""
+    return "" if "://" in spec or Path(spec).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
 def _supported_list() -> str:
     return f"{'/'.join(FORMATS)}, optionally with {'/'.join(COMPRESSIONS)}"
 
@@ -110,9 +116,9 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         elif fs.exists(path):
             matches, explicit = [path], True
         else:
-            raise ConfigError(f"{key} '{spec}': no such file or directory")
+            raise ConfigError(f"{key} '{spec}': no such file or directory{_relative_to(spec)}")
         if not matches:
-            raise ConfigError(f"{key} '{spec}' matched no files")
+            raise ConfigError(f"{key} '{spec}' matched no files{_relative_to(spec)}")
         for p in matches:
             kind = detect_format(p)
             if kind is None:

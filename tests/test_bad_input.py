@@ -13,6 +13,7 @@ import json
 import lzma
 import random
 import re
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -78,9 +79,25 @@ def test_inputs_matching_nothing_exit_2(tmp_path, pattern, words):
     assert not out.exists()
 
 
-def test_second_input_matching_nothing_is_named(tmp_path, small_corpus):
-    with pytest.raises(ConfigError, match=r"inputs\[1\] '.*\*\.jsonl' matched no files"):
+def test_second_input_matching_nothing_is_named(tmp_path, small_corpus, monkeypatch):
+    with pytest.raises(ConfigError, match=r"inputs\[1\] '.*\*\.jsonl' matched no files$"):
         expand_inputs([str(small_corpus), str(tmp_path / "none" / "*.jsonl")])
+    monkeypatch.chdir(tmp_path)  # a relative path: where it was looked for
+    with pytest.raises(ConfigError, match=rf"inputs\[0\] 'corpus/demo': no such file or directory \(relative to the "
+                                          rf"working directory {tmp_path}\)"):
+        expand_inputs(["corpus/demo"])
+
+
+def test_an_unreachable_ray_address_fails_fast():
+    from conftest import free_port
+    from data_prep.config import RayConfig
+    from data_prep.pipeline import ray_session
+
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cannot reach ray.address '127.0.0.1:\d+' .*ray start --head"):
+        with ray_session(RayConfig(address=f"127.0.0.1:{free_port()}")):
+            pass
+    assert time.monotonic() - t < 10  # (Ray itself retries for minutes)
 
 
 # 2, 3. empty and binary files ------------------------------------------------------------------------------
