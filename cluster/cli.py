@@ -264,7 +264,13 @@ def _render(args) -> int:
     if args.out:
         from pathlib import Path
 
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        if out.is_dir():
+            print(f"error: --out {out} is a directory; name the file to write (e.g. {out / 'job.yaml'})",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

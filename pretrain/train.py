@@ -168,6 +168,8 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     if "://" in cfg.checkpoint.dir and not cfg.checkpoint.dir.startswith("file://"):
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir}: checkpoints in an object store are kept by cluster "
                          "jobs (python -m cluster submit, storage: s3://...); here, give a directory")
+    if Path(cfg.checkpoint.dir).exists() and not Path(cfg.checkpoint.dir).is_dir():
+        raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} is a file; give a directory (new, or of this run)")
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:

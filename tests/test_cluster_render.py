@@ -121,6 +121,13 @@ def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
 
 def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
     text = _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5")
+    assert "wrote" in _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5", "--out",
+                              str(tmp_path / "new" / "job.sbatch"))  # its folder made
+    assert (tmp_path / "new" / "job.sbatch").read_text() == text
+    to_dir = subprocess.run([sys.executable, "-m", "cluster", "render", f"{JOBS}/pretrain_bert_base_8gpu.yaml",
+                             "--target", "slurm", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert to_dir.returncode == 2 and f"--out {tmp_path} is a directory" in to_dir.stderr, to_dir.stderr
     (tmp_path / "job.sbatch").write_text(text)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], capture_output=True).returncode == 0
     directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()

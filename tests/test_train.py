@@ -230,6 +230,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
     ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
     ("precision=fp16", 1, "precision=fp16 needs a GPU"),
     ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
+    ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
     ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
 ])
 def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, message):
