@@ -58,17 +58,24 @@ def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
     if root.exists() and not root.is_dir():
         raise DatasetError(f"output '{root}' is a file; give a directory (new or empty) for the dataset")
     work_cfg = root / WORK / "config.json"
-    if (root / MANIFEST).is_file():
-        if read_manifest(root).get("recipe_hash") == recipe and not overwrite:
+    if (root / MANIFEST).is_file() and not overwrite:
+        try:
+            manifest = read_manifest(root)
+        except DatasetError as e:
+            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
+        if manifest.get("recipe_hash") == recipe:
             shutil.rmtree(root / WORK, ignore_errors=True)  # left over if a finished run was killed while tidying
             return "complete"
-        if not overwrite:
-            raise DatasetError(
-                f"'{root}' already holds a different dataset (its config or its input files differ from this "
-                "run's). Choose another output, or pass --overwrite to replace it."
-            )
+        raise DatasetError(
+            f"'{root}' already holds a different dataset (its config or its input files differ from this "
+            "run's). Choose another output, or pass --overwrite to replace it."
+        )
     elif work_cfg.is_file():
-        if json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe and not overwrite:
+        try:
+            same = json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe
+        except (ValueError, AttributeError):  # damaged: as good as another run's
+            same = False
+        if same and not overwrite:
             return "resume"
         if not overwrite and any((root / WORK / "units").glob("*.json")):
             raise DatasetError(

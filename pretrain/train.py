@@ -134,14 +134,19 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
              tracker: Tracker, device: torch.device) -> dict | None:
     """Load the newest loadable checkpoint and return its client state; None for a fresh start."""
     for path in candidates:
-        client = checkpoint.read_client(path)
-        _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
+        ok = torch.zeros(1)
         try:
-            checkpoint.load(engine, path)
-            ok = torch.ones(1)
-        except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
-            tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
-            ok = torch.zeros(1)
+            client = checkpoint.read_client(path)
+        except (OSError, ValueError) as e:  # damaged, though of the size its commit record says
+            tracker.warn(f"checkpoint {path}: {checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e}); trying "
+                         "an older one")
+        else:
+            _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
+            try:
+                checkpoint.load(engine, path)
+                ok = torch.ones(1)
+            except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
+                tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
         if _all_reduce(ok, device, dist.ReduceOp.MIN).item():  # every rank loaded it, or all try the next
             tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
             apply_hyperparameters(engine, cfg)

@@ -49,6 +49,22 @@ def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):
     assert not (root / "train").exists() and not (root / ".work").exists()
 
 
+def test_damaged_state_in_the_output_is_replaced_with_overwrite(small_corpus, tmp_path):
+    cfg = small_config(small_corpus, tmp_path / "ds")
+    root = tmp_path / "ds"
+    recipe = recipe_hash(cfg, expand_inputs(cfg.inputs), None)
+    (root / ".work/units").mkdir(parents=True)
+    (root / ".work/config.json").write_text("garbage{")
+    (root / ".work/units/unit-000000.json").write_text("{}")
+    with pytest.raises(DatasetError, match="Pass --overwrite to discard it"):
+        prepare_output(root, recipe, overwrite=False)
+    assert prepare_output(root, recipe, overwrite=True) == "fresh" and not (root / ".work").exists()
+    (root / "manifest.json").write_text("")
+    with pytest.raises(DatasetError, match=r"manifest.json' is not valid JSON .*; pass --overwrite to replace"):
+        prepare_output(root, recipe, overwrite=False)
+    assert prepare_output(root, recipe, overwrite=True) == "fresh" and not (root / "manifest.json").exists()
+
+
 def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):
     out = tmp_path / "taken"
     out.write_text("x")

@@ -164,6 +164,14 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path)
     assert "step-00000080 is incomplete or damaged" in out.stderr and "has 100 bytes" in out.stderr
     assert "resuming from" in out.stdout and "step-00000060 (step 60" in out.stdout
     assert not (tmp / "ck" / "step-00000100.partial").exists(), "unfinished saves are cleared"
+    # damaged in place, at the size its commit record names: found out when read
+    conf = copy_run(cfg, tmp_path / "copy2")
+    client = conf.parent / "ck" / "step-00000080" / "client.json"
+    client.write_bytes(b"x" * client.stat().st_size)
+    out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step-00000080: client.json cannot be read (JSONDecodeError" in out.stderr, out.stderr[-3000:]
+    assert "step-00000060 (step 60" in out.stdout
 
 
 def test_a_different_world_size_or_no_complete_checkpoint_is_refused(trained, tmp_path):
