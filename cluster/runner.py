@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from cluster.head import free_port
 from data_prep import storage
+from data_prep.ray_auth import quiet_local_token_notice
 
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
@@ -45,6 +46,7 @@ def connect(local: bool = False, num_cpus: int | None = None) -> bool:
     else:  # embedded: a fresh local Ray for this job, never a cluster that happens to be running. With the
         # dashboard (loopback): Ray Train's placement-group cleaner asks its State API whether the run is alive.
         port = free_port()
+        quiet_local_token_notice()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env={"env_vars": job_env(os.environ, dashboard_port=port)}, **kwargs)
     return True

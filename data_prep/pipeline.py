@@ -27,7 +27,7 @@ from data_prep.dataset import (
     MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
     prepare_output, read_manifest, recipe_hash,
 )
-from data_prep.ray_auth import use_cluster_token
+from data_prep.ray_auth import quiet_local_token_notice, use_cluster_token
 from data_prep.sources import expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import sha256_file, train
@@ -69,6 +69,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
             _check_reachable(rc.address)
             ray.init(address=rc.address, **kwargs)
         else:
+            quiet_local_token_notice()
             ray.init(address="local", num_cpus=rc.num_cpus, **kwargs)  # never a cluster that happens to be running
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address='{rc.address}'" if rc.address else "a local Ray"

@@ -9,6 +9,7 @@ and sent when the server is back; the console says when it is unreachable and wh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.config import MlflowConfig
+
+# MLflow says at INFO that it creates a local store's tables, also when they exist: noise in every command's output
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 # MLflow's own HTTP retries back off for minutes; ours (below) keep the buffer and try again.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
