@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the job spec's own keys")
     for name, text in (("status", "a job's state"), ("logs", "a job's output"), ("stop", "stop a job")):
         c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("id", help="the job id `submit` printed (see `list`)")
+        c.add_argument("id", help="the job id `submit` printed (see `list`), or a job name: its newest submission")
         address(c)
         if name == "logs":
             c.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
@@ -197,12 +197,16 @@ def _client(args):
 
 def _status(args) -> int:
     jobs, c = _client(args)
-    print(jobs.describe(jobs.info(c, args.id)))
+    job = jobs.info(c, jobs.resolve(c, args.id))
+    print(jobs.describe(job))
+    if job.status.value == "FAILED" and (why := jobs.last_error(c, job.submission_id)):
+        print(f"  {why}\n  (the whole log: python -m cluster logs {job.submission_id})")
     return EXIT_OK
 
 
 def _logs(args) -> int:
     jobs, c = _client(args)
+    args.id = jobs.resolve(c, args.id)
     if args.follow:
         jobs.follow(c, args.id, sys.stdout)
     else:
@@ -213,6 +217,7 @@ def _logs(args) -> int:
 
 def _stop(args) -> int:
     jobs, c = _client(args)
+    args.id = jobs.resolve(c, args.id)
     print(f"job {args.id}: {jobs.stop(c, args.id)}")
     return EXIT_OK
 

@@ -126,6 +126,24 @@ def info(client, job_id: str):
     return _call(f"reading job '{job_id}'", client.get_job_info, job_id)
 
 
+def resolve(client, ident: str) -> str:
+    """The submission id `ident` names: itself, or, for a job name, its newest submission's."""
+    try:
+        return info(client, ident).submission_id
+    except ClientError:
+        mine = sorted(jobs_named(client, ident), key=lambda j: j.start_time or 0)
+        if not mine:
+            raise
+        return mine[-1].submission_id
+
+
+def last_error(client, job_id: str) -> str | None:
+    """The line of a failed job's log that says why: its last `error:` line, else its last line."""
+    lines = [ln.strip() for ln in _call(f"reading the logs of '{job_id}'", client.get_job_logs, job_id).splitlines()]
+    lines = [ln for ln in lines if ln]
+    return next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else None)
+
+
 def describe(job) -> str:
     took = ""
     if job.start_time:

@@ -143,6 +143,8 @@ def test_a_data_prep_job_runs_through_the_jobs_api(dataset, s3):
     assert shown.stdout.count("\n[") == 2, shown.stdout + shown.stderr
     status = cluster("status", "prep-1", cwd=root)  # the address comes from `up`'s record in this directory
     assert status.returncode == 0 and "prep-1  SUCCEEDED" in status.stdout
+    by_name = cluster("status", "prep", cwd=root)  # a job's name: its newest submission
+    assert by_name.returncode == 0 and "prep-1  SUCCEEDED" in by_name.stdout, by_name.stderr
     logs = cluster("logs", "prep-1", cwd=root)
     assert logs.returncode == 0 and "== job summary: prep ==" in logs.stdout
 
@@ -240,6 +242,15 @@ def test_one_copy_per_name_stop_and_list(dataset):
     assert stopped.returncode == 0 and "long-1: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     again = cluster("stop", "long-1", cwd=root)
     assert again.returncode == 1 and "already ended (STOPPED)" in again.stderr and "Traceback" not in again.stderr
+    # a job that fails: its status says why, in the job's own words
+    (root / "dp-bad.yaml").write_text(yaml.safe_dump({**yaml.safe_load((root / "dp.yaml").read_text()),
+                                                   "inputs": ["no-such-corpus/*.txt"], "output": "bad"}))
+    bad = cluster("submit", str(_job(root, "bad", {"kind": "data_prep", "config": "dp-bad.yaml"})), "--address",
+                  state["address"], "--wait", cwd=root)
+    assert bad.returncode != 0 and "submitted job bad-1" in bad.stdout, bad.stdout[-2000:] + bad.stderr[-2000:]
+    failed = cluster("status", "bad", cwd=root)
+    assert "bad-1  FAILED" in failed.stdout and "error: inputs[0]" in failed.stdout, failed.stdout
+    assert "matched no files" in failed.stdout and "python -m cluster logs bad-1" in failed.stdout
     unknown = cluster("logs", "no-such-job", cwd=root)
     assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr and "Traceback" not in unknown.stderr
     # a stopped job's name is free again: the next submission is a new job
