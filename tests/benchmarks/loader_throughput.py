@@ -8,7 +8,8 @@ masked positions) exactly as training does, without a model, and reports sequenc
 count. A training loop waits for data only when the loader is slower than the model, so with W workers
 the loader keeps data-wait near zero while W x (sequences/s of one worker) stays above the model's rate;
 the last line says how many workers --target needs, from the best per-worker rate measured. A dataset:
-`python -m data_prep demo-corpus corpus/demo && python -m data_prep run configs/data_prep/quickstart.yaml`.
+`python -m data_prep demo-corpus corpus/demo && python -m data_prep run configs/data_prep/quickstart.yaml
+examples.max_seq_length=128` (the sequence length of the recorded figures).
 """
 
 from __future__ import annotations

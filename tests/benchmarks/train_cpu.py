@@ -11,7 +11,7 @@ tracking: training with MLflow off, with a local sqlite store, with a server tha
           tracking server that is down or slow costs the training loop.
 
 Each variant is a real run of the BERT-mini preset at sequence length 128 on the dataset built by
-`configs/data_prep/quickstart.yaml`; throughput is the median `seq_per_s` over the steps after the
+`configs/data_prep/quickstart.yaml examples.max_seq_length=128`; throughput is the median `seq_per_s` over the steps after the
 first 5 (from metrics.jsonl), so process start and DeepSpeed setup are not counted. Variants alternate
 round by round (the VM's speed drifts) and each keeps its best round.
 """
