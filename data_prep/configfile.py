@@ -142,8 +142,11 @@ def _explain(err: ValidationError, schema: type[BaseModel], sources: dict[str, s
             msg = e["msg"].removeprefix("Value error, ")
             named = [k for k in dict.fromkeys(re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+\b", msg))
                      if k.split(".")[-1] in _valid_keys(schema, k.split(".")[:-1])]
-            set_by = "; ".join(f"{k}: {sources.get(k, 'default')}" for k in named)
-            lines.append(f"{msg} ({set_by or f'in {where}'})")
+            if named:
+                set_by = "; ".join(f"{k}: {sources.get(k, 'default')}" for k in named)
+                lines.append(f"{msg} ({set_by})")
+            else:
+                lines.append(f"'{key}' (in {where}): {e['msg']}")
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"'{key}' (in {where}): {e['msg']}{got}")

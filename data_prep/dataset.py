@@ -61,6 +61,8 @@ def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
     if (root / MANIFEST).is_file() and not overwrite:
         try:
             manifest = read_manifest(root)
+            if not isinstance(manifest, dict):
+                raise DatasetError(f"'{root / MANIFEST}' is not a manifest (a JSON {type(manifest).__name__})")
         except DatasetError as e:
             raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
         if manifest.get("recipe_hash") == recipe:

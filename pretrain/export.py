@@ -47,7 +47,8 @@ def check_out(out: str | Path) -> None:
         return
     if not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a directory to write")
-    if any((out / name).is_file() for name in (CONFIG_FILE, "MLmodel")):
+    ours = ((CONFIG_FILE, CHECKSUMS), (CONFIG_FILE, "bertforge_training.json"), ("MLmodel",))  # export, hf, pull
+    if any(all((out / name).is_file() for name in names) for names in ours):
         return
     held = sorted(p.name for p in out.iterdir())
     if held:
@@ -83,9 +84,18 @@ def checkpoint_record(source: str | Path) -> tuple[str, dict]:
     give, read without downloading it."""
     if not storage.is_remote(source):
         step_dir = find_checkpoint(source)
-        return str(step_dir), checkpoint.read_client(step_dir)
-    url = _uploaded_step(source)
-    return url, json.loads(storage.read_text(storage.join(url, checkpoint.CLIENT)))
+        why = checkpoint.problems(step_dir)
+        if why:
+            raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
+        where, read = str(step_dir), lambda: checkpoint.read_client(step_dir)
+    else:
+        where = _uploaded_step(source)
+        read = lambda: json.loads(storage.read_text(storage.join(where, checkpoint.CLIENT)))  # noqa: E731
+    try:
+        return where, read()
+    except (OSError, ValueError) as e:
+        raise ExportError(f"checkpoint {where}: {checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})") \
+            from None
 
 
 @contextlib.contextmanager
@@ -98,7 +108,7 @@ def checkpoint_at(source: str | Path) -> Iterator[tuple[Path, str]]:
         yield step_dir, str(step_dir)
         return
     url = _uploaded_step(source)
-    local = storage.staging_dir(url, "checkpoint")
+    local = storage.staging_dir(url, f"checkpoint-{os.getpid()}")  # (another process may export it too)
     try:
         yield checkpoint.fetch(url, local), url
     finally:
@@ -248,7 +258,10 @@ def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
 
     if not source.startswith(URI_SCHEMES):
         if storage.is_remote(source):  # a checkpoint a cluster job uploaded
-            d, where = export(source, scratch), source
+            try:
+                d, where = export(source, scratch), source
+            except (OSError, ValueError, KeyError) as e:
+                raise ExportError(f"cannot read the checkpoint at {source}: {type(e).__name__}: {e}") from None
         else:
             path = Path(source.removeprefix("file://"))
             if not path.exists():

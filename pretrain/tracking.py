@@ -395,7 +395,7 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
         run = client.create_run(exp_id, run_name=f"register-{name}", tags={"dataset_id": dataset["dataset_id"]})
         run_id = run.info.run_id
         client.set_terminated(run_id)
-    path = f"{REGISTERED_DIR}/step-{training['step']:08d}"
+    path = registered_path(training["step"], pooling, json.loads((model_dir / "config.json").read_text()))
 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
     with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
@@ -549,6 +549,13 @@ def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: s
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def registered_path(step: int, pooling: str, config: dict | None = None) -> str:
+    """Where in its run a version's files go: one place per checkpoint step and, for an encoder, per pooling
+    (uploading a second pooling over the first would change a version already registered)."""
+    classifier = (config or {}).get("format", {}).get("name") == "bertforge-classifier"
+    return f"{REGISTERED_DIR}/step-{step:08d}" + ("" if classifier or pooling == "cls" else f"-{pooling}")
+
+
 def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: str) -> dict | None:
     """`register`'s answer for the version of `name` registered from the checkpoint whose client record this is,
     its alias moved; None when there is none (or the store does not answer: `register` then says why)."""
@@ -559,7 +566,7 @@ def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: s
         return None
     try:
         client = MlflowClient(uri, registry_uri=uri)
-        source = f"{client.get_run(run_id).info.artifact_uri}/{REGISTERED_DIR}/step-{record['step']:08d}"
+        source = f"{client.get_run(run_id).info.artifact_uri}/{registered_path(record['step'], pooling)}"
         versions = [v for v in client.search_model_versions(f"name='{name}'")
                     if v.source == source and v.tags.get("pooling") == pooling]
         if not versions:

@@ -185,6 +185,11 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
         raise
 
 
+def _shown(path: Path, checkpoint_url: str | None) -> str:
+    """A committed checkpoint as the run names it: its uploaded copy's URL where there is one."""
+    return storage.join(checkpoint_url, path.name) if checkpoint_url else str(path)
+
+
 def _stop_workers(loader) -> None:
     """Stop the loader's worker processes now. They ignore SIGTERM (`_ignore_signals`), so the interpreter's exit,
     which terminates and then joins them, would wait forever for a loader an error left running."""
@@ -364,8 +369,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
             if on_checkpoint:
                 on_checkpoint(path, step)
-            if checkpoint_url:
-                path = storage.join(checkpoint_url, path.name)
+            path = _shown(path, checkpoint_url)
             tracker.print(f"checkpoint {path}")
             reg = cfg.registry
             if reg.name and not preempted and ((reg.when == "end" and end) or reg.when == "every_checkpoint"
@@ -383,7 +387,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         tracker.save_weights(engine_weights(engine), "engine-weights.safetensors")
     took = time.perf_counter() - started
     summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
-               "checkpoint": str(checkpoint.committed(ckdir)[0]) if checkpoint.committed(ckdir) else None, **last}
+               "checkpoint": _shown(checkpoint.committed(ckdir)[0], checkpoint_url) if checkpoint.committed(ckdir)
+               else None, **last}
     tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker))
     tracker.close("FINISHED")
     stop.restore()

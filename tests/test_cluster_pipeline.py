@@ -89,6 +89,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     assert pretrain_run.data.params["checkpoint.dir"] == f"s3://{BUCKET}/pipeline/checkpoints"
     live = client.get_model_version("small-bert-live", "1")  # registered by training itself
     assert f"checkpoint s3://{BUCKET}/pipeline/checkpoints/step-00000010\n" in out.stdout  # as training names it
+    assert f"checkpoint   s3://{BUCKET}/pipeline/checkpoints/step-00000010\n" in out.stdout  # (its summary)
     assert live.run_id == version.run_id and live.tags["step"] == "10"
     finetunes = client.search_runs([client.get_experiment_by_name("bert-finetuning").experiment_id])
     assert [r.data.tags["source_model_name"] for r in finetunes] == ["small-bert"]

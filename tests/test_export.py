@@ -81,9 +81,14 @@ def test_out_holding_other_files_is_refused_not_replaced(tmp_path):
         assert out.returncode == 1, (args, out.stderr)
         assert f"--out {mine} holds a.txt, notes, not a model directory" in out.stderr, (args, out.stderr)
         assert (mine / "a.txt").read_text() == "keep me" and (mine / "notes").is_dir()
+    (mine / "config.json").write_text("{}")  # a common name: not enough to be taken for a model directory
+    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "no-checkpoint"), "--out",
+                          str(mine)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "not a model directory" in out.stderr and (mine / "a.txt").is_file()
     earlier = tmp_path / "earlier"  # an earlier model directory: replaced (here the source is missing, so kept)
     earlier.mkdir()
     (earlier / "config.json").write_text("{}")
+    (earlier / "checksums.json").write_text("{}")
     out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "no-checkpoint"), "--out",
                           str(earlier)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "neither a committed checkpoint" in out.stderr, out.stderr

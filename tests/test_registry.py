@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,19 @@ def test_register_pull_and_predict(trained):
                  "--tracking-uri", uri, cwd=tmp)
     assert again.returncode == 0 and "version 1" in again.stdout, again.stderr[-2000:]
     assert len(client.search_model_versions("name='tiny-bert'")) == 1, "a rerun registers nothing new"
+    # the same checkpoint with the other pooling: a version of its own, which leaves version 1's files as they are
+    mean = _cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean", "--tracking-uri", uri,
+                cwd=tmp)
+    assert mean.returncode == 0 and "version 2" in mean.stdout, mean.stderr[-2000:]
+    versions = {str(v.version): v for v in client.search_model_versions("name='tiny-bert'")}
+    assert versions["1"].tags["pooling"] == "cls" and versions["2"].tags["pooling"] == "mean"
+    assert versions["1"].source != versions["2"].source
+    damaged = tmp / "damaged"
+    shutil.copytree(tmp / "ck", damaged)
+    (damaged / "step-00000010" / "client.json").write_text("")
+    bad = _cli("register", "--checkpoint", str(damaged / "step-00000010"), "--name", "x", "--tracking-uri", uri,
+               cwd=tmp)
+    assert bad.returncode == 1 and "is incomplete or damaged: client.json has 0 bytes" in bad.stderr, bad.stderr
 
     for model_uri in ("models:/tiny-bert@champion", "models:/tiny-bert/1"):
         out = tmp / ("pulled-" + model_uri.split("/")[-1].replace("@", "-"))
@@ -82,7 +96,7 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
 
     reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-2000:]
-    (stored,) = (tmp / "mlruns").rglob("registered-model/*/artifacts/*/model.safetensors")
+    (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF  # bit rot in the store, same size
     stored.write_bytes(bytes(data))
