@@ -67,28 +67,27 @@ def test_a_damaged_model_directory_is_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
-def test_out_holding_other_files_is_refused_not_replaced(tmp_path):
+def test_out_holding_other_files_is_refused_not_replaced(tmp_path, capsys, monkeypatch):
     """export and pull write --out whole (replacing an earlier model directory there); a directory holding
-    anything else is refused before any work, and keeps its files."""
+    anything else is refused before any work, and keeps its files. (The command line, in this process.)"""
+    from pretrain.cli import main
+
     mine = tmp_path / "project"
     (mine / "notes").mkdir(parents=True)
     (mine / "a.txt").write_text("keep me")
-    env = {**pretrain_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for args in (["export", str(tmp_path / "no-checkpoint")], ["export", "models:/x@y", "--format", "hf"],
                  ["pull", "models:/x@y"]):
-        out = subprocess.run([sys.executable, "-m", "pretrain", *args, "--out", str(mine)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 1, (args, out.stderr)
-        assert f"--out {mine} holds a.txt, notes, not a model directory" in out.stderr, (args, out.stderr)
+        assert main([*args, "--out", str(mine)]) == 1, args
+        err = capsys.readouterr().err
+        assert f"--out {mine} holds a.txt, notes, not a model directory" in err, (args, err)
         assert (mine / "a.txt").read_text() == "keep me" and (mine / "notes").is_dir()
     (mine / "config.json").write_text("{}")  # a common name: not enough to be taken for a model directory
-    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "no-checkpoint"), "--out",
-                          str(mine)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "not a model directory" in out.stderr and (mine / "a.txt").is_file()
+    assert main(["export", str(tmp_path / "no-checkpoint"), "--out", str(mine)]) == 1
+    assert "not a model directory" in capsys.readouterr().err and (mine / "a.txt").is_file()
     earlier = tmp_path / "earlier"  # an earlier model directory: replaced (here the source is missing, so kept)
     earlier.mkdir()
     (earlier / "config.json").write_text("{}")
     (earlier / "checksums.json").write_text("{}")
-    out = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "no-checkpoint"), "--out",
-                          str(earlier)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "neither a committed checkpoint" in out.stderr, out.stderr
+    assert main(["export", str(tmp_path / "no-checkpoint"), "--out", str(earlier)]) == 1
+    assert "neither a committed checkpoint" in capsys.readouterr().err
