@@ -48,7 +48,7 @@ def use_token(address: str, cwd: Path | None = None) -> None:
     environment has, e.g. those an in-process `ray.init` leaves), else what Ray reads by default
     (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Must run before `import ray`."""
     from cluster.head import auth_env, read_state
-    from data_prep.ray_auth import use_cluster_token
+    from data_prep.ray_client import use_cluster_token
 
     state = read_state(cwd)
     if state and state["address"] == address:

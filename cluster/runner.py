@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Mapping
 
 from cluster.head import free_port
 from data_prep import storage
-from data_prep.ray_auth import quiet_local_token_notice
+from data_prep.ray_client import host_port, quiet_local_token_notice
 
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
@@ -71,7 +70,7 @@ def job_env(environ: Mapping[str, str], dashboard_port: int | None = None) -> di
     except (KeyError, ValueError, TypeError, AttributeError):
         submitted = {}
     address = environ.get("RAY_ADDRESS", "")
-    if re.fullmatch(r"[\w.\-]+:\d+", address) and "RAY_ADDRESS" not in submitted:
+    if host_port(address) and not address.startswith("ray://") and "RAY_ADDRESS" not in submitted:
         env["RAY_ADDRESS"] = address
     return env
 

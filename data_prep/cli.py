@@ -101,7 +101,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return _inspect_local(args, args.dataset)
     import tempfile
 
-    from data_prep.dataset import MANIFEST
+    from data_prep.dataset import MANIFEST, DatasetError, parse_manifest
 
     url = args.dataset.rstrip("/")
     with tempfile.TemporaryDirectory() as local:  # the manifest, tokenizer and the shards the examples need
@@ -110,8 +110,12 @@ def _inspect(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             print(f"error: '{url}' is not a finished dataset: {MANIFEST} is missing", file=sys.stderr)
             return EXIT_USAGE
+        try:
+            m = parse_manifest(text, storage.join(url, MANIFEST))
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         (Path(local) / MANIFEST).write_text(text)
-        m = json.loads(text)
         wanted, have = [m["tokenizer"]["file"]], 0
         for shard in m["splits"].get(args.split, {}).get("shards", []):
             if have >= args.n:
@@ -127,7 +131,7 @@ def _inspect_local(args: argparse.Namespace, dataset: str, shown: str | None = N
     import webdataset as wds
 
     from data_prep.dataset import DatasetError, read_manifest
-    from data_prep.shards import decode_sample, google_features
+    from data_prep.shards import decode_sample
     from data_prep.tokenizer import load as load_tokenizer
 
     try:
@@ -150,24 +154,40 @@ def _inspect_local(args: argparse.Namespace, dataset: str, shown: str | None = N
     shards = [str(root / s["name"]) for s in m["splits"][args.split]["shards"]][:shards]
     if not shards or args.n <= 0:
         return EXIT_OK
-    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode()
-    for i, sample in enumerate(ds):
-        if i >= args.n:
-            break
-        s = decode_sample(sample["mp"], ex["token_dtype"])
-        text = _pieces_text(sp, s["input_ids"].tolist())
-        if args.json:
-            feats = google_features(s, ex["max_seq_length"], ex["max_predictions_per_seq"])
-            feats.update(key=sample["__key__"], text=text,
-                         masked_lm_tokens=[sp.IdToPiece(t) for t in s["masked_lm_ids"].tolist()])
-            print(json.dumps(feats))
-        else:
-            label = s.get("next_sentence_label")
-            nsp = "" if label is None else f"  next_sentence_label={label} ({'random' if label else 'actual'} next)"
-            print(f"\n[{sample['__key__']}] {len(s['input_ids'])} tokens{nsp}\n  {text}")
-            print("  targets: " + ", ".join(f"{p}:{sp.IdToPiece(t)}" for p, t in
-                                            zip(s["masked_lm_positions"].tolist(), s["masked_lm_ids"].tolist())))
+    left = args.n
+    for url in shards:  # one at a time, so that a shard that cannot be read is named
+        samples = iter(wds.WebDataset([url], shardshuffle=False, empty_check=False).decode())
+        while left > 0:
+            try:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                s = decode_sample(sample["mp"], ex["token_dtype"])
+            except Exception as e:  # noqa: BLE001 (tar, msgpack or numpy errors of a damaged file)
+                e = e.__cause__ or e  # webdataset's DecodingError carries no text of its own
+                name = Path(url).relative_to(root) if Path(url).is_relative_to(root) else url
+                print(f"error: shard {name} of {shown or root} cannot be read ({type(e).__name__}: {e}); check the "
+                      f"whole dataset with `python -m data_prep verify {shown or root}`", file=sys.stderr)
+                return EXIT_FAILED
+            _show_sample(args, sp, ex, sample["__key__"], s)
+            left -= 1
     return EXIT_OK
+
+
+def _show_sample(args: argparse.Namespace, sp, ex: dict, key: str, s: dict) -> None:
+    from data_prep.shards import google_features
+
+    text = _pieces_text(sp, s["input_ids"].tolist())
+    if args.json:
+        feats = google_features(s, ex["max_seq_length"], ex["max_predictions_per_seq"])
+        feats.update(key=key, text=text, masked_lm_tokens=[sp.IdToPiece(t) for t in s["masked_lm_ids"].tolist()])
+        print(json.dumps(feats))
+    else:
+        label = s.get("next_sentence_label")
+        nsp = "" if label is None else f"  next_sentence_label={label} ({'random' if label else 'actual'} next)"
+        print(f"\n[{key}] {len(s['input_ids'])} tokens{nsp}\n  {text}")
+        print("  targets: " + ", ".join(f"{p}:{sp.IdToPiece(t)}" for p, t in
+                                        zip(s["masked_lm_positions"].tolist(), s["masked_lm_ids"].tolist())))
 
 
 def _pieces_text(sp, ids: list[int]) -> str:

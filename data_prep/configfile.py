@@ -102,8 +102,9 @@ def load_config(schema: type[M], path: str | Path | None, overrides: list[str] |
             raise ConfigError(f"config file '{path}' does not exist")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # its marks name the text "<unicode string>": name the file instead
+            where = str(e).replace('"<unicode string>"', f'"{path}"')
+            raise ConfigError(f"config file '{path}' is not valid YAML:\n{where}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file '{path}' is not UTF-8 text") from None
         if loaded is None:

@@ -33,14 +33,59 @@ class DatasetError(Exception):
     """The output directory cannot be used as asked; the message says what to do."""
 
 
+# What readers of a manifest rely on (pretraining, export, verify, inspect): checked once, where it is read.
+MANIFEST_KEYS = (
+    "format.name", "format.version", "dataset_id", "config_hash", "recipe_hash", "config.examples",
+    "tokenizer.file", "tokenizer.sha256", "tokenizer.vocab_size", "tokenizer.model_type", "tokenizer.special_ids",
+    "examples.max_seq_length", "examples.max_predictions_per_seq", "examples.nsp", "examples.whole_word_mask",
+    "examples.token_dtype", "examples.position_dtype", "splits.train.examples", "splits.train.tokens",
+    "splits.train.shards", "splits.val.examples", "splits.val.tokens", "splits.val.shards",
+)
+SHARD_KEYS = ("name", "examples", "sha256")
+
+
+def manifest_problems(manifest: object) -> list[str]:
+    """What a manifest lacks of the keys its readers rely on (empty when it has them all)."""
+    if not isinstance(manifest, dict):
+        return [f"it holds a JSON {type(manifest).__name__}, not an object"]
+    missing = []
+    for key in MANIFEST_KEYS:
+        node = manifest
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(key)
+    if missing:
+        return [f"key {k} is missing" for k in missing]
+    for split in SPLITS:
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            lacks = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
+            if lacks:
+                return [f"splits.{split}.shards[{i}] lacks {', '.join(lacks)}"]
+    return []
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """The manifest in `text` (read from `where`, which errors name), checked for the keys its readers use."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise DatasetError(f"'{where}' is not valid JSON ({e})") from None
+    why = manifest_problems(manifest)
+    if why:
+        raise DatasetError(f"'{where}' is not a complete manifest: {'; '.join(why[:5])}")
+    return manifest
+
+
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DatasetError(f"'{root}' is not a finished dataset: {MANIFEST} is missing (run `python -m data_prep run`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DatasetError(f"'{path}' is not valid JSON ({e})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"'{path}' is not UTF-8 text") from None
+    return parse_manifest(text, str(path))
 
 
 def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str | None) -> str:
@@ -61,8 +106,6 @@ def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
     if (root / MANIFEST).is_file() and not overwrite:
         try:
             manifest = read_manifest(root)
-            if not isinstance(manifest, dict):
-                raise DatasetError(f"'{root / MANIFEST}' is not a manifest (a JSON {type(manifest).__name__})")
         except DatasetError as e:
             raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
         if manifest.get("recipe_hash") == recipe:

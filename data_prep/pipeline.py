@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -27,7 +26,7 @@ from data_prep.dataset import (
     MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
     prepare_output, read_manifest, recipe_hash,
 )
-from data_prep.ray_auth import quiet_local_token_notice, use_cluster_token
+from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.sources import expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import sha256_file, train
@@ -42,11 +41,11 @@ class JobError(Exception):
 
 def _check_reachable(address: str) -> None:
     """Fail fast on a host:port nothing listens on: Ray would retry it for many minutes, printing as it goes."""
-    m = re.fullmatch(r"(?:ray://)?([\w.\-]+):(\d+)", address)
-    if not m:
+    where = host_port(address)
+    if where is None:
         return  # "auto" and the like: Ray's own lookup
     try:
-        socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+        socket.create_connection(where, timeout=5).close()
     except OSError as e:
         raise ConfigError(f"cannot reach ray.address '{address}' ({e.strerror or e}): is a Ray head running there "
                           "(ray start --head), and is this its GCS port (6379 by default; ray:// takes the client "

@@ -17,7 +17,6 @@ where it stopped and a run on 1 rank sees the same global batches as one on 2:
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_prep.dataset import MANIFEST, DatasetError
+from data_prep.dataset import MANIFEST, DatasetError, parse_manifest
 from data_prep.shards import SAMPLE_EXT
 from pretrain.batch import Batch, Collator
 
@@ -87,16 +86,20 @@ def open_dataset(location: str) -> Dataset:
     root = location.rstrip("/")
     try:
         with fsspec.open(f"{root}/{MANIFEST}", "rt", encoding="utf-8") as f:
-            manifest = json.load(f)
+            text = f.read()
     except NotADirectoryError:
         hint = f"; give the directory that holds it ({Path(root).parent})" if root.endswith(MANIFEST) else ""
         raise DatasetError(f"data.dataset: '{location}' is a file, not a dataset directory{hint}") from None
     except FileNotFoundError:
         raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
                            "build one with `python -m data_prep run CONFIG`") from None
-    except ValueError as e:
-        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not valid JSON ({e})") from None
-    if manifest.get("format", {}).get("name") != "bert-pretraining-webdataset":
+    except UnicodeDecodeError:
+        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not UTF-8 text") from None
+    try:
+        manifest = parse_manifest(text, f"{root}/{MANIFEST}")
+    except DatasetError as e:
+        raise DatasetError(f"data.dataset: {e}; it was not written by data_prep, or was changed since") from None
+    if manifest["format"]["name"] != "bert-pretraining-webdataset":
         raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not a manifest written by data_prep")
     if not manifest["splits"]["train"]["examples"]:
         raise DatasetError(f"data.dataset: '{location}' has no training examples")

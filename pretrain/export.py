@@ -87,12 +87,11 @@ def checkpoint_record(source: str | Path) -> tuple[str, dict]:
         why = checkpoint.problems(step_dir)
         if why:
             raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
-        where, read = str(step_dir), lambda: checkpoint.read_client(step_dir)
+        where = str(step_dir)
     else:
         where = _uploaded_step(source)
-        read = lambda: json.loads(storage.read_text(storage.join(where, checkpoint.CLIENT)))  # noqa: E731
     try:
-        return where, read()
+        return where, json.loads(storage.read_text(storage.join(where, checkpoint.CLIENT)))
     except (OSError, ValueError) as e:
         raise ExportError(f"checkpoint {where}: {checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})") \
             from None

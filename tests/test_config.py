@@ -47,6 +47,10 @@ def test_typo_names_key_source_and_closest_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(DataPrepConfig, f, ["tokenizr.vocab_size=5"])
     assert "command line" in str(e.value) and "did you mean 'tokenizer'" in str(e.value)
+    f.write_text("inputs: [a.txt\noutput: out\n")  # a YAML syntax error: YAML's marks name the file
+    with pytest.raises(ConfigError) as e:
+        load_config(DataPrepConfig, f)
+    assert f'in "{f}", line 1' in str(e.value) and "<unicode string>" not in str(e.value)
 
 
 def test_bad_values_name_the_valid_choices(tmp_path):

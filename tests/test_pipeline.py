@@ -337,3 +337,25 @@ def test_inspect_the_val_split(built):
     keys = {json.loads(line)["key"] for line in r.stdout.splitlines()}
     m = json.loads((root / "manifest.json").read_text())
     assert len(keys) == 2 and m["splits"]["val"]["examples"] >= 2
+
+
+def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
+    import shutil
+
+    from data_prep.cli import main
+
+    _, _, root, _ = built
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    first = m["splits"]["train"]["shards"][0]["name"]
+    data = bytearray((copy / first).read_bytes())
+    data[600:1400] = b"\xff" * 800  # the first member's payload and the next header
+    (copy / first).write_bytes(bytes(data))
+    assert main(["inspect", str(copy), "-n", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"shard {first} of {copy} cannot be read" in err and "data_prep verify" in err
+    del m["examples"]["token_dtype"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(copy)]) == 2
+    assert "key examples.token_dtype is missing" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import pytest
@@ -97,11 +98,21 @@ def test_eval_batches_split_ranks_evenly(ds):
     assert eval_batches(ds, collator, 4, 0, 1, limit=5)[0][0].input_ids.shape[0] == 4
 
 
-def test_not_a_dataset_is_a_clear_error(tmp_path):
+def test_not_a_dataset_is_a_clear_error(ds, tmp_path):
     with pytest.raises(DatasetError, match="manifest.json is missing.*python -m data_prep run"):
         open_dataset(str(tmp_path))
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
+        open_dataset(str(tmp_path))
+    damaged = json.loads(json.dumps(ds.manifest))
+    del damaged["tokenizer"]["vocab_size"]
+    del damaged["splits"]["val"]["shards"][0]["sha256"]
+    (tmp_path / "manifest.json").write_text(json.dumps(damaged))
+    with pytest.raises(DatasetError, match="key tokenizer.vocab_size is missing; it was not written by data_prep"):
+        open_dataset(str(tmp_path))
+    damaged["tokenizer"]["vocab_size"] = 8000
+    (tmp_path / "manifest.json").write_text(json.dumps(damaged))
+    with pytest.raises(DatasetError, match=r"splits.val.shards\[0\] lacks sha256"):
         open_dataset(str(tmp_path))
 
 

@@ -1,10 +1,19 @@
-"""Ray's token authentication for clients of a cluster (data prep's `ray.address`, the cluster CLI)."""
+"""What a client of a Ray cluster (data prep's `ray.address`, the cluster CLI, a job's driver) needs before it
+connects: Ray's token authentication, and the host and port an address names."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a GCS address `host:port` (or a client address `ray://host:port`); None for the rest
+    ("auto", a URL...), which Ray resolves itself."""
+    m = re.fullmatch(r"(?:ray://)?([\w.\-]+):(\d+)", address)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def use_cluster_token() -> None:
