@@ -99,35 +99,47 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
             fs, path = fsspec.core.url_to_fs(spec)
         except (ImportError, ValueError) as e:
             raise ConfigError(f"{key} '{spec}': cannot open this location ({e})") from None
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        local = protocol in ("file", "local")
-
-        def url(p: str, fs=fs, local=local) -> str:
-            return p if local else fs.unstrip_protocol(p)
-
-        if _GLOB_CHARS & set(path):
-            matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
-            explicit = True
-        elif fs.isdir(path):
-            matches = sorted(p for p in fs.find(path) if detect_format(p))
-            explicit = False
-            if not matches:
-                raise ConfigError(f"{key} '{spec}': the directory holds no {_supported_list()} files")
-        elif fs.exists(path):
-            matches, explicit = [path], True
-        else:
-            raise ConfigError(f"{key} '{spec}': no such file or directory{_relative_to(spec)}")
-        if not matches:
-            raise ConfigError(f"{key} '{spec}' matched no files{_relative_to(spec)}")
-        for p in matches:
-            kind = detect_format(p)
-            if kind is None:
-                if explicit:
-                    raise ConfigError(f"{key}: '{url(p)}' has an unsupported extension; expected {_supported_list()}")
-                continue
-            size = fs.size(p)
-            found[url(p)] = Source(url(p), -1 if size is None else int(size), kind[0], kind[1])
+        try:
+            for source in _expand(key, spec, fs, path):
+                found[source.url] = source
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 (credentials, endpoint, bucket, permissions: say where)
+            hint = ("; check the storage's credentials and endpoint (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                    "AWS_ENDPOINT_URL, or the machine's cloud identity)" if "://" in spec else "")
+            raise ConfigError(f"{key} '{spec}': cannot be read ({type(e).__name__}: {e}){hint}") from None
     return [found[k] for k in sorted(found)]
+
+
+def _expand(key: str, spec: str, fs, path: str) -> Iterator[Source]:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    local = protocol in ("file", "local")
+
+    def url(p: str) -> str:
+        return p if local else fs.unstrip_protocol(p)
+
+    if _GLOB_CHARS & set(path):
+        matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        explicit = True
+    elif fs.isdir(path):
+        matches = sorted(p for p in fs.find(path) if detect_format(p))
+        explicit = False
+        if not matches:
+            raise ConfigError(f"{key} '{spec}': the directory holds no {_supported_list()} files")
+    elif fs.exists(path):
+        matches, explicit = [path], True
+    else:
+        raise ConfigError(f"{key} '{spec}': no such file or directory{_relative_to(spec)}")
+    if not matches:
+        raise ConfigError(f"{key} '{spec}' matched no files{_relative_to(spec)}")
+    for p in matches:
+        kind = detect_format(p)
+        if kind is None:
+            if explicit:
+                raise ConfigError(f"{key}: '{url(p)}' has an unsupported extension; expected {_supported_list()}")
+            continue
+        size = fs.size(p)
+        yield Source(url(p), -1 if size is None else int(size), kind[0], kind[1])
 
 
 def _to_str(raw: bytes, lineno: int, report: FileReport) -> str:

@@ -95,6 +95,9 @@ def open_dataset(location: str) -> Dataset:
                            "build one with `python -m data_prep run CONFIG`") from None
     except UnicodeDecodeError:
         raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not UTF-8 text") from None
+    except Exception as e:  # noqa: BLE001 (an object store: credentials, endpoint, bucket)
+        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' cannot be read ({type(e).__name__}: {e}); check the "
+                           "storage's credentials and endpoint") from None
     try:
         manifest = parse_manifest(text, f"{root}/{MANIFEST}")
     except DatasetError as e:

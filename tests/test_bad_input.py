@@ -88,6 +88,29 @@ def test_second_input_matching_nothing_is_named(tmp_path, small_corpus, monkeypa
         expand_inputs(["corpus/demo"])
 
 
+def test_an_object_store_without_credentials_is_named(tmp_path, monkeypatch):
+    """(botocore refuses before any request is sent, so no endpoint has to exist.)"""
+    import s3fs
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ConfigError, match=r"inputs\[1\] 's3://corpus/books/\*.txt': cannot be read \(NoCredentialsError"
+                                          r".*check the storage's credentials"):
+        expand_inputs([str(write_txt(tmp_path / "a.txt", [["One sentence."]])), "s3://corpus/books/*.txt"])
+    from data_prep.dataset import DatasetError
+    from pretrain.data import open_dataset
+
+    with pytest.raises(DatasetError, match=r"data.dataset: 's3://corpus/ds/manifest.json' cannot be read "
+                                           r"\(NoCredentialsError.*credentials"):
+        open_dataset("s3://corpus/ds")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_an_unreachable_ray_address_fails_fast():
     """(Checked before ray.init, which would retry for minutes; called directly, whether or not this test
     session's own Ray is up.)"""
