@@ -103,7 +103,22 @@ class DeepSpeedSection(Section):
     def _consistent(self) -> "DeepSpeedSection":
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        for key, ours in DEEPSPEED_KEYS_OWNED.items():
+            node: Any = self.config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:  # the run's record, its checkpoints and export read ours
+                raise ValueError(f"deepspeed.config.{key} is set from {ours}: set that instead")
         return self
+
+
+# DeepSpeed config keys that the config's own keys set (pretrain/engine.py ds_config). Precision is not among
+# them: DeepSpeed's own bf16 mode is an option for network-bound jobs (README, performance notes).
+DEEPSPEED_KEYS_OWNED = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
+    "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
+}
 
 
 class CheckpointConfig(Section):

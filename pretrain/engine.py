@@ -268,9 +268,22 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         # its current config (e.g. a raised train.max_steps) from the restored step on.
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: sched(step))
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, config=config)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                               lr_scheduler=lr_scheduler, config=config)
+    except (ValueError, AssertionError, TypeError, KeyError) as e:  # (pydantic's errors are ValueErrors)
+        if not cfg.deepspeed.config:
+            raise
+        why = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+        raise SetupError(f"DeepSpeed refused its config, into which deepspeed.config merged "
+                         f"{', '.join(_leaf_keys(cfg.deepspeed.config, 'deepspeed.config'))}: "
+                         f"{' '.join(why[:4]) or type(e).__name__}; fix or remove those keys") from None
     return engine
+
+
+def _leaf_keys(tree: dict, prefix: str) -> list[str]:
+    return [k for key, v in tree.items()
+            for k in (_leaf_keys(v, f"{prefix}.{key}") if isinstance(v, dict) and v else [f"{prefix}.{key}"])]
 
 
 
