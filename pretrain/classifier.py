@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import sentencepiece as spm
 import torch
 from mlflow.pyfunc import PythonModel
@@ -41,9 +42,8 @@ class BertClassifier(PythonModel):
         return [str(r) for r in rows], None
 
     @torch.no_grad()
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        # (pyfunc hands the texts over as a DataFrame, per the version's signature; the hint tells MLflow so)
         from pretrain.text import encode
 
         texts, pairs = self._texts(model_input)

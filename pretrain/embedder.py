@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import sentencepiece as spm
 from mlflow.pyfunc import PythonModel
 
@@ -23,7 +24,8 @@ class BertEmbedder(PythonModel):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer" / "spm.model"))
         self.pooling = (context.model_config or {}).get("pooling", "cls")
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        # (pyfunc hands the texts over as a DataFrame, per the version's signature; the hint tells MLflow so)
         from pretrain.text import embed
 
         if hasattr(model_input, "columns"):  # a DataFrame: its first column holds the texts

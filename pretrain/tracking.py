@@ -296,7 +296,12 @@ class Tracker:
 # -- Model registry ------------------------------------------------------------------------------------
 
 REGISTERED_DIR = "registered-model"
-PYFUNC_ADVICE = ("Add type hints to the `predict` method", "An input example was not provided")
+PYFUNC_ADVICE = ("An input example was not provided",)
+# What a registered version's pyfunc imports when it loads and predicts, beyond the project's own packages
+# (which travel with the version as its code): the requirements `mlflow models serve` installs for it.
+PYFUNC_REQUIREMENTS = ("mlflow", "torch", "numpy", "sentencepiece", "safetensors", "pydantic", "pyyaml", "fsspec",
+                       "msgpack", "sentencex", "tqdm", "zstandard", "pandas")
+PROJECT_PACKAGES = ("pretrain", "data_prep")
 
 
 class RegistryError(Exception):
@@ -355,6 +360,31 @@ def _pyfunc(model_dir: Path, pooling: str) -> tuple[Path, dict, Any, dict[str, s
             {"kind": "encoder", "pooling": pooling})
 
 
+def _project_code(into: Path) -> list[str]:
+    """Copies of the project's packages (without bytecode caches) for a version's code: its pyfunc then loads
+    where the project is not installed, e.g. in the environment `mlflow models serve` builds."""
+    import shutil
+
+    here = Path(__file__).resolve().parents[1]
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(here / package, into / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return [str(into / package) for package in PROJECT_PACKAGES]
+
+
+def _pyfunc_requirements() -> list[str]:
+    """PYFUNC_REQUIREMENTS at the versions installed here (the versions the model was registered and checked
+    with; a local build tag such as torch's +cpu is left to the installer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in PYFUNC_REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
 def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:
     """Upload a model directory as an MLflow pyfunc model, verify it, register it, then set `alias`.
 
@@ -402,7 +432,9 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
         local = Path(tmp) / "model"
         with warnings.catch_warnings(record=True) as said:  # (MLflow sets its own filters inside)
             mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"model_dir": str(model_dir)},
-                                     model_config=model_config, signature=signature, pip_requirements=["bertforge"])
+                                     model_config=model_config, signature=signature,
+                                     code_paths=_project_code(Path(tmp) / "code"),
+                                     pip_requirements=_pyfunc_requirements())
         for w in said:  # all but MLflow's advice for pyfuncs written otherwise (ours comes with its signature)
             if not any(advice in str(w.message) for advice in PYFUNC_ADVICE):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
