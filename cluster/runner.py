@@ -23,8 +23,10 @@ from data_prep.ray_client import host_port, quiet_local_token_notice
 
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
-# (to its logger and, as our stdout is wrapped, to stdout as well).
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# (to its logger and, as our stdout is wrapped, to stdout as well). Its preemption watcher, an actor that logs
+# node drains, is off: a preempted worker gets SIGTERM, on which training commits a checkpoint and stops
+# (pretrain/train.py), and creating the watcher printed a core-worker error line in every job.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class StageError(Exception):

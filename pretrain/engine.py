@@ -16,6 +16,7 @@ tensor (counted by tests/benchmarks/gpu_throughput.py --count-ops; on one H200 t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
@@ -25,6 +26,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -323,7 +325,7 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
 
         said = io.StringIO()  # its progress lines and bars, shown only if it fails
         try:
-            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            with _output_of(sys.modules[get_fp32_state_dict_from_zero_checkpoint.__module__], said):
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         except BaseException:
             sys.stderr.write(said.getvalue())
@@ -331,6 +333,28 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     else:
         weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.detach().contiguous() for k, v in weights.items()}
+
+
+@contextlib.contextmanager
+def _output_of(module, into: io.StringIO) -> Iterator[None]:
+    """Send what `module` prints (print, tqdm bars) to `into` for the block. Only that module's: swapping
+    sys.stdout would also take the lines other threads print meanwhile (the tracker's, during a registration
+    inside training)."""
+    from tqdm import tqdm
+
+    def quiet_print(*args, **kwargs):
+        print(*args, **{**kwargs, "file": into})
+
+    saved = {name: module.__dict__[name] for name in ("print", "tqdm") if name in module.__dict__}
+    module.print, module.tqdm = quiet_print, functools.partial(tqdm, file=into)
+    try:
+        yield
+    finally:
+        for name in ("print", "tqdm"):
+            if name in saved:
+                setattr(module, name, saved[name])
+            else:
+                delattr(module, name)
 
 
 def engine_weights(engine) -> dict[str, torch.Tensor]:

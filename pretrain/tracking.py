@@ -8,6 +8,7 @@ and sent when the server is back; the console says when it is unreachable and wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pretrain.config import MlflowConfig
 
@@ -264,7 +265,10 @@ class Tracker:
             elif kind == "params":
                 client.log_batch(self.run_id, params=[Param(k, v) for k, v in body])
             elif kind == "artifact":
-                client.log_artifact(self.run_id, body[1], artifact_path=body[0])
+                if Path(body[1]).is_file():
+                    client.log_artifact(self.run_id, body[1], artifact_path=body[0])
+                else:  # removed meanwhile (a cluster worker's staging copy, after a long outage): not an outage
+                    self.warn(f"{body[1]} was removed before MLflow took it; the run is recorded without it")
             elif kind == "metrics":
                 batch, n = [], 0
                 for k2, rec in self._pending:
@@ -360,6 +364,21 @@ def _pyfunc(model_dir: Path, pooling: str) -> tuple[Path, dict, Any, dict[str, s
             {"kind": "encoder", "pooling": pooling})
 
 
+@contextlib.contextmanager
+def _progress_bar(shown: bool) -> Iterator[None]:
+    """MLflow's artifact progress bar on or off for the block (MLflow reads the variable at each call)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "true" if shown else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _project_code(into: Path) -> list[str]:
     """Copies of the project's packages (without bytecode caches) for a version's code: its pyfunc then loads
     where the project is not installed, e.g. in the environment `mlflow models serve` builds."""
@@ -430,7 +449,7 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
     with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
         local = Path(tmp) / "model"
-        with warnings.catch_warnings(record=True) as said:  # (MLflow sets its own filters inside)
+        with warnings.catch_warnings(record=True) as said, _progress_bar(False):  # (a local copy: no bar)
             mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"model_dir": str(model_dir)},
                                      model_config=model_config, signature=signature,
                                      code_paths=_project_code(Path(tmp) / "code"),
@@ -484,7 +503,8 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # `models:/` URIs resolve through the registry, not the tracking URI
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
+        with _progress_bar(sys.stderr.isatty()):  # for a person at a terminal, not in a job's log
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
         problems = verify(model_files(tmp))
     except Exception as e:  # noqa: BLE001 (MLflow, HTTP and file errors alike: nothing half-pulled stays)
         shutil.rmtree(tmp, ignore_errors=True)

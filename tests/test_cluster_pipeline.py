@@ -59,7 +59,8 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     # Ray Train's placement-group cleaner reached this job's Ray, not the dead one: no 12 s stall, no traceback
     assert "Traceback" not in out.stdout + out.stderr, out.stdout[-4000:] + out.stderr[-4000:]
     assert "Processing zero checkpoint" not in out.stdout  # DeepSpeed's consolidation works quietly
-    for notice in ("Token authentication is enabled", "Creating initial MLflow database tables"):
+    for notice in ("Token authentication is enabled", "Creating initial MLflow database tables", "PreemptionWatcher",
+                   "Downloading artifacts"):
         assert notice not in out.stdout + out.stderr, notice  # libraries' news to nobody
     summary = out.stdout[out.stdout.index("== job summary: small =="):]
     out_dir = root / "out"

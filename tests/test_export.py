@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("stage, nproc, precision", [(2, 2, "fp32"), (3, 2, "fp32"), (0, 1, "bf16")])
-def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, nproc, precision):
+def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, nproc, precision, capsys):
     """Consolidated from any ZeRO stage; bf16 (fp32 weights under autocast) exports full precision without ZeRO."""
     cfg = tmp_path / "pretrain.yaml"
     cfg.write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck", train__max_steps=6,
@@ -52,9 +52,44 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
     assert dataset["dataset_id"] == json.loads((train_dataset / "manifest.json").read_text())["dataset_id"]
     tok = "tokenizer/spm.model"
     assert (model_dir / tok).read_bytes() == (train_dataset / tok).read_bytes()
+    if stage:
+        _consolidation_keeps_other_threads_output(tmp_path / "ck" / "step-00000006", stage, capsys)
     ids = torch.tensor([[2, 10, 11, 3, 12, 3]])
     mlm, nsp = model(ids, torch.tensor([[0, 0, 0, 0, 1, 1]]), torch.ones_like(ids), torch.tensor([1, 4]))
     assert mlm.shape == (2, model.bert.embeddings.word.weight.shape[0]) and nsp.shape == (1, 2)
+
+
+def _consolidation_keeps_other_threads_output(step_dir, stage, capsys):
+    """DeepSpeed's consolidation chatter is held back; what another thread prints meanwhile (the tracker's lines,
+    when training registers a checkpoint) is not."""
+    import threading
+    import time
+
+    from pretrain.engine import checkpoint_weights
+
+    stop = threading.Event()
+
+    def chatter():
+        n = 0
+        while not stop.is_set():
+            print(f"line {n}")
+            n += 1
+            time.sleep(0.0005)
+
+    capsys.readouterr()
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        for _ in range(3):
+            checkpoint_weights(step_dir, stage)
+    finally:
+        stop.set()
+        thread.join()
+    out = capsys.readouterr()
+    lines = out.out.split()
+    numbers = [int(n) for n in lines[1::2]]
+    assert numbers == list(range(len(numbers))) and len(numbers) > 3, "lines of another thread went missing"
+    assert "Processing zero checkpoint" not in out.out + out.err and "Loading checkpoint shards" not in out.err
 
 
 def test_a_damaged_model_directory_is_refused(tmp_path):

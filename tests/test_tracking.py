@@ -65,3 +65,25 @@ def test_training_goes_on_while_the_server_is_down_and_catches_up(tmp_path, trai
                 p.kill()
                 p.wait()
         shutil.rmtree(tmp_path / "artifacts", ignore_errors=True)
+
+
+def test_an_artifact_removed_before_it_is_sent_is_skipped_not_retried(tmp_path, capsys):
+    """(A cluster worker clears its staging copy after a run; a tracker still catching up must not retry the
+    missing file as if MLflow were down, holding back every record queued after it.)"""
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.config import MlflowConfig
+    from pretrain.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kept = tmp_path / "manifest.json"
+    kept.write_text("{}")
+    tracker = Tracker(True, MlflowConfig(tracking_uri=uri), tmp_path / "ck")
+    tracker.start(None, {"train.lr": 0.001}, {}, {"config": tmp_path / "gone.yaml", "dataset": kept})
+    tracker.log(1, {"loss": 2.5})
+    tracker.close(timeout_s=30)
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 2.5
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "dataset")] == ["dataset/manifest.json"]
+    assert f"{tmp_path / 'gone.yaml'} was removed before MLflow took it" in capsys.readouterr().err
