@@ -18,6 +18,7 @@ where it stopped and a run on 1 rank sees the same global batches as one on 2:
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,13 @@ class Dataset:
             return []
         names = [self.manifest["tokenizer"]["file"]] + [s["name"] for split in self.manifest["splits"].values()
                                                         for s in split["shards"]]
-        return [n for n in names if not Path(self.root, n).is_file()]
+        present: dict[str, set[str]] = {}  # one listing per directory, not a stat per shard (thousands, on NFS)
+        for folder in {str(Path(n).parent) for n in names}:
+            try:
+                present[folder] = {e.name for e in os.scandir(Path(self.root, folder)) if e.is_file()}
+            except OSError:
+                present[folder] = set()
+        return [n for n in names if Path(n).name not in present[str(Path(n).parent)]]
 
     def tokenizer_file(self, cache_dir: str | Path) -> Path:
         """A local path to the dataset's tokenizer model (copied from a remote dataset into `cache_dir`)."""

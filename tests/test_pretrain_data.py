@@ -127,3 +127,15 @@ def test_a_changed_shard_is_detected(ds, tmp_path):
     plan = StreamPlan(open_dataset(str(copy)).shards("train"), 1, seed=0, shuffle_buffer=10**6)
     with pytest.raises(DatasetError, match="python -m data_prep verify"):
         next(plan.examples(0))
+
+
+def test_missing_names_each_absent_file(ds, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(ds.root, copy)
+    assert open_dataset(str(copy)).missing() == []
+    val = ds.manifest["splits"]["val"]["shards"][-1]["name"]
+    (copy / val).unlink()
+    shutil.rmtree(copy / "tokenizer")
+    assert open_dataset(str(copy)).missing() == [ds.manifest["tokenizer"]["file"], val]
