@@ -110,6 +110,10 @@ def _inspect(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             print(f"error: '{url}' is not a finished dataset: {MANIFEST} is missing", file=sys.stderr)
             return EXIT_USAGE
+        except Exception as e:  # noqa: BLE001 (credentials, endpoint, bucket: say where, not a traceback)
+            print(f"error: cannot read '{storage.join(url, MANIFEST)}' ({type(e).__name__}: {e}); check the storage's "
+                  "credentials and endpoint", file=sys.stderr)
+            return EXIT_FAILED
         try:
             m = parse_manifest(text, storage.join(url, MANIFEST))
         except DatasetError as e:

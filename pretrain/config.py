@@ -92,6 +92,15 @@ class TrainConfig(Section):
         return self
 
 
+# DeepSpeed config keys that the config's own keys set (pretrain/engine.py ds_config). Precision is not among
+# them: DeepSpeed's own bf16 mode is an option for network-bound jobs (README, performance notes).
+DEEPSPEED_KEYS_OWNED = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
+    "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
+}
+
+
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO >= 1)")
@@ -110,15 +119,6 @@ class DeepSpeedSection(Section):
             if node is not None:  # the run's record, its checkpoints and export read ours
                 raise ValueError(f"deepspeed.config.{key} is set from {ours}: set that instead")
         return self
-
-
-# DeepSpeed config keys that the config's own keys set (pretrain/engine.py ds_config). Precision is not among
-# them: DeepSpeed's own bf16 mode is an option for network-bound jobs (README, performance notes).
-DEEPSPEED_KEYS_OWNED = {
-    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
-    "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
-}
 
 
 class CheckpointConfig(Section):

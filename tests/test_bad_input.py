@@ -88,7 +88,7 @@ def test_second_input_matching_nothing_is_named(tmp_path, small_corpus, monkeypa
         expand_inputs(["corpus/demo"])
 
 
-def test_an_object_store_without_credentials_is_named(tmp_path, monkeypatch):
+def test_an_object_store_without_credentials_is_named(tmp_path, monkeypatch, capsys):
     """(botocore refuses before any request is sent, so no endpoint has to exist.)"""
     import s3fs
 
@@ -108,6 +108,10 @@ def test_an_object_store_without_credentials_is_named(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match=r"data.dataset: 's3://corpus/ds/manifest.json' cannot be read "
                                            r"\(NoCredentialsError.*credentials"):
         open_dataset("s3://corpus/ds")
+    from data_prep.cli import main
+
+    assert main(["inspect", "s3://corpus/ds"]) == 1
+    assert "cannot read 's3://corpus/ds/manifest.json' (NoCredentialsError" in capsys.readouterr().err
     s3fs.S3FileSystem.clear_instance_cache()
 
 
