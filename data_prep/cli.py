@@ -111,8 +111,7 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"error: '{url}' is not a finished dataset: {MANIFEST} is missing", file=sys.stderr)
             return EXIT_USAGE
         except Exception as e:  # noqa: BLE001 (credentials, endpoint, bucket: say where, not a traceback)
-            print(f"error: cannot read '{storage.join(url, MANIFEST)}' ({type(e).__name__}: {e}); check the storage's "
-                  "credentials and endpoint", file=sys.stderr)
+            print(f"error: {storage.unreadable(storage.join(url, MANIFEST), e)}", file=sys.stderr)
             return EXIT_FAILED
         try:
             m = parse_manifest(text, storage.join(url, MANIFEST))
@@ -127,7 +126,12 @@ def _inspect(args: argparse.Namespace) -> int:
             wanted.append(shard["name"])
             have += shard["examples"]
         for name in wanted:
-            storage.download(storage.join(url, name), Path(local) / name)
+            try:
+                storage.download(storage.join(url, name), Path(local) / name)
+            except Exception as e:  # noqa: BLE001 (a missing or forbidden object: name it)
+                print(f"error: {storage.unreadable(storage.join(url, name), e)}; check the whole dataset with "
+                      "`python -m data_prep verify` on a copy", file=sys.stderr)
+                return EXIT_FAILED
         return _inspect_local(args, local, shown=url, shards=len(wanted) - 1)
 
 
@@ -175,6 +179,8 @@ def _inspect_local(args: argparse.Namespace, dataset: str, shown: str | None = N
                 return EXIT_FAILED
             _show_sample(args, sp, ex, sample["__key__"], s)
             left -= 1
+        if left <= 0:
+            break
     return EXIT_OK
 
 

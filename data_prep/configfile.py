@@ -68,6 +68,13 @@ def _parse_value(text: str, arg: str) -> Any:
         raise ConfigError(f"cannot parse the value of override '{arg}' as YAML: {e}") from None
 
 
+def dotted(tree: Any, key: str) -> Any:
+    """The value at dotted `key` ("a.b.c") of nested dicts; None where it is absent."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str]) -> None:
     node = tree
     parts = key.split(".")

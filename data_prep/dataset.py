@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.config import SPECIAL_PIECES, DataPrepConfig
-from data_prep.configfile import config_hash
+from data_prep.configfile import config_hash, dotted
 from data_prep.shards import PARTIAL_SUFFIX, POSITION_DTYPE, SAMPLE_EXT, token_dtype
 from data_prep.sources import Source
 from data_prep.tokenizer import sha256_file
@@ -48,17 +48,16 @@ def manifest_problems(manifest: object) -> list[str]:
     """What a manifest lacks of the keys its readers rely on (empty when it has them all)."""
     if not isinstance(manifest, dict):
         return [f"it holds a JSON {type(manifest).__name__}, not an object"]
-    missing = []
-    for key in MANIFEST_KEYS:
-        node = manifest
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            missing.append(key)
+    if dotted(manifest, "format.name") != FORMAT["name"]:
+        return [f"its format.name is not '{FORMAT['name']}': it is not a manifest data_prep wrote"]
+    missing = [f"key {k} is missing" for k in MANIFEST_KEYS if dotted(manifest, k) is None]
     if missing:
-        return [f"key {k} is missing" for k in missing]
+        return missing
     for split in SPLITS:
-        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+        shards = manifest["splits"][split]["shards"]
+        if not isinstance(shards, list):
+            return [f"splits.{split}.shards is not a list"]
+        for i, shard in enumerate(shards):
             lacks = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
             if lacks:
                 return [f"splits.{split}.shards[{i}] lacks {', '.join(lacks)}"]

@@ -24,7 +24,7 @@ from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
     MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
-    prepare_output, read_manifest, recipe_hash,
+    parse_manifest, prepare_output, read_manifest, recipe_hash,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.sources import expand_inputs
@@ -233,19 +233,24 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) ->
     try:
         found = storage.listing(remote)
     except Exception as e:  # credentials, endpoint, bucket: say where, not a traceback
-        raise DatasetError(f"cannot read output '{remote}': {type(e).__name__}: {e}") from None
-    if MANIFEST in found:
-        if json.loads(storage.read_text(storage.join(remote, MANIFEST))).get("recipe_hash") == recipe \
-                and not overwrite:
+        raise DatasetError(f"output: {storage.unreadable(remote, e)}") from None
+    if MANIFEST in found and not overwrite:
+        where = storage.join(remote, MANIFEST)
+        try:
+            manifest = parse_manifest(storage.read_text(where), where)
+        except DatasetError as e:
+            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
+        except Exception as e:  # noqa: BLE001 (as above)
+            raise DatasetError(f"output: {storage.unreadable(where, e)}") from None
+        if manifest["recipe_hash"] == recipe:
             return "complete"
-        if not overwrite:
-            raise DatasetError(f"'{remote}' already holds a different dataset (its config or its input files differ "
-                               "from this run's). Choose another output, or pass --overwrite to replace it.")
+        raise DatasetError(f"'{remote}' already holds a different dataset (its config or its input files differ "
+                           "from this run's). Choose another output, or pass --overwrite to replace it.")
     strangers = sorted({n.split("/", 1)[0] for n in found} - set(OWNED))
     if strangers and not overwrite:
         raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
                            "Choose an empty or new output, or pass --overwrite.")
-    if overwrite or MANIFEST in found:
+    if overwrite:
         for name in OWNED:  # the manifest first: the old dataset stops existing at once
             storage.remove(storage.join(remote, name))
     state = prepare_output(staging, recipe, overwrite)

@@ -16,6 +16,7 @@ import fsspec
 
 from data_prep.configfile import ConfigError
 from data_prep.segment import split_sentences
+from data_prep.storage import unreadable
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -105,9 +106,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 (credentials, endpoint, bucket, permissions: say where)
-            hint = ("; check the storage's credentials and endpoint (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                    "AWS_ENDPOINT_URL, or the machine's cloud identity)" if "://" in spec else "")
-            raise ConfigError(f"{key} '{spec}': cannot be read ({type(e).__name__}: {e}){hint}") from None
+            raise ConfigError(f"{key}: {unreadable(spec, e)}") from None
     return [found[k] for k in sorted(found)]
 
 

@@ -22,6 +22,14 @@ def is_remote(location: str | Path) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def unreadable(url: str, e: BaseException) -> str:
+    """"cannot read URL (the error)", with where to look when it is an object store's access that failed."""
+    access = is_remote(url) and not isinstance(e, (FileNotFoundError, IsADirectoryError, UnicodeError, ValueError))
+    hint = ("; check the storage's credentials and endpoint (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL, or the machine's cloud identity)" if access else "")
+    return f"cannot read '{url}' ({type(e).__name__}: {e}){hint}"
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 

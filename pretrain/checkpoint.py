@@ -179,8 +179,11 @@ def choose(directory: str | Path, world: int, warn) -> list[Path]:
     return good
 
 
-def read_client(path: Path) -> dict:
-    return json.loads((path / CLIENT).read_text())
+def read_client(path: str | Path) -> dict:
+    """The client record of the committed checkpoint at `path`: a directory, or an uploaded checkpoint's URL."""
+    if storage.is_remote(path):
+        return json.loads(storage.read_text(storage.join(str(path), CLIENT)))
+    return json.loads((Path(path) / CLIENT).read_text())
 
 
 def load(engine, path: Path) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from data_prep.configfile import Section, config_hash
+from data_prep.configfile import Section, config_hash, dotted
 from pretrain.model import PRESETS, ModelConfig, preset
 
 
@@ -92,16 +92,21 @@ class TrainConfig(Section):
         return self
 
 
-# DeepSpeed config keys that the config's own keys set (pretrain/engine.py ds_config). Precision is not among
-# them: DeepSpeed's own bf16 mode is an option for network-bound jobs (README, performance notes).
+# DeepSpeed config keys that the config's own keys set (pretrain/engine.py ds_config, build_engine): set there,
+# they would differ from what the run records and what resuming and export read. Precision is not among them:
+# DeepSpeed's own bf16 mode is an option for network-bound jobs (README, performance notes).
 DEEPSPEED_KEYS_OWNED = {
     "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
     "gradient_clipping": "train.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "optimizer": "train.optimizer and its hyperparameters (train.lr, train.betas, train.eps, train.weight_decay)",
+    "scheduler": "train.schedule and its keys (train.warmup_steps...)",
 }
 
 
 class DeepSpeedSection(Section):
+    owned: ClassVar[dict[str, str]] = DEEPSPEED_KEYS_OWNED
     zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO >= 1)")
     config: dict[str, Any] = Field(
@@ -112,11 +117,8 @@ class DeepSpeedSection(Section):
     def _consistent(self) -> "DeepSpeedSection":
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-        for key, ours in DEEPSPEED_KEYS_OWNED.items():
-            node: Any = self.config
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:  # the run's record, its checkpoints and export read ours
+        for key, ours in self.owned.items():
+            if dotted(self.config, key) is not None:
                 raise ValueError(f"deepspeed.config.{key} is set from {ours}: set that instead")
         return self
 
@@ -243,6 +245,12 @@ class FinetuneTrainConfig(Section):
 
 
 class FinetuneDeepSpeed(DeepSpeedSection):
+    owned: ClassVar[dict[str, str]] = {
+        **DEEPSPEED_KEYS_OWNED,
+        **{k: "train.micro_batch_size (fine-tuning does not accumulate)" for k in (
+            "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")},
+        "scheduler": "train.schedule and train.warmup_ratio",
+    }
     enabled: bool = Field(False, description="train under a DeepSpeed engine (needed for several processes)")
     zero_stage: Literal[0, 1, 2, 3] = 2
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_prep import storage
 from data_prep.dataset import MANIFEST, DatasetError, parse_manifest
 from data_prep.shards import SAMPLE_EXT
 from pretrain.batch import Batch, Collator
@@ -100,17 +101,12 @@ def open_dataset(location: str) -> Dataset:
     except FileNotFoundError:
         raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
                            "build one with `python -m data_prep run CONFIG`") from None
-    except UnicodeDecodeError:
-        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not UTF-8 text") from None
-    except Exception as e:  # noqa: BLE001 (an object store: credentials, endpoint, bucket)
-        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' cannot be read ({type(e).__name__}: {e}); check the "
-                           "storage's credentials and endpoint") from None
+    except Exception as e:  # noqa: BLE001 (permissions; an object store's credentials, endpoint, bucket)
+        raise DatasetError(f"data.dataset: {storage.unreadable(f'{root}/{MANIFEST}', e)}") from None
     try:
         manifest = parse_manifest(text, f"{root}/{MANIFEST}")
     except DatasetError as e:
-        raise DatasetError(f"data.dataset: {e}; it was not written by data_prep, or was changed since") from None
-    if manifest["format"]["name"] != "bert-pretraining-webdataset":
-        raise DatasetError(f"data.dataset: '{root}/{MANIFEST}' is not a manifest written by data_prep")
+        raise DatasetError(f"data.dataset: {e}; rebuild it with `python -m data_prep run CONFIG`") from None
     if not manifest["splits"]["train"]["examples"]:
         raise DatasetError(f"data.dataset: '{location}' has no training examples")
     return Dataset(root, manifest)

@@ -274,11 +274,11 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                lr_scheduler=lr_scheduler, config=config)
     except (ValueError, AssertionError, TypeError, KeyError) as e:  # (pydantic's errors are ValueErrors)
-        if not cfg.deepspeed.config:
+        merged = _leaf_keys(cfg.deepspeed.config, "deepspeed.config")
+        if not _about(e, merged):
             raise
         why = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
-        raise SetupError(f"DeepSpeed refused its config, into which deepspeed.config merged "
-                         f"{', '.join(_leaf_keys(cfg.deepspeed.config, 'deepspeed.config'))}: "
+        raise SetupError(f"DeepSpeed refused its config, into which deepspeed.config merged {', '.join(merged)}: "
                          f"{' '.join(why[:4]) or type(e).__name__}; fix or remove those keys") from None
     return engine
 
@@ -288,6 +288,12 @@ def _leaf_keys(tree: dict, prefix: str) -> list[str]:
             for k in (_leaf_keys(v, f"{prefix}.{key}") if isinstance(v, dict) and v else [f"{prefix}.{key}"])]
 
 
+def _about(e: Exception, merged: list[str]) -> bool:
+    """Whether DeepSpeed's error `e` is its config validation's, or names one of the keys deepspeed.config set
+    (anything else is not the user's keys' doing, and keeps its traceback)."""
+    from pydantic import ValidationError
+
+    return bool(merged) and (isinstance(e, ValidationError) or any(k.rsplit(".", 1)[-1] in str(e) for k in merged))
 
 def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
     """After loading a checkpoint: the config's LR, betas and eps win over the saved optimizer's.

@@ -91,7 +91,7 @@ def checkpoint_record(source: str | Path) -> tuple[str, dict]:
     else:
         where = _uploaded_step(source)
     try:
-        return where, json.loads(storage.read_text(storage.join(where, checkpoint.CLIENT)))
+        return where, checkpoint.read_client(where)
     except (OSError, ValueError) as e:
         raise ExportError(f"checkpoint {where}: {checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})") \
             from None

@@ -317,8 +317,8 @@ def _remote_files(client, run_id: str, path: str) -> dict[str, int]:
     for item in client.list_artifacts(run_id, path):
         if item.is_dir:
             out.update(_remote_files(client, run_id, item.path))
-        else:
-            out[item.path] = item.file_size
+        else:  # (MLflow's artifact server lists an empty file, e.g. a package's __init__.py, with no size)
+            out[item.path] = item.file_size or 0
     return out
 
 
@@ -430,8 +430,6 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
 
 
 def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: str, stage: list[str]) -> dict:
-    import tempfile
-
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -447,6 +445,36 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     path = registered_path(training["step"], pooling, json.loads((model_dir / "config.json").read_text()))
 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"
+    if not [v for v in client.search_model_versions(f"run_id='{run_id}'") if v.source == source]:
+        _upload(client, run_id, path, uri, model_dir, code, model_config, signature, stage)
+    # else: a version holds these files already; they stay as they are (this project's code or its requirements
+    # may have changed since, and a registered version's files must not)
+
+    stage[0] = "registering the version"  # 3. register (once per source)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description=f"BERT {kind_tags['kind']} trained with bertforge")
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.source == source]
+    metrics = training["metrics"]
+    tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id, **kind_tags,
+            **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("eval/", "val_", "test_"))}}
+    version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
+    stage[0] = "setting the alias"
+    if alias:  # 4. the alias moves last
+        client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id,
+            "reused": bool(versions)}
+
+
+def _upload(client, run_id: str, path: str, uri: str, model_dir: Path, code: Path, model_config: dict, signature,
+            stage: list[str]) -> None:
+    """Build the MLflow model locally, upload what the store lacks of it to `path` in the run, verify."""
+    import tempfile
+
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:  # 1. the MLflow model, built locally, uploaded whole
         local = Path(tmp) / "model"
         with warnings.catch_warnings(record=True) as said, _progress_bar(False):  # (a local copy: no bar)
@@ -465,23 +493,6 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     missing = _missing(_remote_files(client, run_id, path), expected)  # 2. verify what the store holds
     if missing:
         raise RegistryError(f"the upload to {uri} is incomplete ({', '.join(missing[:3])}); rerun to complete it")
-
-    stage[0] = "registering the version"
-    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"  # 3. register (once per source)
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, description=f"BERT {kind_tags['kind']} trained with bertforge")
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.source == source]
-    metrics = training["metrics"]
-    tags = {"dataset_id": dataset["dataset_id"], "step": str(training["step"]), "source_run": run_id, **kind_tags,
-            **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("eval/", "val_", "test_"))}}
-    version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
-    stage[0] = "setting the alias"
-    if alias:  # 4. the alias moves last
-        client.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id,
-            "reused": bool(versions)}
 
 
 def pull(model_uri: str, out: str | Path, uri: str) -> Path:

@@ -92,27 +92,30 @@ def test_an_object_store_without_credentials_is_named(tmp_path, monkeypatch, cap
     """(botocore refuses before any request is sent, so no endpoint has to exist.)"""
     import s3fs
 
+    from data_prep.cli import main
+    from data_prep.dataset import DatasetError
+    from pretrain.data import open_dataset
+
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    advice = r"\(NoCredentialsError: .*; check the storage's credentials"
     s3fs.S3FileSystem.clear_instance_cache()
-    with pytest.raises(ConfigError, match=r"inputs\[1\] 's3://corpus/books/\*.txt': cannot be read \(NoCredentialsError"
-                                          r".*check the storage's credentials"):
-        expand_inputs([str(write_txt(tmp_path / "a.txt", [["One sentence."]])), "s3://corpus/books/*.txt"])
-    from data_prep.dataset import DatasetError
-    from pretrain.data import open_dataset
-
-    with pytest.raises(DatasetError, match=r"data.dataset: 's3://corpus/ds/manifest.json' cannot be read "
-                                           r"\(NoCredentialsError.*credentials"):
-        open_dataset("s3://corpus/ds")
-    from data_prep.cli import main
-
-    assert main(["inspect", "s3://corpus/ds"]) == 1
-    assert "cannot read 's3://corpus/ds/manifest.json' (NoCredentialsError" in capsys.readouterr().err
-    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(ConfigError, match=rf"inputs\[1\]: cannot read 's3://corpus/books/\*.txt' {advice}"):
+            expand_inputs([str(write_txt(tmp_path / "a.txt", [["One sentence."]])), "s3://corpus/books/*.txt"])
+        with pytest.raises(DatasetError, match=rf"data.dataset: cannot read 's3://corpus/ds/manifest.json' {advice}"):
+            open_dataset("s3://corpus/ds")
+        assert main(["inspect", "s3://corpus/ds"]) == 1
+        assert re.search(rf"cannot read 's3://corpus/ds/manifest.json' {advice}", capsys.readouterr().err)
+    finally:  # (a filesystem without credentials must not stay cached for later tests)
+        s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(DatasetError, match=r"cannot read '.*manifest.json' \(IsADirectoryError[^;]*$"):
+        (tmp_path / "ds" / "manifest.json").mkdir(parents=True)  # a local failure: no object-store advice
+        open_dataset(str(tmp_path / "ds"))
 
 
 def test_an_unreachable_ray_address_fails_fast():

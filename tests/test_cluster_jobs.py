@@ -141,6 +141,12 @@ def test_a_data_prep_job_runs_through_the_jobs_api(dataset, s3):
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and f"dataset {STORAGE}/data  id {manifest['dataset_id']}" in shown.stdout
     assert shown.stdout.count("\n[") == 2, shown.stdout + shown.stderr
+    for name in ("manifest.json", manifest["tokenizer"]["file"]):  # a copy whose shards were never uploaded
+        fs.copy(f"{BUCKET}/cluster/data/{name}", f"{BUCKET}/cluster/partial/{name}")
+    partial = subprocess.run([sys.executable, "-m", "data_prep", "inspect", f"{STORAGE}/partial", "-n", "2"],
+                             env=env(), capture_output=True, text=True, timeout=120)
+    assert partial.returncode == 1 and "Traceback" not in partial.stderr, partial.stderr
+    assert f"cannot read '{STORAGE}/partial/{shards[0]}' (FileNotFoundError" in partial.stderr, partial.stderr
     status = cluster("status", "prep-1", cwd=root)  # the address comes from `up`'s record in this directory
     assert status.returncode == 0 and "prep-1  SUCCEEDED" in status.stdout
     by_name = cluster("status", "prep", cwd=root)  # a job's name: its newest submission

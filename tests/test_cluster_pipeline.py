@@ -79,7 +79,8 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)  # (not the registry an earlier test set process-wide)
     version = client.get_model_version_by_alias("small-bert", "champion")
     assert str(version.version) == "1"
     pretrain_run = client.get_run(version.run_id)
@@ -120,7 +121,8 @@ def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pi
     assert first.returncode == 0
     from mlflow.tracking import MlflowClient
 
-    run_id = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_model_version_by_alias("small-bert", "champion").run_id
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    run_id = MlflowClient(store, registry_uri=store).get_model_version_by_alias("small-bert", "champion").run_id
     env = {**pretrain_env(), **env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
 
     def pretrain(*args):

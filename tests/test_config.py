@@ -111,6 +111,36 @@ def test_finetune_config_errors_name_the_key():
         load_config(FinetuneConfig, base, ["precision=fp16"])
     with pytest.raises(ConfigError, match="task.text_feild"):
         load_config(FinetuneConfig, base, ["task.text_feild=x"])
+    with pytest.raises(ConfigError, match=r"deepspeed.config.gradient_accumulation_steps is set from "
+                                          r"train.micro_batch_size \(fine-tuning does not accumulate\)"):
+        load_config(FinetuneConfig, base, ["deepspeed.config={gradient_accumulation_steps: 2}"])
+
+
+def test_deepspeed_passthrough_keeps_to_what_the_config_does_not_set():
+    """deepspeed.config may add DeepSpeed keys, not replace the ones the config's keys set; DeepSpeed's refusal of
+    a merged key names it, other DeepSpeed errors are left as they are."""
+    from pydantic import BaseModel, ValidationError
+
+    from pretrain.config import PretrainConfig
+    from pretrain.engine import _about
+
+    for extra, ours in (("{optimizer: {type: Adam}}", "train.optimizer"), ("{gradient_clipping: 5}", "train.grad_clip"),
+                        ("{zero_optimization: {stage: 3}}", "deepspeed.zero_stage")):
+        with pytest.raises(ConfigError, match=f"is set from {ours}"):
+            load_config(PretrainConfig, None, ["data.dataset=d", f"deepspeed.config={extra}"])
+    cfg = load_config(PretrainConfig, None, ["data.dataset=d", "deepspeed.config={zero_optimization: {overlap_comm: "
+                                             "false}, bf16: {enabled: true}, torch_autocast: {enabled: false}}"])
+    assert cfg.deepspeed.config["bf16"] == {"enabled": True}
+
+    class Strict(BaseModel):
+        n: int
+
+    with pytest.raises(ValidationError) as refused:
+        Strict(n="many")
+    merged = ["deepspeed.config.zero_optimization.overlap_comm"]
+    assert _about(refused.value, merged) and _about(AssertionError("overlap_comm needs ZeRO >= 1"), merged)
+    assert not _about(AssertionError("a tensor of the model is not on the device"), merged)
+    assert not _about(refused.value, [])
 
 
 def test_pretrain_batch_arithmetic_and_schedules():

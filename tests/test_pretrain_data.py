@@ -104,11 +104,14 @@ def test_not_a_dataset_is_a_clear_error(ds, tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         open_dataset(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"files": ["a.tar"]}')  # someone else's manifest
+    with pytest.raises(DatasetError, match="format.name is not 'bert-pretraining-webdataset': it is not a manifest"):
+        open_dataset(str(tmp_path))
     damaged = json.loads(json.dumps(ds.manifest))
     del damaged["tokenizer"]["vocab_size"]
     del damaged["splits"]["val"]["shards"][0]["sha256"]
     (tmp_path / "manifest.json").write_text(json.dumps(damaged))
-    with pytest.raises(DatasetError, match="key tokenizer.vocab_size is missing; it was not written by data_prep"):
+    with pytest.raises(DatasetError, match="key tokenizer.vocab_size is missing; rebuild it with"):
         open_dataset(str(tmp_path))
     damaged["tokenizer"]["vocab_size"] = 8000
     (tmp_path / "manifest.json").write_text(json.dumps(damaged))

@@ -32,7 +32,7 @@ def trained(tmp_path_factory, train_dataset):
     return tmp, f"sqlite:///{tmp / 'mlflow.db'}"
 
 
-def test_register_pull_and_predict(trained):
+def test_register_pull_and_predict(trained, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -81,6 +81,15 @@ def test_register_pull_and_predict(trained):
         assert (model_files(out) / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
     _pyfunc_loads_without_the_project_installed(tmp / "pulled-tiny-bert-champion", tmp)
+    # registered again from a newer project (its requirements differ): version 1's files stay as they are
+    from pretrain import tracking
+
+    monkeypatch.setattr(tracking, "PYFUNC_REQUIREMENTS", (*tracking.PYFUNC_REQUIREMENTS, "packaging"))
+    again = tracking.register(model_files(tmp / "pulled-1"), "tiny-bert", "champion", uri)
+    assert again["version"] == "1" and again["reused"]
+    stored = client.download_artifacts(training_run, "registered-model/step-00000010/requirements.txt",
+                                       str(tmp / "stored"))
+    assert "packaging" not in open(stored).read()
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -111,7 +111,7 @@ def test_a_cut_registration_leaves_nothing_broken_and_a_rerun_completes_it(tmp_p
     for cut_at, nth in (("mlflow-artifacts/artifacts/", 3), ("model-versions/create", 1)):
         proxy = CuttingProxy(server, cut_at, nth)
         failed = _register(tmp_path, proxy.port)
-        assert proxy.tripped.is_set(), cut_at
+        assert proxy.tripped.is_set(), (cut_at, failed.returncode, failed.stdout[-1500:], failed.stderr[-1500:])
         assert failed.returncode == 1, failed.stderr[-2000:]
         assert "rerun the same command to complete the registration" in failed.stderr
         assert "Traceback" not in failed.stderr
