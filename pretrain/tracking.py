@@ -504,6 +504,7 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     import shutil
 
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pretrain.export import publish, verify
 
@@ -511,22 +512,30 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)  # `models:/` URIs resolve through the registry, not the tracking URI
     try:
+        source = model_uri
+        if model_uri.startswith("models:/"):  # resolved here: MLflow would use the process-wide registry URI
+            v = resolve_model_uri(model_uri, uri)
+            source = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(v["name"], v["version"])
         with _progress_bar(sys.stderr.isatty()):  # for a person at a terminal, not in a job's log
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp), tracking_uri=uri)
-        problems = verify(model_files(tmp))
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 (MLflow, HTTP and file errors alike: nothing half-pulled stays)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
+    try:  # (a directory's URI is downloaded into tmp/<its name>)
+        problems = verify(model_files(got))
+    except Exception as e:  # noqa: BLE001 (not our model, or unreadable: nothing half-pulled stays)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RegistryError):
             raise
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
-            from None
+        raise RegistryError(f"{model_uri} cannot be checked ({type(e).__name__}: {e}); pull it again") from None
     if problems:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RegistryError(f"{model_uri} failed verification ({'; '.join(problems[:3])}); pull it again")
-    return publish(tmp, out)
+    published = publish(got, out)
+    shutil.rmtree(tmp, ignore_errors=True)  # (the folder around `got`, when there is one)
+    return published
 
 
 def resolve_model_uri(model_uri: str, uri: str) -> dict:

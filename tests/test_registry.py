@@ -70,6 +70,14 @@ def test_register_pull_and_predict(trained, monkeypatch):
                cwd=tmp)
     assert bad.returncode == 1 and "is incomplete or damaged: client.json has 0 bytes" in bad.stderr, bad.stderr
 
+    from pretrain.tracking import pull
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    pull("models:/tiny-bert/1", tmp / "pulled-in-process", uri)  # (the CLI's pull, in this process)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before, "pull changed process-wide MLflow URIs"
+    by_run = pull(f"runs:/{training_run}/registered-model/step-00000010", tmp / "pulled-by-run", uri)
+    assert (by_run / "MLmodel").is_file() and (model_files(by_run) / "model.safetensors").is_file()
+    assert not (tmp / "pulled-by-run.partial").exists()
     for model_uri in ("models:/tiny-bert@champion", "models:/tiny-bert/1"):
         out = tmp / ("pulled-" + model_uri.split("/")[-1].replace("@", "-"))
         pulled = _cli("pull", model_uri, "--out", str(out), "--tracking-uri", uri, cwd=tmp)
