@@ -445,7 +445,7 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     path = registered_path(training["step"], pooling, json.loads((model_dir / "config.json").read_text()))
 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)
-    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"
+    source = _version_source(client, run_id, path)
     if not [v for v in client.search_model_versions(f"run_id='{run_id}'") if v.source == source]:
         _upload(client, run_id, path, uri, model_dir, code, model_config, signature, stage)
     # else: a version holds these files already; they stay as they are (this project's code or its requirements
@@ -621,10 +621,17 @@ def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: s
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _version_source(client, run_id: str, path: str) -> str:
+    """The source a version registered from `path` in run `run_id` records (how versions are matched to files)."""
+    return f"{client.get_run(run_id).info.artifact_uri}/{path}"
+
+
 def registered_path(step: int, pooling: str, config: dict | None = None) -> str:
     """Where in its run a version's files go: one place per checkpoint step and, for an encoder, per pooling
     (uploading a second pooling over the first would change a version already registered)."""
-    classifier = (config or {}).get("format", {}).get("name") == "bertforge-classifier"
+    from pretrain.export import CLASSIFIER_FORMAT
+
+    classifier = (config or {}).get("format", {}).get("name") == CLASSIFIER_FORMAT["name"]
     return f"{REGISTERED_DIR}/step-{step:08d}" + ("" if classifier or pooling == "cls" else f"-{pooling}")
 
 
@@ -638,7 +645,7 @@ def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: s
         return None
     try:
         client = MlflowClient(uri, registry_uri=uri)
-        source = f"{client.get_run(run_id).info.artifact_uri}/{registered_path(record['step'], pooling)}"
+        source = _version_source(client, run_id, registered_path(record["step"], pooling))
         versions = [v for v in client.search_model_versions(f"name='{name}'")
                     if v.source == source and v.tags.get("pooling") == pooling]
         if not versions:
