@@ -113,30 +113,40 @@ def main(argv: list[str] | None = None) -> int:
         return _registry(args)
     if args.command == "finetune":
         return _finetune(args)
-    from pretrain.checkpoint import CheckpointError
     from pretrain.config import PretrainConfig
-    from pretrain.train import EXIT_PREEMPTED, NumericsError, train
 
-    summary = _run(PretrainConfig, args.config, args.overrides, train, (CheckpointError, DatasetError, NumericsError))
+    def job():
+        from pretrain.checkpoint import CheckpointError
+        from pretrain.train import NumericsError, train
+
+        return train, (CheckpointError, DatasetError, NumericsError)
+
+    summary = _run(PretrainConfig, args.config, args.overrides, job)
     if isinstance(summary, int):
         return summary
+    from pretrain.train import EXIT_PREEMPTED
+
     return EXIT_PREEMPTED if summary["preempted"] else EXIT_OK
 
 
-def _run(schema, config: str, overrides: list[str], job, errors: tuple) -> dict | int:
-    """Validate the config, run `job` on it, and leave no process group behind: its summary, or an exit status
-    after printing the error (a bad config: usage; `errors` or a setup problem: failed)."""
-    import torch.distributed as dist
+def _run(schema, config: str, overrides: list[str], job) -> dict | int:
+    """Validate the config, run the job on it, and leave no process group behind: its summary, or an exit status
+    after printing the error (a bad config: usage; the job's own errors or a setup problem: failed).
 
-    from pretrain.engine import SetupError
-
+    `job()` imports the job and returns it with the errors it reports: torch and DeepSpeed load only once the
+    config is known to be good, so a bad one is reported at once."""
     try:
         cfg = load_config(schema, config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    import torch.distributed as dist
+
+    from pretrain.engine import SetupError
+
+    run, errors = job()
     try:
-        return job(cfg)
+        return run(cfg)
     except (SetupError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -208,11 +218,15 @@ def _finetune(args) -> int:
     if alias:
         overrides.append(f"registry.alias={json.dumps(alias)}")
     from pretrain.config import FinetuneConfig
-    from pretrain.export import ExportError
-    from pretrain.finetune import FinetuneError, finetune
-    from pretrain.tasks import TaskError
 
-    summary = _run(FinetuneConfig, args.config, overrides, finetune, (FinetuneError, TaskError, ExportError))
+    def job():
+        from pretrain.export import ExportError
+        from pretrain.finetune import FinetuneError, finetune
+        from pretrain.tasks import TaskError
+
+        return finetune, (FinetuneError, TaskError, ExportError)
+
+    summary = _run(FinetuneConfig, args.config, overrides, job)
     if isinstance(summary, int):
         return summary
     return EXIT_FAILED if summary.get("register_error") else EXIT_OK

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from data_prep.configfile import Section, config_hash, dotted
-from pretrain.model import PRESETS, ModelConfig, preset
+from pretrain.presets import PRESETS, ModelConfig, preset
 
 
 class DataConfig(Section):
@@ -23,7 +23,7 @@ class DataConfig(Section):
 
 
 class ModelSection(Section):
-    """`preset` plus any field of `pretrain.model.ModelConfig` to override (vocab_size comes from the dataset)."""
+    """`preset` plus any field of `pretrain.presets.ModelConfig` to override (vocab_size comes from the dataset)."""
 
     preset: Literal[tuple(PRESETS)] = "base"  # type: ignore[valid-type]
     hidden_size: int | None = Field(None, ge=8)

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,26 +342,30 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
+_OUTPUT_SWAP = threading.Lock()
+
+
 @contextlib.contextmanager
 def _output_of(module, into: io.StringIO) -> Iterator[None]:
     """Send what `module` prints (print, tqdm bars) to `into` for the block. Only that module's: swapping
     sys.stdout would also take the lines other threads print meanwhile (the tracker's, during a registration
-    inside training)."""
+    inside training). The swap is of module globals, so blocks in different threads take turns."""
     from tqdm import tqdm
 
     def quiet_print(*args, **kwargs):
         print(*args, **{**kwargs, "file": into})
 
-    saved = {name: module.__dict__[name] for name in ("print", "tqdm") if name in module.__dict__}
-    module.print, module.tqdm = quiet_print, functools.partial(tqdm, file=into)
-    try:
-        yield
-    finally:
-        for name in ("print", "tqdm"):
-            if name in saved:
-                setattr(module, name, saved[name])
-            else:
-                delattr(module, name)
+    with _OUTPUT_SWAP:
+        saved = {name: module.__dict__[name] for name in ("print", "tqdm") if name in module.__dict__}
+        module.print, module.tqdm = quiet_print, functools.partial(tqdm, file=into)
+        try:
+            yield
+        finally:
+            for name in ("print", "tqdm"):
+                if name in saved:
+                    setattr(module, name, saved[name])
+                else:
+                    delattr(module, name)
 
 
 def engine_weights(engine) -> dict[str, torch.Tensor]:

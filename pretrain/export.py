@@ -26,7 +26,8 @@ from data_prep import storage
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
-from pretrain.model import BertForPretraining, BertForSequenceClassification, ModelConfig
+from pretrain.model import BertForPretraining, BertForSequenceClassification
+from pretrain.presets import ModelConfig
 from pretrain.tracking import METRICS_FILE
 
 FORMAT = {"name": "bertforge-model", "version": 1}                 # a pretrained encoder with MLM/NSP heads

@@ -31,7 +31,8 @@ from data_prep.configfile import flatten
 from data_prep.tokenizer import sha256_file
 from pretrain.config import FinetuneConfig
 from pretrain.export import CLASSIFIER_FORMAT, ExportError, load_model, resolve_model, write_model_dir
-from pretrain.model import BertForSequenceClassification, ModelConfig
+from pretrain.model import BertForSequenceClassification
+from pretrain.presets import ModelConfig
 from pretrain.tasks import Rows, label_ids, label_names, read_rows, scores, stratified_split
 from pretrain.text import encode
 from pretrain.tracking import RegistryError, Tracker, register

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data_prep.config import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
-from pretrain.model import ModelConfig
+from pretrain.presets import ModelConfig
 
 # (our name pattern, transformers' name); {i} is a layer index.
 _NAMES = [

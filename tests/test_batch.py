@@ -11,7 +11,8 @@ import webdataset as wds
 
 from data_prep.config import CLS_ID, MASK_ID, SEP_ID
 from pretrain.batch import Collator
-from pretrain.model import BertForPretraining, pretraining_loss, preset
+from pretrain.model import BertForPretraining, pretraining_loss
+from pretrain.presets import preset
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,9 @@ def test_deepspeed_passthrough_keeps_to_what_the_config_does_not_set():
     from pretrain.engine import _about
 
     for extra, ours in (("{optimizer: {type: Adam}}", "train.optimizer"), ("{gradient_clipping: 5}", "train.grad_clip"),
-                        ("{zero_optimization: {stage: 3}}", "deepspeed.zero_stage")):
+                        ("{zero_optimization: {stage: 3}}", "deepspeed.zero_stage"),
+                        ("{gradient_accumulation_steps: 4}", "train.global_batch_size and train.micro_batch_size: "
+                                                             "set that instead")):
         with pytest.raises(ConfigError, match=f"is set from {ours}"):
             load_config(PretrainConfig, None, ["data.dataset=d", f"deepspeed.config={extra}"])
     cfg = load_config(PretrainConfig, None, ["data.dataset=d", "deepspeed.config={zero_optimization: {overlap_comm: "

@@ -23,7 +23,8 @@ sys.path[:0] = [{root!r}, {bench!r}]
 import torch
 import gpu_throughput as g
 from pretrain.engine import init_distributed
-from pretrain.model import BertForPretraining, preset
+from pretrain.model import BertForPretraining
+from pretrain.presets import preset
 
 device = init_distributed().device
 g.OURS.update({{"zero1": (True, False, False, 1, {{}}), "zero0": (True, False, False, 0, {{}}),

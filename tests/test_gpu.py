@@ -73,7 +73,8 @@ def test_varlen_attention_on_gpu_computes_what_the_padded_path_does():
     bf16 under autocast, eager and compiled, it gives the padded path's outputs and gradients."""
     from test_model import batch
 
-    from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, preset
+    from pretrain.model import BertForPretraining, compile_layers, pretraining_loss
+    from pretrain.presets import preset
 
     torch.manual_seed(0)
     c = preset("mini", 500, dropout=0.0, attention_dropout=0.0)

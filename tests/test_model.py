@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from pretrain.hf_compat import hf_config_fields, to_hf_state_dict
-from pretrain.model import (
-    PRESETS,
-    BertForPretraining,
-    ModelConfig,
-    compile_layers,
-    padded_vocab,
-    pretraining_loss,
-    preset,
-)
+from pretrain.model import BertForPretraining, compile_layers, pretraining_loss
+from pretrain.presets import PRESETS, ModelConfig, padded_vocab, preset
 
 
 def batch(c: ModelConfig, B: int = 3, L: int = 24, seed: int = 0):

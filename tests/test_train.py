@@ -242,8 +242,6 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
     ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
     ("deepspeed.config={{zero_optimization: {{stagee: 2}}}}", 1, "DeepSpeed refused its config, into which "
      "deepspeed.config merged deepspeed.config.zero_optimization.stagee: 1 validation error"),
-    ("deepspeed.config={{gradient_accumulation_steps: 4}}", 2, "deepspeed.config.gradient_accumulation_steps is set "
-     "from train.global_batch_size and train.micro_batch_size: set that instead"),
 ])
 def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, message):
     cfg = write_config(tmp_path, train_dataset, train__max_steps=1, data__eval_examples=0)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pretrain.hf_compat import hf_config_fields  # noqa: E402
-from pretrain.model import BertForPretraining, pretraining_loss, preset  # noqa: E402
+from pretrain.model import BertForPretraining, pretraining_loss  # noqa: E402
+from pretrain.presets import preset  # noqa: E402
 
 
 def make_batches(vocab: int, n: int, batch: int, seq: int, seed: int = 0, min_fill: float = 0.8) -> list[dict]:

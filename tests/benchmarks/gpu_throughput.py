@@ -47,7 +47,8 @@ from cpu_model_throughput import make_batches  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.engine import batching, build_engine, init_distributed  # noqa: E402
 from pretrain.hf_compat import hf_config_fields  # noqa: E402
-from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, preset, training_flops  # noqa: E402
+from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, training_flops  # noqa: E402
+from pretrain.presets import preset  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 from torch.profiler import profile as torch_profile  # noqa: E402
 
