@@ -213,3 +213,26 @@ def test_data_prep_run_takes_overwrite_before_or_after_the_config():
     assert before.overwrite and before.config == "c.yaml" and before.overrides == ["output=x"]
     after = _parser().parse_args(["run", "c.yaml", "output=x", "--overwrite"])
     assert not after.overwrite and after.overrides == ["output=x", "--overwrite"]  # (_run reads it from there)
+
+
+CHECK_WITHOUT_TORCH = """
+import sys
+from cluster.cli import main as cluster
+from pretrain.cli import main as pretrain
+codes = [pretrain(["train", "configs/pretrain/quickstart.yaml", "train.optimiser=lamb"]),
+         pretrain(["finetune", "configs/finetune/classify.yaml", "init=scratch"]),
+         cluster(["validate", "configs/jobs/quickstart.yaml"])]
+print(codes, sorted(m for m in ("torch", "deepspeed", "ray", "mlflow") if m in sys.modules))
+"""
+
+
+def test_a_config_is_checked_without_loading_torch():
+    """A bad override is reported at once, and a cluster job validates, without importing torch (seconds)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[2, 2, 0] []", out.stdout + out.stderr[-2000:]
+    assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
