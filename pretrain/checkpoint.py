@@ -20,6 +20,9 @@ Cluster jobs whose storage is an object store upload every checkpoint (cluster/l
         complete.json           every file with its size, uploaded last: the marker of a usable checkpoint
 
 `fetch` turns one back into a local checkpoint directory that export, registration and resume read.
+
+Only `save` and `load` need torch, and import it: the layout's readers serve commands that load no weights
+(`pretrain pull`, a refused registration) without its seconds of import.
 """
 
 from __future__ import annotations
@@ -29,9 +32,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 from data_prep import storage
 from data_prep.shards import fsync_dir
@@ -56,6 +56,8 @@ def tag(step: int) -> str:
 
 
 def rng_state() -> dict:
+    import torch
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -63,6 +65,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -71,6 +75,9 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> Path:
     """Write a checkpoint of `step` from every rank (a collective call) and commit it; returns its path."""
+    import torch
+    import torch.distributed as dist
+
     root = Path(directory)
     rank = dist.get_rank()
     partial = root / (tag(step) + PARTIAL)
@@ -86,7 +93,7 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
     failure = [None]
     if rank == 0:
         try:
-            _commit(partial, final, client, step)
+            _commit(partial, final, client, step, dist.get_world_size())
             prune(root, keep, step)
         except OSError as e:  # every rank must hear of it, or the others would wait at the next collective
             failure = [f"committing checkpoint {final} failed: {e}"]
@@ -96,7 +103,7 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
     return final
 
 
-def _commit(partial: Path, final: Path, client: dict, step: int) -> None:
+def _commit(partial: Path, final: Path, client: dict, step: int, world: int) -> None:
     write_json_atomic(partial / CLIENT, client)
     files = {}
     for p in sorted(partial.rglob("*")):
@@ -104,7 +111,7 @@ def _commit(partial: Path, final: Path, client: dict, step: int) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[str(p.relative_to(partial))] = p.stat().st_size
-    write_json_atomic(partial / COMMIT, {"step": step, "world_size": dist.get_world_size(), "files": files})
+    write_json_atomic(partial / COMMIT, {"step": step, "world_size": world, "files": files})
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     fsync_dir(final.parent)
@@ -188,6 +195,9 @@ def read_client(path: str | Path) -> dict:
 
 def load(engine, path: Path) -> None:
     """Load the DeepSpeed state and this rank's RNG state from the committed checkpoint at `path`."""
+    import torch
+    import torch.distributed as dist
+
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

@@ -18,17 +18,17 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from data_prep import storage
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
-from pretrain.model import BertForPretraining, BertForSequenceClassification
 from pretrain.presets import ModelConfig
 from pretrain.tracking import METRICS_FILE
+
+if TYPE_CHECKING:  # torch loads where weights are read or written: checking, publishing and pulling need none
+    import torch
 
 FORMAT = {"name": "bertforge-model", "version": 1}                 # a pretrained encoder with MLM/NSP heads
 CLASSIFIER_FORMAT = {"name": "bertforge-classifier", "version": 1}  # a fine-tuned sequence classifier
@@ -138,7 +138,10 @@ def export(source: str | Path, out: str | Path) -> Path:
 
 def export_step(step_dir: Path, where: str, out: Path) -> Path:
     """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
+    import torch
+
     from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
+    from pretrain.model import BertForPretraining
 
     why = checkpoint.problems(step_dir)
     if why:
@@ -186,6 +189,8 @@ def export_step(step_dir: Path, where: str, out: Path) -> Path:
 def write_model_dir(out: Path, weights: dict[str, torch.Tensor], tokenizer: Path, config: dict, dataset: dict,
                     training: dict) -> Path:
     """Write a model directory to `out` atomically (`out.partial`, then a rename): `out` appears whole or not at all."""
+    from safetensors.torch import save_file
+
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)
@@ -230,6 +235,10 @@ def verify(model_dir: str | Path) -> list[str]:
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, config.json) from a verified model directory: a `BertForPretraining` (pretrained)
     or a `BertForSequenceClassification` (fine-tuned)."""
+    from safetensors.torch import load_file
+
+    from pretrain.model import BertForPretraining, BertForSequenceClassification
+
     d = Path(model_dir)
     problems = verify(d)
     if problems:

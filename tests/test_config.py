@@ -223,16 +223,20 @@ codes = [pretrain(["train", "configs/pretrain/quickstart.yaml", "train.optimiser
          pretrain(["finetune", "configs/finetune/classify.yaml", "init=scratch"]),
          cluster(["validate", "configs/jobs/quickstart.yaml"])]
 print(codes, sorted(m for m in ("torch", "deepspeed", "ray", "mlflow") if m in sys.modules))
+codes.append(pretrain(["pull", "models:/x/1", "--out", "x", "--tracking-uri", "sqlite:///no/such/mlflow.db"]))
+print(codes, sorted(m for m in ("torch", "deepspeed", "ray") if m in sys.modules))  # a pull loads no weights
 """
 
 
 def test_a_config_is_checked_without_loading_torch():
-    """A bad override is reported at once, and a cluster job validates, without importing torch (seconds)."""
+    """A bad override is reported at once, and a cluster job validates, without importing torch (seconds); a pull
+    needs MLflow but not torch."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "[2, 2, 0] []", out.stdout + out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["[2, 2, 0] []", "[2, 2, 0, 1] []"], out.stdout + out.stderr[-2000:]
     assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
+    assert "there is no MLflow store" in out.stderr
