@@ -294,3 +294,64 @@ def s3(tmp_path_factory):
     server.terminate()
     server.wait(10)
     log.close()
+
+
+ISOLATED_LOAD = """
+import ast, importlib.util, json, sys
+from pathlib import Path
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", {repo!r})]
+assert importlib.util.find_spec("pretrain") is None, "the project is still importable"
+import mlflow
+model = mlflow.pyfunc.load_model({model!r})
+out = model.predict(["The river carries stone."])
+import pretrain
+from importlib.metadata import packages_distributions
+code = Path(pretrain.__file__).parents[1]
+ours = set()  # the top-level modules the project's code imports, and this process has loaded
+for f in code.rglob("*.py"):
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            ours |= {{a.name.split(".")[0] for a in node.names}}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            ours.add(node.module.split(".")[0])
+ours = {{m for m in ours if m in sys.modules and m not in sys.stdlib_module_names and m not in ("pretrain", "data_prep")}}
+names = packages_distributions()
+print("RESULT " + json.dumps({{"shape": list(out.shape), "pretrain": pretrain.__file__,
+                              "dists": sorted({{d for m in ours for d in names.get(m, [m])}})}}))
+"""
+
+
+def pyfunc_loads_without_the_project_installed(model_dir: Path, cwd: Path, shape: list[int]) -> None:
+    """A version is self-contained: its pyfunc loads from the project code it carries, and every distribution that
+    code imports is in its requirements.txt (or required by one that is), which is what `mlflow models serve`
+    installs."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    code = ISOLATED_LOAD.format(repo=str(REPO), model=str(model_dir))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert got["shape"] == shape and got["pretrain"].startswith(str(model_dir / "code"))
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    listed = [Requirement(line).name for line in (model_dir / "requirements.txt").read_text().split()
+              if line and not line.startswith("-")]
+    assert "bertforge" not in map(norm, listed)
+    closure, todo = set(), list(listed)
+    while todo:
+        name = norm(todo.pop())
+        if name in closure:
+            continue
+        closure.add(name)
+        try:
+            todo += [r.name for r in map(Requirement, requires(name) or [])
+                     if r.marker is None or r.marker.evaluate({"extra": ""})]
+        except PackageNotFoundError:
+            pass
+    unlisted = {norm(d) for d in got["dists"]} - closure
+    assert not unlisted, f"imported but not required: {sorted(unlisted)}"

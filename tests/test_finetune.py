@@ -10,7 +10,15 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import pretrain_config, pretrain_env, run_pretrain, small_config, write_topic_corpus, write_topic_task
+from conftest import (
+    pretrain_config,
+    pretrain_env,
+    pyfunc_loads_without_the_project_installed,
+    run_pretrain,
+    small_config,
+    write_topic_corpus,
+    write_topic_task,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +108,10 @@ def test_fine_tuning_a_registered_model_beats_random_init(registered):
     pred = pyfunc.predict(texts)
     assert list(pred.columns) == ["label", "score"] and set(pred["label"]) <= {"animal", "tool"}
     assert ((pred["score"] >= 0.5) & (pred["score"] <= 1.0)).all()
+    from pretrain.tracking import pull
+
+    pulled = pull("models:/topic-classifier@champion", tmp / "pulled-classifier", uri)
+    pyfunc_loads_without_the_project_installed(pulled, tmp, shape=[1, 2])  # a label and its score
 
 
 def test_a_pair_task_from_csv_with_string_labels(registered, tmp_path):
