@@ -152,6 +152,8 @@ def problems(path: Path) -> list[str]:
         record = json.loads(commit.read_text())
     except ValueError:
         return [f"{COMMIT} is not valid JSON"]
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return [f"{COMMIT} has no file list"]
     out = []
     for name, size in record["files"].items():
         p = path / name

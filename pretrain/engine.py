@@ -342,7 +342,7 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
-_OUTPUT_SWAP = threading.Lock()
+_OUTPUT_SWAP = threading.RLock()  # (re-entrant: a block nested in one thread restores in order)
 
 
 @contextlib.contextmanager

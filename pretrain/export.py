@@ -138,11 +138,6 @@ def export(source: str | Path, out: str | Path) -> Path:
 
 def export_step(step_dir: Path, where: str, out: Path) -> Path:
     """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
-    import torch
-
-    from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
-    from pretrain.model import BertForPretraining
-
     why = checkpoint.problems(step_dir)
     if why:
         raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
@@ -158,6 +153,11 @@ def export_step(step_dir: Path, where: str, out: Path) -> Path:
     steps = [c.resolve() for c in checkpoint.committed(root)]
     if out == r or out in r.parents or any(out == c or c in out.parents for c in steps):
         raise ExportError(f"--out {out} would overwrite the checkpoints in {root}; choose a directory outside it")
+    import torch  # (after the checks above, which need none of it)
+
+    from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
+    from pretrain.model import BertForPretraining
+
     weights = checkpoint_weights(step_dir, stage)
     low = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values() if w.dtype != torch.float32})
     if low:  # DeepSpeed's fp16 mode without ZeRO: the module holds fp16 copies of the weights

@@ -97,6 +97,50 @@ def _consolidation_keeps_other_threads_output(step_dir, stage, capsys):
     assert {name: zero_to_fp32.__dict__.get(name) for name in ("print", "tqdm")} == before
 
 
+def test_output_swaps_in_two_threads_take_turns():
+    """Two blocks capturing one module's output in different threads, the second entered while the first is
+    inside: each restores what it found, so the module ends as it began (interleaved, the first's capture
+    would stay behind)."""
+    import io
+    import threading
+    import types
+
+    from pretrain.engine import _output_of
+
+    module = types.ModuleType("chatty")
+    inside = {name: threading.Event() for name in ("a", "b")}
+    leave = {name: threading.Event() for name in ("a", "b")}
+
+    def block(name):
+        with _output_of(module, io.StringIO()):
+            inside[name].set()
+            leave[name].wait(10)
+
+    threads = {name: threading.Thread(target=block, args=(name,)) for name in ("a", "b")}
+    threads["a"].start()
+    assert inside["a"].wait(10)
+    threads["b"].start()
+    assert not inside["b"].wait(0.5), "a second block entered while the first held the module"
+    leave["a"].set()
+    threads["a"].join(10)
+    assert inside["b"].wait(10)
+    leave["b"].set()
+    threads["b"].join(10)
+    assert "print" not in module.__dict__ and "tqdm" not in module.__dict__
+
+
+def test_a_commit_record_names_what_it_lacks(tmp_path):
+    from pretrain.checkpoint import problems
+
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    assert problems(step) == ["commit.json is missing"]
+    for text, why in (("{", "commit.json is not valid JSON"), ("[]", "commit.json has no file list"),
+                      ('{"step": 1}', "commit.json has no file list"), ('{"files": {"a": 3}}', "a is missing")):
+        (step / "commit.json").write_text(text)
+        assert problems(step) == [why], text
+
+
 def test_a_damaged_model_directory_is_refused(tmp_path):
     from pretrain.export import ExportError, export, load_model
 
