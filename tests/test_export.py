@@ -61,10 +61,9 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
 
 def _consolidation_keeps_other_threads_output(step_dir, stage, capsys):
     """DeepSpeed's consolidation chatter is held back; what another thread prints meanwhile (the tracker's lines,
-    when training registers a checkpoint) is not. Two consolidations at once leave DeepSpeed's module as it was."""
+    when training registers a checkpoint) is not; DeepSpeed's module is left as it was."""
     import threading
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from deepspeed.utils import zero_to_fp32
 
@@ -84,12 +83,10 @@ def _consolidation_keeps_other_threads_output(step_dir, stage, capsys):
     thread = threading.Thread(target=chatter)
     thread.start()
     try:
-        with ThreadPoolExecutor(2) as pool:
-            weights = [w.result() for w in [pool.submit(checkpoint_weights, step_dir, stage) for _ in range(2)]]
+        checkpoint_weights(step_dir, stage)
     finally:
         stop.set()
         thread.join()
-    assert weights[0].keys() == weights[1].keys()
     out = capsys.readouterr()
     numbers = [int(line.split()[1]) for line in out.out.splitlines() if line.startswith("line ")]
     assert numbers == list(range(len(numbers))) and len(numbers) > 3, "lines of another thread went missing"
