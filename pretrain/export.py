@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep import storage
+from data_prep.dataset import DatasetError, parse_manifest
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain import checkpoint
@@ -34,6 +35,7 @@ FORMAT = {"name": "bertforge-model", "version": 1}                 # a pretraine
 CLASSIFIER_FORMAT = {"name": "bertforge-classifier", "version": 1}  # a fine-tuned sequence classifier
 URI_SCHEMES = ("models:/", "runs:/")  # model sources resolved through MLflow
 MODEL_FILE, CONFIG_FILE, CHECKSUMS = "model.safetensors", "config.json", "checksums.json"
+CLIENT_KEYS = ("model", "config.deepspeed.zero_stage", "mlflow_run_id", "step", "samples")  # what export reads
 
 
 class ExportError(Exception):
@@ -136,17 +138,33 @@ def export(source: str | Path, out: str | Path) -> Path:
         return export_step(step_dir, where, Path(out))
 
 
+def _holds(tree: object, key: str) -> bool:
+    """Whether nested dicts `tree` have dotted `key` (its value may be None)."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
 def export_step(step_dir: Path, where: str, out: Path) -> Path:
     """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
     why = checkpoint.problems(step_dir)
     if why:
         raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
     root, client = step_dir.parent, checkpoint.read_client(step_dir)
+    lacks = [key for key in CLIENT_KEYS if not _holds(client, key)]
+    if lacks:
+        raise ExportError(f"checkpoint {step_dir}: {checkpoint.CLIENT} lacks {', '.join(lacks)}; it was not written "
+                          "by `pretrain train` (export an older checkpoint of the run, or retrain)")
     manifest_file, tokenizer = root / "manifest.json", root / "tokenizer" / "spm.model"
     for needed in (manifest_file, tokenizer):
         if not needed.is_file():
             raise ExportError(f"{needed} is missing: the checkpoint directory was not written by `pretrain train`")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = parse_manifest(manifest_file.read_text(), str(manifest_file))
+    except DatasetError as e:
+        raise ExportError(f"{e}; copy the dataset's manifest.json there") from None
     model_cfg = ModelConfig(**client["model"])
     stage = client["config"]["deepspeed"]["zero_stage"]
     out, r = Path(out).resolve(), root.resolve()

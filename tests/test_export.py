@@ -138,6 +138,29 @@ def test_a_commit_record_names_what_it_lacks(tmp_path):
         assert problems(step) == [why], text
 
 
+def test_a_checkpoint_whose_records_lack_keys_is_named(tmp_path):
+    """A committed checkpoint whose client record or manifest copy lacks what export reads: an error naming the
+    file and the keys, not a KeyError."""
+    from pretrain.export import ExportError, export
+
+    step = tmp_path / "ck" / "step-00000001"
+    step.mkdir(parents=True)
+
+    def record(client: dict) -> None:
+        (step / "client.json").write_text(json.dumps(client))
+        (step / "commit.json").write_text(json.dumps({"files": {"client.json": (step / "client.json").stat().st_size}}))
+
+    record({"step": 1, "model": {}})
+    with pytest.raises(ExportError, match=r"client.json lacks config.deepspeed.zero_stage, mlflow_run_id, samples"):
+        export(step, tmp_path / "out")
+    record({"step": 1, "samples": 8, "mlflow_run_id": None, "model": {}, "config": {"deepspeed": {"zero_stage": 1}}})
+    (tmp_path / "ck" / "tokenizer").mkdir()
+    (tmp_path / "ck" / "tokenizer" / "spm.model").write_bytes(b"x")
+    (tmp_path / "ck" / "manifest.json").write_text('{"format": {"name": "bert-pretraining-webdataset"}}')
+    with pytest.raises(ExportError, match=r"manifest.json' is not a complete manifest: key .* is missing.*; copy"):
+        export(step, tmp_path / "out")
+
+
 def test_a_damaged_model_directory_is_refused(tmp_path):
     from pretrain.export import ExportError, export, load_model
 
