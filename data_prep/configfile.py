@@ -68,10 +68,12 @@ def _parse_value(text: str, arg: str) -> Any:
         raise ConfigError(f"cannot parse the value of override '{arg}' as YAML: {e}") from None
 
 
-def dotted(tree: Any, key: str) -> Any:
-    """The value at dotted `key` ("a.b.c") of nested dicts; None where it is absent."""
+def dotted(tree: Any, key: str, default: Any = None) -> Any:
+    """The value at dotted `key` ("a.b.c") of nested dicts; `default` where it is absent."""
     for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
     return tree
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep import storage
+from data_prep.configfile import dotted
 from data_prep.dataset import DatasetError, parse_manifest
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
@@ -138,22 +139,14 @@ def export(source: str | Path, out: str | Path) -> Path:
         return export_step(step_dir, where, Path(out))
 
 
-def _holds(tree: object, key: str) -> bool:
-    """Whether nested dicts `tree` have dotted `key` (its value may be None)."""
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
-
-
 def export_step(step_dir: Path, where: str, out: Path) -> Path:
     """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
     why = checkpoint.problems(step_dir)
     if why:
         raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
     root, client = step_dir.parent, checkpoint.read_client(step_dir)
-    lacks = [key for key in CLIENT_KEYS if not _holds(client, key)]
+    absent = object()  # (a key present as None, mlflow_run_id without tracking, is there)
+    lacks = [key for key in CLIENT_KEYS if dotted(client, key, absent) is absent]
     if lacks:
         raise ExportError(f"checkpoint {step_dir}: {checkpoint.CLIENT} lacks {', '.join(lacks)}; it was not written "
                           "by `pretrain train` (export an older checkpoint of the run, or retrain)")
