@@ -1,5 +1,3 @@
-import sys
+from pretrain.cli import leave, main
 
-from pretrain.cli import main
-
-sys.exit(main())
+leave(main())

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import sys
 
 from data_prep.configfile import ConfigError, load_config
 from data_prep.dataset import DatasetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_joined = {"group": False}  # whether this process has been a member of a process group (see `leave`)
 
 TRAIN_HELP = """\
 Pretrain a BERT encoder (MLM + NSP) with DeepSpeed ZeRO on a dataset built by `python -m data_prep`.
@@ -152,7 +156,24 @@ def _run(schema, config: str, overrides: list[str], job) -> dict | int:
         return EXIT_FAILED
     finally:
         if dist.is_initialized():
+            _joined["group"] = True
             dist.destroy_process_group()
+
+
+def leave(status: int) -> None:
+    """End the process with `status`.
+
+    A process that was in a process group skips the interpreter's finalization (its exit handlers still run, and
+    its output is flushed): gloo's worker threads free the tensors of a finished collective on their own time, and
+    one that does so once finalization has begun cannot take the GIL and aborts the process ("terminate called
+    without an active exception", SIGABRT) after a run that succeeded. Destroying the process group does not stop
+    those threads while DeepSpeed still holds a reference to it."""
+    if not _joined["group"]:
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _export(args) -> int:

@@ -90,8 +90,9 @@ def prepare_deepspeed() -> None:
     ninja = bindir / ("ninja.exe" if os.name == "nt" else "ninja")
     if ninja.is_file() and Path(shutil.which("ninja") or "") != ninja:
         os.environ["PATH"] = os.pathsep.join(p for p in (str(bindir), os.environ.get("PATH")) if p)
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning)
     if torch.cuda.is_available():
         return  # (only the CPU accelerator builds that op; reading which ops may build costs a probe of each)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
