@@ -56,8 +56,11 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     root, _, out = pipeline
     fs = s3[1]
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    # Ray Train's placement-group cleaner reached this job's Ray, not the dead one: no 12 s stall, no traceback
-    assert "Traceback" not in out.stdout + out.stderr, out.stdout[-4000:] + out.stderr[-4000:]
+    # Ray Train's placement-group cleaner reached this job's Ray, not the dead one: no 12 s stall, no traceback.
+    # (On a machine too busy to start an actor within 5 s, Ray Train's controller logs its autoscaling request's
+    # timeout with a traceback, and says that it is safe to ignore then; that one is Ray's, not the job's.)
+    text = out.stdout + out.stderr
+    assert text.count("Traceback") == text.count("resource request for train-"), text[-8000:]
     assert "Processing zero checkpoint" not in out.stdout  # DeepSpeed's consolidation works quietly
     for notice in ("Token authentication is enabled", "Creating initial MLflow database tables", "PreemptionWatcher",
                    "Downloading artifacts"):

@@ -255,13 +255,14 @@ def test_help(small_corpus, tmp_path):
     assert r.returncode == 0 and "--overwrite" in r.stdout and "KEY=VALUE" in r.stdout
 
 
-def _ray_task_pids(name: str) -> list[int]:
+def _ray_task_pids(name: str, job: int) -> list[int]:
+    """The processes of job `job`'s Ray (its own local one) running the task `name`."""
     import psutil
 
     out = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.Process(job).children(recursive=True):
         try:
-            if any(name in part for part in (p.info["cmdline"] or [])):
+            if any(name in part for part in p.cmdline()):
                 out.append(p.pid)
         except psutil.Error:
             pass
@@ -281,7 +282,7 @@ def test_worker_killed_mid_task_is_retried(tmp_path, built):
         while not killed:
             assert proc.poll() is None, "the job ended before a worker could be killed"
             assert time.monotonic() < deadline
-            pids = _ray_task_pids("ray::write_unit")
+            pids = _ray_task_pids("ray::write_unit", proc.pid)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed = True
