@@ -232,6 +232,13 @@ def run_pretrain(config: Path, *overrides: str, nproc: int = 1, timeout: float =
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pretrain_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m pretrain ARGS` (export, register, pull, finetune) in a fresh process; `env` adds to
+    `pretrain_env()`."""
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd, env={**pretrain_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def read_metrics(ckdir: Path) -> dict[int, dict]:
     """metrics.jsonl by step; a step trained twice (after a resume) keeps its latest record."""
     out: dict[int, dict] = {}

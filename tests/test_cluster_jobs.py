@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def head(tmp_path_factory, s3):
 
         left = [p for p in psutil.process_iter(["cmdline"]) if state["temp_dir"] in " ".join(p.info["cmdline"] or ())]
         assert not left, f"processes left after down: {[p.pid for p in left]}"
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)  # the head's logs, which `down` leaves for the user
 
 
 def _job(root: Path, name: str, body: dict) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, free_port, pretrain_env, write_pipeline_job, write_topic_task
+from conftest import BUCKET, free_port, pretrain_cli, pretrain_env, write_pipeline_job, write_topic_task
 
 pytestmark = pytest.mark.slow
 
@@ -126,11 +126,10 @@ def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pi
 
     store = f"sqlite:///{root / 'mlflow.db'}"
     run_id = MlflowClient(store, registry_uri=store).get_model_version_by_alias("small-bert", "champion").run_id
-    env = {**pretrain_env(), **env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
 
     def pretrain(*args):
-        return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=300)
+        return pretrain_cli(*args, cwd=tmp_path, env=env)
 
     url = f"s3://{BUCKET}/pipeline/checkpoints"
     reg = pretrain("register", "--run", run_id, "--name", "from-bucket")

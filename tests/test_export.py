@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, pretrain_config, pretrain_env, run_pretrain
+from conftest import REPO, pretrain_cli, pretrain_config, run_pretrain
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -25,8 +23,7 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
     out = run_pretrain(cfg, nproc=nproc)
     assert out.returncode == 0, out.stderr[-3000:]
     model_dir = tmp_path / "model"
-    ex = subprocess.run([sys.executable, "-m", "pretrain", "export", str(tmp_path / "ck"), "--out", str(model_dir)],
-                        cwd=REPO, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    ex = pretrain_cli("export", str(tmp_path / "ck"), "--out", str(model_dir), cwd=REPO)
     assert ex.returncode == 0, ex.stderr[-3000:]
     assert "exported step 6" in ex.stdout
     from pretrain.export import ExportError, export

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    pretrain_cli,
     pretrain_config,
     pretrain_env,
     pyfunc_loads_without_the_project_installed,
@@ -24,10 +25,6 @@ pytestmark = pytest.mark.slow
 
 PRETRAIN_STEPS = 300  # the topic classes are learned by then (nouns of a class embed together)
 
-
-def _cli(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd, env=pretrain_env(), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def _printed(stdout: str, key: str) -> float:
@@ -53,7 +50,7 @@ def registered(tmp_path_factory, ray_local):
     (tmp / "pretrain.yaml").write_text(yaml.safe_dump(tree))
     out = run_pretrain(tmp / "pretrain.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
-    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "topic-bert", "--alias", "champion",
+    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "topic-bert", "--alias", "champion",
                "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-3000:]
     files = write_topic_task(tmp / "task")
@@ -76,7 +73,7 @@ def test_fine_tuning_a_registered_model_beats_random_init(registered):
     runs = {}
     for init in ("pretrained", "random"):
         extra = ["--register", "topic-classifier", "--alias", "champion"] if init == "pretrained" else []
-        out = _cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@champion", f"init={init}",
+        out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@champion", f"init={init}",
                    f"output={tmp / init}", *extra, cwd=tmp)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[init] = out.stdout
@@ -180,7 +177,7 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     from pretrain.text import encode
 
     tmp, uri = registered
-    out = _cli("export", "models:/topic-bert@champion", "--format", "hf", "--out", str(tmp_path / "hf"),
+    out = pretrain_cli("export", "models:/topic-bert@champion", "--format", "hf", "--out", str(tmp_path / "hf"),
                "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     texts = [json.loads(line)["text"] for line in (tmp / "task" / "test.jsonl").read_text().splitlines()[:6]]
@@ -212,7 +209,7 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     torch.testing.assert_close(nsp, ours_nsp, atol=1e-5, rtol=1e-5)
 
     clf_dir = _classifier(tmp, tmp_path)  # a fine-tuned model: BertForSequenceClassification with its labels
-    out = _cli("export", str(clf_dir), "--format", "hf", "--out", str(tmp_path / "hf-clf"), cwd=tmp)
+    out = pretrain_cli("export", str(clf_dir), "--format", "hf", "--out", str(tmp_path / "hf-clf"), cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     clf, _ = load_model(clf_dir)
     hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-clf").eval()
@@ -240,13 +237,13 @@ def _pulled(tmp, uri, tmp_path):
 
 def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     tmp, uri = registered
-    out = _cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp_path / 'nowhere'}", cwd=tmp)
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp_path / 'nowhere'}", cwd=tmp)
     assert out.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in out.stderr
-    out = _cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@no-such-alias", cwd=tmp)
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@no-such-alias", cwd=tmp)
     assert out.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in out.stderr
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"text": "a", "label": "animal"}\n{"text": "b", "label": "mineral"}\n')
-    out = _cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
                f"output={tmp_path / 'out'}", cwd=tmp)
     assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "out" / "model").exists()

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import yaml
 from conftest import (
+    pretrain_cli,
     pretrain_config,
-    pretrain_env,
     pyfunc_loads_without_the_project_installed,
     read_metrics,
     run_pretrain,
@@ -22,10 +20,6 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-
-def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=cwd, env=pretrain_env(), capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     from pretrain.tracking import model_files
 
     tmp, uri = trained
-    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert", "--alias", "champion",
+    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert", "--alias", "champion",
                "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-3000:]
     assert "registered tiny-bert version 1 with alias 'champion'" in reg.stdout
@@ -58,12 +52,12 @@ def test_register_pull_and_predict(trained, monkeypatch):
     manifest = json.loads((tmp / "ck" / "manifest.json").read_text())
     assert v.tags["dataset_id"] == manifest["dataset_id"] and v.tags["step"] == "10" and "eval/loss" in v.tags
 
-    again = _cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
+    again = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
                  "--tracking-uri", uri, cwd=tmp)
     assert again.returncode == 0 and "version 1" in again.stdout, again.stderr[-2000:]
     assert len(client.search_model_versions("name='tiny-bert'")) == 1, "a rerun registers nothing new"
     # the same checkpoint with the other pooling: a version of its own, which leaves version 1's files as they are
-    mean = _cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean", "--tracking-uri", uri,
+    mean = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean", "--tracking-uri", uri,
                 cwd=tmp)
     assert mean.returncode == 0 and "version 2" in mean.stdout, mean.stderr[-2000:]
     versions = {str(v.version): v for v in client.search_model_versions("name='tiny-bert'")}
@@ -72,7 +66,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     damaged = tmp / "damaged"
     shutil.copytree(tmp / "ck", damaged)
     (damaged / "step-00000010" / "client.json").write_text("")
-    bad = _cli("register", "--checkpoint", str(damaged / "step-00000010"), "--name", "x", "--tracking-uri", uri,
+    bad = pretrain_cli("register", "--checkpoint", str(damaged / "step-00000010"), "--name", "x", "--tracking-uri", uri,
                cwd=tmp)
     assert bad.returncode == 1 and "is incomplete or damaged: client.json has 0 bytes" in bad.stderr, bad.stderr
 
@@ -84,7 +78,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     by_run = pull(f"runs:/{training_run}/registered-model/step-00000010", tmp / "pulled-by-run", uri)
     assert (by_run / "MLmodel").is_file() and (model_files(by_run) / "model.safetensors").is_file()
     assert not (tmp / "pulled-by-run.partial").exists()
-    pulled = _cli("pull", "models:/tiny-bert@champion", "--out", str(tmp / "pulled-tiny-bert-champion"),
+    pulled = pretrain_cli("pull", "models:/tiny-bert@champion", "--out", str(tmp / "pulled-tiny-bert-champion"),
                   "--tracking-uri", uri, cwd=tmp)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     for out in (tmp / "pulled-tiny-bert-champion", tmp / "pulled-in-process"):  # by alias, by version number
@@ -120,17 +114,17 @@ def test_register_pull_and_predict(trained, monkeypatch):
 
 def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     tmp, uri = trained
-    out = _cli("pull", "models:/no-such-model/1", "--out", str(tmp / "x"), "--tracking-uri", uri, cwd=tmp)
+    out = pretrain_cli("pull", "models:/no-such-model/1", "--out", str(tmp / "x"), "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 1 and "cannot download models:/no-such-model/1" in out.stderr
     assert not (tmp / "x").exists() and not (tmp / "x.partial").exists()
 
-    reg = _cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri, cwd=tmp)
+    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-2000:]
     (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF  # bit rot in the store, same size
     stored.write_bytes(bytes(data))
-    out = _cli("pull", "models:/tiny-bert-2/1", "--out", str(tmp / "y"), "--tracking-uri", uri, cwd=tmp)
+    out = pretrain_cli("pull", "models:/tiny-bert-2/1", "--out", str(tmp / "y"), "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 1 and "model.safetensors differs from its checksum" in out.stderr
     assert not (tmp / "y").exists()
 
@@ -161,7 +155,7 @@ def test_training_registers_its_best_checkpoints(tmp_path, train_dataset):
 def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text("{}")
-    out = _cli("register", "--model", str(tmp_path / "data"), "--name", "x", "--tracking-uri",
+    out = pretrain_cli("register", "--model", str(tmp_path / "data"), "--name", "x", "--tracking-uri",
                f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert out.returncode == 1
     assert f"{tmp_path / 'data'} is not a model directory (config.json, training.json, dataset.json missing)" \
@@ -172,10 +166,10 @@ def test_reading_a_store_that_is_not_there_creates_none(tmp_path):
     """Run from the wrong directory, a read names the missing store rather than creating an empty one and
     reporting the model missing; a models:/ URI without a version says how to name one."""
     env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = _cli("pull", "models:/tiny-bert@champion", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
+    out = pretrain_cli("pull", "models:/tiny-bert@champion", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
     assert out.returncode == 1 and f"there is no MLflow store at {tmp_path / 'mlflow.db'}" in out.stderr, out.stderr
     assert not (tmp_path / "mlflow.db").exists()
     (tmp_path / "mlflow.db").touch()
-    out = _cli("pull", "models:/tiny-bert", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
+    out = pretrain_cli("pull", "models:/tiny-bert", "--out", "x", "--tracking-uri", env_uri, cwd=tmp_path)
     assert out.returncode == 1 and "models:/tiny-bert names no version: use models:/tiny-bert@ALIAS or " \
         "models:/tiny-bert/VERSION" in out.stderr, out.stderr

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import yaml
-from conftest import free_port, pretrain_config, pretrain_env, run_pretrain
+from conftest import free_port, pretrain_cli, pretrain_config, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +88,8 @@ def server(tmp_path_factory):
 
 
 def _register(tmp, port: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", "register", "--checkpoint", str(tmp / "ck"), "--name",
-                           "served-bert", "--alias", "prod", "--tracking-uri", f"http://127.0.0.1:{port}", *extra],
-                          cwd=tmp, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    return pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "served-bert", "--alias", "prod",
+                        "--tracking-uri", f"http://127.0.0.1:{port}", *extra, cwd=tmp)
 
 
 def test_a_cut_registration_leaves_nothing_broken_and_a_rerun_completes_it(tmp_path, train_dataset, server):
@@ -121,7 +120,6 @@ def test_a_cut_registration_leaves_nothing_broken_and_a_rerun_completes_it(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     (v,) = versions()
     assert str(client.get_model_version_by_alias("served-bert", "prod").version) == str(v.version)
-    pulled = subprocess.run([sys.executable, "-m", "pretrain", "pull", "models:/served-bert@prod", "--out",
-                             str(tmp_path / "pulled"), "--tracking-uri", uri], cwd=tmp_path, env=pretrain_env(),
-                            capture_output=True, text=True, timeout=300)
+    pulled = pretrain_cli("pull", "models:/served-bert@prod", "--out", str(tmp_path / "pulled"), "--tracking-uri", uri,
+                          cwd=tmp_path)
     assert pulled.returncode == 0 and "(verified)" in pulled.stdout, pulled.stderr[-2000:]
