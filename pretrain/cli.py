@@ -170,7 +170,7 @@ def leave(status: int) -> None:
     those threads while DeepSpeed still holds a reference to it."""
     if not _joined["group"]:
         sys.exit(status)
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # (atexit has no public way to run the handlers before os._exit)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
