@@ -136,7 +136,7 @@ def test_an_unreachable_ray_address_fails_fast():
 @pytest.mark.parametrize("name, data", [
     ("empty.txt", b""),
     ("empty.jsonl", b""),
-    ("empty.txt.gz", gzip.compress(b"")),   # not 0 bytes on disk, but nothing inside
+    ("empty.txt.gz", gzip.compress(b"", mtime=0)),   # not 0 bytes on disk, but nothing inside
     ("blank.txt", b"\n\n  \n\n"),
 ])
 def test_empty_file(tmp_path, name, data):
