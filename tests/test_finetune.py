@@ -26,7 +26,6 @@ pytestmark = pytest.mark.slow
 PRETRAIN_STEPS = 300  # the topic classes are learned by then (nouns of a class embed together)
 
 
-
 def _printed(stdout: str, key: str) -> float:
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith(key + " ")]
     return float(line.split()[1])
@@ -51,7 +50,7 @@ def registered(tmp_path_factory, ray_local):
     out = run_pretrain(tmp / "pretrain.yaml")
     assert out.returncode == 0, out.stderr[-3000:]
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "topic-bert", "--alias", "champion",
-               "--tracking-uri", uri, cwd=tmp)
+                       "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-3000:]
     files = write_topic_task(tmp / "task")
     (tmp / "finetune.yaml").write_text(yaml.safe_dump({
@@ -60,7 +59,6 @@ def registered(tmp_path_factory, ray_local):
         "mlflow": {"tracking_uri": uri},
     }))
     return tmp, uri
-
 
 
 def test_fine_tuning_a_registered_model_beats_random_init(registered):
@@ -74,7 +72,7 @@ def test_fine_tuning_a_registered_model_beats_random_init(registered):
     for init in ("pretrained", "random"):
         extra = ["--register", "topic-classifier", "--alias", "champion"] if init == "pretrained" else []
         out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@champion", f"init={init}",
-                   f"output={tmp / init}", *extra, cwd=tmp)
+                           f"output={tmp / init}", *extra, cwd=tmp)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[init] = out.stdout
     acc = {init: _printed(stdout, "test_accuracy") for init, stdout in runs.items()}
@@ -178,7 +176,7 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
 
     tmp, uri = registered
     out = pretrain_cli("export", "models:/topic-bert@champion", "--format", "hf", "--out", str(tmp_path / "hf"),
-               "--tracking-uri", uri, cwd=tmp)
+                       "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     texts = [json.loads(line)["text"] for line in (tmp / "task" / "test.jsonl").read_text().splitlines()[:6]]
     texts += ["  Spaces   around  ", "Digits 2024 and ünïcode", "tapir sharpens the wire"]
@@ -244,6 +242,6 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"text": "a", "label": "animal"}\n{"text": "b", "label": "mineral"}\n')
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
-               f"output={tmp_path / 'out'}", cwd=tmp)
+                       f"output={tmp_path / 'out'}", cwd=tmp)
     assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "out" / "model").exists()

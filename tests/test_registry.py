@@ -21,7 +21,6 @@ from conftest import (
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, train_dataset):
     tmp = tmp_path_factory.mktemp("registry")
@@ -40,7 +39,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
 
     tmp, uri = trained
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert", "--alias", "champion",
-               "--tracking-uri", uri, cwd=tmp)
+                       "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-3000:]
     assert "registered tiny-bert version 1 with alias 'champion'" in reg.stdout
     assert "Warning" not in reg.stderr and "Processing zero checkpoint" not in reg.stdout, reg.stderr[-3000:]
@@ -53,12 +52,12 @@ def test_register_pull_and_predict(trained, monkeypatch):
     assert v.tags["dataset_id"] == manifest["dataset_id"] and v.tags["step"] == "10" and "eval/loss" in v.tags
 
     again = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
-                 "--tracking-uri", uri, cwd=tmp)
+                         "--tracking-uri", uri, cwd=tmp)
     assert again.returncode == 0 and "version 1" in again.stdout, again.stderr[-2000:]
     assert len(client.search_model_versions("name='tiny-bert'")) == 1, "a rerun registers nothing new"
     # the same checkpoint with the other pooling: a version of its own, which leaves version 1's files as they are
-    mean = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean", "--tracking-uri", uri,
-                cwd=tmp)
+    mean = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean",
+                        "--tracking-uri", uri, cwd=tmp)
     assert mean.returncode == 0 and "version 2" in mean.stdout, mean.stderr[-2000:]
     versions = {str(v.version): v for v in client.search_model_versions("name='tiny-bert'")}
     assert versions["1"].tags["pooling"] == "cls" and versions["2"].tags["pooling"] == "mean"
@@ -67,7 +66,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     shutil.copytree(tmp / "ck", damaged)
     (damaged / "step-00000010" / "client.json").write_text("")
     bad = pretrain_cli("register", "--checkpoint", str(damaged / "step-00000010"), "--name", "x", "--tracking-uri", uri,
-               cwd=tmp)
+                       cwd=tmp)
     assert bad.returncode == 1 and "is incomplete or damaged: client.json has 0 bytes" in bad.stderr, bad.stderr
 
     from pretrain.tracking import pull
@@ -79,7 +78,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     assert (by_run / "MLmodel").is_file() and (model_files(by_run) / "model.safetensors").is_file()
     assert not (tmp / "pulled-by-run.partial").exists()
     pulled = pretrain_cli("pull", "models:/tiny-bert@champion", "--out", str(tmp / "pulled-tiny-bert-champion"),
-                  "--tracking-uri", uri, cwd=tmp)
+                          "--tracking-uri", uri, cwd=tmp)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     for out in (tmp / "pulled-tiny-bert-champion", tmp / "pulled-in-process"):  # by alias, by version number
         assert (out / "MLmodel").is_file() and (model_files(out) / "model.safetensors").is_file()
@@ -118,7 +117,8 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     assert out.returncode == 1 and "cannot download models:/no-such-model/1" in out.stderr
     assert not (tmp / "x").exists() and not (tmp / "x.partial").exists()
 
-    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri, cwd=tmp)
+    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri,
+                       cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-2000:]
     (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
@@ -156,7 +156,7 @@ def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text("{}")
     out = pretrain_cli("register", "--model", str(tmp_path / "data"), "--name", "x", "--tracking-uri",
-               f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+                       f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert out.returncode == 1
     assert f"{tmp_path / 'data'} is not a model directory (config.json, training.json, dataset.json missing)" \
         in out.stderr and "MLflow" not in out.stderr, out.stderr
