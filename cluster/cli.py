@@ -252,10 +252,11 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from cluster.head import down
+    from cluster.head import down, read_state
 
+    state = read_state()
     n = down()
-    print(f"stopped the head ({n} processes)")
+    print(f"stopped the head ({n} processes); its logs stay in {state['temp_dir']}/session_latest/logs")
     return EXIT_OK
 
 

@@ -76,6 +76,7 @@ def head(tmp_path_factory, s3):
     finally:
         down = cluster("down", cwd=root)
         assert down.returncode == 0, down.stderr
+        assert f"its logs stay in {state['temp_dir']}/session_latest/logs" in down.stdout
         import psutil
 
         left = [p for p in psutil.process_iter(["cmdline"]) if state["temp_dir"] in " ".join(p.info["cmdline"] or ())]
