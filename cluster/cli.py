@@ -252,10 +252,9 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from cluster.head import down, read_state
+    from cluster.head import down
 
-    state = read_state()
-    n = down()
+    n, state = down()
     print(f"stopped the head ({n} processes); its logs stay in {state['temp_dir']}/session_latest/logs")
     return EXIT_OK
 

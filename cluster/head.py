@@ -174,8 +174,9 @@ def head_processes(state: dict[str, Any]) -> list:
     return list(seen.values())
 
 
-def down(cwd: Path | None = None, grace_s: float = 5.0) -> int:
-    """Stop the head started from `cwd` (and its nodes on this machine); returns how many processes were stopped."""
+def down(cwd: Path | None = None, grace_s: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """Stop the head started from `cwd` (and its nodes on this machine); returns how many processes were stopped,
+    and the state the head had (its `temp_dir` keeps its logs)."""
     import psutil
 
     cwd = Path(cwd or Path.cwd()).resolve()
@@ -196,4 +197,4 @@ def down(cwd: Path | None = None, grace_s: float = 5.0) -> int:
             pass
     psutil.wait_procs(alive, timeout=5)
     (state_dir(cwd) / STATE_FILE).unlink(missing_ok=True)
-    return len(procs)
+    return len(procs), state
