@@ -301,11 +301,9 @@ def ray_head():
     """A real `ray start --head` on 127.0.0.2 (not 127.0.0.1: Ray swaps that for the machine's IP);
     stopped by pid afterwards, since `ray stop` would also stop the session's own Ray."""
     import psutil
-    import socket
+    from cluster.head import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.2")
     ray_bin = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}",
                     "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],

@@ -22,7 +22,6 @@ import argparse
 import http.server
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,12 +33,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.head import free_port  # noqa: E402
 
 
 class SlowServer(http.server.BaseHTTPRequestHandler):
@@ -101,8 +97,8 @@ def main() -> None:
             "1 rank x 2 threads, micro 16 x 2 accumulation": dict(nproc=1, threads=2, micro=16),
         }
     else:
-        down = _free_port()
-        slow = _free_port()
+        down = free_port()
+        slow = free_port()
         server = http.server.ThreadingHTTPServer(("127.0.0.1", slow), SlowServer)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = dict(nproc=1, threads=2, micro=32)
