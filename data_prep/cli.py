@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "run" and {"-h", "--help"} & set(args.overrides):  # (after CONFIG, where REMAINDER took it)
+        _parser().parse_args(["run", "--help"])
+    if getattr(args, "dataset", None):
+        from data_prep.storage import local_form
+
+        args.dataset = local_form(args.dataset)  # file:///x is the directory /x
     try:
         if args.command == "run":
             return _run(args)
@@ -65,12 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo-corpus":
             from data_prep.demo_corpus import write_demo_corpus
 
-            for path in write_demo_corpus(args.out, args.mb):
-                print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            try:
+                for path in write_demo_corpus(args.out, args.mb):
+                    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+            except OSError as e:
+                print(f"error: cannot write the demo corpus to '{args.out}' ({e.strerror or e}: "
+                      f"{e.filename or args.out}); give a directory that can be written to", file=sys.stderr)
+                return EXIT_USAGE
             return EXIT_OK
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.command != "run":
+            raise
+        print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
     return EXIT_USAGE
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from data_prep.configfile import Section, config_hash
+from data_prep.configfile import Location, Section, config_hash
 
 # Ids fixed by contract: the model and every reader rely on them.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -17,7 +17,7 @@ NUM_SPECIAL = len(SPECIAL_PIECES)
 class TokenizerConfig(Section):
     vocab_size: int = Field(30522, ge=NUM_SPECIAL + 8, le=1_000_000)
     model_type: Literal["unigram", "bpe"] = "unigram"
-    path: str | None = Field(None, description="an existing sentencepiece .model to use instead of training one")
+    path: Location | None = Field(None, description="an existing sentencepiece .model to use instead of training one")
     sample_sentences: int = Field(1_000_000, ge=100, description="sentences sampled across the corpus for training")
     character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
     lowercase: bool = False
@@ -62,8 +62,8 @@ class RayConfig(Section):
 
 
 class DataPrepConfig(Section):
-    inputs: list[str] = Field(min_length=1)
-    output: str
+    inputs: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    output: Location
     text_field: str = "text"
     seed: int = Field(12345, ge=0)
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)

@@ -13,10 +13,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from data_prep.storage import local_form
 
 COMMAND_LINE = "command line"
 M = TypeVar("M", bound=BaseModel)
@@ -26,6 +28,11 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A directory, file or URL in a config: never empty (an unset `${VAR}` must not mean the working directory);
+# `file://` URLs and `~` become the local paths they name, other URLs (s3://...) stay as they are.
+Location = Annotated[str, Field(min_length=1), AfterValidator(local_form)]
 
 
 class ConfigError(Exception):

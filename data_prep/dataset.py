@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,10 @@ WORK = ".work"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_MODEL = "spm.model"
 FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension": SAMPLE_EXT}
-OWNED = (MANIFEST, REPORT, TOKENIZER_DIR, *SPLITS, WORK)
+# What a dataset consists of: files at the top, and in its folders the files of these names only.
+OWNED_FILES = (MANIFEST, REPORT)
+OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),
+            **{split: re.compile(r"shard-\d{6}-\d{5}\.tar(\.partial)?") for split in SPLITS}}
 
 
 class DatasetError(Exception):
@@ -139,14 +143,49 @@ def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
     return "fresh"
 
 
+def foreign(names: list[str]) -> list[str]:
+    """Of the files in an output (paths relative to it, `/`-separated), those inside the dataset's folders
+    (train/, val/, tokenizer/) that a dataset does not consist of: --overwrite would mix them into the new one."""
+    out = []
+    for name in names:
+        folder, _, rest = name.partition("/")
+        if folder in OWNED_IN and not OWNED_IN[folder].fullmatch(rest):
+            out.append(name)
+    return out
+
+
+def _files_in_folders(root: Path) -> list[str]:
+    """The files in (or named as) the dataset's folders under `root`, relative to it."""
+    found = []
+    for folder in OWNED_IN:
+        p = root / folder
+        found += ([q.relative_to(root).as_posix() for q in sorted(p.rglob("*")) if not q.is_dir()] if p.is_dir()
+                  else [folder] if p.exists() else [])
+    return found
+
+
+def refuse_foreign(where: str, names: list[str]) -> None:
+    strangers = foreign(names)
+    if strangers:
+        more = f" and {len(strangers) - 5} more" if len(strangers) > 5 else ""
+        raise DatasetError(
+            f"'{where}' holds files a dataset does not consist of ({', '.join(strangers[:5])}{more}); nothing was "
+            f"removed. Move them out of {', '.join(f'{f}/' for f in OWNED_IN)}, or choose another output."
+        )
+
+
 def clear(root: Path) -> None:
-    """Remove what a dataset consists of (manifest first, so it stops existing at once); leave other files."""
-    for name in OWNED:
-        p = root / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    """Remove what a dataset consists of (manifest first, so it stops existing at once) and the work in progress;
+    other files stay. Refused, before anything is removed, where the dataset's folders hold files of their own:
+    they would be mixed into the new dataset."""
+    if root.is_dir():
+        refuse_foreign(str(root), _files_in_folders(root))
+    for name in OWNED_FILES:
+        (root / name).unlink(missing_ok=True)
+    shutil.rmtree(root / WORK, ignore_errors=True)
+    for folder in OWNED_IN:
+        if (root / folder).is_dir():
+            shutil.rmtree(root / folder)  # (past the check: the dataset's own files, and empty folders)
 
 
 def build_report(records: list[dict]) -> dict:
@@ -185,7 +224,9 @@ def build_report(records: list[dict]) -> dict:
 
 
 def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str, vocab_size: int,
-                   records: list[dict], recipe: str) -> dict:
+                   records: list[dict], recipe: str, tokenizer_type: str | None = None) -> dict:
+    """The manifest; `tokenizer_type` is the model file's own (a given tokenizer.path's may differ from the
+    config's tokenizer.model_type)."""
     shards = sorted((s for r in records for s in r["shards"]), key=lambda s: s["name"])
     splits = {}
     for split in SPLITS:
@@ -208,7 +249,7 @@ def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: st
             "file": f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}",
             "sha256": tokenizer_sha,
             "vocab_size": vocab_size,
-            "model_type": cfg.tokenizer.model_type,
+            "model_type": tokenizer_type or cfg.tokenizer.model_type,
             "special_ids": {p: i for i, p in enumerate(SPECIAL_PIECES)},
         },
         "examples": {

@@ -23,12 +23,13 @@ from data_prep import storage
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
-    MANIFEST, OWNED, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest, build_report,
-    parse_manifest, prepare_output, read_manifest, recipe_hash,
+    MANIFEST, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest,
+    build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
-from data_prep.sources import expand_inputs
+from data_prep.sources import Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
+from data_prep.tokenizer import model_type as tokenizer_model_type
 from data_prep.tokenizer import sha256_file, train
 from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
 
@@ -154,14 +155,14 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     uploaded by the worker that wrote it; the tokenizer and report follow, and the manifest goes up last.
     """
     t0 = time.monotonic()
-    sources = expand_inputs(cfg.inputs)  # input and tokenizer problems surface before Ray starts
+    remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
+    root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)
+    sources = _outside(expand_inputs(cfg.inputs), cfg.output)  # input and tokenizer problems surface before Ray
     given_tok = None
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)
         given_tok = sha256_file(cfg.tokenizer.path)
     recipe = recipe_hash(cfg, sources, given_tok)
-    remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
-    root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)
     state = _prepare_remote(remote, root, recipe, overwrite) if remote else prepare_output(root, recipe, overwrite)
     if state == "complete":
         log(f"'{cfg.output}' already holds this dataset (same config, same input files); nothing to do.")
@@ -227,6 +228,24 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     return summary
 
 
+def _outside(sources: list[Source], output: str) -> list[Source]:
+    """The inputs less those inside the output (an output directory within an input directory): the dataset's own
+    files, and its work in progress, are not its corpus."""
+    if storage.is_remote(output):
+        inside = output.rstrip("/") + "/"
+        keep = [s for s in sources if not s.url.startswith(inside)]
+    else:
+        out = Path(output).resolve()
+        keep = [s for s in sources if "://" in s.url or not Path(s.url).resolve().is_relative_to(out)]
+    if len(keep) < len(sources):
+        if not keep:
+            raise ConfigError(f"inputs: every input file is inside the output '{output}'; give the corpus's own "
+                              "files or directories")
+        print(f"note: {len(sources) - len(keep)} files inside the output '{output}' are not read as inputs",
+              file=sys.stderr)
+    return keep
+
+
 def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) -> str:
     """As `prepare_output` for a dataset at an object-store URL, whose unfinished state lives in `staging`:
     'complete', 'published' (finished in staging, not yet uploaded), 'resume' or 'fresh'."""
@@ -246,12 +265,13 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) ->
             return "complete"
         raise DatasetError(f"'{remote}' already holds a different dataset (its config or its input files differ "
                            "from this run's). Choose another output, or pass --overwrite to replace it.")
-    strangers = sorted({n.split("/", 1)[0] for n in found} - set(OWNED))
+    strangers = sorted({n.split("/", 1)[0] for n in found} - {*OWNED_FILES, *OWNED_IN, WORK})
     if strangers and not overwrite:
         raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
                            "Choose an empty or new output, or pass --overwrite.")
     if overwrite:
-        for name in OWNED:  # the manifest first: the old dataset stops existing at once
+        refuse_foreign(remote, list(found))  # past it, the dataset's folders hold nothing else
+        for name in (*OWNED_FILES, *OWNED_IN, WORK):  # the manifest first: the old dataset stops existing at once
             storage.remove(storage.join(remote, name))
     state = prepare_output(staging, recipe, overwrite)
     return "published" if state == "complete" else state
@@ -300,7 +320,7 @@ def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[d
     os.replace(tdir / (TOKENIZER_MODEL + ".partial"), tdir / TOKENIZER_MODEL)
     write_json_atomic(root / REPORT, build_report(records))
     write_json_atomic(root / MANIFEST, build_manifest(cfg, sources, sha256_file(tok), sp.GetPieceSize(), records,
-                                                      recipe))
+                                                      recipe, tokenizer_model_type(tok)))
     shutil.rmtree(root / WORK, ignore_errors=True)
 
 

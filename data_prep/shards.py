@@ -219,6 +219,5 @@ def google_features(sample: dict, max_seq_length: int, max_predictions: int) -> 
         "masked_lm_ids": labels + [0] * m,
         "masked_lm_weights": [1.0] * len(positions) + [0.0] * m,
     }
-    if "next_sentence_label" in sample:
-        out["next_sentence_label"] = sample["next_sentence_label"]
+    out["next_sentence_labels"] = sample.get("next_sentence_label", 0)  # (Google's name; 0 without NSP, as there)
     return out

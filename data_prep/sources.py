@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ class FileReport:
 
     def flag(self, issue: str, line: int | None = None, detail: str = "") -> None:
         self.issues[issue] += 1
-        if len(self.samples) < MAX_ISSUE_SAMPLES:
+        if self.issues[issue] <= MAX_ISSUE_SAMPLES:  # the first few of each kind
             self.samples.append({"issue": issue, "line": line, "detail": detail[:200]})
 
     def to_json(self) -> dict:
@@ -267,7 +269,9 @@ class DocumentReader:
             return
         self._at[0] = 0
         try:
-            with fsspec.open(self.source.url, "rb", compression=self.source.compression) as raw:
+            zstd = self.source.compression == "zstd"
+            with fsspec.open(self.source.url, "rb", compression=None if zstd else self.source.compression) as raw, \
+                    (_zstd_file(raw) if zstd else contextlib.nullcontext(raw)) as raw:
                 f = raw if hasattr(raw, "peek") else io.BufferedReader(raw, 1 << 16)
                 head = f.peek(_HEAD_BYTES)[:_HEAD_BYTES]
                 if not head:
@@ -278,10 +282,9 @@ class DocumentReader:
                     return
                 if self.source.fmt == "parquet":
                     yield from self._parquet(f)
-                    return
-                docs = self._txt(f) if self.source.fmt == "txt" else self._jsonl(f)
-                for _, doc in docs:
-                    yield doc
+                else:
+                    for _, doc in self._txt(f) if self.source.fmt == "txt" else self._jsonl(f):
+                        yield doc
         except Exception as e:
             if _environmental(e):
                 raise  # a network or disk failure, not the file's fault: the task fails and Ray retries it
@@ -294,9 +297,12 @@ class DocumentReader:
             rep.flag("empty_file")
 
     def _emit(self, sentences: list[str], lineno: int) -> list[str] | None:
-        sentences = [s for s in sentences if len(s) >= self.min_chars]
-        if not sentences:
+        kept = [s for s in sentences if len(s) >= self.min_chars]
+        if not kept:
+            self.report.flag("empty_document", lineno, "no text" if not sentences else
+                             f"no sentence of read.min_sentence_chars={self.min_chars} characters or more")
             return None
+        sentences = kept
         self.report.documents += 1
         self.report.sentences += len(sentences)
         if len(sentences) == 1:
@@ -409,6 +415,16 @@ class DocumentReader:
                     out = self._emit(self._paragraphs(_clean(text, row, self.report)), row)
                     if out:
                         yield out
+
+
+def _zstd_file(raw: IO[bytes]) -> IO[bytes]:
+    """A reader of zstd frames that, like gzip's, bz2's and lzma's, raises EOFError where the file ends inside a
+    frame (a truncated file); zstandard's stream reader, which fsspec may choose, ends there silently."""
+    if sys.version_info >= (3, 14):
+        from compression.zstd import ZstdFile
+    else:
+        from backports.zstd import ZstdFile
+    return ZstdFile(raw)
 
 
 def _environmental(e: BaseException) -> bool:

@@ -22,6 +22,14 @@ def is_remote(location: str | Path) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def local_form(location: str) -> str:
+    """A location as the code opens it: `file:///x` -> `/x` and `~/x` -> under the home directory; the URL of
+    any other filesystem unchanged."""
+    if is_remote(location):
+        return location
+    return os.path.expanduser(location.removeprefix("file://"))
+
+
 def unreadable(url: str, e: BaseException) -> str:
     """"cannot read URL (the error)", with where to look when it is an object store's access that failed."""
     access = is_remote(url) and not isinstance(e, (FileNotFoundError, IsADirectoryError, UnicodeError, ValueError))

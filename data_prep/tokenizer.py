@@ -92,6 +92,15 @@ def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProc
     return sp
 
 
+def model_type(path: str | Path) -> str:
+    """The algorithm a model file was trained with ("unigram", "bpe", ...), read from the file itself."""
+    from sentencepiece import sentencepiece_model_pb2 as pb  # (protobuf: installed with Ray and MLflow)
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    return pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+
+
 def cached(path: str) -> tuple[spm.SentencePieceProcessor, bytes]:
     """(processor, word-start table) for a model file, loaded once per worker process while the file is unchanged."""
     st = os.stat(path)

@@ -346,7 +346,7 @@ def pyfunc_loads_without_the_project_installed(model_dir: Path, cwd: Path, shape
     def norm(name: str) -> str:
         return name.lower().replace("_", "-")
 
-    listed = [Requirement(line).name for line in (model_dir / "requirements.txt").read_text().split()
+    listed = [Requirement(line).name for line in map(str.strip, (model_dir / "requirements.txt").read_text().splitlines())
               if line and not line.startswith("-")]
     assert "bertforge" not in map(norm, listed)
     closure, todo = set(), list(listed)

@@ -13,6 +13,7 @@ import json
 import lzma
 import random
 import re
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -192,11 +193,12 @@ def test_control_chars_counted_and_replaced(tmp_path):
 
 # 5. truncated compressed file --------------------------------------------------------------------------------
 
-def test_truncated_gz_keeps_what_was_read(tmp_path):
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz", ".zst"])
+def test_truncated_compressed_file_keeps_what_was_read(tmp_path, ext):
     docs = docs_of(11, 600)
     plain = write_txt(tmp_path / "full.txt", docs)
-    data = gzip.compress(plain.read_bytes())
-    cut = tmp_path / "cut.txt.gz"
+    data = COMPRESSORS[ext](plain.read_bytes())
+    cut = tmp_path / f"cut.txt{ext}"
     cut.write_bytes(data[: len(data) * 2 // 3])
 
     got, rep = read(cut)
@@ -210,6 +212,18 @@ def test_truncated_gz_keeps_what_was_read(tmp_path):
     n_lines = sum(len(d) + 1 for d in got)
     assert sample["line"] is not None and sample["line"] > n_lines
     assert f"line {sample['line']}" in sample["detail"] and "EOFError" in sample["detail"]
+
+
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz", ".zst"])
+def test_a_file_that_is_not_what_its_extension_says_is_a_read_error(tmp_path, ext):
+    """Bytes that are no archive of the kind named (or an archive cut within its first block) are a read error,
+    not an empty file."""
+    small = COMPRESSORS[ext](b"One sentence.\nAnother one.\n" * 3)
+    for name, data in {"junk": b"not compressed at all\n" * 50, "short": small[: len(small) // 2]}.items():
+        path = tmp_path / f"{name}.txt{ext}"
+        path.write_bytes(data)
+        got, rep = read(path)
+        assert got == [] and rep.issues == {"read_error": 1}, (name, rep.to_json())
 
 
 # 6. bad JSON lines ---------------------------------------------------------------------------------------------
@@ -235,8 +249,7 @@ def test_jsonl_bad_lines(tmp_path):
     by_issue = {}
     for s in rep.samples:
         by_issue.setdefault(s["issue"], []).append(s["line"])
-    # only the first five samples are kept: lines 2, 3, 4, 6, 7
-    assert by_issue == {"bad_json": [2], "missing_field": [3, 6, 7], "not_text": [4]}
+    assert by_issue == {"bad_json": [2, 9], "missing_field": [3, 6, 7], "not_text": [4]}
     assert "'text'" in rep.samples[1]["detail"] and "int" in rep.samples[2]["detail"]
 
 
@@ -307,12 +320,15 @@ def test_single_sentence_document_counted_and_used(tmp_path):
 # compressed variants and parquet ----------------------------------------------------------------------------------
 
 def _zstd(data: bytes) -> bytes:
-    import zstandard
+    if sys.version_info >= (3, 14):
+        from compression import zstd
+    else:
+        from backports import zstd
+    return zstd.compress(data)
 
-    return zstandard.ZstdCompressor().compress(data)
 
-
-COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": _zstd}
+COMPRESSORS = {".gz": gzip.compress, ".bz2": lambda data: bz2.compress(data, 1),  # (100 kB blocks: a cut keeps some)
+               ".xz": lzma.compress, ".zst": _zstd}
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl"])
@@ -347,8 +363,33 @@ def test_parquet_with_null_row(tmp_path, compress):
         p = gz
     docs, rep = read(p)
     assert docs == [["First doc.", "Has two."], ["Third row.", "Also two."]]
-    assert rep.issues == {"missing_field": 1, "control_chars": 1}
+    assert rep.issues == {"missing_field": 1, "control_chars": 1, "empty_document": 1}
     assert sample_lines(rep, "missing_field") == [2] and sample_lines(rep, "control_chars") == [3]
+    assert sample_lines(rep, "empty_document") == [4]
+
+
+def test_empty_documents_are_counted_and_an_empty_table_is_an_empty_file(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text('{"text": "A doc. Two."}\n{"text": ""}\n{"text": "   \\n  "}\n', encoding="utf-8")
+    docs, rep = read(p)
+    assert docs == [["A doc.", "Two."]] and rep.issues == {"empty_document": 2}
+    assert sample_lines(rep, "empty_document") == [2, 3]
+    p.write_text('{"text": ""}\n{"text": " "}\n', encoding="utf-8")
+    assert read(p)[1].issues == {"empty_document": 2}  # texts that are all empty: not an empty file
+    assert read(_parquet(tmp_path / "none.parquet", []))[1].issues == {"empty_file": 1}
+    assert read(_parquet(tmp_path / "blank.parquet", ["", " "]))[1].issues == {"empty_document": 2}
+
+
+def test_the_first_lines_of_each_kind_of_issue_are_kept(tmp_path):
+    """Many issues of one kind do not hide the line numbers of another."""
+    p = tmp_path / "m.jsonl"
+    lines = [json.dumps({"text": f"Only sentence {i}."}) for i in range(8)]
+    p.write_text("\n".join([*lines, "{broken", json.dumps({"txt": "x"}), json.dumps({"text": 3})]) + "\n")
+    _, rep = read(p)
+    assert rep.issues == {"single_sentence_document": 8, "bad_json": 1, "missing_field": 1, "not_text": 1}
+    assert sample_lines(rep, "single_sentence_document") == [1, 2, 3, 4, 5]
+    assert (sample_lines(rep, "bad_json"), sample_lines(rep, "missing_field"), sample_lines(rep, "not_text")) == \
+        ([9], [10], [11])
 
 
 def test_parquet_without_the_column(tmp_path):

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import make_document, run_cli, small_config, write_txt
+from data_prep.configfile import ConfigError
 from data_prep.dataset import DatasetError, prepare_output, recipe_hash, verify
 from data_prep.shards import ShardWriter
 from data_prep.sources import DocumentReader, Source, expand_inputs
@@ -29,6 +30,24 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert any(s["path"].endswith("aaa_new.txt") for s in m["sources"])
     assert verify(tmp_path / "ds") == []
+
+
+def test_an_output_inside_an_input_directory_is_not_read_as_input(small_corpus, ray_local, capsys):
+    """The dataset's own files (its work in progress, or anything in its directory) are not its corpus: a rerun
+    after an interruption would otherwise see other inputs and refuse to resume."""
+    from data_prep.pipeline import run
+
+    out = small_corpus / "ds"
+    out.mkdir()
+    write_txt(out / "notes.txt", [["A note of the user's, beside the dataset."]])
+    run(small_config(small_corpus, out), overwrite=True)
+    assert "note: 1 files inside the output" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sources"] and not [s for s in m["sources"] if "/ds/" in s["path"]]
+    assert (out / "notes.txt").exists() and verify(out) == []
+    assert run(small_config(small_corpus, out))["seconds"] < 5, "the same inputs again: complete"
+    with pytest.raises(ConfigError, match=r"inputs: every input file is inside the output"):
+        run(small_config(out, out))
 
 
 def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):
@@ -63,6 +82,49 @@ def test_damaged_state_in_the_output_is_replaced_with_overwrite(small_corpus, tm
     with pytest.raises(DatasetError, match=r"manifest.json' is not valid JSON .*; pass --overwrite to replace"):
         prepare_output(root, recipe, overwrite=False)
     assert prepare_output(root, recipe, overwrite=True) == "fresh" and not (root / "manifest.json").exists()
+
+
+def test_overwrite_removes_only_what_a_dataset_consists_of(small_corpus, tmp_path):
+    """--overwrite on a directory that is not (only) a dataset: the user's own files are never removed; where
+    they sit in the dataset's folders, nothing is removed and the error names them."""
+    cfg = small_config(small_corpus, tmp_path / "proj")
+    root = tmp_path / "proj"
+    recipe = recipe_hash(cfg, expand_inputs(cfg.inputs), None)
+    for name, text in {"notes.md": "mine", "manifest.json": "{}", "train/shard-000000-00000.tar": "old",
+                       "train/my_script.py": "mine", "tokenizer/spm.model": "old", "tokenizer/vocab.txt": "mine",
+                       "val/sub/x.tar": "mine"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    with pytest.raises(DatasetError, match=r"\(tokenizer/vocab.txt, train/my_script.py, val/sub/x.tar\); nothing "
+                                           r"was removed. Move them out of tokenizer/, train/, val/"):
+        prepare_output(root, recipe, overwrite=True)
+    assert (root / "manifest.json").exists() and (root / "train/shard-000000-00000.tar").exists()
+    for name in ("train/my_script.py", "tokenizer/vocab.txt", "val/sub/x.tar"):
+        (root / name).unlink()
+    assert prepare_output(root, recipe, overwrite=True) == "fresh"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["notes.md"]
+    assert (root / "notes.md").read_text() == "mine"
+
+
+def test_overwrite_in_an_object_store_removes_only_what_a_dataset_consists_of(small_corpus, tmp_path):
+    """The same for an output URL (fsspec's in-memory filesystem stands for an object store here)."""
+    import fsspec
+
+    from data_prep.pipeline import _prepare_remote
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://overwrite-test/out"
+    cfg = small_config(small_corpus, tmp_path / "unused")
+    recipe = recipe_hash(cfg, expand_inputs(cfg.inputs), None)
+    for name in ("notes.md", "manifest.json", "train/shard-000000-00000.tar", "train/my_script.py", ".work/x"):
+        fs.pipe(f"{url}/{name}", b"x")
+    with pytest.raises(DatasetError, match=r"\(train/my_script.py\); nothing was removed"):
+        _prepare_remote(url, tmp_path / "staging", recipe, overwrite=True)
+    assert fs.exists(f"{url}/manifest.json") and fs.exists(f"{url}/train/shard-000000-00000.tar")
+    fs.rm(f"{url}/train/my_script.py")
+    assert _prepare_remote(url, tmp_path / "staging", recipe, overwrite=True) == "fresh"
+    assert [p.rsplit("/out/", 1)[1] for p in fs.find(url)] == ["notes.md"]
+    fs.rm(url, recursive=True)
 
 
 def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):

@@ -160,7 +160,7 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
         assert set(row) >= {"input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
                             "masked_lm_weights", "text"}
         assert len(row["input_ids"]) == 64 and len(row["masked_lm_positions"]) == 10
-        assert "next_sentence_label" not in row and set(row["segment_ids"]) == {0}
+        assert row["next_sentence_labels"] == 0 and set(row["segment_ids"]) == {0}  # (Google's features without NSP)
         assert "[MASK]" in row["text"] or sum(row["masked_lm_weights"]) < 3
     r = run_cli("inspect", str(out), "-n", "1")
     assert r.returncode == 0 and "train:" in r.stdout and "targets:" in r.stdout
@@ -178,30 +178,37 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 5
 
 
-def _start(cfg_file: Path, *extra: str) -> subprocess.Popen:
+def _start(cfg_file: Path, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "data_prep", "run", str(cfg_file), *extra], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, text=True,
     )
 
 
-@pytest.mark.parametrize("kill_when", ["sample", "shards"])
+@pytest.mark.parametrize("kill_when", ["sample", "shards", "shards-ctrl-c"])
 def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
-    """SIGKILL the job (driver and its Ray) mid-stage; the rerun finishes with the bytes of an uninterrupted run."""
+    """SIGKILL the job (driver and its Ray) mid-stage, or interrupt it (SIGINT, as Ctrl-C sends); the rerun finishes
+    with the bytes of an uninterrupted run."""
     _, _, reference, _ = built
     out = tmp_path / "ds"
     cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", num_cpus=1)  # one task at a time
-    proc = _start(cfg_file)
+    proc = _start(cfg_file, stderr=subprocess.PIPE if kill_when.endswith("ctrl-c") else subprocess.DEVNULL)
     marker = {"sample": lambda: any((out / ".work/sample").glob("unit-*.txt")),
-              "shards": lambda: any((out / ".work/units").glob("unit-*.json"))}[kill_when]
+              "shards": lambda: any((out / ".work/units").glob("unit-*.json"))}[kill_when.split("-")[0]]
     deadline = time.monotonic() + 120
     try:
         while not marker():
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        if kill_when.endswith("ctrl-c"):
+            proc.send_signal(signal.SIGINT)  # (the driver only: Ray's own processes can crash on a SIGINT of theirs)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 130, err[-3000:]
+            assert err.rstrip().endswith("interrupted: finished work is kept; run the same command again to resume")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "manifest.json").exists()
     r = run_cli("run", str(cfg_file))
@@ -230,7 +237,7 @@ def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
         want = json.loads(line)
         assert ids.tolist() == want["input_ids"] and seg.tolist() == want["segment_ids"]
         assert pos.tolist() == want["masked_lm_positions"] and lab.tolist() == want["masked_lm_ids"]
-        assert nsp == want["next_sentence_label"]
+        assert nsp == want["next_sentence_labels"]
 
 
 def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
@@ -239,10 +246,12 @@ def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
 
     cfg, corpus, root, _ = built
     model = root / "tokenizer/spm.model"
-    other = small_config(corpus, tmp_path / "ds", tokenizer__path=str(model), inputs=[f"file://{corpus}/*.txt"])
+    other = small_config(corpus, tmp_path / "ds", tokenizer__path=str(model), inputs=[f"file://{corpus}/*.txt"],
+                         tokenizer__model_type="bpe")  # (a setting for training one: the given model's type counts)
     summary = run(other)
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert m["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert m["tokenizer"]["model_type"] == "unigram"
     assert [s["path"] for s in m["sources"]] == [str(corpus / f"part{i}.txt") for i in range(3)]  # local URLs: paths
     assert summary["documents"] == 90
     assert "tokenizer" not in summary["stage_seconds"] or summary["stage_seconds"]["tokenizer"] < 5
