@@ -23,6 +23,13 @@ from data_prep.configfile import ConfigError
 from data_prep.storage import is_remote
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
+
+
+def ray_version() -> str:
+    """The Ray this project runs with here: the version the cluster's image should have (token auth: 2.52+)."""
+    from importlib.metadata import version
+
+    return version("ray")
 MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
 
 
@@ -73,14 +80,12 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
         if gpus:
             limits["nvidia.com/gpu"] = int(gpus)
         return {"name": f"ray-{role}", "image": image, "resources": {"limits": limits, "requests": dict(limits)},
-                "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
-                        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": f"{name}-ray-token",
-                                                                                  "key": "token"}}}],
                 "volumeMounts": [] if remote else [{"name": "storage", "mountPath": storage}]}
 
     volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
-    worker_params = {"labels": _labels(spec)} if spec.resources.node_labels else {}
-    head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]  # the head runs the driver; workers the training
+    # The head runs the driver (2 CPUs of its own); for data prep its tasks too, so its pod gets what it offers.
+    head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]
+    head_memory = 8 + ((res.get("memory_gb") or 0) if spec.kind == "data_prep" else 0)
     manifest = {
         "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name},
         "spec": {
@@ -91,13 +96,19 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "rayClusterSpec": {
+                # Ray's token authentication, kept by the operator: it makes the token's Secret and gives it to
+                # every Ray container and to the job submitter.
+                "rayVersion": ray_version(),
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {
                     "rayStartParams": {"num-cpus": str(int(head_cpus))},
-                    "template": {"spec": {"containers": [container("head", 2, 0, 8)], "volumes": copy.deepcopy(volumes)}},
+                    "template": {"spec": {"containers": [container("head", 2 + head_cpus, 0, head_memory)],
+                                          "volumes": copy.deepcopy(volumes)}},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "workers", "replicas": spec.resources.nodes, "minReplicas": spec.resources.nodes,
-                    "maxReplicas": spec.resources.nodes, "rayStartParams": worker_params,
+                    "maxReplicas": spec.resources.nodes, "rayStartParams": {},
+                    **({"labels": dict(spec.resources.node_labels)} if spec.resources.node_labels else {}),
                     "template": {"spec": {"containers": [container("worker", res["cpus"], res["gpus"],
                                                                    res.get("memory_gb"))],
                                           "volumes": copy.deepcopy(volumes)}},
@@ -107,8 +118,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
     }
     head = (f"# KubeRay RayJob for job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on "
             f"{spec.resources.nodes} node pod(s).\n"
-            f"# Before `kubectl apply -f` this file:\n"
-            f"#   kubectl create secret generic {name}-ray-token --from-literal=token=$(openssl rand -hex 32)\n"
+            f"# Needs KubeRay 1.5.1 or newer (authOptions) and Ray {ray_version()} in the image. Before `kubectl apply -f`:\n"
             + (f"#   credentials for {storage} in the pods (e.g. runtime_env.env_vars, or the nodes' cloud identity)\n"
                if remote else
                f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n")
@@ -175,18 +185,18 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
     name = job_name(spec, job)
     res = _node_resources(spec)
     nodes = spec.resources.nodes
-    resources = {"CPU": int(res["cpus"])}
-    if res["gpus"]:
-        resources["GPU"] = int(res["gpus"])
     labels = f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""
+    gpus = f" --num-gpus={int(res['gpus'])}" if res["gpus"] else ""
     auth = "RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0"
     conf = {
         "cluster_name": name,
+        # On-premises machines: one node type, every listed worker kept (Ray refuses available_node_types here).
+        # For a cloud, replace the provider block (type: aws | gcp | azure, region ...) and add the node types.
+        "provider": {"type": "local", "head_ip": "HEAD_IP", "worker_ips": [f"WORKER_IP_{i + 1}" for i in range(nodes)]},
+        "min_workers": nodes,
         "max_workers": nodes,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": 10,
-        # On-premises machines; for a cloud, replace with its provider block (type: aws | gcp | azure, region ...).
-        "provider": {"type": "local", "head_ip": "HEAD_IP", "worker_ips": [f"WORKER_IP_{i + 1}" for i in range(nodes)]},
         "auth": {"ssh_user": "USER"},
         "file_mounts": {"~/bertforge": ".", "~/.ray/auth_token": ".bertforge/auth_token"},
         "setup_commands": ["pip install -e ~/bertforge"]
@@ -197,12 +207,7 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
                                     "--disable-usage-stats"],
         "worker_start_ray_commands": ["ray stop",
                                       f"{auth} ray start --address=$RAY_HEAD_IP:{RAY_PORT} "
-                                      f"--resources='{json.dumps(resources)}'{labels} --disable-usage-stats"],
-        "available_node_types": {
-            "head": {"resources": {}, "node_config": {}},
-            "worker": {"resources": resources, "node_config": {}, "min_workers": nodes, "max_workers": nodes},
-        },
-        "head_node_type": "head",
+                                      f"--num-cpus={int(res['cpus'])}{gpus}{labels} --disable-usage-stats"],
     }
     head = (f"# Ray cluster launcher config for job '{name}' ({spec.kind}): {nodes} worker node(s) of "
             f"{res['cpus']:g} CPUs" + (f", {res['gpus']:g} GPUs" if res["gpus"] else "") + ".\n"

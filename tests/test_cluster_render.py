@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 import yaml
@@ -98,13 +99,27 @@ def test_kuberay_rayjob_carries_the_resources_and_the_resolved_plan():
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 16 workers, 8 per node
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "64", "memory": "384Gi", "nvidia.com/gpu": 8}
-    env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    # token auth through the operator (KubeRay 1.5.1+), which also hands the token to the job's submitter
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"} and cluster["rayVersion"] == version("ray")
+    assert "env" not in group["template"]["spec"]["containers"][0]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-cpus": "0"}  # the driver only: workers train
+    assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     runtime = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
     plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
     assert plan["stages"][0]["config"]["checkpoint"]["dir"] == "/shared/bertforge/checkpoints/bert_base"
     assert plan["spec"]["resources"]["num_workers"] == 16 and plan["spec"]["max_failures"] == 3
+
+
+def test_kuberay_head_of_a_data_prep_job_has_the_cpus_it_offers():
+    """Data prep runs its tasks on the head too: its pod asks for the CPUs Ray is told it has, plus the driver's."""
+    manifest = yaml.safe_load(_render(f"{JOBS}/data_prep_quickstart.yaml", "kuberay", "resources.cpus_per_worker=8",
+                                      "resources.memory_gb_per_worker=16"))
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-cpus": "8"}
+    assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "10", "memory": "24Gi"}
 
 
 def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
@@ -142,10 +157,19 @@ def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
 
 
 def test_ray_up_config_carries_the_node_resources(tmp_path):
-    conf = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "ray-up"))
-    assert conf["cluster_name"] == "pretrain-quickstart"
-    worker = conf["available_node_types"]["worker"]
-    assert worker["resources"] == {"CPU": 1} and worker["min_workers"] == worker["max_workers"] == 2
+    """The rendered file, its placeholders filled in, passes the checks `ray up` makes (Ray's own code)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = _render(f"{JOBS}/pretrain_quickstart.yaml", "ray-up")
+    conf = yaml.safe_load(text)
+    assert conf["cluster_name"] == "pretrain-quickstart" and conf["min_workers"] == conf["max_workers"] == 2
+    filled = yaml.safe_load(text.replace("HEAD_IP", "10.0.0.1").replace("WORKER_IP_", "10.0.1.").replace("USER", "me"))
+    prepared = prepare_config(filled)
+    validate_config(prepared)
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == 2
+    start = conf["worker_start_ray_commands"][1]
+    assert "--num-cpus=1 " in start and "--resources" not in start  # (ray start refuses CPU in --resources)
     assert all("RAY_AUTH_MODE=token" in c for c in conf["head_start_ray_commands"][1:] +
                conf["worker_start_ray_commands"][1:])
     assert conf["file_mounts"]["~/.ray/auth_token"] == ".bertforge/auth_token"
@@ -175,7 +199,8 @@ def test_node_labels_reach_every_renderer(tmp_path):
     job.write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\n"
                    "resources: {num_workers: 2, node_labels: {pool: a100}}\n")
     manifest = yaml.safe_load(_render(str(job), "kuberay"))
-    assert manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] == {"labels": "pool=a100"}
+    group = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["labels"] == {"pool": "a100"} and group["rayStartParams"] == {}  # (KubeRay refuses labels there)
     assert "--labels=pool=a100" in _render(str(job), "slurm")
     conf = yaml.safe_load(_render(str(job), "ray-up"))
     assert "--labels=pool=a100" in conf["worker_start_ray_commands"][1]
