@@ -6,12 +6,13 @@ Layout under `checkpoint.dir`:
         <DeepSpeed's files>     model, optimizer and LR-schedule state (ZeRO partitions per rank)
         rank-00000.pt ...       each rank's RNG states (tensors and ints: loaded with weights_only=True)
         client.json             step, data cursor, config, dataset id, MLflow run id
-        commit.json             every file of the checkpoint with its size, written last
+        commit.json             every file of the checkpoint with its size and sha256, written last
     step-00000600.partial/      a save in progress (or one a crash interrupted): never loaded
 
 A save goes to `<tag>.partial`; when every rank has written its part, rank 0 syncs the files, writes
-`commit.json` and renames the directory. A checkpoint whose files no longer match `commit.json` is
-skipped with a warning, and the next newest is loaded instead.
+`commit.json` and renames the directory. A checkpoint whose files no longer match `commit.json` (their
+sizes when it is listed, their sha256 before it is loaded: bytes changed in place) is skipped with a
+warning, and the next newest is loaded instead.
 
 Cluster jobs whose storage is an object store upload every checkpoint (cluster/launch.py):
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from data_prep import storage
 from data_prep.shards import fsync_dir
+from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain.tracking import METRICS_FILE
 
@@ -105,13 +107,15 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
 
 def _commit(partial: Path, final: Path, client: dict, step: int, world: int) -> None:
     write_json_atomic(partial / CLIENT, client)
-    files = {}
+    files, digests = {}, {}
     for p in sorted(partial.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-            files[str(p.relative_to(partial))] = p.stat().st_size
-    write_json_atomic(partial / COMMIT, {"step": step, "world_size": world, "files": files})
+            name = str(p.relative_to(partial))
+            files[name] = p.stat().st_size
+            digests[name] = sha256_file(p)  # (just written: read back from the page cache, ~1 s per GB)
+    write_json_atomic(partial / COMMIT, {"step": step, "world_size": world, "files": files, "sha256": digests})
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     fsync_dir(final.parent)
@@ -162,6 +166,14 @@ def problems(path: Path) -> list[str]:
         elif p.stat().st_size != size:
             out.append(f"{name} has {p.stat().st_size} bytes, {size} were written")
     return out
+
+
+def altered(path: Path) -> list[str]:
+    """The files of the committed checkpoint at `path` whose bytes differ from the sha256 its commit recorded
+    (checkpoints committed before digests were recorded have none to differ from)."""
+    digests = json.loads((path / COMMIT).read_text()).get("sha256") or {}
+    return [f"{name} differs from its sha256" for name, sha in digests.items()
+            if not (path / name).is_file() or sha256_file(path / name) != sha]
 
 
 def choose(directory: str | Path, world: int, warn) -> list[Path]:

@@ -152,12 +152,22 @@ def _run(schema, config: str, overrides: list[str], job) -> dict | int:
     try:
         return run(cfg)
     except (SetupError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_own_words(e)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if dist.is_initialized():
             _joined["group"] = True
             dist.destroy_process_group()
+
+
+def _own_words(e: BaseException) -> str:
+    """An error's message; for one a DataLoader worker raised, without torch's wrapping ("Caught X in DataLoader
+    worker process N. Original Traceback ..."): the message is the traceback's last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def leave(status: int) -> None:
@@ -256,7 +266,7 @@ def _finetune(args) -> int:
 def _registry(args) -> int:
     from pathlib import Path
 
-    from pretrain.config import RESERVED_ALIAS, MlflowConfig
+    from pretrain.config import MlflowConfig, registry_name_problem
     from pretrain.export import ExportError, check_out
     from pretrain.tracking import (
         RegistryError,
@@ -275,8 +285,10 @@ def _registry(args) -> int:
             out = pull(args.model_uri, args.out, uri)
             print(f"pulled {args.model_uri} to {out} (verified); model files in {model_files(out)}")
             return EXIT_OK
-        if args.alias and args.alias.lower() == "latest":
-            raise RegistryError(RESERVED_ALIAS)
+        problem = registry_name_problem(args.name, args.alias)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         if args.model:
             source = args.model
             v = register(model_files(Path(source)), args.name, args.alias, uri, args.pooling)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from data_prep.configfile import Section, config_hash, dotted
+from data_prep.configfile import Location, Section, config_hash, dotted
 from pretrain.presets import PRESETS, ModelConfig, preset
 
 
 class DataConfig(Section):
-    dataset: str = Field(description="a dataset directory (or fsspec URL) holding manifest.json")
+    dataset: Location = Field(description="a dataset directory (or fsspec URL) holding manifest.json")
     streams: int | None = Field(
         None, ge=1,
         description="parallel example streams; the global example order depends on this, the seed and the "
@@ -124,7 +125,7 @@ class DeepSpeedSection(Section):
 
 
 class CheckpointConfig(Section):
-    dir: str = "checkpoints/run"
+    dir: Location = "checkpoints/run"
     every_steps: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end and on SIGTERM)")
     keep: int = Field(3, ge=1, description="committed checkpoints kept (older ones are deleted)")
 
@@ -138,20 +139,34 @@ class MlflowConfig(Section):
     run_name: str | None = None
 
 
-RESERVED_ALIAS = ("the alias 'latest' is reserved by MLflow (models:/NAME/latest already means the newest "
-                  "version); choose another, e.g. champion")
+def registry_name_problem(name: str | None, alias: str | None) -> str | None:
+    """What MLflow would refuse in a registered model's name or alias (checked here, before any training), or None."""
+    if name is not None and (not name.strip() or "/" in name or ":" in name):
+        return f"registered model name {name!r}: MLflow names are not empty and hold no '/' or ':'"
+    if alias is None:
+        return None
+    if alias.lower() == "latest":
+        return ("the alias 'latest' is reserved by MLflow (models:/NAME/latest already means the newest version); "
+                "choose another, e.g. champion")
+    if re.fullmatch(r"[vV]\d+", alias):
+        return (f"the alias {alias!r} is reserved by MLflow (models:/NAME@{alias} means version {alias[1:]}); "
+                "choose another, e.g. champion")
+    if not re.fullmatch(r"[\w-]{1,255}", alias):
+        return f"alias {alias!r}: MLflow aliases hold letters, digits, '_' and '-' only (at most 255)"
+    return None
 
 
 class RegistrySection(Section):
-    """A registered model name and the alias moved to each new version; MLflow's own 'latest' is refused."""
+    """A registered model name and the alias moved to each new version, as MLflow accepts them."""
 
     name: str | None = Field(None, description="register under this model name (none: do not register)")
     alias: str | None = Field(None, description="alias moved to each newly registered version (e.g. champion)")
 
     @model_validator(mode="after")
-    def _alias(self):
-        if self.alias is not None and self.alias.lower() == "latest":
-            raise ValueError(RESERVED_ALIAS)
+    def _mlflow_rules(self):
+        problem = registry_name_problem(self.name, self.alias)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -215,9 +230,9 @@ class PretrainConfig(Section):
 class TaskConfig(Section):
     """A sequence classification task: labelled rows in jsonl (.jsonl/.json) or csv/tsv files, .gz allowed."""
 
-    train: str = Field(description="labelled training rows (a path or fsspec URL)")
-    validation: str | None = Field(None, description="picks the best checkpoint; none: a stratified split of train")
-    test: str | None = Field(None, description="scored once with the best checkpoint (test_accuracy, test_macro_f1)")
+    train: Location = Field(description="labelled training rows (a path or fsspec URL)")
+    validation: Location | None = Field(None, description="picks the best checkpoint; none: a stratified split of train")
+    test: Location | None = Field(None, description="scored once with the best checkpoint (test_accuracy, test_macro_f1)")
     text_field: str = "text"
     text_pair_field: str | None = Field(None, description="a second text per row (pair tasks: NLI, paraphrase, QA)")
     label_field: str = "label"
@@ -270,7 +285,7 @@ class FinetuneConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs, fp32 on CPU; fp16 needs deepspeed.enabled")
     deepspeed: FinetuneDeepSpeed = FinetuneDeepSpeed()
-    output: str = Field("finetune/run", description="directory for the best model, metrics.jsonl and the summary")
+    output: Location = Field("finetune/run", description="directory for the best model, metrics.jsonl and the summary")
     mlflow: FinetuneMlflow = FinetuneMlflow()
     registry: RegistrySection = RegistrySection()  # CLI: --register NAME [--alias ALIAS]
     seed: int = Field(1234, ge=0)

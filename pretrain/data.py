@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,13 @@ class StreamPlan:
 def read_piece(p: Piece) -> list[dict]:
     """The samples of one piece, as {"__key__", "mp": raw bytes}, read with webdataset's tar reader."""
     out = []
-    for i, s in enumerate(tar_samples(p.url)):
-        if i % p.parts == p.part:
-            out.append({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
+    try:
+        for i, s in enumerate(tar_samples(p.url)):
+            if i % p.parts == p.part:
+                out.append({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
+    except (tarfile.TarError, EOFError, KeyError) as e:  # a truncated or damaged shard (KeyError: a member missing)
+        raise DatasetError(f"{p.url}: cannot be read ({type(e).__name__}: {e}); check the dataset with `python -m "
+                           "data_prep verify`, and rebuild it with data_prep run") from None
     if len(out) != p.count:
         raise DatasetError(f"{p.url}: holds a different number of examples than its manifest says; the dataset "
                            "changed after it was written (check it with `python -m data_prep verify`)")

@@ -298,14 +298,23 @@ def _about(e: Exception, merged: list[str]) -> bool:
     return bool(merged) and (isinstance(e, ValidationError) or any(k.rsplit(".", 1)[-1] in str(e) for k in merged))
 
 def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
-    """After loading a checkpoint: the config's LR, betas and eps win over the saved optimizer's.
+    """After loading a checkpoint: the config's LR, betas, eps, weight decay and gradient clipping win over the
+    saved optimizer's.
 
-    Loading restores the optimizer's and the schedule's saved hyperparameters; a resumed run with a
-    lowered train.lr (what the numerics guard advises) must actually use it. Weight decay stays per group.
+    Loading restores the optimizer's and the schedule's saved hyperparameters (ZeRO's optimizers their clipping
+    norm too); a resumed run with a lowered train.lr or train.grad_clip (what the numerics guard advises) must
+    actually use them. Weight decay goes to the first group only: the one `param_groups` decays.
     """
     t = cfg.train
     sched = engine.lr_scheduler
-    groups = engine.optimizer.param_groups
+    opt = engine.optimizer
+    if isinstance(opt, GuardedAdamW):
+        opt.max_norm = t.grad_clip
+    elif hasattr(opt, "clip_grad"):  # DeepSpeed's ZeRO and bf16 optimizers
+        opt.clip_grad = t.grad_clip
+    groups = opt.param_groups
+    if groups and "weight_decay" in groups[0]:
+        groups[0]["weight_decay"] = t.weight_decay
     if sched is not None:
         sched.base_lrs = [t.lr] * len(groups)
         factors = [fn(sched.last_epoch) for fn in sched.lr_lambdas]

@@ -43,20 +43,21 @@ class ExportError(Exception):
     """A checkpoint or model directory that cannot be used; the message says what to do."""
 
 
-def check_out(out: str | Path) -> None:
-    """Refuse an output directory that holds anything but an earlier model directory (ours, transformers' or a
-    pulled MLflow model): writing the new one replaces it whole, which would delete those files."""
+def check_out(out: str | Path, what: str = "--out") -> None:
+    """Refuse an output directory (`what` names it in the error) that holds anything but an earlier model directory
+    (ours, transformers' or a pulled MLflow model): writing the new one replaces it whole, which would delete
+    those files."""
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
-        raise ExportError(f"--out {out} is a file; give a directory to write")
+        raise ExportError(f"{what} {out} is a file; give a directory to write")
     ours = ((CONFIG_FILE, CHECKSUMS), (CONFIG_FILE, "bertforge_training.json"), ("MLmodel",))  # export, hf, pull
     if any(all((out / name).is_file() for name in names) for names in ours):
         return
     held = sorted(p.name for p in out.iterdir())
     if held:
-        raise ExportError(f"--out {out} holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}, not a model "
+        raise ExportError(f"{what} {out} holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}, not a model "
                           "directory; it would be replaced whole, so choose a new or empty directory")
 
 

@@ -30,7 +30,7 @@ import yaml
 from data_prep.configfile import flatten
 from data_prep.tokenizer import sha256_file
 from pretrain.config import FinetuneConfig
-from pretrain.export import CLASSIFIER_FORMAT, ExportError, load_model, resolve_model, write_model_dir
+from pretrain.export import CLASSIFIER_FORMAT, ExportError, check_out, load_model, resolve_model, write_model_dir
 from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
 from pretrain.tasks import Rows, label_ids, label_names, read_rows, scores, stratified_split
@@ -193,6 +193,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     source = None
     if topo.rank == 0:  # one process pulls or exports the source model; the others read its files
         try:
+            for sub in ("source", "model"):  # (each is replaced whole: only an earlier run's model may be there)
+                check_out(out / sub, what="output")
             source = resolve_model(cfg.model, out / "source", tracker.uri)
         except ExportError as e:
             source = ("error", str(e))
@@ -317,8 +319,10 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
             if step % t.log_every == 0 or step == total:
                 mean = float(_all_reduce(torch.tensor([float(window_loss) / window_n]), topo)[0]) / topo.world
                 if not math.isfinite(mean):
-                    raise FinetuneError(f"the training loss is {mean} at step {step}; lower train.lr "
-                                        f"(now {t.lr:g}) or use precision=fp32")
+                    raise FinetuneError(f"the training loss is {mean} at step {step}; lower train.lr (now {t.lr:g})"
+                                        + (" or use precision=fp32" if precision != "fp32" else
+                                           "; if it is not finite from the first steps on, check the source model's "
+                                           "weights (a damaged checkpoint)"))
                 rate = window_n * t.micro_batch_size * topo.world / (time.perf_counter() - window_start)
                 lr = stepper.get_lr()[0]
                 tracker.log(step, {"train_loss": mean, "lr": lr, "epoch": step / steps_per_epoch})

@@ -47,6 +47,13 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def how_to_see(uri: str) -> str:
+    """The command (or address) that shows the runs and models of the store at `uri` in MLflow's UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     """The id of experiment `name`, created if missing. In a store on this machine (a sqlite file) a new
     experiment's artifacts go to `mlruns/<name>` beside the file: MLflow's default, ./mlruns, is relative to the
@@ -100,10 +107,13 @@ class Tracker:
         self._closing = threading.Event()
         self._down_since: float | None = None
         self._started = threading.Event()
-        self._metrics_file = None
-        if active:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self._metrics_file = open(Path(out_dir) / METRICS_FILE, "a", buffering=1, encoding="utf-8")
+        self._metrics_file = None  # opened at the first record: a run whose setup fails leaves no directory behind
+
+    def _metrics(self):
+        if self._metrics_file is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics_file = open(self.out_dir / METRICS_FILE, "a", buffering=1, encoding="utf-8")
+        return self._metrics_file
 
     # -- console --------------------------------------------------------------------------------------
     def print(self, line: str) -> None:
@@ -116,11 +126,12 @@ class Tracker:
 
     def fresh_start(self) -> None:
         """A run starting at step 0 begins a new metrics.jsonl (one left by deleted checkpoints is set aside)."""
-        if self.active and self._metrics_file and self._metrics_file.tell():
-            path = Path(self._metrics_file.name)
-            self._metrics_file.close()
+        path = self.out_dir / METRICS_FILE
+        if self.active and path.is_file() and path.stat().st_size:
+            if self._metrics_file:
+                self._metrics_file.close()
+                self._metrics_file = None
             path.replace(path.with_suffix(f".{int(time.time())}.jsonl"))
-            self._metrics_file = open(path, "a", buffering=1, encoding="utf-8")
 
     def save_inputs(self, config: dict, manifest: dict, tokenizer: Path) -> dict[str, Path]:
         """Keep the effective config, the dataset manifest and the tokenizer with the checkpoints, so the
@@ -131,6 +142,7 @@ class Tracker:
 
         import yaml
 
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         config_file, manifest_file = self.out_dir / "config.yaml", self.out_dir / "manifest.json"
         tok_file = self.out_dir / "tokenizer" / tokenizer.name
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -167,10 +179,12 @@ class Tracker:
             return
         self.run_id = run_id
         self._queue.put(("run", tags))
-        if run_id is None:  # a new run gets the config and inputs; a resumed one has them already
-            items = sorted((k, str(v)[:6000]) for k, v in params.items())
-            for i in range(0, len(items), MAX_PARAMS):
-                self._queue.put(("params", items[i:i + MAX_PARAMS]))
+        # A new run gets the config and inputs; a resumed one has them already, and gets the settings that changed
+        # (`params` names them so: MLflow keeps a param's first value).
+        items = sorted((k, str(v)[:6000]) for k, v in params.items())
+        for i in range(0, len(items), MAX_PARAMS):
+            self._queue.put(("params", items[i:i + MAX_PARAMS]))
+        if run_id is None:
             for dest, path in artifacts.items():
                 self._queue.put(("artifact", (dest, str(path))))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
@@ -185,7 +199,7 @@ class Tracker:
         if not self.active:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._metrics().write(json.dumps({"step": step, **clean}) + "\n")
         if self.cfg.enabled:
             self._queue.put(("metrics", (step, int(time.time() * 1000), clean)))
 
@@ -304,12 +318,18 @@ PYFUNC_ADVICE = ("An input example was not provided",)
 # What a registered version's pyfunc imports when it loads and predicts, beyond the project's own packages
 # (which travel with the version as its code): the requirements `mlflow models serve` installs for it.
 PYFUNC_REQUIREMENTS = ("mlflow", "torch", "numpy", "sentencepiece", "safetensors", "pydantic", "pyyaml", "fsspec",
-                       "msgpack", "sentencex", "tqdm", "zstandard", "pandas")
+                       "msgpack", "sentencex", "tqdm", "backports.zstd;python_version<'3.14'", "pandas")
 PROJECT_PACKAGES = ("pretrain", "data_prep")
 
 
 class RegistryError(Exception):
     """A registration or pull that cannot be done; the message says what to do."""
+
+
+def _said(e: BaseException) -> str:
+    """An error's own words, first line (an MlflowException's message without the quotes its str adds)."""
+    text = str(getattr(e, "message", None) or e)
+    return text.splitlines()[0] if text.strip() else repr(e)
 
 
 def _remote_files(client, run_id: str, path: str) -> dict[str, int]:
@@ -396,11 +416,12 @@ def _pyfunc_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for dist in PYFUNC_REQUIREMENTS:
+    for requirement in PYFUNC_REQUIREMENTS:
+        dist, marker = (requirement.split(";", 1) + [""])[:2]
         try:
-            out.append(f"{dist}=={version(dist).split('+')[0]}")
+            out.append(f"{dist}=={version(dist).split('+')[0]}" + (f";{marker}" if marker else ""))
         except PackageNotFoundError:
-            out.append(dist)
+            out.append(requirement)
     return out
 
 
@@ -429,6 +450,18 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
                             "upload: rerun the same command to complete the registration") from None
 
 
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: str, stage: list[str]) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -437,9 +470,12 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     dataset = json.loads((model_dir / "dataset.json").read_text())
     client = MlflowClient(uri, registry_uri=uri)
     run_id = training["mlflow_run_id"]
-    if run_id is None:  # trained without tracking: a run of its own holds the files
+    run_tags = {"dataset_id": dataset["dataset_id"]}
+    if run_id is not None and not _run_exists(client, run_id):  # trained with another store: say which run it was
+        run_tags["trained_in_run"], run_id = run_id, None
+    if run_id is None:  # trained without tracking (or elsewhere): a run of its own holds the files
         exp_id = experiment_id(client, training["config"]["mlflow"]["experiment"], uri)
-        run = client.create_run(exp_id, run_name=f"register-{name}", tags={"dataset_id": dataset["dataset_id"]})
+        run = client.create_run(exp_id, run_name=f"register-{name}", tags=run_tags)
         run_id = run.info.run_id
         client.set_terminated(run_id)
     path = registered_path(training["step"], pooling, json.loads((model_dir / "config.json").read_text()))
@@ -521,7 +557,9 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 (MLflow, HTTP and file errors alike: nothing half-pulled stays)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
+        if isinstance(e, RegistryError):  # (resolving the name said what is wrong)
+            raise
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {_said(e)}") \
             from None
     try:  # (a directory's URI is downloaded into tmp/<its name>)
         problems = verify(model_files(got))
@@ -568,7 +606,7 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
     except RegistryError:
         raise
     except Exception as e:  # noqa: BLE001 (an unknown name/alias/version, a store that is down)
-        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {str(e).splitlines()[0] if str(e) else e!r}") \
+        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}") \
             from None
     info.update(pinned=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=v.run_id)
     return info
@@ -589,12 +627,15 @@ def model_files(path: str | Path) -> Path:
 
 
 def run_checkpoint_dir(run_id: str, uri: str) -> str:
-    """The checkpoint.dir a `pretrain train` run recorded among its params."""
+    """The checkpoint.dir a `pretrain train` run recorded among its params (the newest, where it was resumed from
+    another directory)."""
     from mlflow.tracking import MlflowClient
 
     check_source(uri)
     try:
-        return MlflowClient(uri).get_run(run_id).data.params["checkpoint.dir"]
+        params = MlflowClient(uri).get_run(run_id).data.params
+        moved = sorted(k for k in params if k.startswith("resumed.step-") and k.endswith(".checkpoint.dir"))
+        return params[moved[-1] if moved else "checkpoint.dir"]  # (a resume from where the checkpoints were moved)
     except Exception as e:  # noqa: BLE001 (unknown run, a run of something else, a store that is down)
         raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {uri}: {e}") from None
 

@@ -33,7 +33,7 @@ from pretrain.engine import (
     resolve_precision,
 )
 from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, training_flops
-from pretrain.tracking import Tracker, git_commit
+from pretrain.tracking import Tracker, git_commit, how_to_see
 
 # Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
@@ -100,6 +100,9 @@ def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Pat
     return [Path(p) for p in answer[0]]
 
 
+RESUMED = "resumed.step-"  # MLflow params of a resumed run: resumed.step-NNNNNNNN.KEY, each setting that changed
+
+
 def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
                       path: Path, tracker: Tracker) -> None:
     if client["model"] != model_cfg:
@@ -142,7 +145,11 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
                          "an older one")
         else:
             _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
+            # Bytes changed in place (a disk, a copy) keep their sizes: rank 0 checks the digests once, for all.
+            altered = checkpoint.altered(path) if dist.get_rank() == 0 else []
             try:
+                if altered:
+                    raise checkpoint.CheckpointError("; ".join(altered[:3]))
                 checkpoint.load(engine, path)
                 ok = torch.ones(1)
             except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
@@ -175,6 +182,9 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
                          "jobs (python -m cluster submit, storage: s3://...); here, give a directory")
     if Path(cfg.checkpoint.dir).exists() and not Path(cfg.checkpoint.dir).is_dir():
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} is a file; give a directory (new, or of this run)")
+    if (Path(cfg.checkpoint.dir) / checkpoint.COMMIT).is_file():
+        raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} is one checkpoint of a run; give the run's directory "
+                         f"({Path(cfg.checkpoint.dir).parent}) to resume it, or a new one")
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
@@ -265,6 +275,11 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
               "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
     if checkpoint_url:
         params["checkpoint.dir"] = checkpoint_url
+    if run_id is not None:  # resumed: what changed since the checkpoint, under names of its own (params are fixed)
+        old = {**flatten(client["config"]), **({"checkpoint.dir": client["checkpoint_dir"]}
+                                                if client.get("checkpoint_dir") else {})}
+        params = {f"{RESUMED}{step:08d}.{k}": v for k, v in params.items()
+                  if not k.startswith("derived.") and str(old.get(k)) != str(v)}
     tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
     commit = git_commit()
     if commit:
@@ -278,7 +293,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                   f"{', compiled layers' if compiled else ''}"
                   f"{', varlen attention' if cfg.train.varlen_attention else ''}: global batch "
                   f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "
-                  f"{cfg.train.max_steps - step} steps to go")
+                  f"{max(cfg.train.max_steps - step, 0)} steps to go"
+                  + (f" (the checkpoint is at step {step}, past train.max_steps={cfg.train.max_steps}: raise it to "
+                     "train on)" if step > cfg.train.max_steps else ""))
 
     stop = StopRequest()
     consecutive = 0
@@ -365,6 +382,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                 "cursor": {"micro_batches": micro_batches, **layout},
                 "model": model_cfg.__dict__, "dataset_id": dataset.id, "config_hash": cfg.hash(),
                 "config": cfg.model_dump(mode="json"), "mlflow_run_id": tracker.run_id, "world_size": topo.world,
+                "checkpoint_dir": checkpoint_url or cfg.checkpoint.dir,  # (as the run records it)
             }
             path = checkpoint.save(engine, ckdir, step, client, cfg.checkpoint.keep)
             if on_checkpoint:
@@ -472,8 +490,7 @@ def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
                      f"nsp acc {s['eval/nsp_acc']:.3f}, perplexity {s['eval/perplexity']:.1f}")
     lines.append(f"checkpoint   {s['checkpoint']}")
     if s["mlflow_run_id"]:
-        lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: mlflow ui --backend-store-uri "
-                     f"{tracker.uri})")
+        lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: {how_to_see(tracker.uri)})")
     return "\n".join(lines)
 
 

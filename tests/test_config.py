@@ -67,6 +67,27 @@ def test_bad_values_name_the_valid_choices(tmp_path):
         load_config(DataPrepConfig, f, ["examples.max_seq_length=16", "examples.max_predictions_per_seq=20"])
 
 
+def test_locations_are_never_empty_and_name_local_paths(tmp_path, monkeypatch):
+    """An empty location (an unset `${VAR}`) is refused rather than meaning the working directory; `file://` URLs
+    and `~` name the local paths they mean, in every config; object-store URLs are kept as they are."""
+    from pretrain.config import FinetuneConfig, PretrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        load_config(DataPrepConfig, None, ['inputs=["a.txt", ""]', "output="])
+    assert "'inputs.1' (in command line): String should have at least 1 character" in str(e.value)
+    assert "'output' (in command line): String should have at least 1 character" in str(e.value)
+    cfg = load_config(DataPrepConfig, None, ["inputs=[a.txt]", "output=file:///data/ds", "tokenizer.path=~/t.model"])
+    assert cfg.output == "/data/ds" and cfg.tokenizer.path == str(tmp_path / "t.model")
+    assert load_config(DataPrepConfig, None, ["inputs=[a.txt]", "output=s3://b/ds"]).output == "s3://b/ds"
+    pre = load_config(PretrainConfig, None, ["data.dataset=~/ds", "checkpoint.dir=file:///ckpt"])
+    assert pre.data.dataset == str(tmp_path / "ds") and pre.checkpoint.dir == "/ckpt"
+    fine = load_config(FinetuneConfig, None, ["model=m", "task.train=file:///t.jsonl", "output=~/out"])
+    assert fine.task.train == "/t.jsonl" and fine.output == str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="'checkpoint.dir' .*at least 1 character"):
+        load_config(PretrainConfig, None, ["data.dataset=d", "checkpoint.dir="])
+
+
 def test_content_hash_ignores_where_and_how_fast():
     a = DataPrepConfig(inputs=["a"], output="x")
     b = DataPrepConfig(inputs=["a"], output="y", ray={"num_cpus": 1, "address": "ray://h:10001"})
@@ -192,6 +213,13 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
         load_config(PretrainConfig, None, [])
     with pytest.raises(ConfigError, match="alias 'latest' is reserved by MLflow"):
         load_config(PretrainConfig, f, ["registry.name=m", "registry.alias=Latest"])
+    # MLflow's other rules, before any training rather than at registration after it
+    for over, said in {"registry.alias=v9": r"'v9' is reserved by MLflow \(models:/NAME@v9 means version 9\)",
+                       "registry.alias=a b": "aliases hold letters, digits, '_' and '-' only",
+                       "registry.name=team/bert": "names are not empty and hold no '/' or ':'"}.items():
+        with pytest.raises(ConfigError, match=said):
+            load_config(PretrainConfig, f, ["registry.name=m", over])
+    assert load_config(PretrainConfig, f, ["registry.name=m", "registry.alias=prod_v2-b"]).registry.alias == "prod_v2-b"
     with pytest.raises(ConfigError, match="train.compile=true cannot run under ZeRO-3"):
         load_config(PretrainConfig, f, ["train.compile=true", "deepspeed.zero_stage=3"])
     assert load_config(PretrainConfig, f, ["deepspeed.zero_stage=3"]).train.compile == "auto"
@@ -204,6 +232,21 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
     cfg = load_config(PretrainConfig, f, ["model.preset=tiny", "model.num_layers=3"])
     built = cfg.model.build(vocab_size=100)
     assert (built.num_layers, built.hidden_size, built.vocab_size) == (3, 128, 128)
+
+
+def test_registry_names_are_checked_before_any_work(tmp_path):
+    """`pretrain register` and a pipeline job refuse what MLflow would refuse, before touching a store or training."""
+    import subprocess
+    import sys
+
+    from conftest import pretrain_cli
+
+    r = pretrain_cli("register", "--checkpoint", str(tmp_path), "--name", "m", "--alias", "V2", cwd=tmp_path)
+    assert r.returncode == 2 and "the alias 'V2' is reserved by MLflow" in r.stderr, r.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    r = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/quickstart.yaml",
+                        "stages.registry.name=team/bert"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'team/bert': MLflow names are not empty and hold no '/' or ':'" in r.stderr, r.stderr
 
 
 def test_data_prep_run_takes_overwrite_before_or_after_the_config():

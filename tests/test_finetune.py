@@ -245,3 +245,11 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
                        f"output={tmp_path / 'out'}", cwd=tmp)
     assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "out" / "model").exists()
+    mine = tmp_path / "proj" / "model" / "mine.txt"  # an output whose model/ is not a model: nothing is replaced
+    mine.parent.mkdir(parents=True)
+    mine.write_text("keep")
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={tmp_path / 'proj'}",
+                       cwd=tmp)
+    assert out.returncode == 1 and f"output {mine.parent} holds mine.txt, not a model directory" in out.stderr, \
+        out.stderr[-2000:]
+    assert mine.read_text() == "keep" and not (tmp_path / "proj" / "source").exists()

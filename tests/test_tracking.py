@@ -87,3 +87,11 @@ def test_an_artifact_removed_before_it_is_sent_is_skipped_not_retried(tmp_path, 
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 2.5
     assert [a.path for a in client.list_artifacts(tracker.run_id, "dataset")] == ["dataset/manifest.json"]
     assert f"{tmp_path / 'gone.yaml'} was removed before MLflow took it" in capsys.readouterr().err
+
+
+def test_the_summary_names_how_to_see_the_store():
+    """`mlflow ui` serves a store it can open itself; a tracking server shows its own UI at its address."""
+    from pretrain.tracking import how_to_see
+
+    assert how_to_see("sqlite:////data/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/mlflow.db"
+    assert how_to_see("http://mlflow.internal:5000") == "open http://mlflow.internal:5000 (the tracking server's UI)"

@@ -115,16 +115,40 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
     old = json.loads((ck / "step-00000080" / "client.json").read_text())["mlflow_run_id"]
     new = json.loads((tmp / "ck" / "step-00000090" / "client.json").read_text())["mlflow_run_id"]
     assert new == old
+    # the run keeps its first settings and records what the resume changed (the copy's checkpoint.dir too)
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import run_checkpoint_dir
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    params = MlflowClient(uri).get_run(new).data.params
+    assert params["train.max_steps"] == "80" and params["resumed.step-00000080.train.max_steps"] == "90"
+    assert params["resumed.step-00000080.checkpoint.dir"] == str(tmp / "ck")
+    assert not [k for k in params if k.startswith("resumed.") and ".train." in k and "max_steps" not in k]
+    assert run_checkpoint_dir(new, uri) == str(tmp / "ck")
 
     again = run_pretrain(conf, "train.max_steps=90")  # nothing left to do
     assert again.returncode == 0 and "0 steps to go" in again.stdout
+    below = run_pretrain(conf, "train.max_steps=85")
+    assert below.returncode == 0 and "0 steps to go (the checkpoint is at step 90, past train.max_steps=85: " \
+        "raise it to train on)" in below.stdout, below.stdout
 
 
 def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
-    """The data cursor advances by what each step consumed; the config's LR wins over the saved optimizer's."""
+    """The data cursor advances by what each step consumed; the config's LR, weight decay and gradient clipping
+    win over the saved optimizer's (the checkpoint written after the resume holds what the steps used)."""
+    import torch
+
     conf = copy_run(trained[0], tmp_path / "copy")
-    out = run_pretrain(conf, "train.max_steps=82", "train.global_batch_size=32", "train.lr=1e-4")
+    out = run_pretrain(conf, "train.max_steps=82", "train.global_batch_size=32", "train.lr=1e-4",
+                       "train.grad_clip=0.25", "train.weight_decay=0.1")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "train.grad_clip: 1.0 -> 0.25" in out.stdout and "train.weight_decay: 0.01 -> 0.1" in out.stdout
+    for step, clip, decay in ((80, 1.0, 0.01), (82, 0.25, 0.1)):
+        (states,) = (conf.parent / "ck" / f"step-{step:08d}").glob("*optim_states.pt")
+        saved = torch.load(states, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        groups = saved["base_optimizer_state"]["param_groups"]
+        assert (saved["clip_grad"], groups[0]["weight_decay"], groups[1]["weight_decay"]) == (clip, decay, 0.0)
     client = json.loads((conf.parent / "ck" / "step-00000082" / "client.json").read_text())
     assert client["cursor"]["micro_batches"] == 80 * 2 + 2 * 4  # 2 more steps of 4 micro batches of 8
     assert client["samples"] == 80 * 16 + 2 * 32
@@ -136,6 +160,8 @@ def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
     ("model.num_layers=3", "different model (num_layers changed)"),
     ("data.streams=4", "different data order (streams changed: streams 2 -> 4)"),
     ("resume=never", "holds checkpoints of an earlier run and resume=never"),
+    ("checkpoint.dir=ck/step-00000080", "checkpoint.dir ck/step-00000080 is one checkpoint of a run; give the run's "
+                                        "directory (ck) to resume it"),
 ])
 def test_incompatible_resumes_are_refused(trained, override, message):
     cfg, ck, _ = trained
@@ -148,6 +174,7 @@ def test_incompatible_resumes_are_refused(trained, override, message):
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
     out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
+    assert not (tmp_path / "ck").exists(), "a run that never started leaves no directory behind"
 
 
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path):
@@ -171,6 +198,17 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path)
     out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step-00000080: client.json cannot be read (JSONDecodeError" in out.stderr, out.stderr[-3000:]
+    assert "step-00000060 (step 60" in out.stdout
+    # bytes of the optimizer states changed in place (same size, still loadable): their digest gives them away
+    conf = copy_run(cfg, tmp_path / "copy3")
+    (states,) = (conf.parent / "ck" / "step-00000080").glob("*optim_states.pt")
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    states.write_bytes(bytes(data))
+    out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"step-00000080 could not be loaded (CheckpointError: {states.name} differs from its sha256); trying " \
+        "an older one" in out.stderr, out.stderr[-3000:]
     assert "step-00000060 (step 60" in out.stdout
 
 
@@ -266,6 +304,15 @@ def test_a_damaged_dataset_stops_the_run_with_advice(tmp_path, train_dataset):
     assert out.returncode == 1, out.stderr[-2000:]
     assert f"data.dataset '{ds}' is damaged: {shard} missing; check it with python -m data_prep verify {ds}" \
         in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
-    (ds / shard).write_bytes(b"not a tar file" * 100)
+    shutil.copyfile(train_dataset / shard, ds / shard)
+    with open(ds / shard, "r+b") as f:  # truncated (a copy cut short)
+        f.truncate((ds / shard).stat().st_size // 2)
     out = run_pretrain(cfg, timeout=120)  # (it used to hang here, in the interpreter's exit)
-    assert out.returncode != 0 and "ReadError" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    # one line, in the loader's words without torch's wrapping of a worker's error
+    (said,) = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert said.startswith(f"error: {ds / shard}: cannot be read (ReadError: ") and \
+        said.endswith("check the dataset with `python -m data_prep verify`, and rebuild it with data_prep run"), said
+    (ds / shard).write_bytes(b"not a tar file" * 100)
+    out = run_pretrain(cfg, timeout=120)
+    assert out.returncode == 1 and f"error: {ds / shard}: cannot be read (ReadError: " in out.stderr, out.stderr[-2000:]
