@@ -144,12 +144,20 @@ def last_error(client, job_id: str) -> str | None:
     return next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else None)
 
 
+def _headline(message: str) -> str:
+    """A job's message in a line: a failed job's own last `error:` line (Ray's message quotes the end of its log
+    after a line of its own), else the message's first line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("error: ")]
+    return said[-1] if said else lines[0] if lines else ""
+
+
 def describe(job) -> str:
     took = ""
     if job.start_time:
         end = job.end_time or time.time() * 1000
         took = f", {(end - job.start_time) / 1000:.0f}s"
-    msg = f": {job.message.strip().splitlines()[0][:200]}" if job.message and job.status.is_terminal() else ""
+    msg = f": {_headline(job.message)[:200]}" if job.message and job.status.is_terminal() else ""
     name = (job.metadata or {}).get(NAME_KEY)
     return f"{job.submission_id}  {job.status.value}{took}" + (f"  ({name})" if name else "") + msg
 

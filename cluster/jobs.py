@@ -133,14 +133,20 @@ class JobSpec(Section):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v):
+        if not v.strip():
+            raise ValueError("storage is empty: give a directory (relative to where the job is submitted) or an "
+                             "object-store URL")
         return v.removeprefix("file://").rstrip("/") or "/"
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.kind == "pipeline":
-            if self.stages is None or self.config is not None:
+            if self.config is not None:
                 raise ValueError("kind: pipeline names its configs under stages (data_prep, pretrain, registry, "
                                  "finetune), not under config")
+            if self.stages is None:
+                raise ValueError("kind: pipeline needs stages: at least data_prep and pretrain, each with its config "
+                                 "(registry and finetune may follow)")
         elif self.config is None or self.stages is not None:
             raise ValueError(f"kind: {self.kind} needs config: PATH (and no stages)")
         if self.kind == "data_prep" and self.resources.num_workers > 1:
@@ -176,7 +182,8 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
             reg = spec.stages.registry
             extra = [f"model=models:/{reg.name}" + (f"@{reg.alias}" if reg.alias else "/latest")]
         try:
-            configs[kind] = load_config(_schema(kind), cfg_path, extra + list(stage.overrides))
+            configs[kind] = load_config(_schema(kind), cfg_path, extra + list(stage.overrides),
+                                        overrides_from=f"the job's {where.rsplit(': ', 1)[1].replace('config', 'overrides')}")
         except ConfigError as e:
             raise ConfigError(f"{where} ({cfg_path}): {e}") from None
     return spec, configs

@@ -27,6 +27,7 @@ from typing import Any
 
 from cluster.jobs import JobSpec
 from data_prep import storage
+from data_prep.dataset import DatasetError
 from pretrain import checkpoint
 
 WORKERS_DIR = "workers"  # CHECKPOINT_DIR/workers/rank-NNNNN.json: where each rank of the latest attempt runs
@@ -119,6 +120,17 @@ def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _workers_words(e: BaseException) -> str:
+    """What failed in the workers, a line per distinct error: the last line of each worker's traceback."""
+    failures = getattr(e, "worker_failures", None) or {None: e}
+    said: dict[str, list] = {}
+    for rank, failure in sorted(failures.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        lines = [line for line in str(failure).strip().splitlines() if line.strip()]
+        said.setdefault(lines[-1].strip() if lines else type(failure).__name__, []).append(rank)
+    return "; ".join(f"{text}" + (f" (rank {', '.join(map(str, ranks))})" if ranks != [None] else "")
+                     for text, ranks in said.items())
+
+
 def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None = None,
                     remote_checkpoints: bool = False) -> dict[str, Any]:
     """Fit the pretraining `cfg` with the job's resources on the Ray this process is connected to.
@@ -128,9 +140,16 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     Returns {checkpoint, step, samples, mlflow_run_id} of the newest committed checkpoint (the run's outcome
     as pretrain recorded it); raises RuntimeError when the job fails for good.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    from pretrain.data import open_dataset
+
+    # A dataset that is not there fails every worker the same way: said once here, not after max_failures restarts.
+    missing = open_dataset(cfg.data.dataset).missing()
+    if missing:
+        raise DatasetError(f"data.dataset '{cfg.data.dataset}' is damaged: {', '.join(missing[:3])} missing; check "
+                           f"it with python -m data_prep verify {cfg.data.dataset}")
     r = spec.resources
     per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
     if r.gpus:
@@ -150,9 +169,12 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
         run["checkpoint_config"] = CheckpointConfig(num_to_keep=cfg.checkpoint.keep)
     trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=ScalingConfig(**scaling),
                            run_config=RunConfig(**run))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # (Ray Train raises it; older versions put it in result.error)
+        raise RuntimeError(f"pretraining failed after {spec.max_failures} restarts: {_workers_words(e)}") from None
     if result.error is not None:
-        raise RuntimeError(f"pretraining failed after {spec.max_failures} restarts: {result.error}")
+        raise RuntimeError(f"pretraining failed after {spec.max_failures} restarts: {_workers_words(result.error)}")
     if remote:
         tags = checkpoint.uploaded(remote)
         if not tags:

@@ -277,5 +277,7 @@ def _summary(plan: dict, o: dict) -> None:
         lines.append(f"skipped      {', '.join(skipped)} (already done with the same config)")
     lines.append(f"time         {o['seconds']:.0f}s")
     if any(s["kind"] in ("pretrain", "register", "finetune") for s in plan["stages"]):
-        lines.append(f"look         mlflow ui --backend-store-uri {plan['mlflow_uri']}")
+        from pretrain.tracking import how_to_see
+
+        lines.append(f"look         {how_to_see(plan['mlflow_uri'])}")
     log("\n".join(lines), flush=True)

@@ -84,7 +84,7 @@ def dotted(tree: Any, key: str, default: Any = None) -> Any:
     return tree
 
 
-def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str]) -> None:
+def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], origin: str = COMMAND_LINE) -> None:
     node = tree
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
@@ -96,7 +96,7 @@ def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str]) -> No
             raise ConfigError(f"override '{key}': '{where}' is a value, not a section")
         node = child
     node[parts[-1]] = value
-    sources[key] = COMMAND_LINE
+    sources[key] = origin
 
 
 def _leaf_sources(tree: Any, origin: str, prefix: str = "") -> dict[str, str]:
@@ -108,8 +108,10 @@ def _leaf_sources(tree: Any, origin: str, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def load_config(schema: type[M], path: str | Path | None, overrides: list[str] | None = None) -> M:
-    """Read `path` (YAML mapping; may be None), apply overrides, validate the whole tree against `schema`."""
+def load_config(schema: type[M], path: str | Path | None, overrides: list[str] | None = None,
+                overrides_from: str = COMMAND_LINE) -> M:
+    """Read `path` (YAML mapping; may be None), apply overrides (errors say they came from `overrides_from`),
+    validate the whole tree against `schema`."""
     tree: dict[str, Any] = {}
     origin = str(path) if path else "defaults"
     if path is not None:
@@ -130,7 +132,7 @@ def load_config(schema: type[M], path: str | Path | None, overrides: list[str] |
         tree = loaded
     sources = _leaf_sources(tree, origin)
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, sources)
+        _set_dotted(tree, key, value, sources, overrides_from)
     return validate_tree(schema, tree, sources, origin)
 
 

@@ -260,6 +260,8 @@ def test_one_copy_per_name_stop_and_list(dataset):
     failed = cluster("status", "bad", cwd=root)
     assert "bad-1  FAILED" in failed.stdout and "error: inputs[0]" in failed.stdout, failed.stdout
     assert "matched no files" in failed.stdout and "python -m cluster logs bad-1" in failed.stdout
+    (line,) = [x for x in cluster("list", cwd=root).stdout.splitlines() if x.startswith("bad-1  FAILED")]
+    assert "(bad): error: inputs[0] " in line and "matched no files" in line, line  # the job's own line
     unknown = cluster("logs", "no-such-job", cwd=root)
     assert unknown.returncode == 1 and "no job 'no-such-job'" in unknown.stderr and "Traceback" not in unknown.stderr
     # a stopped job's name is free again: the next submission is a new job

@@ -144,6 +144,27 @@ def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pi
     assert missing.returncode == 1 and "holds no complete uploaded checkpoint" in missing.stderr, missing.stderr
 
 
+def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path):
+    """Ray Train's error names each distinct worker failure once, by its last line; a dataset that is not there is
+    found before any worker starts (every one would fail the same way, max_failures times)."""
+    from ray.train import WorkerGroupError
+
+    from cluster.jobs import JobSpec
+    from cluster.launch import _workers_words, pretrain_on_ray
+    from data_prep.dataset import DatasetError
+    from pretrain.config import PretrainConfig
+
+    failures = {0: RuntimeError("Traceback (most recent call last):\n  ...\nValueError: bad batch"),
+                1: RuntimeError("Traceback (most recent call last):\n  ...\nValueError: bad batch"),
+                2: OSError("disk full")}
+    assert _workers_words(WorkerGroupError("three failed", failures)) == \
+        "ValueError: bad batch (rank 0, 1); disk full (rank 2)"
+    cfg = PretrainConfig.model_validate({"data": {"dataset": str(tmp_path / "nowhere")}})
+    spec = JobSpec.model_validate({"kind": "pretrain", "config": "x.yaml", "storage": str(tmp_path)})
+    with pytest.raises(DatasetError, match=r"'.*nowhere' is not a finished dataset \(manifest.json is missing\)"):
+        pretrain_on_ray(cfg, spec, "run")
+
+
 def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
     """The fine-tuning stage runs as a Ray task; its failure reaches the driver as one StageError naming the
     output and the cause, not a remote traceback."""

@@ -24,13 +24,15 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
     job = tmp_path / "job.yaml"
     job.write_text("kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
                    "  pretrain: {config: configs/pretrain/quickstart.yaml, overrides: {train.max_step: 5}}\n")
-    with pytest.raises(ConfigError, match=r"(?s)job.yaml: stages.pretrain.config .*train.max_step.*max_steps"):
+    with pytest.raises(ConfigError, match=r"(?s)job.yaml: stages.pretrain.config .*unknown key 'train.max_step' "
+                                          r"\(in the job's stages.pretrain.overrides\); did you mean 'train.max_steps'"):
         load_job(job)
 
 
 @pytest.mark.parametrize("body, message", [
     ("kind: pretrain\n", "needs config"),
     ("kind: pipeline\nconfig: x.yaml\n", "names its configs under stages"),
+    ("kind: pipeline\n", "kind: pipeline needs stages: at least data_prep and pretrain"),
     ("kind: train\nconfig: x.yaml\n", "kind"),
     ("kind: data_prep\nconfig: configs/data_prep/quickstart.yaml\nresources: {num_workers: 4}\n",
      "spreads its tasks"),
@@ -38,6 +40,7 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
      "use_gpu is false"),
     ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "Kubernetes name"),
     ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "does not exist"),
+    ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: ''\n", "storage is empty"),
     ("kind: pipeline\nstages: {pretraining: {config: x.yaml}}\n",  # (a section that may be left out)
      r"did you mean 'stages.pretrain'\? Valid keys here: data_prep, pretrain, registry, finetune"),
 ])
