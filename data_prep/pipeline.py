@@ -27,7 +27,7 @@ from data_prep.dataset import (
     build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
-from data_prep.sources import Source, expand_inputs
+from data_prep.sources import FORMATS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
 from data_prep.tokenizer import sha256_file, train
@@ -157,7 +157,12 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     t0 = time.monotonic()
     remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
     root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)
-    sources = _outside(expand_inputs(cfg.inputs), cfg.output)  # input and tokenizer problems surface before Ray
+    others: list[str] = []
+    sources = _outside(expand_inputs(cfg.inputs, others), cfg.output)  # input problems surface before Ray starts
+    others = [p for p in others if not _inside(p, cfg.output)]
+    if others:
+        print(f"note: {len(others)} files in the input directories are not {'/'.join(FORMATS)} files (optionally "
+              f"compressed) and are not read, e.g. {', '.join(others[:3])}", file=sys.stderr)
     given_tok = None
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)
@@ -228,15 +233,16 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     return summary
 
 
+def _inside(url: str, output: str) -> bool:
+    if storage.is_remote(output):
+        return url.startswith(output.rstrip("/") + "/")
+    return "://" not in url and Path(url).resolve().is_relative_to(Path(output).resolve())
+
+
 def _outside(sources: list[Source], output: str) -> list[Source]:
     """The inputs less those inside the output (an output directory within an input directory): the dataset's own
     files, and its work in progress, are not its corpus."""
-    if storage.is_remote(output):
-        inside = output.rstrip("/") + "/"
-        keep = [s for s in sources if not s.url.startswith(inside)]
-    else:
-        out = Path(output).resolve()
-        keep = [s for s in sources if "://" in s.url or not Path(s.url).resolve().is_relative_to(out)]
+    keep = [s for s in sources if not _inside(s.url, output)]
     if len(keep) < len(sources):
         if not keep:
             raise ConfigError(f"inputs: every input file is inside the output '{output}'; give the corpus's own "

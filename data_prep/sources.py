@@ -93,8 +93,10 @@ def _supported_list() -> str:
     return f"{'/'.join(FORMATS)}, optionally with {'/'.join(COMPRESSIONS)}"
 
 
-def expand_inputs(inputs: list[str]) -> list[Source]:
-    """Resolve paths, directories (recursive), globs and fsspec URLs into a sorted, de-duplicated file list."""
+def expand_inputs(inputs: list[str], skipped: list[str] | None = None) -> list[Source]:
+    """Resolve paths, directories (recursive), globs and fsspec URLs into a sorted, de-duplicated file list.
+
+    Files of a directory that are not inputs (other extensions) are left out, and appended to `skipped`."""
     found: dict[str, Source] = {}
     for i, spec in enumerate(inputs):
         key = f"inputs[{i}]"
@@ -103,7 +105,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         except (ImportError, ValueError) as e:
             raise ConfigError(f"{key} '{spec}': cannot open this location ({e})") from None
         try:
-            for source in _expand(key, spec, fs, path):
+            for source in _expand(key, spec, fs, path, skipped if skipped is not None else []):
                 found[source.url] = source
         except ConfigError:
             raise
@@ -112,7 +114,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
     return [found[k] for k in sorted(found)]
 
 
-def _expand(key: str, spec: str, fs, path: str) -> Iterator[Source]:
+def _expand(key: str, spec: str, fs, path: str, skipped: list[str]) -> Iterator[Source]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     local = protocol in ("file", "local")
 
@@ -123,7 +125,9 @@ def _expand(key: str, spec: str, fs, path: str) -> Iterator[Source]:
         matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
         explicit = True
     elif fs.isdir(path):
-        matches = sorted(p for p in fs.find(path) if detect_format(p))
+        every = sorted(fs.find(path))
+        matches = [p for p in every if detect_format(p)]
+        skipped += [url(p) for p in every if not detect_format(p)]
         explicit = False
         if not matches:
             raise ConfigError(f"{key} '{spec}': the directory holds no {_supported_list()} files")

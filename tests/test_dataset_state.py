@@ -40,8 +40,14 @@ def test_an_output_inside_an_input_directory_is_not_read_as_input(small_corpus, 
     out = small_corpus / "ds"
     out.mkdir()
     write_txt(out / "notes.txt", [["A note of the user's, beside the dataset."]])
+    (small_corpus / "README.md").write_text("# not a corpus file\n")
+    (small_corpus / "data.json").write_text("{}\n")
     run(small_config(small_corpus, out), overwrite=True)
-    assert "note: 1 files inside the output" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: 1 files inside the output" in err
+    # files of other kinds in an input directory are named, not read silently or skipped silently
+    assert (f"note: 2 files in the input directories are not .txt/.jsonl/.parquet files (optionally compressed) and "
+            f"are not read, e.g. {small_corpus / 'README.md'}, {small_corpus / 'data.json'}") in err, err
     m = json.loads((out / "manifest.json").read_text())
     assert m["sources"] and not [s for s in m["sources"] if "/ds/" in s["path"]]
     assert (out / "notes.txt").exists() and verify(out) == []
