@@ -122,7 +122,8 @@ def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
 
 def _workers_words(e: BaseException) -> str:
     """What failed in the workers, a line per distinct error: the last line of each worker's traceback."""
-    failures = getattr(e, "worker_failures", None) or {None: e}
+    # (a controller's failure, or an older Ray Train's error, carries the cause inside: its own text is advice)
+    failures = getattr(e, "worker_failures", None) or {None: getattr(e, "controller_failure", None) or e.__cause__ or e}
     said: dict[str, list] = {}
     for rank, failure in sorted(failures.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
         lines = [line for line in str(failure).strip().splitlines() if line.strip()]

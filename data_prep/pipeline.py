@@ -234,21 +234,28 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
 
 
 def _inside(url: str, output: str) -> bool:
+    """Whether `url` is one of the dataset's own files at `output` (its folders, its work in progress)."""
     if storage.is_remote(output):
-        return url.startswith(output.rstrip("/") + "/")
-    return "://" not in url and Path(url).resolve().is_relative_to(Path(output).resolve())
+        prefix = output.rstrip("/") + "/"
+        rel = url[len(prefix):] if url.startswith(prefix) else None
+    elif "://" in url:
+        rel = None
+    else:
+        path, out = Path(url).resolve(), Path(output).resolve()
+        rel = path.relative_to(out).as_posix() if path.is_relative_to(out) else None
+    return rel is not None and rel.split("/", 1)[0] in (*OWNED_FILES, *OWNED_IN, WORK)
 
 
 def _outside(sources: list[Source], output: str) -> list[Source]:
-    """The inputs less those inside the output (an output directory within an input directory): the dataset's own
-    files, and its work in progress, are not its corpus."""
+    """The inputs less the dataset's own files (an output directory within an input directory): its shards,
+    tokenizer and work in progress are not its corpus. Other files under the output are inputs like any."""
     keep = [s for s in sources if not _inside(s.url, output)]
     if len(keep) < len(sources):
         if not keep:
-            raise ConfigError(f"inputs: every input file is inside the output '{output}'; give the corpus's own "
-                              "files or directories")
-        print(f"note: {len(sources) - len(keep)} files inside the output '{output}' are not read as inputs",
-              file=sys.stderr)
+            raise ConfigError(f"inputs: every input file is one of the dataset's own at '{output}'; give the "
+                              "corpus's own files or directories")
+        print(f"note: {len(sources) - len(keep)} files of the dataset at '{output}' (its folders, its work in "
+              "progress) are not read as inputs", file=sys.stderr)
     return keep
 
 

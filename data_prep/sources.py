@@ -275,7 +275,7 @@ class DocumentReader:
         try:
             zstd = self.source.compression == "zstd"
             with fsspec.open(self.source.url, "rb", compression=None if zstd else self.source.compression) as raw, \
-                    (_zstd_file(raw) if zstd else contextlib.nullcontext(raw)) as raw:
+                    (zstd_reader(raw) if zstd else contextlib.nullcontext(raw)) as raw:
                 f = raw if hasattr(raw, "peek") else io.BufferedReader(raw, 1 << 16)
                 head = f.peek(_HEAD_BYTES)[:_HEAD_BYTES]
                 if not head:
@@ -421,7 +421,7 @@ class DocumentReader:
                         yield out
 
 
-def _zstd_file(raw: IO[bytes]) -> IO[bytes]:
+def zstd_reader(raw: IO[bytes]) -> IO[bytes]:
     """A reader of zstd frames that, like gzip's, bz2's and lzma's, raises EOFError where the file ends inside a
     frame (a truncated file); zstandard's stream reader, which fsspec may choose, ends there silently."""
     if sys.version_info >= (3, 14):

@@ -7,6 +7,7 @@ and the config key to change.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import fsspec
 import torch
 
+from data_prep.sources import zstd_reader
 from pretrain.config import TaskConfig
 
 
@@ -45,7 +47,10 @@ def _records(path: str):
     for ext in (".gz", ".bz2", ".xz", ".zst"):
         name = name.removesuffix(ext)
     try:  # utf-8-sig: also a file saved with a byte-order mark (Excel's "CSV UTF-8")
-        f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
+        if path.lower().endswith(".zst"):  # (data prep's reader: fsspec's choice of zstd library varies by version)
+            f = io.TextIOWrapper(zstd_reader(fsspec.open(path, "rb").open()), encoding="utf-8-sig")
+        else:
+            f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
     except (OSError, ValueError) as e:
         raise TaskError(f"cannot open task file {path}: {e}") from None
     n = 0
@@ -70,10 +75,15 @@ def _records(path: str):
                     yield n, rec
             else:
                 raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv "
-                                "(optionally .gz)")
+                                "(optionally .gz, .bz2, .xz or .zst)")
     except UnicodeDecodeError as e:
         after = f", after line {n}" if n else ""  # (text is decoded a block at a time, ahead of the lines)
         raise TaskError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}{after}); save the file as UTF-8") \
+            from None
+    except (EOFError, OSError) as e:  # a truncated or damaged compressed file (gzip, bz2, lzma, zstd alike)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # (the disk or the network, not the file's bytes)
+        raise TaskError(f"{path}: cannot be read after line {n} ({type(e).__name__}: {e}); compress it again") \
             from None
 
 

@@ -107,6 +107,7 @@ class Tracker:
         self._closing = threading.Event()
         self._down_since: float | None = None
         self._started = threading.Event()
+        self._whole: list[tuple[str, Any]] = []
         self._metrics_file = None  # opened at the first record: a run whose setup fails leaves no directory behind
 
     def _metrics(self):
@@ -173,26 +174,31 @@ class Tracker:
 
     # -- MLflow ---------------------------------------------------------------------------------------
     def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
-              artifacts: dict[str, Path], wait_s: float = 15.0) -> None:
-        """Continue MLflow run `run_id` (a resumed job) or create one; waits up to `wait_s` for its id."""
+              artifacts: dict[str, Path], changed: dict[str, Any] | None = None, wait_s: float = 15.0) -> None:
+        """Continue MLflow run `run_id` (a resumed job) or create one; waits up to `wait_s` for its id.
+
+        A new run gets `params` (the whole config) and the input `artifacts`; a resumed one has them already and
+        gets `changed`, the settings the resume changed under names of their own (MLflow keeps a param's first
+        value). Should the resumed run be refused (another store), the new run gets the whole record."""
         if not self.active or not self.cfg.enabled:
             return
         self.run_id = run_id
         self._queue.put(("run", tags))
-        # A new run gets the config and inputs; a resumed one has them already, and gets the settings that changed
-        # (`params` names them so: MLflow keeps a param's first value).
-        items = sorted((k, str(v)[:6000]) for k, v in params.items())
-        for i in range(0, len(items), MAX_PARAMS):
-            self._queue.put(("params", items[i:i + MAX_PARAMS]))
-        if run_id is None:
-            for dest, path in artifacts.items():
-                self._queue.put(("artifact", (dest, str(path))))
+        self._whole = self._records(params, artifacts)
+        for record in self._whole if run_id is None else self._records(changed or {}, {}):
+            self._queue.put(record)
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         self._started.wait(wait_s)
         if self.run_id is None:
             self.warn(f"MLflow at {self.uri} did not answer within {wait_s:.0f} s; training goes on "
                       "and its records are kept until the server answers")
+
+    @staticmethod
+    def _records(params: dict[str, Any], artifacts: dict[str, Path]) -> list[tuple[str, Any]]:
+        items = sorted((k, str(v)[:6000]) for k, v in params.items())
+        return ([("params", items[i:i + MAX_PARAMS]) for i in range(0, len(items), MAX_PARAMS)]
+                + [("artifact", (dest, str(path))) for dest, path in artifacts.items()])
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record one step's metrics: a line in metrics.jsonl now, MLflow in the background."""
@@ -266,6 +272,7 @@ class Tracker:
         if kind == "run" and self.run_id is not None:
             self.warn(f"MLflow cannot continue run {self.run_id} ({first}); recording to a new run")
             self.run_id = None
+            self._pending[1:1] = self._whole  # (the config and inputs a new run starts with)
         else:
             self.warn(f"MLflow refused a {kind} record ({first}); it is skipped (metrics.jsonl has it)")
             self._pending.pop(0)

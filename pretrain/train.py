@@ -145,11 +145,18 @@ def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, l
                          "an older one")
         else:
             _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
-            # Bytes changed in place (a disk, a copy) keep their sizes: rank 0 checks the digests once, for all.
-            altered = checkpoint.altered(path) if dist.get_rank() == 0 else []
+            # Bytes changed in place (a disk, a copy) keep their sizes: rank 0 checks the digests once, and every
+            # rank hears the outcome before any loads (a load runs collectives: all ranks load, or none).
+            altered = [None]
+            if dist.get_rank() == 0:
+                try:
+                    altered = ["; ".join(checkpoint.altered(path)[:3]) or None]
+                except OSError as e:
+                    altered = [f"its files cannot be read ({e})"]
+            dist.broadcast_object_list(altered, src=0)
             try:
-                if altered:
-                    raise checkpoint.CheckpointError("; ".join(altered[:3]))
+                if altered[0]:
+                    raise checkpoint.CheckpointError(altered[0])
                 checkpoint.load(engine, path)
                 ok = torch.ones(1)
             except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
@@ -275,17 +282,18 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
               "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
     if checkpoint_url:
         params["checkpoint.dir"] = checkpoint_url
+    changed = None
     if run_id is not None:  # resumed: what changed since the checkpoint, under names of its own (params are fixed)
         old = {**flatten(client["config"]), **({"checkpoint.dir": client["checkpoint_dir"]}
                                                 if client.get("checkpoint_dir") else {})}
-        params = {f"{RESUMED}{step:08d}.{k}": v for k, v in params.items()
-                  if not k.startswith("derived.") and str(old.get(k)) != str(v)}
+        changed = {f"{RESUMED}{step:08d}.{k}": v for k, v in params.items()
+                   if not k.startswith("derived.") and str(old.get(k)) != str(v)}
     tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     artifacts = tracker.save_inputs(cfg.model_dump(mode="json"), manifest, tok_file)
-    tracker.start(run_id, params, tags, artifacts)
+    tracker.start(run_id, params, tags, artifacts, changed)
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "

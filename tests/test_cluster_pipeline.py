@@ -159,6 +159,10 @@ def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path):
                 2: OSError("disk full")}
     assert _workers_words(WorkerGroupError("three failed", failures)) == \
         "ValueError: bad batch (rank 0, 1); disk full (rank 2)"
+    try:  # an error that carries its cause: the cause's words, not the wrapper's advice
+        raise RuntimeError("Training failed. Inspect the logs, then restart the run.") from ValueError("bad config")
+    except RuntimeError as wrapped:
+        assert _workers_words(wrapped) == "bad config"
     cfg = PretrainConfig.model_validate({"data": {"dataset": str(tmp_path / "nowhere")}})
     spec = JobSpec.model_validate({"kind": "pretrain", "config": "x.yaml", "storage": str(tmp_path)})
     with pytest.raises(DatasetError, match=r"'.*nowhere' is not a finished dataset \(manifest.json is missing\)"):

@@ -32,28 +32,32 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     assert verify(tmp_path / "ds") == []
 
 
-def test_an_output_inside_an_input_directory_is_not_read_as_input(small_corpus, ray_local, capsys):
-    """The dataset's own files (its work in progress, or anything in its directory) are not its corpus: a rerun
-    after an interruption would otherwise see other inputs and refuse to resume."""
+def test_an_output_inside_an_input_directory_does_not_read_its_own_files(small_corpus, ray_local, capsys):
+    """The dataset's own files (its folders, its work in progress) are not its corpus: a rerun after an interruption
+    would otherwise see other inputs and refuse to resume. Other files under the output are inputs like any."""
     from data_prep.pipeline import run
 
     out = small_corpus / "ds"
-    out.mkdir()
-    write_txt(out / "notes.txt", [["A note of the user's, beside the dataset."]])
+    for folder in (out / ".work" / "sample", out / "raw"):
+        folder.mkdir(parents=True)
+    write_txt(out / ".work" / "sample" / "unit-000009.txt", [["A sentence sampled by an interrupted run."]])
+    write_txt(out / "raw" / "notes.txt", [["A user's own text kept under the output.", "It is read."]])
     (small_corpus / "README.md").write_text("# not a corpus file\n")
     (small_corpus / "data.json").write_text("{}\n")
     run(small_config(small_corpus, out), overwrite=True)
     err = capsys.readouterr().err
-    assert "note: 1 files inside the output" in err
+    assert f"note: 1 files of the dataset at '{out}' (its folders, its work in progress) are not read" in err, err
     # files of other kinds in an input directory are named, not read silently or skipped silently
     assert (f"note: 2 files in the input directories are not .txt/.jsonl/.parquet files (optionally compressed) and "
             f"are not read, e.g. {small_corpus / 'README.md'}, {small_corpus / 'data.json'}") in err, err
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["sources"] and not [s for s in m["sources"] if "/ds/" in s["path"]]
-    assert (out / "notes.txt").exists() and verify(out) == []
+    read = [s["path"] for s in json.loads((out / "manifest.json").read_text())["sources"]]
+    assert str(out / "raw" / "notes.txt") in read and not [p for p in read if "/.work/" in p]
+    assert (out / "raw" / "notes.txt").exists() and verify(out) == []
     assert run(small_config(small_corpus, out))["seconds"] < 5, "the same inputs again: complete"
-    with pytest.raises(ConfigError, match=r"inputs: every input file is inside the output"):
-        run(small_config(out, out))
+    (out / ".work" / "sample").mkdir(parents=True)
+    write_txt(out / ".work" / "sample" / "unit-000000.txt", [["Work in progress only."]])
+    with pytest.raises(ConfigError, match=r"inputs: every input file is one of the dataset's own"):
+        run(small_config(out / ".work", out))
 
 
 def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):

@@ -134,6 +134,25 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
         "raise it to train on)" in below.stdout, below.stdout
 
 
+def test_a_resume_into_another_store_records_the_whole_run_there(trained, tmp_path):
+    """The checkpoint's MLflow run is not in the store the resumed job uses: a new run there gets the whole config
+    and inputs, not only what changed, so it stands on its own (register --run finds its checkpoints)."""
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import run_checkpoint_dir
+
+    conf = copy_run(trained[0], tmp_path / "copy")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    out = run_pretrain(conf, "train.max_steps=82", f"mlflow.tracking_uri={other}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MLflow cannot continue run" in out.stderr and "recording to a new run" in out.stderr, out.stderr[-3000:]
+    (run,) = MlflowClient(other).search_runs([MlflowClient(other).get_experiment_by_name("bert-pretraining")
+                                               .experiment_id])
+    assert run.data.params["train.max_steps"] == "82" and run.data.params["train.lr"] == "0.002"
+    assert {a.path for a in MlflowClient(other).list_artifacts(run.info.run_id)} >= {"config", "dataset", "tokenizer"}
+    assert run_checkpoint_dir(run.info.run_id, other) == str(conf.parent / "ck")
+
+
 def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
     """The data cursor advances by what each step consumed; the config's LR, weight decay and gradient clipping
     win over the saved optimizer's (the checkpoint written after the resume holds what the steps used)."""
