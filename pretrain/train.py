@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import storage
-from data_prep.configfile import flatten
+from data_prep.configfile import dotted, flatten
 from data_prep.examples import stable_seed
 from data_prep.tokenizer import cached
 from pretrain import checkpoint
@@ -101,6 +101,13 @@ def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Pat
 
 
 RESUMED = "resumed.step-"  # MLflow params of a resumed run: resumed.step-NNNNNNNN.KEY, each setting that changed
+
+
+def _shown_precision(cfg: PretrainConfig, precision: str) -> str:
+    """The precision as it runs: DeepSpeed's own bf16 mode, when deepspeed.config turns it on, overrides ours."""
+    if dotted(cfg.deepspeed.config, "bf16.enabled") or dotted(cfg.deepspeed.config, "bfloat16.enabled"):
+        return "bf16 (DeepSpeed's bf16 mode: bf16 weights, fp32 master copies; from deepspeed.config)"
+    return precision
 
 
 def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
@@ -279,7 +286,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         trace = open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1)
 
     params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
-              "derived.precision": precision, "derived.parameters": n_params, "derived.data_streams": streams}
+              "derived.precision": _shown_precision(cfg, precision), "derived.parameters": n_params,
+              "derived.data_streams": streams}
     if checkpoint_url:
         params["checkpoint.dir"] = checkpoint_url
     changed = None
@@ -297,7 +305,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
-                  f"{topo.device.type} rank(s), {precision}, ZeRO-{cfg.deepspeed.zero_stage}"
+                  f"{topo.device.type} rank(s), {_shown_precision(cfg, precision)}, ZeRO-{cfg.deepspeed.zero_stage}"
                   f"{', compiled layers' if compiled else ''}"
                   f"{', varlen attention' if cfg.train.varlen_attention else ''}: global batch "
                   f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "

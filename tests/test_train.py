@@ -335,3 +335,15 @@ def test_a_damaged_dataset_stops_the_run_with_advice(tmp_path, train_dataset):
     (ds / shard).write_bytes(b"not a tar file" * 100)
     out = run_pretrain(cfg, timeout=120)
     assert out.returncode == 1 and f"error: {ds / shard}: cannot be read (ReadError: " in out.stderr, out.stderr[-2000:]
+
+
+def test_the_banner_says_when_deepspeed_runs_its_own_bf16_mode():
+    """deepspeed.config may turn on DeepSpeed's bf16 mode (an expert option): the run says so, not fp32."""
+    from pretrain.config import PretrainConfig
+    from pretrain.train import _shown_precision
+
+    plain = PretrainConfig.model_validate({"data": {"dataset": "d"}})
+    ds_bf16 = PretrainConfig.model_validate({"data": {"dataset": "d"},
+                                             "deepspeed": {"config": {"bf16": {"enabled": True}}}})
+    assert _shown_precision(plain, "fp32") == "fp32"
+    assert _shown_precision(ds_bf16, "fp32").startswith("bf16 (DeepSpeed's bf16 mode")
