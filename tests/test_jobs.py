@@ -63,6 +63,17 @@ def test_a_pipeline_fine_tunes_the_model_it_registered(tmp_path, monkeypatch):
     assert [k for k, _ in spec.stage_list()] == ["data_prep", "pretrain", "finetune"]
 
 
+def test_the_readme_job_example_is_a_valid_job(tmp_path, monkeypatch):
+    """The job file the README shows, with every key explained, validates as it is printed."""
+    import re
+
+    monkeypatch.chdir(REPO)
+    text = re.search(r"```yaml\n(kind: pipeline .*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "job.yaml").write_text(text)
+    spec, configs = load_job(tmp_path / "job.yaml")
+    assert spec.resources.nodes == 2 and set(configs) == {"data_prep", "pretrain", "finetune"}
+
+
 def test_validate_command():
     ok = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/pretrain_quickstart.yaml",
                          "max_failures=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
