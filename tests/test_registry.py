@@ -6,11 +6,13 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import (
+    free_port,
     pretrain_cli,
     pretrain_config,
     pyfunc_loads_without_the_project_installed,
@@ -109,6 +111,64 @@ def test_register_pull_and_predict(trained, monkeypatch):
     assert np.allclose(emb[0], emb[2]) and not np.allclose(emb[0], emb[1])
     mean = model.predict(["The river carries stone."], params={"pooling": "mean"})
     assert not np.allclose(mean[0], emb[0])
+
+
+def test_mlflow_models_serve_answers_with_the_embeddings_load_model_gives(trained, tmp_path):
+    """`mlflow models serve` of a registered version (in this environment: --env-manager local) answers a REST
+    request with the embeddings `mlflow.pyfunc.load_model` computes, per-request params included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+
+    tmp, uri = trained
+    reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "served-bert", "--tracking-uri", uri,
+                       cwd=tmp)
+    assert reg.returncode == 0, reg.stderr[-2000:]
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served-bert/1",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri,  # (the environment's uvicorn, as an
+                                   "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},  # active one)
+                              stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    texts = ["The river carries stone.", "Quiet harbor lantern."]
+
+    def ask(body: dict) -> np.ndarray:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return np.array(json.loads(answer.read())["predictions"], dtype=np.float32)
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        served = ask({"inputs": texts})
+        served_mean = ask({"inputs": texts, "params": {"pooling": "mean"}})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    pulled = pretrain_cli("pull", "models:/served-bert/1", "--out", str(tmp_path / "local"), "--tracking-uri", uri,
+                          cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    local = mlflow.pyfunc.load_model(str(tmp_path / "local"))
+    assert served.shape == (2, 128)
+    assert np.allclose(served, local.predict(texts), atol=1e-5)
+    assert np.allclose(served_mean, local.predict(texts, params={"pooling": "mean"}), atol=1e-5)
+    assert not np.allclose(served, served_mean)
 
 
 def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
