@@ -273,9 +273,9 @@ class DocumentReader:
             return
         self._at[0] = 0
         try:
-            zstd = self.source.compression == "zstd"
-            with fsspec.open(self.source.url, "rb", compression=None if zstd else self.source.compression) as raw, \
-                    (zstd_reader(raw) if zstd else contextlib.nullcontext(raw)) as raw:
+            is_zstd = self.source.compression == "zstd"
+            with fsspec.open(self.source.url, "rb", compression=None if is_zstd else self.source.compression) as raw, \
+                    (zstd_reader(raw) if is_zstd else contextlib.nullcontext(raw)) as raw:
                 f = raw if hasattr(raw, "peek") else io.BufferedReader(raw, 1 << 16)
                 head = f.peek(_HEAD_BYTES)[:_HEAD_BYTES]
                 if not head:
@@ -421,14 +421,19 @@ class DocumentReader:
                         yield out
 
 
+def zstd():
+    """The standard library's zstd module (Python 3.14), or its backport before."""
+    if sys.version_info >= (3, 14):
+        from compression import zstd as module
+    else:
+        from backports import zstd as module
+    return module
+
+
 def zstd_reader(raw: IO[bytes]) -> IO[bytes]:
     """A reader of zstd frames that, like gzip's, bz2's and lzma's, raises EOFError where the file ends inside a
     frame (a truncated file); zstandard's stream reader, which fsspec may choose, ends there silently."""
-    if sys.version_info >= (3, 14):
-        from compression.zstd import ZstdFile
-    else:
-        from backports.zstd import ZstdFile
-    return ZstdFile(raw)
+    return zstd().ZstdFile(raw)
 
 
 def _environmental(e: BaseException) -> bool:

@@ -13,7 +13,6 @@ import json
 import lzma
 import random
 import re
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -320,11 +319,9 @@ def test_single_sentence_document_counted_and_used(tmp_path):
 # compressed variants and parquet ----------------------------------------------------------------------------------
 
 def _zstd(data: bytes) -> bytes:
-    if sys.version_info >= (3, 14):
-        from compression import zstd
-    else:
-        from backports import zstd
-    return zstd.compress(data)
+    from data_prep.sources import zstd
+
+    return zstd().compress(data)
 
 
 COMPRESSORS = {".gz": gzip.compress, ".bz2": lambda data: bz2.compress(data, 1),  # (100 kB blocks: a cut keeps some)

@@ -6,7 +6,6 @@ import gzip
 import io
 import json
 import random
-import sys
 
 import pytest
 import torch
@@ -33,11 +32,9 @@ def test_rows_from_jsonl_csv_tsv_and_gzip(tmp_path):
     with gzip.open(tmp_path / "t.tsv.gz", "wt") as f:
         f.write("text\tb\tlabel\nx\ty\t1\n")
     assert read_rows(str(tmp_path / "t.tsv.gz"), cfg).pairs == ["y"]
-    if sys.version_info >= (3, 14):
-        from compression import zstd
-    else:
-        from backports import zstd
-    (tmp_path / "t.jsonl.zst").write_bytes(zstd.compress((tmp_path / "t.jsonl").read_bytes()))
+    from data_prep.sources import zstd
+
+    (tmp_path / "t.jsonl.zst").write_bytes(zstd().compress((tmp_path / "t.jsonl").read_bytes()))
     got = read_rows(str(tmp_path / "t.jsonl.zst"), cfg)
     assert got.texts == [f"a{i}" for i in range(5)] and got.where[4].endswith("t.jsonl.zst:5")
     (tmp_path / "cut.jsonl.zst").write_bytes((tmp_path / "t.jsonl.zst").read_bytes()[:-8])
