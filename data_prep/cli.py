@@ -82,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.command != "run":
             raise
-        print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        from data_prep.pipeline import INTERRUPTED, Interrupted
+
+        if not isinstance(e, Interrupted):
+            print(INTERRUPTED, file=sys.stderr)
         return 130
     return EXIT_USAGE
 

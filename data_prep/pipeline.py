@@ -76,8 +76,18 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         raise ConfigError(f"cannot start or reach {where}: {e}") from None
     try:
         yield
+    except KeyboardInterrupt:  # said before Ray shuts down: a reply still in flight can crash Ray's shutdown
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        raise Interrupted from None
     finally:
         ray.shutdown()
+
+
+INTERRUPTED = "\ninterrupted: finished work is kept; run the same command again to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the job, already reported with INTERRUPTED."""
 
 
 class Progress:

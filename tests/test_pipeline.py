@@ -204,8 +204,11 @@ def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
         if kill_when.endswith("ctrl-c"):
             proc.send_signal(signal.SIGINT)  # (the driver only: Ray's own processes can crash on a SIGINT of theirs)
             _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 130, err[-3000:]
-            assert err.rstrip().endswith("interrupted: finished work is kept; run the same command again to resume")
+            assert "interrupted: finished work is kept; run the same command again to resume" in err, err[-3000:]
+            # 130, as for any Ctrl-C; but a task's reply still in flight can make Ray's own shutdown fail a check
+            # (its C++ "Tried to complete task that was not pending", a Ray bug): then Ray's exit status, 1
+            ray_bug = "You have likely discovered a bug in Ray" in err
+            assert proc.returncode == (1 if ray_bug else 130), err[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
