@@ -6,6 +6,7 @@ and the config key to change.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -46,16 +47,18 @@ def _records(path: str):
     name = path.lower()
     for ext in (".gz", ".bz2", ".xz", ".zst"):
         name = name.removesuffix(ext)
+    raw = None  # (the compressed file under a .zst reader, which leaves closing it to its opener)
     try:  # utf-8-sig: also a file saved with a byte-order mark (Excel's "CSV UTF-8")
         if path.lower().endswith(".zst"):  # (data prep's reader: fsspec's choice of zstd library varies by version)
-            f = io.TextIOWrapper(zstd_reader(fsspec.open(path, "rb").open()), encoding="utf-8-sig")
+            raw = fsspec.open(path, "rb").open()
+            f = io.TextIOWrapper(zstd_reader(raw), encoding="utf-8-sig")
         else:
             f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
     except (OSError, ValueError) as e:
         raise TaskError(f"cannot open task file {path}: {e}") from None
     n = 0
     try:
-        with f:
+        with f, raw or contextlib.nullcontext():
             if name.endswith((".jsonl", ".json", ".ndjson")):
                 for n, line in enumerate(f, 1):
                     if not line.strip():

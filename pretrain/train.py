@@ -285,8 +285,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         (ckdir / "trace").mkdir(parents=True, exist_ok=True)
         trace = open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1)
 
+    shown_precision = _shown_precision(cfg, precision)
     params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
-              "derived.precision": _shown_precision(cfg, precision), "derived.parameters": n_params,
+              "derived.precision": shown_precision, "derived.parameters": n_params,
               "derived.data_streams": streams}
     if checkpoint_url:
         params["checkpoint.dir"] = checkpoint_url
@@ -305,7 +306,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)
     tracker.print(f"training BERT-{cfg.model.preset} ({n_params / 1e6:.1f}M parameters) on {topo.world} "
-                  f"{topo.device.type} rank(s), {_shown_precision(cfg, precision)}, ZeRO-{cfg.deepspeed.zero_stage}"
+                  f"{topo.device.type} rank(s), {shown_precision}, ZeRO-{cfg.deepspeed.zero_stage}"
                   f"{', compiled layers' if compiled else ''}"
                   f"{', varlen attention' if cfg.train.varlen_attention else ''}: global batch "
                   f"{b.global_batch} = {b.micro} x {b.accumulation} accumulation x {topo.world} ranks; "
