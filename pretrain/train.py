@@ -77,8 +77,10 @@ def _ignore_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Path]:
-    """Checkpoints to try, newest first, as rank 0 sees them (every rank gets rank 0's answer)."""
+def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[str]:
+    """Names (step-NNNNNNNN) of the checkpoints to try, newest first, as rank 0 sees them; every rank gets rank 0's
+    answer and finds each under its own checkpoint.dir (the same directory on shared storage; a rank's local copy
+    of the uploaded checkpoint where the ranks share none)."""
     root = Path(cfg.checkpoint.dir)
     answer: list = [None]
     if dist.get_rank() == 0:
@@ -87,7 +89,7 @@ def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Pat
                       "checkpoint.dir at an empty directory (or delete those checkpoints) to start afresh"]
         elif cfg.resume != "never":
             try:
-                answer = [[str(p) for p in checkpoint.choose(root, world, tracker.warn)]]
+                answer = [[p.name for p in checkpoint.choose(root, world, tracker.warn)]]
             except checkpoint.CheckpointError as e:
                 answer = [str(e)]
             if cfg.resume == "must" and not answer[0]:
@@ -97,7 +99,7 @@ def _resume_point(cfg: PretrainConfig, world: int, tracker: Tracker) -> list[Pat
     dist.broadcast_object_list(answer, src=0)
     if isinstance(answer[0], str):  # every rank raises, so none waits in a collective for the others
         raise checkpoint.CheckpointError(answer[0])
-    return [Path(p) for p in answer[0]]
+    return answer[0]
 
 
 RESUMED = "resumed.step-"  # MLflow params of a resumed run: resumed.step-NNNNNNNN.KEY, each setting that changed
@@ -140,38 +142,62 @@ def _all_reduce(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> 
     return on.cpu()
 
 
-def _restore(engine, candidates: list[Path], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
-             tracker: Tracker, device: torch.device) -> dict | None:
-    """Load the newest loadable checkpoint and return its client state; None for a fresh start."""
-    for path in candidates:
-        ok = torch.zeros(1)
+def _gathered(what: tuple[str, str] | None, world: int) -> dict[str, list[str]]:
+    """Every rank's `what` ((kind, text), or None: nothing to say) by kind, each text as "rank R: ..." where there
+    are several ranks. A collective: whatever one rank found, every rank acts on."""
+    said: list = [None] * world
+    dist.all_gather_object(said, what)
+    out: dict[str, list[str]] = {}
+    for r, w in enumerate(said):
+        if w:
+            out.setdefault(w[0], []).append(f"rank {r}: {w[1]}" if world > 1 else w[1])
+    return out
+
+
+def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
+             tracker: Tracker) -> dict | None:
+    """Load the newest loadable checkpoint and return its client state; None for a fresh start.
+
+    A checkpoint shown to be damaged (its client record unreadable or gone, or bytes that differ from their
+    digests) is skipped for the one before it, which the run then continues from. One that cannot be read or
+    loaded for any other reason (a file system's error, out of memory, another DeepSpeed) stops the run and is
+    kept: falling back would delete its steps at the next save."""
+    world = dist.get_world_size()
+    for name in candidates:
+        path = Path(cfg.checkpoint.dir) / name
+        client, problem = None, None
         try:
             client = checkpoint.read_client(path)
-        except (OSError, ValueError) as e:  # damaged, though of the size its commit record says
-            tracker.warn(f"checkpoint {path}: {checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e}); trying "
-                         "an older one")
-        else:
-            _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
-            # Bytes changed in place (a disk, a copy) keep their sizes: rank 0 checks the digests once, and every
-            # rank hears the outcome before any loads (a load runs collectives: all ranks load, or none).
-            altered = [None]
-            if dist.get_rank() == 0:
-                try:
-                    altered = ["; ".join(checkpoint.altered(path)[:3]) or None]
-                except OSError as e:
-                    altered = [f"its files cannot be read ({e})"]
-            dist.broadcast_object_list(altered, src=0)
-            try:
-                if altered[0]:
-                    raise checkpoint.CheckpointError(altered[0])
-                checkpoint.load(engine, path)
-                ok = torch.ones(1)
-            except Exception as e:  # noqa: BLE001 (any failure to read it means: try the previous one)
-                tracker.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one")
-        if _all_reduce(ok, device, dist.ReduceOp.MIN).item():  # every rank loaded it, or all try the next
-            tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
-            apply_hyperparameters(engine, cfg)
-            return client
+            if dist.get_rank() == 0:  # bytes changed in place (a disk, a copy) keep their sizes
+                altered = checkpoint.altered(path)
+                problem = ("damaged", "; ".join(altered[:3])) if altered else None
+        except (FileNotFoundError, ValueError) as e:  # gone, or damaged though of the size its commit names
+            problem = ("damaged", f"{checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})")
+        except OSError as e:
+            problem = ("unreadable", f"its files cannot be read ({e})")
+        # Every rank hears of any problem before any loads: a load runs collectives, so all ranks load, or none.
+        problems = _gathered(problem, world)
+        if "unreadable" in problems:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {'; '.join(problems['unreadable'][:3])}; rerun "
+                                             "once it can be read")
+        if "damaged" in problems:
+            tracker.warn(f"checkpoint {path} is damaged ({'; '.join(problems['damaged'][:3])}); trying an older one")
+            continue
+        _check_compatible(client, model_cfg, dataset_id, layout, cfg, path, tracker)
+        failure = None
+        try:
+            checkpoint.load(engine, path)
+        except Exception as e:  # noqa: BLE001 (whatever it is, every rank must hear of it)
+            failure = ("failed", f"{type(e).__name__}: {e}")
+        failed = _gathered(failure, world).get("failed")
+        if failed:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} could not be loaded ({'; '.join(failed[:3])}). Its files are as they were "
+                "written, so it is kept: rerun once the cause is fixed, or move it out of checkpoint.dir to resume "
+                "from the one before it")
+        tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
+        apply_hyperparameters(engine, cfg)
+        return client
     if candidates:
         raise checkpoint.CheckpointError(
             f"none of the {len(candidates)} complete checkpoints in '{cfg.checkpoint.dir}' could be loaded (see the "
@@ -260,7 +286,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
-    client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker, topo.device) or {}
+    client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker) or {}
     step, skipped, run_id = client.get("step", 0), client.get("skipped_steps", 0), client.get("mlflow_run_id")
     best_eval = math.inf if client.get("best_eval_loss") is None else client["best_eval_loss"]
     # The data cursor and samples seen advance by what each step consumed, so a resume with another

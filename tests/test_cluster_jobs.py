@@ -65,7 +65,9 @@ def head(tmp_path_factory, s3):
     assert state["address"] in up.stdout and "token authentication" in up.stdout
     assert "--labels=pool=train" in up.stdout  # the line that joins another node keeps the label
     ray = str(Path(sys.executable).parent / "ray")
-    node_env = {**env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"]}
+    # The second node stages checkpoints in a directory of its own, as a machine of its own would.
+    node_env = {**env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"],
+                "BERTFORGE_STAGING": str(root / "staging-node2")}
     node = subprocess.run([ray, "start", f"--address={state['gcs']}", "--node-ip-address=127.0.0.3", "--num-cpus=1",
                            "--labels=pool=train", f"--dashboard-agent-listen-port={free_port()}",
                            "--disable-usage-stats"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +165,58 @@ def test_a_process_that_was_in_a_group_leaves_without_finalizing(joined):
     assert out.returncode == 3, out.stderr
     assert out.stdout.startswith("buffered") and "exit handler" in out.stdout
     assert ("finalized" in out.stdout) is not joined
+
+
+APART = """
+import os, sys
+from pathlib import Path
+
+from data_prep.configfile import load_config
+from pretrain.config import PretrainConfig
+from pretrain.train import train
+
+# Each rank keeps its checkpoints in a directory of its own, as ranks on machines that share no disk do (a cluster
+# job's local copies of the checkpoints it uploads). The other ranks' directories are on "other machines": opening
+# a file there fails.
+rank, base = int(os.environ["RANK"]), Path(sys.argv[2])
+mine = base / f"rank-{rank}"
+def other_machines(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = Path(os.fsdecode(args[0])).absolute()
+        if path.is_relative_to(base) and not path.is_relative_to(mine):
+            raise PermissionError(f"{path} is on another machine")
+sys.addaudithook(other_machines)
+cfg = load_config(PretrainConfig, sys.argv[1], sys.argv[3:])
+cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(mine)})})
+summary = train(cfg)
+print("final step", summary["step"], flush=True)
+sys.stdout.flush()
+os._exit(0)  # (gloo's threads and the interpreter's finalization: see pretrain.cli.leave)
+"""
+
+
+def test_ranks_that_share_no_disk_resume_each_from_its_own_copy(tmp_path, train_dataset):
+    """Two ranks, each with its own checkpoint directory, where only its own files can be read: once each holds
+    the whole step-10 checkpoint (as a cluster job's workers download it), the rerun resumes from it on both."""
+    cfg = _config(tmp_path, train_dataset, train__max_steps=10, deepspeed__zero_stage=2, checkpoint__every_steps=5,
+                  data__eval_examples=0, mlflow__enabled=False)
+    (tmp_path / "apart.py").write_text(APART)
+    base = tmp_path / "apart"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "apart.py"), str(cfg), str(base)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "final step 10" in out.stdout
+    # rank 1 wrote its part of each checkpoint in its own directory (rank 0 commits its own): the download gives
+    # each rank the whole checkpoint, in its own directory
+    whole, part = base / "rank-0" / "step-00000010", base / "rank-1" / "step-00000010.partial"
+    assert {p.name for p in part.iterdir()} >= {"rank-00001.pt"}
+    for p in part.iterdir():
+        shutil.copy2(p, whole / p.name)
+    shutil.copytree(whole, base / "rank-1" / "step-00000010")
+
+    out = subprocess.run([*cmd, "train.max_steps=20"], cwd=tmp_path, env=pretrain_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {whole} (step 10" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "final step 20" in out.stdout

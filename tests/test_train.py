@@ -216,7 +216,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path)
     client.write_bytes(b"x" * client.stat().st_size)
     out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "step-00000080: client.json cannot be read (JSONDecodeError" in out.stderr, out.stderr[-3000:]
+    assert "step-00000080 is damaged (client.json cannot be read (JSONDecodeError" in out.stderr, out.stderr[-3000:]
     assert "step-00000060 (step 60" in out.stdout
     # bytes of the optimizer states changed in place (same size, still loadable): their digest gives them away
     conf = copy_run(cfg, tmp_path / "copy3")
@@ -226,9 +226,30 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path)
     states.write_bytes(bytes(data))
     out = run_pretrain(conf, "train.max_steps=62", "checkpoint.every_steps=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"step-00000080 could not be loaded (CheckpointError: {states.name} differs from its sha256); trying " \
-        "an older one" in out.stderr, out.stderr[-3000:]
+    assert f"step-00000080 is damaged ({states.name} differs from its sha256); trying an older one" in out.stderr, \
+        out.stderr[-3000:]
     assert "step-00000060 (step 60" in out.stdout
+
+
+def test_a_checkpoint_that_fails_to_load_stops_the_run_and_is_kept(trained, tmp_path):
+    """Intact as far as its commit record can tell (here: one from before digests were recorded), but DeepSpeed
+    cannot load it: falling back to the one before would delete it at the next save, so the run stops instead."""
+    cfg, _, _ = trained
+    conf = copy_run(cfg, tmp_path / "copy")
+    newest = conf.parent / "ck" / "step-00000080"
+    commit = json.loads((newest / "commit.json").read_text())
+    del commit["sha256"]
+    (newest / "commit.json").write_text(json.dumps(commit))
+    (states,) = newest.glob("*optim_states.pt")
+    data = bytearray(states.read_bytes())
+    data[-64:] = bytes(64)  # the end of its zip archive, at the same size
+    states.write_bytes(bytes(data))
+    out = run_pretrain(conf, "train.max_steps=100")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert f"checkpoint {newest} could not be loaded (" in out.stderr and "so it is kept" in out.stderr, \
+        out.stderr[-3000:]
+    assert "resuming from" not in out.stdout
+    assert newest.is_dir() and (conf.parent / "ck" / "step-00000060").is_dir()
 
 
 def test_a_different_world_size_or_no_complete_checkpoint_is_refused(trained, tmp_path):
