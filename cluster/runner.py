@@ -202,11 +202,10 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
 
     cfg = FinetuneConfig.model_validate(stage["config"])
     out = cfg.output.rstrip("/")
-    summary_at, config_at = storage.join(out, "summary.json"), storage.join(out, JOB_CONFIG)
-    if storage.exists(summary_at) and storage.exists(config_at) and json.loads(storage.read_text(config_at)) == \
-            stage["config"]:
+    done = finished_finetune(cfg)
+    if done is not None:
         log(f"'{out}' holds this fine-tune's result; nothing to do.")
-        return {"skipped": True, **json.loads(storage.read_text(summary_at))}
+        return {"skipped": True, **done}
     import ray
 
     from cluster.jobs import JobSpec
@@ -219,30 +218,49 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e
         raise StageError(f"fine-tuning into {out} failed: {type(cause).__name__}: {cause}") from None
-    if not storage.is_remote(out):
-        (Path(out) / JOB_CONFIG).write_text(json.dumps(stage["config"], indent=1))
     return {"skipped": False, **summary}
 
 
-JOB_CONFIG = "job-config.json"  # beside a fine-tune's summary.json: the stage config that produced it
+def finished_finetune(cfg) -> dict | None:
+    """The summary of a finished fine-tune of this very config in `cfg.output` (None: there is none). A run
+    removes an earlier run's summary before it writes anything there, and writes its own last, config included
+    (where it ran does not count: an object-store output is fine-tuned in a staging directory)."""
+    from pretrain.finetune import SUMMARY
+
+    where = storage.join(cfg.output.rstrip("/"), SUMMARY)
+    try:
+        summary = json.loads(storage.read_text(where))
+        made_by = dict(summary["config"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:  # cut short, or from a version that did not record its config
+        log(f"warning: {where} cannot be read as a finished fine-tune's summary ({type(e).__name__}: {e}); "
+            "fine-tuning again")
+        return None
+    wanted = cfg.model_dump(mode="json")
+    made_by.pop("output", None)
+    wanted.pop("output", None)
+    return summary if made_by == wanted else None
 
 
 def _finetune_task(config: dict) -> dict:
     """Fine-tune as `config` says. An object-store output is written in a local staging directory and uploaded
-    with its summary.json last; the returned summary names the uploaded files."""
+    with its summary.json last (an earlier run's is removed first); the returned summary names the uploaded
+    files."""
+    from data_prep.worker import write_json_atomic
     from pretrain.config import FinetuneConfig
-    from pretrain.finetune import finetune
+    from pretrain.finetune import SUMMARY, finetune
 
     cfg = FinetuneConfig.model_validate(config)
     if not storage.is_remote(cfg.output):
         return finetune(cfg)
     remote = cfg.output.rstrip("/")
+    storage.remove(storage.join(remote, SUMMARY))
     local = storage.staging_dir(remote, "finetune")
     summary = finetune(cfg.model_copy(update={"output": str(local)}))
-    (local / JOB_CONFIG).write_text(json.dumps(config, indent=1))
     summary = json.loads(json.dumps(summary).replace(str(local), remote))
-    (local / "summary.json").write_text(json.dumps(summary, indent=1))
-    storage.upload_dir(local, remote, last=("summary.json",))
+    write_json_atomic(local / SUMMARY, summary)
+    storage.upload_dir(local, remote, last=(SUMMARY,))
     storage.clear_local(local)
     return summary
 

@@ -8,7 +8,8 @@ DeepSpeed ZeRO engine instead, across the processes torchrun or the deepspeed la
 
     OUTPUT/model/        the best model (a model directory: pretrain/export.py), labels in its config.json
            source/       the pulled or exported source model (when it was not a local model directory)
-           metrics.jsonl every logged record; summary.json the final figures; config.yaml the effective config
+           metrics.jsonl every logged record; config.yaml the effective config
+           summary.json  the final figures and the config that made them: written last, by a finished run only
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 
 from data_prep.configfile import flatten
 from data_prep.tokenizer import sha256_file
+from data_prep.worker import write_json_atomic
 from pretrain.config import FinetuneConfig
 from pretrain.export import CLASSIFIER_FORMAT, ExportError, check_out, load_model, resolve_model, write_model_dir
 from pretrain.model import BertForSequenceClassification
@@ -174,6 +176,9 @@ def _task_files(cfg: FinetuneConfig) -> dict[str, dict]:
     return out
 
 
+SUMMARY = "summary.json"  # written last, and only by a run that finished: what made it is in its "config"
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run the fine-tune `cfg` describes; returns the summary (also written to OUTPUT/summary.json)."""
     topo = _setup(cfg)
@@ -195,6 +200,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         try:
             for sub in ("source", "model"):  # (each is replaced whole: only an earlier run's model may be there)
                 check_out(out / sub, what="output")
+            # An earlier run's summary would vouch for what this run is about to replace: it goes first.
+            (out / SUMMARY).unlink(missing_ok=True)
             source = resolve_model(cfg.model, out / "source", tracker.uri)
         except ExportError as e:
             source = ("error", str(e))
@@ -355,7 +362,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     summary = {"model": str(out / "model"), "source": {k2: v for k2, v in src_info.items() if k2 != "pinned"},
                "init": cfg.init, "labels": names, "steps": step, "best_step": best["step"],
                "best_epoch": best["epoch"], "seconds": time.time() - started, "mlflow_run_id": tracker.run_id,
-               "metrics": final, "registered": None}
+               "metrics": final, "registered": None, "config": cfg.model_dump(mode="json")}
     tracker.close("FINISHED")
     if topo.rank == 0 and cfg.registry.name:
         try:
@@ -366,7 +373,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
             tracker.warn(f"{e}\nthe fine-tuned model is complete in {out / 'model'}; register it later with: "
                          f"python -m pretrain register --model {out / 'model'} --name {cfg.registry.name}")
     if topo.rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomic(out / SUMMARY, summary)
         print(_summary_text(summary, tracker.uri), flush=True)
     return summary
 

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -138,6 +139,43 @@ def test_a_pair_task_from_csv_with_string_labels(registered, tmp_path):
     assert any("val_accuracy" in r for r in records) and any("test_accuracy" in r for r in records)
     training = json.loads((tmp_path / "out" / "model" / "training.json").read_text())
     assert training["task_files"]["train"]["sha256"] and training["init"] == "pretrained"
+
+
+def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(registered, tmp_path):
+    """A job's fine-tuning stage is skipped when its output holds the summary of a finished run of the same config.
+    A run into that output with another config removes the summary before it writes anything: killed midway, it
+    leaves no summary that would vouch for the half-replaced output."""
+    from cluster.runner import finished_finetune
+    from pretrain.config import FinetuneConfig
+
+    tmp, _ = registered
+    base = yaml.safe_load((tmp / "finetune.yaml").read_text())
+
+    def config(**train) -> FinetuneConfig:
+        tree = {**base, "model": str(tmp / "ck"), "output": str(tmp_path / "out"), "mlflow": {"enabled": False},
+                "train": {**base["train"], **train}}
+        (tmp_path / "ft.yaml").write_text(yaml.safe_dump(tree))
+        return FinetuneConfig.model_validate(tree)
+
+    first = config(epochs=1)
+    out = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert finished_finetune(first) == summary and summary["config"]["train"]["epochs"] == 1
+    assert finished_finetune(config(epochs=2)) is None
+
+    second = config(epochs=500)
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", str(tmp_path / "ft.yaml")], cwd=tmp_path,
+                            env=pretrain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    effective = tmp_path / "out" / "config.yaml"
+    deadline = time.monotonic() + 120
+    while "epochs: 500" not in effective.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "still training when killed"
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert finished_finetune(first) is None and finished_finetune(second) is None
 
 
 def test_deepspeed_zero3_on_two_ranks_equals_zero0(registered, tmp_path):
