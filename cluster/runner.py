@@ -92,6 +92,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
         Path(plan["storage"]).mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {}
     try:
+        _check_ahead(plan)
         for stage in plan["stages"]:
             kind = stage["kind"]
             log(f"\n== stage: {kind} ==", flush=True)
@@ -106,6 +107,21 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
     return outcome
+
+
+def _check_ahead(plan: dict) -> None:
+    """Read the fine-tuning stage's task files before the first stage: a mistake in them would otherwise be
+    found only after data prep and pretraining (hours, on a cluster)."""
+    for stage in plan["stages"]:
+        if stage["kind"] == "finetune":
+            from pretrain.config import FinetuneConfig
+            from pretrain.finetune import read_task
+            from pretrain.tasks import TaskError
+
+            try:
+                read_task(FinetuneConfig.model_validate(stage["config"]))
+            except TaskError as e:
+                raise StageError(f"fine-tuning's task (checked before the first stage): {e}") from None
 
 
 def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:

@@ -12,6 +12,7 @@ from data_prep.configfile import ConfigError, load_config
 from data_prep.dataset import DatasetError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a process that SIGINT ended
 
 _joined = {"group": False}  # whether this process has been a member of a process group (see `leave`)
 
@@ -133,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_PREEMPTED if summary["preempted"] else EXIT_OK
 
 
-def _run(schema, config: str, overrides: list[str], job) -> dict | int:
+def _run(schema, config: str, overrides: list[str], job, interrupted=None) -> dict | int:
     """Validate the config, run the job on it, and leave no process group behind: its summary, or an exit status
     after printing the error (a bad config: usage; the job's own errors or a setup problem: failed).
 
     `job()` imports the job and returns it with the errors it reports: torch and DeepSpeed load only once the
-    config is known to be good, so a bad one is reported at once."""
+    config is known to be good, so a bad one is reported at once. Ctrl-C ends it with one line, and what
+    `interrupted(cfg)` says of what is left."""
     try:
         cfg = load_config(schema, config, overrides)
     except ConfigError as e:
@@ -154,6 +156,9 @@ def _run(schema, config: str, overrides: list[str], job) -> dict | int:
     except (SetupError, *errors) as e:
         print(f"error: {_own_words(e)}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"interrupted{': ' + interrupted(cfg) if interrupted else ''}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if dist.is_initialized():
             _joined["group"] = True
@@ -257,7 +262,11 @@ def _finetune(args) -> int:
 
         return finetune, (FinetuneError, TaskError, ExportError)
 
-    summary = _run(FinetuneConfig, args.config, overrides, job)
+    def left(cfg) -> str:
+        return (f"{cfg.output}/model holds the best model so far (if a validation has run); only a finished run "
+                "writes summary.json there. Rerun to fine-tune again from the start")
+
+    summary = _run(FinetuneConfig, args.config, overrides, job, interrupted=left)
     if isinstance(summary, int):
         return summary
     return EXIT_FAILED if summary.get("register_error") else EXIT_OK

@@ -294,6 +294,8 @@ class FinetuneConfig(Section):
     def _consistent(self) -> FinetuneConfig:
         if self.registry.name and not self.mlflow.enabled:
             raise ValueError("registry.name needs mlflow.enabled=true (the registry lives in the MLflow store)")
+        if self.registry.alias and not self.registry.name:
+            raise ValueError("registry.alias needs registry.name (--register NAME): the alias names a version of it")
         if self.precision == "fp16" and not self.deepspeed.enabled:
             raise ValueError("precision=fp16 needs deepspeed.enabled=true (its loss scaling); use bf16 or fp32")
         return self

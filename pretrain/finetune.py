@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
 from pretrain.tasks import Rows, label_ids, label_names, read_rows, scores, stratified_split
 from pretrain.text import encode
-from pretrain.tracking import RegistryError, Tracker, register
+from pretrain.tracking import RegistryError, Tracker, check_store, register, tracking_uri
 
 
 class FinetuneError(Exception):
@@ -88,6 +89,11 @@ class _PlainStepper:
 
 
 def _setup(cfg: FinetuneConfig) -> Topo:
+    if cfg.mlflow.enabled:  # a store MLflow would refuse: before anything starts
+        try:
+            check_store(tracking_uri(cfg.mlflow))
+        except RegistryError as e:
+            raise FinetuneError(f"{e} (or set mlflow.enabled=false)") from None
     if cfg.deepspeed.enabled:
         from pretrain.engine import init_distributed
 
@@ -146,7 +152,8 @@ def evaluate(forward, sp, split: Split, max_len: int, micro: int, num_labels: in
     return {"loss": float(sums[-1]) / max(1.0, float(confusion.sum())), **scores(confusion)}
 
 
-def _read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | None]:
+def read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | None]:
+    """(class names, train, validation, test) from the task files, checked (TaskError names the file and line)."""
     task = cfg.task
     train_rows = read_rows(task.train, task)
     names = label_names(train_rows)
@@ -164,6 +171,31 @@ def _read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | 
         test_rows = read_rows(task.test, task)
         test = Split("test", test_rows, label_ids(test_rows, names, task.train))
     return names, train, val, test
+
+
+def _rare_labels(splits: list[Rows], names: list) -> list[tuple[object, str]]:
+    """(label, FILE:LINE) of each class with a single row in all of `splits`."""
+    first: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for rows in splits:
+        for label, where in zip(rows.labels, rows.where, strict=True):
+            first.setdefault(str(label), where)
+            count[str(label)] = count.get(str(label), 0) + 1
+    return [(name, first[str(name)]) for name in names if count.get(str(name)) == 1]
+
+
+OWNED = re.compile(r"(model|source|config\.yaml|summary\.json|metrics(\.\d+)?\.jsonl)(\.partial)?")  # a run's files
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an `output` that holds files a fine-tune did not write there (a run replaces its own files)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} is a file; give a directory (new, or an earlier fine-tune's)")
+    foreign = sorted(p.name for p in out.iterdir() if not OWNED.fullmatch(p.name)) if out.is_dir() else []
+    if foreign:
+        raise ExportError(f"output {out} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which "
+                          "a fine-tune did not write: a run replaces what is there, so choose a new directory (or "
+                          "an earlier fine-tune's)")
 
 
 def _task_files(cfg: FinetuneConfig) -> dict[str, dict]:
@@ -186,8 +218,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     tracker = Tracker(topo.rank == 0, cfg.mlflow, out)
     try:
         return _finetune(cfg, topo, tracker)
-    except BaseException:
-        tracker.close("FAILED", timeout_s=10)
+    except BaseException as e:
+        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout_s=10)
         raise
 
 
@@ -195,9 +227,13 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     started = time.time()
     out = Path(cfg.output)
     t = cfg.train
+    # The task first: a mistake in its files is found before a model is downloaded or anything is written.
+    names, train, val, test = read_task(cfg)
+    k = len(names)
     source = None
     if topo.rank == 0:  # one process pulls or exports the source model; the others read its files
         try:
+            _check_output(out)
             for sub in ("source", "model"):  # (each is replaced whole: only an earlier run's model may be there)
                 check_out(out / sub, what="output")
             # An earlier run's summary would vouch for what this run is about to replace: it goes first.
@@ -213,8 +249,13 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     model_cfg = ModelConfig(**src_config["model"])
     sp = spm.SentencePieceProcessor(model_file=str(src_dir / "tokenizer" / "spm.model"))
     max_len = min(t.max_seq_length, model_cfg.max_position)
-    names, train, val, test = _read_task(cfg)
-    k = len(names)
+    if max_len < t.max_seq_length:
+        tracker.warn(f"train.max_seq_length {t.max_seq_length} is more than the model's {model_cfg.max_position} "
+                     f"positions: texts are cut at {max_len} tokens")
+    few = [f"{name!r} ({where})" for name, where in _rare_labels([x.rows for x in (train, val) if x], names)]
+    if few:
+        tracker.warn(f"{len(few)} of the {k} classes have a single training row (a misspelt label?): "
+                     f"{', '.join(few[:10])}")
 
     torch.manual_seed(cfg.seed)
     model = BertForSequenceClassification(model_cfg, k, t.classifier_dropout)

@@ -43,7 +43,8 @@ class Rows:
 
 
 def _records(path: str):
-    """(line number, dict) for each row of a jsonl, csv or tsv file (by extension, after any .gz/.zst/...)."""
+    """(FILE:LINE, dict) for each row of a jsonl, json (JSON lines, or one array of objects), csv or tsv file (by
+    extension, after any .gz/.zst/...)."""
     name = path.lower()
     for ext in (".gz", ".bz2", ".xz", ".zst"):
         name = name.removesuffix(ext)
@@ -60,22 +61,37 @@ def _records(path: str):
     try:
         with f, raw or contextlib.nullcontext():
             if name.endswith((".jsonl", ".json", ".ndjson")):
+                rows = 0
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    if not rows and line.lstrip().startswith("[") and name.endswith(".json"):
+                        yield from _json_array(path, line + f.read())
+                        return
+                    rows += 1
                     try:
                         rec = json.loads(line)
                     except ValueError as e:
                         raise TaskError(f"{path}:{n}: not a JSON object ({e}); jsonl files hold one object per "
-                                        "line") from None
+                                        "line (a .json file: that, or one array of objects)") from None
                     if not isinstance(rec, dict):
                         raise TaskError(f"{path}:{n}: a {type(rec).__name__}, not a JSON object")
-                    yield n, rec
+                    yield f"{path}:{n}", rec
             elif name.endswith((".csv", ".tsv")):
-                reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-                for rec in reader:
+                # tsv: no quoting (a quote is part of the text, as tab-separated files from most tools mean it);
+                # csv: quoted fields may hold commas and line breaks
+                tsv = name.endswith(".tsv")
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
+                header = next(reader, None)
+                for fields in reader:
                     n = reader.line_num
-                    yield n, rec
+                    if not any(fields):
+                        continue
+                    if len(fields) != len(header):
+                        sep = "tabs" if tsv else "commas (quote a field that holds one)"
+                        raise TaskError(f"{path}:{n}: {len(fields)} fields where the header has {len(header)} "
+                                        f"({', '.join(header)}); check the row's {sep}")
+                    yield f"{path}:{n}", dict(zip(header, fields))
             else:
                 raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv "
                                 "(optionally .gz, .bz2, .xz or .zst)")
@@ -90,12 +106,24 @@ def _records(path: str):
             from None
 
 
+def _json_array(path: str, text: str):
+    """(FILE[item N], dict) for each object of a .json file that holds one array."""
+    try:
+        items = json.loads(text)
+    except ValueError as e:
+        raise TaskError(f"{path}: not valid JSON ({e})") from None
+    for i, rec in enumerate(items if isinstance(items, list) else [items], 1):
+        if not isinstance(rec, dict):
+            raise TaskError(f"{path}[item {i}]: a {type(rec).__name__}, not a JSON object")
+        yield f"{path}[item {i}]", rec
+
+
 def read_rows(path: str, cfg: TaskConfig) -> Rows:
-    """Every row of `path`, checked: the text fields are strings and the label is present."""
+    """Every row of `path`, checked: the text fields are non-empty strings and the label is a class name or an
+    integer."""
     wanted = [cfg.text_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
     rows = Rows(path, pairs=[] if cfg.text_pair_field else None)
-    for n, rec in _records(path):
-        where = f"{path}:{n}"
+    for where, rec in _records(path):
         for key, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
                              (cfg.label_field, "task.label_field")):
             if key and key not in rec:
@@ -104,9 +132,14 @@ def read_rows(path: str, cfg: TaskConfig) -> Rows:
         for key in wanted:
             if not isinstance(rec[key], str):
                 raise TaskError(f"{where}: field '{key}' is {type(rec[key]).__name__}, not text")
+            if not rec[key].strip():
+                raise TaskError(f"{where}: field '{key}' is empty; remove the row or give it its text")
         label = rec[cfg.label_field]
-        if label is None or label == "" or isinstance(label, (dict, list, float)):
+        if label is None or label == "" or isinstance(label, (dict, list, float, bool)):
             raise TaskError(f"{where}: label {label!r} in field '{cfg.label_field}' is not a class name or integer")
+        if isinstance(label, str) and label != label.strip():
+            raise TaskError(f"{where}: label {label!r} in field '{cfg.label_field}' has spaces around it (another "
+                            "class than without them); remove them")
         rows.texts.append(rec[cfg.text_field])
         if rows.pairs is not None:
             rows.pairs.append(rec[cfg.text_pair_field])

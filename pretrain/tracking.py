@@ -71,9 +71,21 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]) if uri.startswith("sqlite:///") else None
 
 
+def check_store(uri: str) -> None:
+    """A file store (a directory, file://) is refused by MLflow 3 unless MLFLOW_ALLOW_FILE_STORE is set: said here
+    in a line, not in a traceback from deep inside MLflow."""
+    file_store = uri.startswith("file:") or ("://" not in uri and uri not in ("databricks", "databricks-uc", "uc"))
+    if not file_store or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return
+    raise RegistryError(f"tracking URI {uri} is an MLflow file store, which MLflow refuses by default (its file "
+                        "backend is in maintenance mode): use a database store such as sqlite:///PATH/mlflow.db "
+                        "(`mlflow migrate-filestore` converts one), or set MLFLOW_ALLOW_FILE_STORE=true")
+
+
 def check_source(uri: str, model_uri: str | None = None) -> None:
     """Before reading from the store: a local one must exist (MLflow would create an empty one and then report
     the model missing), and a `models:/` URI must name a version."""
+    check_store(uri)
     db = _sqlite_file(uri)
     if db and not db.is_file():
         raise RegistryError(f"there is no MLflow store at {db}: run from the directory that holds your mlflow.db, "
@@ -441,6 +453,10 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
     In that order, so a failure part way never leaves a version that points at missing files; rerunning
     reuses what was uploaded and the version already registered for it. Returns {name, version, source}.
     """
+    check_store(uri)
+    if not Path(model_dir).is_dir():
+        raise RegistryError(f"{model_dir} does not exist: give a model directory that `pretrain export` or `pretrain "
+                            "finetune` (OUTPUT/model) wrote, or --checkpoint for a checkpoint")
     missing = [n for n in ("config.json", "training.json", "dataset.json") if not Path(model_dir, n).is_file()]
     if missing:
         raise RegistryError(f"{model_dir} is not a model directory ({', '.join(missing)} missing): give one that "

@@ -33,7 +33,7 @@ from pretrain.engine import (
     resolve_precision,
 )
 from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, training_flops
-from pretrain.tracking import Tracker, git_commit, how_to_see
+from pretrain.tracking import RegistryError, Tracker, check_store, git_commit, how_to_see, tracking_uri
 
 # Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
@@ -225,6 +225,7 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     if (Path(cfg.checkpoint.dir) / checkpoint.COMMIT).is_file():
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} is one checkpoint of a run; give the run's directory "
                          f"({Path(cfg.checkpoint.dir).parent}) to resume it, or a new one")
+    _check_tracking(cfg.mlflow)
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
@@ -233,6 +234,15 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
+
+
+def _check_tracking(mlflow_cfg) -> None:
+    """A store MLflow would refuse stops the run before it starts (every rank sees the same answer)."""
+    if mlflow_cfg.enabled:
+        try:
+            check_store(tracking_uri(mlflow_cfg))
+        except RegistryError as e:
+            raise SetupError(f"{e} (or set mlflow.enabled=false)") from None
 
 
 def _shown(path: Path, checkpoint_url: str | None) -> str:

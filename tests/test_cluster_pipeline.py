@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUCKET, free_port, pretrain_cli, pretrain_env, write_pipeline_job, write_topic_task
+from conftest import (
+    BUCKET,
+    free_port,
+    pretrain_cli,
+    pretrain_env,
+    small_config,
+    write_pipeline_job,
+    write_small_corpus,
+    write_topic_task,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -183,3 +192,24 @@ def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
     with pytest.raises(StageError, match=rf"fine-tuning into {tmp_path / 'ft'} failed: \w+Error: .*no-such-model"):
         _finetune({"kind": "finetune", "config": cfg.model_dump(mode="json")}, plan, {})
     assert not (tmp_path / "ft" / "summary.json").exists()
+
+
+def test_a_fine_tuning_task_with_a_bad_row_stops_the_job_before_its_first_stage(ray_local, tmp_path):
+    """The task files are read before data prep and pretraining run (hours on a cluster), not after them."""
+    from cluster.jobs import JobSpec
+    from cluster.runner import StageError, run
+    from pretrain.config import FinetuneConfig
+
+    write_small_corpus(tmp_path / "corpus")
+    prep = small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")
+    bad = tmp_path / "task.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "lable": "y"}\n')
+    ft = FinetuneConfig.model_validate({"model": "models:/later@x", "task": {"train": str(bad)},
+                                        "output": str(tmp_path / "ft"), "mlflow": {"enabled": False}})
+    spec = JobSpec.model_validate({"kind": "finetune", "config": "ft.yaml", "storage": str(tmp_path)})
+    plan = {"name": "early", "kind": "pipeline", "storage": str(tmp_path), "spec": spec.model_dump(mode="json"),
+            "stages": [{"kind": "data_prep", "config": prep}, {"kind": "finetune", "config": ft.model_dump(mode="json")}]}
+    with pytest.raises(StageError, match=rf"fine-tuning's task \(checked before the first stage\): {bad}:2: no field "
+                                         "'label'"):
+        run(plan)
+    assert not (tmp_path / "data").exists(), "data prep did not start"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -157,23 +158,33 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
         (tmp_path / "ft.yaml").write_text(yaml.safe_dump(tree))
         return FinetuneConfig.model_validate(tree)
 
-    first = config(epochs=1)
+    rows = (tmp / "task" / "train.jsonl").read_text() + '{"text": "a kind of animal", "label": "aminal"}\n'
+    (tmp_path / "train.jsonl").write_text(rows)  # a misspelt label: a class of its own, with a single row
+    base["task"]["train"] = str(tmp_path / "train.jsonl")
+    first = config(epochs=1, max_seq_length=4096)
     out = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    lines = len(rows.splitlines())
+    assert f"1 of the 3 classes have a single training row (a misspelt label?): 'aminal' ({tmp_path / 'train.jsonl'}:" \
+        f"{lines})" in out.stderr, out.stderr[-3000:]
+    assert "train.max_seq_length 4096 is more than the model's" in out.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert finished_finetune(first) == summary and summary["config"]["train"]["epochs"] == 1
     assert finished_finetune(config(epochs=2)) is None
 
     second = config(epochs=500)
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", str(tmp_path / "ft.yaml")], cwd=tmp_path,
-                            env=pretrain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=pretrain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     effective = tmp_path / "out" / "config.yaml"
     deadline = time.monotonic() + 120
     while "epochs: 500" not in effective.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "still training when killed"
-    proc.kill()
-    proc.wait()
+    time.sleep(1)  # into its training loop
+    assert proc.poll() is None, "still training when interrupted"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: one line that says what is left, no traceback
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: {tmp_path / 'out'}/model holds the best model so far" in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "summary.json").exists()
     assert finished_finetune(first) is None and finished_finetune(second) is None
 
@@ -282,7 +293,17 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
                        f"output={tmp_path / 'out'}", cwd=tmp)
     assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
-    assert not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out").exists(), "the task is read before the model is fetched or anything is written"
+    notes = tmp_path / "elsewhere" / "notes.txt"  # an output that holds files of its own: refused, nothing written
+    notes.parent.mkdir()
+    notes.write_text("keep")
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={notes.parent}",
+                       cwd=tmp)
+    assert out.returncode == 1 and f"output {notes.parent} holds notes.txt, which a fine-tune did not write" in \
+        out.stderr, out.stderr[-2000:]
+    assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
+    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", "--alias", "champion", cwd=tmp)
+    assert out.returncode == 2 and "registry.alias needs registry.name (--register NAME)" in out.stderr, out.stderr
     mine = tmp_path / "proj" / "model" / "mine.txt"  # an output whose model/ is not a model: nothing is replaced
     mine.parent.mkdir(parents=True)
     mine.write_text("keep")

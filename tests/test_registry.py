@@ -239,6 +239,25 @@ def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
     assert out.returncode == 1
     assert f"{tmp_path / 'data'} is not a model directory (config.json, training.json, dataset.json missing)" \
         in out.stderr and "MLflow" not in out.stderr, out.stderr
+    out = pretrain_cli("register", "--model", str(tmp_path / "nowhere"), "--name", "x", "--tracking-uri",
+                       f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert out.returncode == 1 and f"{tmp_path / 'nowhere'} does not exist" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "{tmp}/mlruns"])
+def test_a_file_store_is_named_in_one_line_before_anything_starts(tmp_path, uri):
+    """MLflow 3 refuses its file store by default: each command says so in a line (no traceback), and training
+    stops before it starts rather than deep inside MLflow."""
+    uri = uri.format(tmp=tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"dataset": str(tmp_path / "no-dataset")}}))
+    env = {"MLFLOW_TRACKING_URI": uri}
+    for args in (["pull", "models:/x@champion", "--out", "x"], ["export", "models:/x@champion", "--out", "x"],
+                 ["train", "p.yaml"]):
+        out = pretrain_cli(*args, cwd=tmp_path, env=env)
+        assert out.returncode == 1, out.stderr
+        assert f"tracking URI {uri} is an MLflow file store" in out.stderr and "Traceback" not in out.stderr, \
+            (args, out.stderr)
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_reading_a_store_that_is_not_there_creates_none(tmp_path):

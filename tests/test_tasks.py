@@ -56,17 +56,39 @@ def test_labels_are_ordered_stably_and_unknown_ones_are_named(tmp_path):
         label_names(single)
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"text": "a", "label": 1}\n{"txt": "b", "label": 1}\n', r"x.jsonl:2: no field 'text' .*task.text_field"),
-    ('{"text": "a", "label": 1}\nnot json\n', r"x.jsonl:2: not a JSON object"),
-    ('{"text": 5, "label": 1}\n', r"x.jsonl:1: field 'text' is int, not text"),
-    ('{"text": "a", "label": null}\n', r"x.jsonl:1: label None"),
-    ('\n\n', r"holds no rows"),
+@pytest.mark.parametrize("name, content, message", [
+    ("x.jsonl", '{"text": "a", "label": 1}\n{"txt": "b", "label": 1}\n',
+     r"x.jsonl:2: no field 'text' .*task.text_field"),
+    ("x.jsonl", '{"text": "a", "label": 1}\nnot json\n', r"x.jsonl:2: not a JSON object"),
+    ("x.jsonl", '{"text": 5, "label": 1}\n', r"x.jsonl:1: field 'text' is int, not text"),
+    ("x.jsonl", '{"text": "a", "label": null}\n', r"x.jsonl:1: label None"),
+    ("x.jsonl", '\n\n', r"holds no rows"),
+    ("x.jsonl", '{"text": "a", "label": true}\n', r"x.jsonl:1: label True .* is not a class name or integer"),
+    ("x.jsonl", '{"text": "a", "label": "pos"}\n{"text": "  ", "label": "pos"}\n',
+     r"x.jsonl:2: field 'text' is empty"),
+    ("x.jsonl", '{"text": "a", "label": " pos"}\n', r"x.jsonl:1: label ' pos' .* has spaces around it"),
+    ("x.csv", 'text,label\nHello, world,greeting\n',
+     r"x.csv:2: 3 fields where the header has 2 \(text, label\); check the row's commas \(quote a field that "
+     r"holds one\)"),
+    ("x.csv", 'text,label\nno label here\n', r"x.csv:2: 1 fields where the header has 2"),
+    ("x.tsv", 'text\tlabel\na\tpos\nb\tneg\textra\n',
+     r"x.tsv:3: 3 fields where the header has 2 .*check the row's tabs"),
+    ("x.json", '[{"text": "a", "label": 1}, 7]', r"x.json\[item 2\]: a int, not a JSON object"),
 ])
-def test_bad_rows_name_the_file_and_line(tmp_path, content, message):
-    (tmp_path / "x.jsonl").write_text(content)
+def test_bad_rows_name_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
     with pytest.raises(TaskError, match=message):
-        read_rows(str(tmp_path / "x.jsonl"), TaskConfig(train="x"))
+        read_rows(str(tmp_path / name), TaskConfig(train="x"))
+
+
+def test_a_quote_in_tsv_is_text_and_a_json_file_may_hold_one_array(tmp_path):
+    """Tab-separated files are read without quoting: a stray quote cannot swallow the rows after it."""
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted at the start\tpos\nplain\tneg\nthird "one\tpos\n')
+    got = read_rows(str(tmp_path / "q.tsv"), TaskConfig(train="x"))
+    assert got.texts == ['"quoted at the start', "plain", 'third "one'] and got.labels == ["pos", "neg", "pos"]
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "a", "label": 1}, {"text": "b", "label": 0}], indent=2))
+    got = read_rows(str(tmp_path / "a.json"), TaskConfig(train="x"))
+    assert got.texts == ["a", "b"] and got.labels == [1, 0] and got.where[1].endswith("a.json[item 2]")
 
 
 def test_files_saved_by_spreadsheets(tmp_path):
