@@ -102,6 +102,11 @@ def _upload(path: Path, step: int, remote: str, rank: int, world: int) -> None:
                 shutil.copyfile(path.parent / name, mine / checkpoint.RUN_DIR / name)
     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(mine)),
                      checkpoint_dir_name=path.name)
+    # Each rank's report returns once its own files are uploaded: past this barrier every rank's are, so the
+    # marker never vouches for a rank whose upload is still under way (or died midway).
+    import torch.distributed as dist
+
+    dist.barrier()
     if rank == 0:
         where = storage.join(remote, path.name)
         expected = {f"rank-{r:05d}.pt" for r in range(world)}

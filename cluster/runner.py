@@ -188,7 +188,10 @@ def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
         text = path.read_text() if path.is_file() else ""
     if text:
         for line in text.splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short (a full disk, a crash mid-write): the others still count
+                continue
             out.update({k: v for k, v in rec.items() if k in ("step", "loss", "mlm_acc", "nsp_acc", "eval/loss",
                                                               "eval/mlm_acc", "eval/nsp_acc", "eval/perplexity")})
     return out

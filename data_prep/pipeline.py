@@ -215,8 +215,7 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
             stages["start"] = time.monotonic() - t0
             if not tok.is_file():
                 if cfg.tokenizer.path:
-                    shutil.copyfile(cfg.tokenizer.path, work / (TOKENIZER_MODEL + ".partial"))
-                    os.replace(work / (TOKENIZER_MODEL + ".partial"), tok)
+                    _copy_durably(Path(cfg.tokenizer.path), tok)
                 else:
                     _train_tokenizer(cfg, units, total, work, tok)
             stages["tokenizer"] = time.monotonic() - t0 - sum(stages.values())
@@ -332,6 +331,15 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
     log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
 
 
+def _copy_durably(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` whole: written beside, synced, then renamed (the records written after it rely on it)."""
+    part = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, part)
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(part, dst)
+
+
 def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[dict], recipe: str) -> None:
     tdir = root / TOKENIZER_DIR
     tdir.mkdir(exist_ok=True)
@@ -339,8 +347,7 @@ def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[d
     vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
     (tdir / "spm.vocab.partial").write_text(vocab, encoding="utf-8")
     os.replace(tdir / "spm.vocab.partial", tdir / "spm.vocab")
-    shutil.copyfile(tok, tdir / (TOKENIZER_MODEL + ".partial"))
-    os.replace(tdir / (TOKENIZER_MODEL + ".partial"), tdir / TOKENIZER_MODEL)
+    _copy_durably(tok, tdir / TOKENIZER_MODEL)
     write_json_atomic(root / REPORT, build_report(records))
     write_json_atomic(root / MANIFEST, build_manifest(cfg, sources, sha256_file(tok), sp.GetPieceSize(), records,
                                                       recipe, tokenizer_model_type(tok)))

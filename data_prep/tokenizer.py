@@ -56,7 +56,10 @@ def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> Non
     except RuntimeError as e:
         raise TokenizerError(_explain_training_error(str(e), cfg)) from None
     tmp = out_path.with_name(out_path.name + ".partial")
-    tmp.write_bytes(buf.getvalue())
+    with open(tmp, "wb") as f:  # on disk before its name says it is there (as the unit records that follow it)
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(out_path)
 
 
@@ -101,15 +104,16 @@ def model_type(path: str | Path) -> str:
     return pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
 
 
-def cached(path: str) -> tuple[spm.SentencePieceProcessor, bytes]:
-    """(processor, word-start table) for a model file, loaded once per worker process while the file is unchanged."""
+def cached(path: str, key: str = "tokenizer.path") -> tuple[spm.SentencePieceProcessor, bytes]:
+    """(processor, word-start table) for a model file, loaded once per worker process while the file is unchanged;
+    `key` names where the file came from in an error (as in `load`)."""
     st = os.stat(path)
-    return _cached(path, st.st_size, st.st_mtime_ns)
+    return _cached(path, st.st_size, st.st_mtime_ns, key)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(path: str, size: int, mtime_ns: int) -> tuple[spm.SentencePieceProcessor, bytes]:
-    sp = load(path)
+def _cached(path: str, size: int, mtime_ns: int, key: str) -> tuple[spm.SentencePieceProcessor, bytes]:
+    sp = load(path, key)
     return sp, word_start_table(sp)
 
 

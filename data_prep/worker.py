@@ -145,7 +145,9 @@ def _write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: s
     t0 = time.perf_counter()
     if storage.is_remote(tokenizer_path):
         tokenizer_path = storage.local_copy(tokenizer_path)
-    sp, table = cached_tokenizer(tokenizer_path)  # loaded once per worker process
+    # (loaded once per worker process)
+    sp, table = cached_tokenizer(tokenizer_path, "tokenizer.path" if cfg.tokenizer.path else
+                                 "the tokenizer trained for this dataset (delete it to train it again)")
     params = ExampleParams.from_config(cfg.examples, sp.GetPieceSize())
     word_start = table if cfg.examples.whole_word_mask else None
     remote = out_dir if storage.is_remote(out_dir) else None

@@ -272,7 +272,9 @@ def fetch(url: str, local: Path) -> Path:
     for name in RUN_FILES:
         if (target / RUN_DIR / name).is_file() and not (local / name).is_file():
             (local / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target / RUN_DIR / name, local / name)
+            part = local / (name + PARTIAL)  # (whole or absent: a later fetch does not copy it again)
+            shutil.copyfile(target / RUN_DIR / name, part)
+            os.replace(part, local / name)
     return target
 
 

@@ -34,6 +34,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from data_prep import storage
 from data_prep.dataset import MANIFEST, DatasetError, parse_manifest
 from data_prep.shards import SAMPLE_EXT
+from data_prep.tokenizer import sha256_file
 from pretrain.batch import Batch, Collator
 
 MAX_EMPTY_EPOCHS = 1000  # a stream whose pieces are all empty would otherwise spin forever
@@ -75,11 +76,16 @@ class Dataset:
         if "://" not in self.root:
             return Path(self.root) / rel
         local = Path(cache_dir) / "tokenizer" / Path(rel).name
-        if not local.is_file():
+        # (a copy from an earlier run in the same directory may be another dataset's: its digest tells)
+        if not local.is_file() or sha256_file(local) != self.manifest["tokenizer"]["sha256"]:
             local.parent.mkdir(parents=True, exist_ok=True)
-            with fsspec.open(f"{self.root}/{rel}", "rb") as src, tempfile.NamedTemporaryFile(
-                    dir=local.parent, delete=False) as tmp:
-                tmp.write(src.read())
+            with tempfile.NamedTemporaryFile(dir=local.parent, delete=False) as tmp:
+                try:
+                    with fsspec.open(f"{self.root}/{rel}", "rb") as src:
+                        tmp.write(src.read())
+                except BaseException:
+                    Path(tmp.name).unlink(missing_ok=True)
+                    raise
             Path(tmp.name).replace(local)
         return local
 

@@ -224,9 +224,14 @@ def publish(tmp: Path, out: Path) -> Path:
     for p in tmp.rglob("*"):
         if p.is_file():
             p.chmod(0o666 & ~umask)
+    # The earlier directory is moved aside, not deleted, until the new one is in place: a crash in between leaves
+    # it whole beside (as OUT.old), never half deleted under its own name.
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -184,7 +184,8 @@ def _rare_labels(splits: list[Rows], names: list) -> list[tuple[object, str]]:
     return [(name, first[str(name)]) for name in names if count.get(str(name)) == 1]
 
 
-OWNED = re.compile(r"(model|source|config\.yaml|summary\.json|metrics(\.\d+)?\.jsonl)(\.partial)?")  # a run's files
+# The files a fine-tune writes in its output (and their in-progress or set-aside forms)
+OWNED = re.compile(r"(model|source|config\.yaml|summary\.json|metrics(\.\d+)?\.jsonl)(\.partial|\.old)?")
 
 
 def _check_output(out: Path) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep import storage
-from data_prep.configfile import dotted, flatten
+from data_prep.configfile import ConfigError, dotted, flatten
+from data_prep.dataset import DatasetError
 from data_prep.examples import stable_seed
 from data_prep.tokenizer import cached
 from pretrain import checkpoint
@@ -305,7 +306,11 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     samples = client.get("samples", 0)
 
     tok_file = dataset.tokenizer_file(ckdir)
-    collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=cached(str(tok_file))[1])
+    try:
+        word_start = cached(str(tok_file), "data.dataset")[1]
+    except ConfigError as e:  # the dataset's own tokenizer, damaged
+        raise DatasetError(f"{e}; check the dataset with `python -m data_prep verify`") from None
+    collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=word_start)
     plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer)
     loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, micro_batches, workers,
                                pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))

@@ -213,3 +213,11 @@ def test_a_fine_tuning_task_with_a_bad_row_stops_the_job_before_its_first_stage(
                                          "'label'"):
         run(plan)
     assert not (tmp_path / "data").exists(), "data prep did not start"
+
+
+def test_the_final_figures_skip_a_metrics_line_cut_short(tmp_path):
+    """A metrics.jsonl line cut short (a full disk, a crash mid-write) does not stop the job's summary."""
+    from cluster.runner import _last_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')
+    assert _last_metrics(str(tmp_path / "step-00000003"), None) == {"step": 3, "loss": 1.5}

@@ -123,6 +123,39 @@ def test_output_swaps_in_two_threads_take_turns():
     assert "print" not in module.__dict__ and "tqdm" not in module.__dict__
 
 
+def test_publishing_over_a_model_keeps_the_earlier_one_whole_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """Putting a new directory in place of an earlier one sets the earlier aside first: should the last step fail
+    (a crash, a full disk), the earlier one is still whole (as OUT.old), not deleted or half deleted."""
+    from pathlib import Path
+
+    from pretrain.export import publish
+
+    def directory(name: str, text: str) -> Path:
+        d = tmp_path / name
+        (d / "tokenizer").mkdir(parents=True)
+        (d / "model.safetensors").write_text(text)
+        (d / "tokenizer" / "spm.model").write_text(text)
+        return d
+
+    out = publish(directory("first.partial", "first"), tmp_path / "model")
+    assert (out / "model.safetensors").read_text() == "first"
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name == "second.partial":
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        publish(directory("second.partial", "second"), tmp_path / "model")
+    kept = tmp_path / "model.old"
+    assert (kept / "model.safetensors").read_text() == "first" and (kept / "tokenizer" / "spm.model").is_file()
+    monkeypatch.undo()
+    out = publish(directory("third.partial", "third"), tmp_path / "model")
+    assert (out / "model.safetensors").read_text() == "third" and not kept.exists()
+
+
 def test_a_commit_record_names_what_it_lacks(tmp_path):
     from pretrain.checkpoint import problems
 

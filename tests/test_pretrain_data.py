@@ -142,3 +142,26 @@ def test_missing_names_each_absent_file(ds, tmp_path):
     (copy / val).unlink()
     shutil.rmtree(copy / "tokenizer")
     assert open_dataset(str(copy)).missing() == [ds.manifest["tokenizer"]["file"], val]
+
+
+def test_a_remote_datasets_tokenizer_copy_follows_its_digest(tmp_path):
+    """A run that reads a dataset from an object store keeps a copy of its tokenizer in its checkpoint directory;
+    a copy left there by another dataset (same directory, another run) is replaced, not used."""
+    import hashlib
+
+    import fsspec
+
+    from pretrain.data import Dataset
+
+    def remote(name: str, content: bytes) -> Dataset:
+        with fsspec.open(f"memory://{name}/tokenizer/spm.model", "wb") as f:
+            f.write(content)
+        sha = hashlib.sha256(content).hexdigest()
+        return Dataset(f"memory://{name}", {"tokenizer": {"file": "tokenizer/spm.model", "sha256": sha}})
+
+    first = remote("first", b"the first tokenizer")
+    local = first.tokenizer_file(tmp_path)
+    assert local.read_bytes() == b"the first tokenizer"
+    second = remote("second", b"another dataset's tokenizer")
+    assert second.tokenizer_file(tmp_path) == local and local.read_bytes() == b"another dataset's tokenizer"
+    assert [p.name for p in local.parent.iterdir()] == ["spm.model"]  # no temporary file left behind

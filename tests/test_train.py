@@ -356,6 +356,12 @@ def test_a_damaged_dataset_stops_the_run_with_advice(tmp_path, train_dataset):
     (ds / shard).write_bytes(b"not a tar file" * 100)
     out = run_pretrain(cfg, timeout=120)
     assert out.returncode == 1 and f"error: {ds / shard}: cannot be read (ReadError: " in out.stderr, out.stderr[-2000:]
+    shutil.copyfile(train_dataset / shard, ds / shard)
+    (ds / "tokenizer" / "spm.model").write_bytes(b"not a model")  # its tokenizer: named by the key that led to it
+    out = run_pretrain(cfg, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"error: data.dataset: '{ds / 'tokenizer' / 'spm.model'}' is not a sentencepiece model" in out.stderr, \
+        out.stderr[-2000:]
 
 
 def test_the_banner_says_when_deepspeed_runs_its_own_bf16_mode():
