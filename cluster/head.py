@@ -9,6 +9,7 @@ machine), never other Ray instances: `ray stop` would end every Ray process on t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,9 +92,17 @@ def up(host: str = DEFAULT_HOST, dashboard_port: int = DEFAULT_DASHBOARD_PORT, n
     sdir.mkdir(exist_ok=True)
     token = sdir / TOKEN_FILE
     if not token.is_file():
-        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written beside and linked into place: the token file is never seen empty, and of two `up`s at once the
+        # first to link wins (the other uses its token).
+        part = sdir / f"{TOKEN_FILE}.{os.getpid()}.partial"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))  # 256 bits, the size Ray's own generator uses
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(part, token)
+        part.unlink()
     if dashboard_port == 0 or _port_in_use(host, dashboard_port):
         if dashboard_port:
             print(f"port {dashboard_port} on {host} is in use; the dashboard takes a free port instead",

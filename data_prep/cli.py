@@ -1,4 +1,4 @@
-"""Command line of data prep: `run`, `inspect`, `verify`, `demo-corpus`."""
+"""Command line of data prep: `run`, `inspect`, `verify`, `demo-corpus`, `demo-task`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-corpus", help="write a small corpus made from Python's own documentation")
     demo.add_argument("out", help="directory to write it to")
     demo.add_argument("--mb", type=float, default=4.0, help="approximate size of the docstring part (MB)")
+    task = sub.add_parser("demo-task", help="write a small classification task made from the demo corpus",
+                          description="train.jsonl and test.jsonl of {text, label} rows: is a sentence of the demo "
+                                      "corpus from a docstring or from the language reference? The task that "
+                                      "configs/finetune/classify.yaml and the quickstart job fine-tune on.")
+    task.add_argument("out", help="directory to write it to (e.g. data/task)")
+    task.add_argument("--corpus", default="corpus/demo", help="the demo corpus (default: corpus/demo)")
+    task.add_argument("--train", type=int, default=400, help="training rows, half of each class (default: 400)")
+    task.add_argument("--test", type=int, default=200, help="test rows (default: 200)")
+    task.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -68,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "demo-task":
+            from data_prep.demo_corpus import write_demo_task
+
+            try:
+                paths = write_demo_task(args.corpus, args.out, args.train, args.test, args.seed)
+            except FileNotFoundError as e:
+                print(f"error: {e.filename} is missing: write the demo corpus first (python -m data_prep demo-corpus "
+                      f"{args.corpus})", file=sys.stderr)
+                return EXIT_USAGE
+            except (ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            for path in paths:
+                print(f"wrote {path} ({sum(1 for _ in path.open())} rows)")
+            return EXIT_OK
         if args.command == "demo-corpus":
             from data_prep.demo_corpus import write_demo_corpus
 

@@ -1,9 +1,13 @@
-"""A small English corpus built on any machine from the Python standard library's own documentation.
+"""A small English corpus built on any machine from the Python standard library's own documentation, and a
+classification task made from it.
 
 Module, class and function docstrings (read from the stdlib sources with `ast`, nothing imported) become
 `.jsonl` documents; the help topics in `pydoc_data` become a Google-format `.txt` (one sentence per line,
 a blank line between documents). No download, nothing copied into the repository, and the same bytes
 every time on the same Python.
+
+The task (`write_demo_task`): is a sentence from a docstring or from a help topic of the language reference?
+Balanced, disjoint train and test files of whole sentences, in the format `pretrain finetune` reads.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -71,3 +76,42 @@ def write_demo_corpus(out_dir: str | Path, max_mb: float = 4.0) -> list[Path]:
                 f.write("\n".join(sentences) + "\n\n")
     os.replace(txt.with_suffix(".partial"), txt)
     return [jsonl, txt]
+
+
+def demo_sentences(corpus: str | Path) -> dict[str, list[str]]:
+    """The demo corpus's sentences by source ("docstring", "reference"), 40-240 characters, de-duplicated, none
+    in both."""
+    corpus = Path(corpus)
+    doc, ref = set(), set()
+    for line in (corpus / "stdlib_docstrings.jsonl").read_text(encoding="utf-8").splitlines():
+        doc.update(split_sentences(" ".join(json.loads(line)["text"].split())))
+    ref.update(line.strip() for line in (corpus / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines())
+    both = doc & ref
+    return {label: sorted(s for s in texts - both if 40 <= len(s) <= 240)
+            for label, texts in (("docstring", doc), ("reference", ref))}
+
+
+def write_demo_task(corpus: str | Path, out_dir: str | Path, n_train: int = 400, n_test: int = 200,
+                    seed: int = 0) -> list[Path]:
+    """Write `train.jsonl` and `test.jsonl` ({"text", "label"} rows, half of each class) under `out_dir` from the
+    demo corpus at `corpus`; returns their paths. ValueError when the corpus has too few sentences of a class."""
+    rng = random.Random(seed)
+    rows: dict[str, list[dict]] = {"train": [], "test": []}
+    for label, texts in demo_sentences(corpus).items():
+        per_class = (n_train + n_test) // 2
+        if len(texts) < per_class:
+            raise ValueError(f"{corpus} has {len(texts)} {label} sentences; ask for at most {2 * len(texts)} rows "
+                             "in all")
+        picked = rng.sample(texts, per_class)
+        rows["train"] += [{"text": t, "label": label} for t in picked[: n_train // 2]]
+        rows["test"] += [{"text": t, "label": label} for t in picked[n_train // 2:]]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, items in rows.items():
+        rng.shuffle(items)
+        path = out / f"{split}.jsonl"
+        path.with_suffix(".partial").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+        os.replace(path.with_suffix(".partial"), path)
+        paths.append(path)
+    return paths

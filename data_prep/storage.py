@@ -94,7 +94,11 @@ def download(url: str, local: str | Path) -> None:
     target = Path(local)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    fs.get_file(path, str(tmp))
+    try:
+        fs.get_file(path, str(tmp))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, target)
 
 

@@ -229,7 +229,10 @@ def _export(args) -> int:
     how = "transformers" if args.format == "hf" else "model"
     print(f"exported {source} to {out} ({how} directory)")
     if args.format == "hf":
-        print(f"load it: transformers.AutoModel.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
+        classifier = "BertForSequenceClassification" in json.loads((out / "config.json").read_text()).get(
+            "architectures", [])
+        auto = "AutoModelForSequenceClassification" if classifier else "AutoModel"
+        print(f"load it: transformers.{auto}.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
     return EXIT_OK
 
 
@@ -290,6 +293,10 @@ def _registry(args) -> int:
     uri = tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
     try:
         if args.command == "pull":
+            if not args.model_uri.startswith(("models:/", "runs:/")) and "://" not in args.model_uri:
+                print(f"error: '{args.model_uri}' is not a model URI: write models:/{args.model_uri} (a registered "
+                      "model's NAME@ALIAS or NAME/VERSION), or runs:/RUN_ID/PATH", file=sys.stderr)
+                return EXIT_USAGE
             check_out(args.out)
             out = pull(args.model_uri, args.out, uri)
             print(f"pulled {args.model_uri} to {out} (verified); model files in {model_files(out)}")

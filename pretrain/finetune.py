@@ -401,7 +401,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         final.update({f"test_{n}": v for n, v in m.items()})
         tracker.log(step, {f"test_{n}": v for n, v in m.items()})
     save(best["state"], best["step"], best["epoch"], final)
-    summary = {"model": str(out / "model"), "source": {k2: v for k2, v in src_info.items() if k2 != "pinned"},
+    summary = {"model": str((out / "model").absolute()),
+               "source": {k2: v for k2, v in src_info.items() if k2 != "pinned"},
                "init": cfg.init, "labels": names, "steps": step, "best_step": best["step"],
                "best_epoch": best["epoch"], "seconds": time.time() - started, "mlflow_run_id": tracker.run_id,
                "metrics": final, "registered": None, "config": cfg.model_dump(mode="json")}

@@ -635,10 +635,23 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
     except RegistryError:
         raise
     except Exception as e:  # noqa: BLE001 (an unknown name/alias/version, a store that is down)
-        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}") \
+        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}{_what_is_there(client, body)}") \
             from None
     info.update(pinned=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=v.run_id)
     return info
+
+
+def _what_is_there(client, body: str) -> str:
+    """The aliases and versions the store holds for the model `body` names (NAME@ALIAS, NAME/VERSION), as a hint
+    after an error; empty where there is nothing to tell (or the store cannot say)."""
+    name = body.split("@", 1)[0].split("/", 1)[0]
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+        versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    except Exception:  # noqa: BLE001 (no such model, or the store is down: the error itself says enough)
+        return ""
+    said = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+    return f" ({name} has aliases: {said}; versions: {', '.join(map(str, versions)) or 'none'})"
 
 
 def model_files(path: str | Path) -> Path:

@@ -227,6 +227,7 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     out = pretrain_cli("export", "models:/topic-bert@champion", "--format", "hf", "--out", str(tmp_path / "hf"),
                        "--tracking-uri", uri, cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert f"transformers.AutoModel.from_pretrained('{tmp_path / 'hf'}')" in out.stdout
     texts = [json.loads(line)["text"] for line in (tmp / "task" / "test.jsonl").read_text().splitlines()[:6]]
     texts += ["  Spaces   around  ", "Digits 2024 and ünïcode", "tapir sharpens the wire"]
     pairs = texts[::-1]
@@ -258,6 +259,7 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     clf_dir = _classifier(tmp, tmp_path)  # a fine-tuned model: BertForSequenceClassification with its labels
     out = pretrain_cli("export", str(clf_dir), "--format", "hf", "--out", str(tmp_path / "hf-clf"), cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert f"transformers.AutoModelForSequenceClassification.from_pretrained('{tmp_path / 'hf-clf'}')" in out.stdout
     clf, _ = load_model(clf_dir)
     hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-clf").eval()
     assert hf_clf.config.id2label == {0: "animal", 1: "tool"}
@@ -288,6 +290,7 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     assert out.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in out.stderr
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@no-such-alias", cwd=tmp)
     assert out.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in out.stderr
+    assert "(topic-bert has aliases: @champion (version 1); versions: 1)" in out.stderr, out.stderr
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"text": "a", "label": "animal"}\n{"text": "b", "label": "mineral"}\n')
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",

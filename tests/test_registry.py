@@ -179,6 +179,9 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     assert out.stderr.startswith(f"error: cannot resolve models:/no-such-model/1 at {uri}: Model Version "
                                  "(name=no-such-model, version=1) not found"), out.stderr
     assert not (tmp / "x").exists() and not (tmp / "x.partial").exists()
+    out = pretrain_cli("pull", "tiny-bert@champion", "--out", str(tmp / "x"), "--tracking-uri", uri, cwd=tmp)
+    assert out.returncode == 2 and "'tiny-bert@champion' is not a model URI: write models:/tiny-bert@champion" in \
+        out.stderr, out.stderr
 
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri,
                        cwd=tmp)

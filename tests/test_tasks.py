@@ -156,3 +156,30 @@ def test_the_transformers_tokenizer_gives_our_ids(tmp_path, model_type):
     enc = hf(texts[:40], texts[40:80], padding=True, return_tensors="pt")
     assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
     assert torch.equal(enc["attention_mask"], mask)
+
+
+def test_the_demo_task_is_balanced_disjoint_and_readable(tmp_path):
+    """`data_prep demo-task`: two classes of whole sentences from the demo corpus, half each, no sentence in both
+    files; without the corpus, a one-line error that says how to make it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from data_prep.demo_corpus import write_demo_corpus, write_demo_task
+
+    missing = subprocess.run([sys.executable, "-m", "data_prep", "demo-task", str(tmp_path / "task"), "--corpus",
+                              str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "write the demo corpus first (python -m data_prep demo-corpus" in \
+        missing.stderr, missing.stderr
+    write_demo_corpus(tmp_path / "corpus", max_mb=0.3)
+    train, test = write_demo_task(tmp_path / "corpus", tmp_path / "task", n_train=40, n_test=20, seed=3)
+    cfg = TaskConfig(train=str(train))
+    rows = {split: read_rows(str(path), cfg) for split, path in (("train", train), ("test", test))}
+    assert sorted(rows["train"].labels) == ["docstring"] * 20 + ["reference"] * 20
+    assert sorted(rows["test"].labels) == ["docstring"] * 10 + ["reference"] * 10
+    assert not set(rows["train"].texts) & set(rows["test"].texts)
+    assert write_demo_task(tmp_path / "corpus", tmp_path / "again", n_train=40, n_test=20, seed=3)[0].read_text() \
+        == train.read_text(), "the same task every time"
+    with pytest.raises(ValueError, match=r"has \d+ docstring sentences; ask for at most \d+ rows in all"):
+        write_demo_task(tmp_path / "corpus", tmp_path / "big", n_train=10**6, n_test=10)

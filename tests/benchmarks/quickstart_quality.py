@@ -5,7 +5,8 @@
 Run it after the quickstart job (README), from the directory that holds its `mlflow.db` (or with
 MLFLOW_TRACKING_URI set). The task is built from the demo corpus the model was pretrained on: is a
 sentence from a standard-library docstring (`stdlib_docstrings.jsonl`) or from a help topic of the
-language reference (`pydoc_topics.txt`)? Balanced, disjoint train and test sets of whole sentences.
+language reference (`pydoc_topics.txt`)? Balanced, disjoint train and test sets of whole sentences
+(`python -m data_prep demo-task` writes the same task).
 
 Two measures, each for the pretrained model and for `init=random` (same architecture and tokenizer):
 - fine-tuning: `python -m pretrain finetune` end to end, test accuracy, one run per seed;
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -29,35 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def sentences(corpus: Path) -> dict[str, list[str]]:
-    """The corpus's sentences by source, 40-240 characters, de-duplicated."""
-    from data_prep.segment import split_sentences
-
-    doc, ref = set(), set()
-    for line in (corpus / "stdlib_docstrings.jsonl").read_text(encoding="utf-8").splitlines():
-        doc.update(split_sentences(" ".join(json.loads(line)["text"].split())))
-    ref.update(line.strip() for line in (corpus / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines())
-    both = doc & ref
-    return {label: sorted(s for s in texts - both if 40 <= len(s) <= 240)
-            for label, texts in (("docstring", doc), ("reference", ref))}
-
-
 def write_task(corpus: Path, out: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
-    rng = random.Random(seed)
-    rows: dict[str, list[dict]] = {"train": [], "test": []}
-    for label, texts in sentences(corpus).items():
-        if len(texts) < (n_train + n_test) // 2:
-            sys.exit(f"{corpus} has {len(texts)} {label} sentences; ask for at most {2 * len(texts)} in all")
-        picked = rng.sample(texts, (n_train + n_test) // 2)
-        rows["train"] += [{"text": t, "label": label} for t in picked[: n_train // 2]]
-        rows["test"] += [{"text": t, "label": label} for t in picked[n_train // 2:]]
-    files = []
-    for split, items in rows.items():
-        rng.shuffle(items)
-        path = out / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in items))
-        files.append(path)
-    return files[0], files[1]
+    from data_prep.demo_corpus import write_demo_task
+
+    try:
+        train, test = write_demo_task(corpus, out, n_train, n_test, seed)
+    except ValueError as e:
+        sys.exit(str(e))
+    return train, test
 
 
 def finetune(model: str, init: str, train: Path, test: Path, seed: int, out: Path, args) -> float:
