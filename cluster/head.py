@@ -9,7 +9,6 @@ machine), never other Ray instances: `ray stop` would end every Ray process on t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -100,9 +99,13 @@ def up(host: str = DEFAULT_HOST, dashboard_port: int = DEFAULT_DASHBOARD_PORT, n
             f.write(secrets.token_hex(32))  # 256 bits, the size Ray's own generator uses
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(part, token)
-        part.unlink()
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, which the last of two `up`s at once wins
+            os.replace(part, token)
+        part.unlink(missing_ok=True)
     if dashboard_port == 0 or _port_in_use(host, dashboard_port):
         if dashboard_port:
             print(f"port {dashboard_port} on {host} is in use; the dashboard takes a free port instead",

@@ -111,16 +111,18 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
 
 def _check_ahead(plan: dict) -> None:
     """Read the fine-tuning stage's task files before the first stage: a mistake in them would otherwise be
-    found only after data prep and pretraining (hours, on a cluster)."""
+    found only after data prep and pretraining (hours, on a cluster). Not for a fine-tune already done."""
     for stage in plan["stages"]:
         if stage["kind"] == "finetune":
             from pretrain.config import FinetuneConfig
             from pretrain.finetune import read_task
-            from pretrain.tasks import TaskError
 
+            cfg = FinetuneConfig.model_validate(stage["config"])
+            if finished_finetune(cfg) is not None:
+                continue
             try:
-                read_task(FinetuneConfig.model_validate(stage["config"]))
-            except TaskError as e:
+                read_task(cfg)
+            except Exception as e:  # noqa: BLE001 (a bad row; a bucket this driver cannot read)
                 raise StageError(f"fine-tuning's task (checked before the first stage): {e}") from None
 
 
@@ -259,7 +261,21 @@ def finished_finetune(cfg) -> dict | None:
     wanted = cfg.model_dump(mode="json")
     made_by.pop("output", None)
     wanted.pop("output", None)
-    return summary if made_by == wanted else None
+    if made_by != wanted:
+        return None
+    if cfg.model.startswith("models:/") and "@" in cfg.model:  # an alias may have moved since (a new pretraining)
+        from pretrain.tracking import RegistryError, resolve_model_uri, tracking_uri
+
+        try:
+            now = resolve_model_uri(cfg.model, tracking_uri(cfg.mlflow))
+        except RegistryError:
+            return None  # (the fine-tune itself will say what is wrong)
+        then = summary.get("source") or {}
+        if (then.get("name"), then.get("version")) != (now["name"], now["version"]):
+            log(f"{cfg.model} is version {now['version']} now; {where} is a fine-tune of version "
+                f"{then.get('version')}: fine-tuning again")
+            return None
+    return summary
 
 
 def _finetune_task(config: dict) -> dict:
@@ -275,7 +291,7 @@ def _finetune_task(config: dict) -> dict:
         return finetune(cfg)
     remote = cfg.output.rstrip("/")
     storage.remove(storage.join(remote, SUMMARY))
-    local = storage.staging_dir(remote, "finetune")
+    local = storage.staging_dir(remote, "finetune").resolve()  # (absolute: the summary names it, then the URL)
     summary = finetune(cfg.model_copy(update={"output": str(local)}))
     summary = json.loads(json.dumps(summary).replace(str(local), remote))
     write_json_atomic(local / SUMMARY, summary)

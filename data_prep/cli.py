@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "configs/finetune/classify.yaml and the quickstart job fine-tune on.")
     task.add_argument("out", help="directory to write it to (e.g. data/task)")
     task.add_argument("--corpus", default="corpus/demo", help="the demo corpus (default: corpus/demo)")
-    task.add_argument("--train", type=int, default=400, help="training rows, half of each class (default: 400)")
-    task.add_argument("--test", type=int, default=200, help="test rows (default: 200)")
+    task.add_argument("--train", type=int, default=2000, help="training rows, half of each class (default: 2000)")
+    task.add_argument("--test", type=int, default=1000, help="test rows (default: 1000)")
     task.add_argument("--seed", type=int, default=0)
     return p
 

@@ -91,7 +91,7 @@ def demo_sentences(corpus: str | Path) -> dict[str, list[str]]:
             for label, texts in (("docstring", doc), ("reference", ref))}
 
 
-def write_demo_task(corpus: str | Path, out_dir: str | Path, n_train: int = 400, n_test: int = 200,
+def write_demo_task(corpus: str | Path, out_dir: str | Path, n_train: int = 2000, n_test: int = 1000,
                     seed: int = 0) -> list[Path]:
     """Write `train.jsonl` and `test.jsonl` ({"text", "label"} rows, half of each class) under `out_dir` from the
     demo corpus at `corpus`; returns their paths. ValueError when the corpus has too few sentences of a class."""

@@ -266,8 +266,9 @@ def _finetune(args) -> int:
         return finetune, (FinetuneError, TaskError, ExportError)
 
     def left(cfg) -> str:
-        return (f"{cfg.output}/model holds the best model so far (if a validation has run); only a finished run "
-                "writes summary.json there. Rerun to fine-tune again from the start")
+        return (f"{cfg.output}/model holds this run's best model so far once a validation has run (before that, "
+                "an earlier run's, if any); only a finished run writes summary.json there. Rerun to fine-tune again "
+                "from the start")
 
     summary = _run(FinetuneConfig, args.config, overrides, job, interrupted=left)
     if isinstance(summary, int):

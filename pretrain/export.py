@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,14 +225,18 @@ def publish(tmp: Path, out: Path) -> Path:
     for p in tmp.rglob("*"):
         if p.is_file():
             p.chmod(0o666 & ~umask)
-    # The earlier directory is moved aside, not deleted, until the new one is in place: a crash in between leaves
-    # it whole beside (as OUT.old), never half deleted under its own name.
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    # The earlier directory is set aside, not deleted, until the new one is in place: a crash in between leaves it
+    # whole beside (in .OUT.replaced-XXXX/), never half deleted under its own name; the next publish puts a copy
+    # that was set aside back where it was missing, or clears it once OUT is there.
+    for aside in sorted(out.parent.glob(f".{out.name}.replaced-*")):
+        if not out.exists() and (aside / out.name).is_dir():
+            (aside / out.name).rename(out)
+        shutil.rmtree(aside, ignore_errors=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
     if out.exists():
-        out.rename(old)
+        out.rename(aside / out.name)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
     return out
 
 

@@ -184,8 +184,10 @@ def _rare_labels(splits: list[Rows], names: list) -> list[tuple[object, str]]:
     return [(name, first[str(name)]) for name in names if count.get(str(name)) == 1]
 
 
-# The files a fine-tune writes in its output (and their in-progress or set-aside forms)
-OWNED = re.compile(r"(model|source|config\.yaml|summary\.json|metrics(\.\d+)?\.jsonl)(\.partial|\.old)?")
+# The files a fine-tune writes in its output (and their in-progress or set-aside forms; job-config.json: a cluster
+# job's record of the config, from before summary.json carried it)
+OWNED = re.compile(r"(model|source|config\.yaml|summary\.json|metrics(\.\d+)?\.jsonl|job-config\.json)(\.partial)?"
+                   r"|\.(model|source)\.replaced-\w+")
 
 
 def _check_output(out: Path) -> None:

@@ -635,8 +635,11 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
     except RegistryError:
         raise
     except Exception as e:  # noqa: BLE001 (an unknown name/alias/version, a store that is down)
-        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}{_what_is_there(client, body)}") \
-            from None
+        # (the store answered that it has no such thing: it can say what it has; one that did not answer is not
+        # asked again)
+        hint = _what_is_there(client, body) if getattr(e, "error_code", None) in (
+            "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") else ""
+        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}{hint}") from None
     info.update(pinned=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=v.run_id)
     return info
 

@@ -155,32 +155,50 @@ def _gathered(what: tuple[str, str] | None, world: int) -> dict[str, list[str]]:
     return out
 
 
+def _checked(path: Path) -> tuple[dict | None, tuple[str, str] | None]:
+    """(client record, problem) of the committed checkpoint at `path` as this rank sees it; the problem is
+    ("damaged", why): shown to differ from what was written, or ("unreadable", why): anything else."""
+    rank = dist.get_rank()
+    try:
+        client = checkpoint.read_client(path)
+    except ValueError as e:  # of the size its commit names, yet not what was written
+        return None, ("damaged", f"{checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})")
+    except FileNotFoundError as e:  # rank 0 listed it whole: gone since there, not seen at all elsewhere
+        return None, ("damaged" if rank == 0 else "unreadable", f"{checkpoint.CLIENT} cannot be read ({e})")
+    except OSError as e:
+        return None, ("unreadable", f"{checkpoint.CLIENT} cannot be read ({e})")
+    if rank == 0:  # bytes changed in place (a disk, a copy) keep their sizes: their digests tell
+        try:
+            altered = checkpoint.altered(path)
+        except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
+            return None, ("unreadable", f"its files cannot be checked against {checkpoint.COMMIT} "
+                                        f"({type(e).__name__}: {e})")
+        if altered:
+            return None, ("damaged", "; ".join(altered[:3]))
+    return client, None
+
+
 def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
-             tracker: Tracker) -> dict | None:
+             tracker: Tracker, checkpoint_url: str | None = None) -> dict | None:
     """Load the newest loadable checkpoint and return its client state; None for a fresh start.
 
     A checkpoint shown to be damaged (its client record unreadable or gone, or bytes that differ from their
     digests) is skipped for the one before it, which the run then continues from. One that cannot be read or
-    loaded for any other reason (a file system's error, out of memory, another DeepSpeed) stops the run and is
-    kept: falling back would delete its steps at the next save."""
+    loaded for any other reason (a file system's error, a rank that cannot see it, out of memory, another
+    DeepSpeed) stops the run and is kept: falling back would delete its steps at the next save."""
     world = dist.get_world_size()
     for name in candidates:
         path = Path(cfg.checkpoint.dir) / name
-        client, problem = None, None
-        try:
-            client = checkpoint.read_client(path)
-            if dist.get_rank() == 0:  # bytes changed in place (a disk, a copy) keep their sizes
-                altered = checkpoint.altered(path)
-                problem = ("damaged", "; ".join(altered[:3])) if altered else None
-        except (FileNotFoundError, ValueError) as e:  # gone, or damaged though of the size its commit names
-            problem = ("damaged", f"{checkpoint.CLIENT} cannot be read ({type(e).__name__}: {e})")
-        except OSError as e:
-            problem = ("unreadable", f"its files cannot be read ({e})")
+        # where it is kept: the upload, where the ranks' directories are only copies of it
+        kept = (f"its upload {storage.join(checkpoint_url, name)} is kept: delete {checkpoint.COMPLETE} there"
+                if checkpoint_url else "it is kept: move it out of checkpoint.dir")
+        client, problem = _checked(path)
         # Every rank hears of any problem before any loads: a load runs collectives, so all ranks load, or none.
         problems = _gathered(problem, world)
         if "unreadable" in problems:
-            raise checkpoint.CheckpointError(f"checkpoint {path}: {'; '.join(problems['unreadable'][:3])}; rerun "
-                                             "once it can be read")
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: {'; '.join(problems['unreadable'][:3])}. Rerun once every rank can read it "
+                f"({kept} to resume from the one before it)")
         if "damaged" in problems:
             tracker.warn(f"checkpoint {path} is damaged ({'; '.join(problems['damaged'][:3])}); trying an older one")
             continue
@@ -194,8 +212,7 @@ def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, la
         if failed:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} could not be loaded ({'; '.join(failed[:3])}). Its files are as they were "
-                "written, so it is kept: rerun once the cause is fixed, or move it out of checkpoint.dir to resume "
-                "from the one before it")
+                f"written, so {kept} to resume from the one before it, or rerun once the cause is fixed")
         tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
         apply_hyperparameters(engine, cfg)
         return client
@@ -297,7 +314,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     engine = build_engine(model, cfg, b, precision, topo.device)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
-    client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker) or {}
+    client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker, checkpoint_url) or {}
     step, skipped, run_id = client.get("step", 0), client.get("skipped_steps", 0), client.get("mlflow_run_id")
     best_eval = math.inf if client.get("best_eval_loss") is None else client["best_eval_loss"]
     # The data cursor and samples seen advance by what each step consumed, so a resume with another

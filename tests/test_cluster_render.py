@@ -130,7 +130,8 @@ def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
     runtime = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
     assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{mount}/mlflow.db"
     plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
-    assert [s["kind"] for s in plan["stages"]] == ["data_prep", "pretrain", "register"]
+    assert [s["kind"] for s in plan["stages"]] == ["data_prep", "pretrain", "register", "finetune"]
+    assert plan["stages"][3]["config"]["task"]["train"] == f"{mount}/data/task/train.jsonl"  # (as the corpus is)
     assert plan["stages"][0]["config"]["output"].startswith(mount)
 
 

@@ -213,6 +213,14 @@ def test_ranks_that_share_no_disk_resume_each_from_its_own_copy(tmp_path, train_
     assert {p.name for p in part.iterdir()} >= {"rank-00001.pt"}
     for p in part.iterdir():
         shutil.copy2(p, whole / p.name)
+    # Before rank 1 has its copy: the run stops (falling back to an older checkpoint would delete the newest at the
+    # next save), and says which rank lacks what
+    out = subprocess.run([*cmd, "train.max_steps=20"], cwd=tmp_path, env=pretrain_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert f"checkpoint {whole}: rank 1: client.json cannot be read" in out.stderr and "Rerun once every rank can " \
+        "read it" in out.stderr, out.stderr[-3000:]
+    assert whole.is_dir() and (base / "rank-0" / "step-00000005").is_dir()
     shutil.copytree(whole, base / "rank-1" / "step-00000010")
 
     out = subprocess.run([*cmd, "train.max_steps=20"], cwd=tmp_path, env=pretrain_env(), capture_output=True,

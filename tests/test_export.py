@@ -125,7 +125,8 @@ def test_output_swaps_in_two_threads_take_turns():
 
 def test_publishing_over_a_model_keeps_the_earlier_one_whole_until_the_new_one_is_in_place(tmp_path, monkeypatch):
     """Putting a new directory in place of an earlier one sets the earlier aside first: should the last step fail
-    (a crash, a full disk), the earlier one is still whole (as OUT.old), not deleted or half deleted."""
+    (a crash, a full disk), the earlier one is still whole (set aside beside it), not deleted or half deleted. The
+    next publish clears what was set aside; a user's own OUT.old is never touched."""
     from pathlib import Path
 
     from pretrain.export import publish
@@ -137,6 +138,9 @@ def test_publishing_over_a_model_keeps_the_earlier_one_whole_until_the_new_one_i
         (d / "tokenizer" / "spm.model").write_text(text)
         return d
 
+    mine = tmp_path / "model.old" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("the user's")
     out = publish(directory("first.partial", "first"), tmp_path / "model")
     assert (out / "model.safetensors").read_text() == "first"
     rename = Path.rename
@@ -149,11 +153,13 @@ def test_publishing_over_a_model_keeps_the_earlier_one_whole_until_the_new_one_i
     monkeypatch.setattr(Path, "rename", failing)
     with pytest.raises(OSError):
         publish(directory("second.partial", "second"), tmp_path / "model")
-    kept = tmp_path / "model.old"
-    assert (kept / "model.safetensors").read_text() == "first" and (kept / "tokenizer" / "spm.model").is_file()
     monkeypatch.undo()
+    assert not (tmp_path / "model").exists()
+    (kept,) = tmp_path.glob(".model.replaced-*/model")
+    assert (kept / "model.safetensors").read_text() == "first" and (kept / "tokenizer" / "spm.model").is_file()
     out = publish(directory("third.partial", "third"), tmp_path / "model")
-    assert (out / "model.safetensors").read_text() == "third" and not kept.exists()
+    assert (out / "model.safetensors").read_text() == "third" and not list(tmp_path.glob(".model.replaced-*"))
+    assert mine.read_text() == "the user's"
 
 
 def test_a_commit_record_names_what_it_lacks(tmp_path):
