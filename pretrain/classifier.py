@@ -26,20 +26,22 @@ class BertClassifier(PythonModel):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer" / "spm.model"))
 
     def _texts(self, model_input) -> tuple[list[str], list[str] | None]:
+        from pretrain.text import as_texts
+
         task = self.config["task"]
         pair_field = task.get("text_pair_field")
         if hasattr(model_input, "columns"):  # a DataFrame: the task's columns, else the first one (two)
             cols = list(model_input.columns)
             first = task["text_field"] if task["text_field"] in cols else cols[0]
-            texts = model_input[first].astype(str).tolist()
+            texts = as_texts(model_input[first].tolist(), f"column '{first}'")
             if not pair_field:
                 return texts, None
             second = pair_field if pair_field in cols else cols[1]
-            return texts, model_input[second].astype(str).tolist()
+            return texts, as_texts(model_input[second].tolist(), f"column '{second}'")
         rows = list(model_input)
         if pair_field:
-            return [str(r[0]) for r in rows], [str(r[1]) for r in rows]
-        return [str(r) for r in rows], None
+            return as_texts([r[0] for r in rows]), as_texts([r[1] for r in rows], "pair")
+        return as_texts(rows), None
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):

@@ -26,11 +26,11 @@ class BertEmbedder(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         # (pyfunc hands the texts over as a DataFrame, per the version's signature; the hint tells MLflow so)
-        from pretrain.text import embed
+        from pretrain.text import as_texts, embed
 
         if hasattr(model_input, "columns"):  # a DataFrame: its first column holds the texts
             model_input = model_input[model_input.columns[0]].tolist()
-        return embed(self.model, self.sp, [str(t) for t in model_input], self.config["max_seq_length"],
+        return embed(self.model, self.sp, as_texts(model_input), self.config["max_seq_length"],
                      (params or {}).get("pooling", self.pooling))
 
 

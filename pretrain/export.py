@@ -285,7 +285,7 @@ def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
 
     The dict holds `uri` plus, where known, the registered `name` and `version` and the `run_id` that made it.
     """
-    from pretrain.tracking import RegistryError, model_files, pull, resolve_model_uri
+    from pretrain.tracking import PULLED, RegistryError, model_files, pull, resolve_model_uri
 
     if not source.startswith(URI_SCHEMES):
         if storage.is_remote(source):  # a checkpoint a cluster job uploaded
@@ -301,7 +301,14 @@ def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
             if not (d / CONFIG_FILE).is_file():  # a checkpoint (or checkpoint.dir) from `pretrain train`
                 d = export(path, scratch)
         training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}
-        return d, {"uri": where, "run_id": training.get("mlflow_run_id")}
+        info = {"uri": where, "run_id": training.get("mlflow_run_id")}
+        pulled = Path(source.removeprefix("file://")) / PULLED  # a pulled model: what it was pulled as
+        if pulled.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                record = json.loads(pulled.read_text())
+                info.update({k: record[k] for k in ("name", "version", "run_id") if record.get(k)})
+                info["pulled_from"] = record.get("uri")
+        return d, info
     try:
         info = resolve_model_uri(source, uri)
         return model_files(pull(info["pinned"], scratch, uri)), info

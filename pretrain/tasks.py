@@ -96,14 +96,33 @@ def _records(path: str):
                 raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv "
                                 "(optionally .gz, .bz2, .xz or .zst)")
     except UnicodeDecodeError as e:
-        after = f", after line {n}" if n else ""  # (text is decoded a block at a time, ahead of the lines)
-        raise TaskError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}{after}); save the file as UTF-8") \
+        where = _first_bad_line(path) or (f"{path}, after line {n}" if n else path)
+        raise TaskError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") \
             from None
     except (EOFError, OSError) as e:  # a truncated or damaged compressed file (gzip, bz2, lzma, zstd alike)
         if isinstance(e, OSError) and e.errno is not None:
             raise  # (the disk or the network, not the file's bytes)
         raise TaskError(f"{path}: cannot be read after line {n} ({type(e).__name__}: {e}); compress it again") \
             from None
+
+
+def _first_bad_line(path: str) -> str | None:
+    """FILE:LINE of the first byte that is not UTF-8 (text is decoded a block at a time, ahead of the lines read,
+    so the reader's own count is too early); None where the file cannot be read again whole."""
+    try:
+        if path.lower().endswith(".zst"):
+            with fsspec.open(path, "rb") as raw:
+                data = zstd_reader(raw).read()
+        else:
+            with fsspec.open(path, "rb", compression="infer") as f:
+                data = f.read()
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        return f"{path}:{line}"
+    except Exception:  # noqa: BLE001 (only a hint: the error itself is reported anyway)
+        return None
+    return None
 
 
 def _json_array(path: str, text: str):

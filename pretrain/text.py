@@ -10,6 +10,17 @@ from data_prep.config import CLS_ID, PAD_ID, SEP_ID
 from pretrain.model import BertForPretraining
 
 
+def as_texts(values, what: str = "input") -> list[str]:
+    """`values` as texts; a missing one (None, NaN: a gap in a DataFrame) is an error naming its row, not the
+    text "None"."""
+    out = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and v != v):
+            raise ValueError(f"{what} row {i} has no text ({v!r})")
+        out.append(v if isinstance(v, str) else str(v))
+    return out
+
+
 def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_len: int,
            pairs: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_len` (longest side first), padded.

@@ -560,6 +560,9 @@ def _upload(client, run_id: str, path: str, uri: str, model_dir: Path, code: Pat
         raise RegistryError(f"the upload to {uri} is incomplete ({', '.join(missing[:3])}); rerun to complete it")
 
 
+PULLED = "pulled.json"  # in a pulled directory: the URI it was pulled as, and the registered name and version
+
+
 def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     """Download `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/path` to `out` and verify it.
 
@@ -579,8 +582,8 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         source = model_uri
+        v = resolve_model_uri(model_uri, uri) if model_uri.startswith(("models:/", "runs:/")) else {}
         if model_uri.startswith("models:/"):  # resolved here: MLflow would use the process-wide registry URI
-            v = resolve_model_uri(model_uri, uri)
             source = MlflowClient(uri, registry_uri=uri).get_model_version_download_uri(v["name"], v["version"])
         with _progress_bar(sys.stderr.isatty()):  # for a person at a terminal, not in a job's log
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
@@ -598,8 +601,16 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
             raise
         raise RegistryError(f"{model_uri} cannot be checked ({type(e).__name__}: {e}); pull it again") from None
     if problems:
+        no_model = not (model_files(got) / "config.json").is_file()  # a folder that holds none (runs:/ID/a-parent)
+        inside = sorted(p.name for p in got.iterdir())[:5] if got.is_dir() else []
         shutil.rmtree(tmp, ignore_errors=True)
+        if no_model:
+            raise RegistryError(f"{model_uri} holds no model (it holds {', '.join(inside) or 'nothing'}): name the "
+                                "model's own folder, e.g. the one `pretrain register` logged (MLmodel inside)")
         raise RegistryError(f"{model_uri} failed verification ({'; '.join(problems[:3])}); pull it again")
+    # What was pulled, for whatever reads the directory later (a fine-tune tags its run with it)
+    (got / PULLED).write_text(json.dumps({k: v.get(k) for k in ("uri", "name", "version", "run_id")} if v else
+                                         {"uri": model_uri}, indent=1))
     published = publish(got, out)
     shutil.rmtree(tmp, ignore_errors=True)  # (the folder around `got`, when there is one)
     return published

@@ -89,6 +89,14 @@ def test_register_pull_and_predict(trained, monkeypatch):
         os.umask(umask)  # the weights are as readable as any file the user writes (safetensors writes them 0600)
         assert (model_files(out) / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
+    # a pulled directory remembers what it was pulled as: a fine-tune from it is tagged with the registered version
+    from pretrain.export import resolve_model
+
+    _, info = resolve_model(str(tmp / "pulled-tiny-bert-champion"), tmp / "scratch", uri)
+    assert (info["name"], info["version"], info["run_id"]) == ("tiny-bert", "1", training_run)
+    assert info["pulled_from"] == "models:/tiny-bert@champion"
+    assert resolve_model(str(by_run), tmp / "scratch", uri)[1]["run_id"] == training_run
+
     pyfunc_loads_without_the_project_installed(tmp / "pulled-tiny-bert-champion", tmp, shape=[1, 128])
     # registered again from a newer project (its requirements differ): version 1's files stay as they are
     from pretrain import tracking
@@ -111,6 +119,8 @@ def test_register_pull_and_predict(trained, monkeypatch):
     assert np.allclose(emb[0], emb[2]) and not np.allclose(emb[0], emb[1])
     mean = model.predict(["The river carries stone."], params={"pooling": "mean"})
     assert not np.allclose(mean[0], emb[0])
+    with pytest.raises(Exception, match=r"input row 1 has no text"):  # not embedded as the text "None"
+        model.predict(["The river carries stone.", None])
 
 
 def test_mlflow_models_serve_answers_with_the_embeddings_load_model_gives(trained, tmp_path):
@@ -186,6 +196,13 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert-2", "--tracking-uri", uri,
                        cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    run_id = MlflowClient(uri, registry_uri=uri).get_model_version("tiny-bert-2", "1").run_id
+    out = pretrain_cli("pull", f"runs:/{run_id}/registered-model", "--out", str(tmp / "z"), "--tracking-uri", uri,
+                       cwd=tmp)  # the folder above the model
+    assert out.returncode == 1 and f"runs:/{run_id}/registered-model holds no model (it holds step-00000010" in \
+        out.stderr, out.stderr
     (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF  # bit rot in the store, same size

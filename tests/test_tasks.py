@@ -97,8 +97,13 @@ def test_files_saved_by_spreadsheets(tmp_path):
     got = read_rows(str(tmp_path / "bom.csv"), TaskConfig(train="x"))
     assert got.texts == ["café au lait", "thé"] and got.labels == ["1", "0"]
     (tmp_path / "latin1.csv").write_bytes("text,label\ntea,0\ncafé au lait,1\n".encode("cp1252"))
-    with pytest.raises(TaskError, match=r"latin1.csv: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+    with pytest.raises(TaskError, match=r"latin1.csv:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
         read_rows(str(tmp_path / "latin1.csv"), TaskConfig(train="x"))
+    rows = "".join(f'{{"text": "row {i}", "label": 1}}\n' for i in range(3000)) + '{"text": "caf\xe9", "label": 0}\n'
+    with gzip.open(tmp_path / "late.jsonl.gz", "wb") as f:  # far past the first block the reader decodes
+        f.write(rows.encode("latin-1"))
+    with pytest.raises(TaskError, match=r"late.jsonl.gz:3001: not UTF-8 text \(byte 0xe9\)"):
+        read_rows(str(tmp_path / "late.jsonl.gz"), TaskConfig(train="x"))
 
 
 def test_unknown_extension_and_missing_file(tmp_path):
