@@ -8,6 +8,7 @@ picks up where it stopped and ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -163,7 +164,36 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
 
     An `output` URL of an object store (s3://...) is built in a local staging directory, with each shard
     uploaded by the worker that wrote it; the tokenizer and report follow, and the manifest goes up last.
+    One run at a time writes an output (on this machine: a second is refused while the first runs).
     """
+    with sole_writer(cfg.output):
+        return _run(cfg, overwrite)
+
+
+@contextmanager
+def sole_writer(output: str) -> Iterator[None]:
+    """Hold this machine's lock on `output` (a lock file in the staging area, never in the output itself) for the
+    block; DatasetError when another process holds it. Two runs at once would clear or resume each other's work."""
+    key = output.rstrip("/") if storage.is_remote(output) else str(Path(output).resolve())
+    path = storage.staging_dir(key, "writer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip()
+            raise DatasetError(f"another data prep run ({who or 'a process'}) is writing '{output}' on this machine: "
+                               "wait for it to finish (rerunning then resumes or skips it), or choose another "
+                               "output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield
+
+
+def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     t0 = time.monotonic()
     remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
     root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)

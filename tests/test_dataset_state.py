@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import pytest
 
@@ -186,3 +187,23 @@ def test_aborted_writer_leaves_only_finished_shards(tmp_path):
     w.abort()
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
     assert names == ["shard-000000-00000.tar"]
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small_corpus, tmp_path):
+    """Two runs at once would clear or resume each other's work: while one holds the output, another is refused
+    at once, naming it, and writes nothing; once the first has finished, the output is free again."""
+    import yaml
+
+    from data_prep.pipeline import sole_writer
+
+    cfg = small_config(small_corpus, tmp_path / "ds")
+    (tmp_path / "dp.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with sole_writer(str(tmp_path / "ds")):
+        out = run_cli("run", str(tmp_path / "dp.yaml"), cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert f"another data prep run (pid {os.getpid()} on " in out.stderr and \
+            f"is writing '{tmp_path / 'ds'}' on this machine" in out.stderr, out.stderr[-2000:]
+        assert not (tmp_path / "ds").exists()
+    with sole_writer(str(tmp_path / "ds" / ".." / "ds")):  # (the same output, however it is spelt)
+        with pytest.raises(DatasetError, match="another data prep run"), sole_writer(str(tmp_path / "ds")):
+            pass
