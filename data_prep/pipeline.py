@@ -176,8 +176,13 @@ def sole_writer(output: str) -> Iterator[None]:
     block; DatasetError when another process holds it. Two runs at once would clear or resume each other's work."""
     key = output.rstrip("/") if storage.is_remote(output) else str(Path(output).resolve())
     path = storage.staging_dir(key, "writer")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError:  # a staging area this user cannot write (another user's): the run goes on without the lock
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
