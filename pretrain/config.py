@@ -16,7 +16,8 @@ class DataConfig(Section):
     streams: int | None = Field(
         None, ge=1,
         description="parallel example streams; the global example order depends on this, the seed and the "
-                    "micro batch only (not on ranks or workers). Default: world size x num_workers",
+                    "micro batch only (not on ranks or workers). Default: the smallest multiple of world size x "
+                    "num_workers that is 8 or more (a resumed run keeps its checkpoint's)",
     )
     shuffle_buffer: int = Field(10_000, ge=1, description="examples shuffled together (rounded up to whole shards)")
     num_workers: int = Field(1, ge=0, description="loader processes per rank (0: load in the training process)")

@@ -263,6 +263,20 @@ def _check_tracking(mlflow_cfg) -> None:
             raise SetupError(f"{e} (or set mlflow.enabled=false)") from None
 
 
+MIN_STREAMS = 8  # by default: consecutive micro batches come from this many shards at least, not one
+
+
+def _kept_streams(cfg: PretrainConfig, candidates: list[str], readers: int) -> int | None:
+    """The stream count the newest checkpoint was trained with, where data.streams is left to its default: a
+    resumed run keeps its data order (rank 0 reads it; every rank gets the same answer)."""
+    kept: list = [None]
+    if dist.get_rank() == 0 and candidates:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = [int(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"]["streams"])]
+    dist.broadcast_object_list(kept, src=0)
+    return kept[0] if kept[0] and kept[0] % readers == 0 else None
+
+
 def _shown(path: Path, checkpoint_url: str | None) -> str:
     """A committed checkpoint as the run names it: its uploaded copy's URL where there is one."""
     return storage.join(checkpoint_url, path.name) if checkpoint_url else str(path)
@@ -296,13 +310,14 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         raise SetupError(f"model.max_position ({model_cfg.max_position}) is shorter than the dataset's sequences "
                          f"({manifest['examples']['max_seq_length']}); raise model.max_position")
     workers = cfg.data.num_workers
-    streams = cfg.data.streams or topo.world * max(1, workers)
-    if streams % (topo.world * max(1, workers)):
+    readers = topo.world * max(1, workers)
+    candidates = _resume_point(cfg, topo.world, tracker)
+    streams = cfg.data.streams or _kept_streams(cfg, candidates, readers) or readers * math.ceil(MIN_STREAMS / readers)
+    if streams % readers:
         raise SetupError(f"data.streams ({streams}) must be a multiple of ranks x data.num_workers "
                          f"({topo.world} x {max(1, workers)})")
     layout = {"streams": streams, "micro_batch_size": b.micro, "seed": cfg.seed,
               "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking}
-    candidates = _resume_point(cfg, topo.world, tracker)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BertForPretraining(model_cfg, unpad=cfg.train.unpad, varlen=cfg.train.varlen_attention)

@@ -160,7 +160,8 @@ def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
 
     conf = copy_run(trained[0], tmp_path / "copy")
     out = run_pretrain(conf, "train.max_steps=82", "train.global_batch_size=32", "train.lr=1e-4",
-                       "train.grad_clip=0.25", "train.weight_decay=0.1")
+                       "train.grad_clip=0.25", "train.weight_decay=0.1",
+                       "data.streams=null")  # (left to its default: the checkpoint's count, 2, stays)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train.grad_clip: 1.0 -> 0.25" in out.stdout and "train.weight_decay: 0.01 -> 0.1" in out.stdout
     for step, clip, decay in ((80, 1.0, 0.01), (82, 0.25, 0.1)):
@@ -169,10 +170,20 @@ def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
         groups = saved["base_optimizer_state"]["param_groups"]
         assert (saved["clip_grad"], groups[0]["weight_decay"], groups[1]["weight_decay"]) == (clip, decay, 0.0)
     client = json.loads((conf.parent / "ck" / "step-00000082" / "client.json").read_text())
+    assert client["cursor"]["streams"] == 2
     assert client["cursor"]["micro_batches"] == 80 * 2 + 2 * 4  # 2 more steps of 4 micro batches of 8
     assert client["samples"] == 80 * 16 + 2 * 32
     m = read_metrics(conf.parent / "ck")
     assert m[81]["lr"] == pytest.approx(1e-4 * (1 - (80 - 5) / (82 - 5)))
+
+
+def test_a_fresh_run_reads_from_eight_streams_by_default(tmp_path, train_dataset):
+    """Left to its default, a step's batch mixes the examples of 8 streams (shards), not one shard's."""
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=2, data__eval_examples=0, data__streams=None)
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = json.loads((tmp_path / "ck" / "step-00000002" / "client.json").read_text())
+    assert client["cursor"]["streams"] == 8
 
 
 @pytest.mark.parametrize("override, message", [
