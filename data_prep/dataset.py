@@ -212,6 +212,8 @@ def build_report(records: list[dict]) -> dict:
             "examples": counts["nsp_examples"],
             "random_next_fraction": round(counts["nsp_random_next"] / counts["nsp_examples"], 4)
             if counts["nsp_examples"] else None,
+            # pools of a single document (a unit's split that holds one): their random next segments are its own
+            "single_document_pools": counts["single_document_pools"],
         },
         "truncation_rate": round(counts["truncated_examples"] / examples, 4) if examples else 0.0,
         "length_histogram": {

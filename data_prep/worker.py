@@ -173,20 +173,21 @@ def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start
     stats = UnitStats(cfg.examples.max_seq_length)
     docs, reports = read_unit(unit, cfg)
     pools: dict[str, list] = {s: [] for s in SPLITS}
+    held: dict[str, list] = {s: [] for s in SPLITS}  # each split's last full pool, written once the next one is
     window = 0
 
-    def flush(split: str) -> None:
+    def write(split: str, pool: list) -> None:
         nonlocal window
-        pool = pools[split]
         if pool:
             # One batched encode per pool: ~2x the per-document call rate of sentencepiece.
             encoded = sp.Encode([s for _, d in pool for s in d], num_threads=1)
             tokens = Pool(encoded, [len(d) for _, d in pool])
             stats.counts["document_tokens"] += len(tokens.flat)
+            if len(pool) == 1 and params.nsp:  # its random next segments can only come from itself
+                stats.counts["single_document_pools"] += 1
             _write_window(tokens, [i for i, _ in pool], window, unit, cfg, params, word_start, writers[split],
                           stats, split)
             window += 1
-        pools[split] = []
 
     for doc_index, doc in enumerate(docs):
         stats.counts["documents"] += 1
@@ -194,9 +195,17 @@ def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start
         split = "val" if unit_fraction(cfg.seed, "split", unit.index, doc_index) < cfg.val_fraction else "train"
         pools[split].append((doc_index, doc))
         if len(pools[split]) >= cfg.examples.pool_documents:
-            flush(split)
+            write(split, held[split])
+            held[split], pools[split] = pools[split], []
     for split in SPLITS:
-        flush(split)
+        # A last pool of one document joins the full one before it: its "random next" segments need other
+        # documents to come from (Google draws them from the whole corpus)
+        rest = pools[split]
+        if len(rest) < 2 and held[split]:
+            write(split, held[split] + rest)
+        else:
+            write(split, held[split])
+            write(split, rest)
     shards = [asdict(info) for s in SPLITS for info in writers[s].close()]
     return {
         "unit": unit.index,

@@ -370,3 +370,23 @@ def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
     (copy / "manifest.json").write_text(json.dumps(m))
     assert main(["inspect", str(copy)]) == 2
     assert "key examples.token_dtype is missing" in capsys.readouterr().err
+
+
+def test_a_last_pool_of_one_document_joins_the_one_before(tmp_path, ray_local):
+    """21 documents in pools of 20: the last one would be a pool of its own, whose "random next" segments could
+    only come from itself; it joins the full pool before it instead. A unit of a single document has nothing to
+    join: the report counts such pools."""
+    import random
+
+    from conftest import make_document, write_txt
+
+    from data_prep.pipeline import run
+
+    rng = random.Random(11)
+    (tmp_path / "corpus").mkdir()
+    write_txt(tmp_path / "corpus" / "a.txt", [make_document(rng, 8) for _ in range(21)])
+    write_txt(tmp_path / "corpus" / "b.txt", [make_document(rng, 8)])  # a unit of its own (group_bytes)
+    run(small_config(tmp_path / "corpus", tmp_path / "ds", val_fraction=0.0, shards__group_bytes=100))
+    report = json.loads((tmp_path / "ds" / "report.json").read_text())
+    assert report["documents"] == 22 and len(report["files"]) == 2
+    assert report["nsp"]["single_document_pools"] == 1, report["nsp"]  # b.txt's; a.txt's last joined its pool
