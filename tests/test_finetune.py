@@ -168,6 +168,7 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     assert f"1 of the 3 classes have a single training row (a misspelt label?): 'aminal' ({tmp_path / 'train.jsonl'}:" \
         f"{lines})" in out.stderr, out.stderr[-3000:]
     assert "train.max_seq_length 4096 is more than the model's" in out.stderr
+    assert "is more than the 64 tokens the model was pretrained on: positions 64-" in out.stderr, out.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert finished_finetune(first) == summary and summary["config"]["train"]["epochs"] == 1
     assert finished_finetune(config(epochs=2)) is None
