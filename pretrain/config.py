@@ -21,7 +21,8 @@ class DataConfig(Section):
     )
     shuffle_buffer: int = Field(10_000, ge=1, description="examples shuffled together (rounded up to whole shards)")
     num_workers: int = Field(1, ge=0, description="loader processes per rank (0: load in the training process)")
-    eval_examples: int = Field(2000, ge=0, description="validation examples per evaluation (0: no evaluation)")
+    eval_examples: int = Field(2000, ge=0, description="validation examples per evaluation, spread evenly over the "
+                                                       "val split (0: no evaluation)")
 
 
 class ModelSection(Section):

@@ -230,23 +230,39 @@ def train_loader(plan: StreamPlan, collator: Collator, micro_batch: int, rank: i
 
 def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: int, world: int,
                  limit: int) -> list[tuple[Batch, float]]:
-    """This rank's share of the first `limit` val examples as (batch, weight); every rank gets as many batches.
+    """This rank's share of `limit` val examples spread evenly over the whole split (shards are in input-file
+    order: the first `limit` would come from the first files only), as (batch, weight); every rank gets as many
+    batches.
 
     Ranks must run the same number of forwards (ZeRO-3 gathers parameters inside forward), so a rank
     with fewer examples repeats its first batch with weight 0.
     """
+    shards = dataset.shards("val")
+    total = sum(n for _, n in shards)
+    chosen = sorted({i * total // limit for i in range(limit)}) if limit < total else list(range(total))
     mine, first = [], []
-    seen = 0
-    for url, _ in dataset.shards("val"):
-        for s in tar_samples(url):
-            if seen >= limit:
-                break
+    seen = start = 0  # (seen: examples chosen so far; start: the split's index of the shard's first example)
+    want = iter(chosen)
+    nxt = next(want, None)
+    for url, n in shards:
+        if nxt is None:
+            break
+        if nxt >= start + n:  # none chosen from this shard: not read
+            start += n
+            continue
+        for i, s in enumerate(tar_samples(url), start):
+            if i != nxt:
+                continue
             if seen % world == rank or not first:
                 x = decoded({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
                 first = first or [x]
                 if seen % world == rank:
                     mine.append(x)
             seen += 1
+            nxt = next(want, None)
+            if nxt is None:
+                break
+        start += n
     n_batches = math.ceil(math.ceil(seen / world) / micro_batch) if seen else 0
     out = [(collator(mine[i:i + micro_batch]), 1.0) for i in range(0, len(mine), micro_batch)]
     while len(out) < n_batches:

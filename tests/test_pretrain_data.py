@@ -98,6 +98,20 @@ def test_eval_batches_split_ranks_evenly(ds):
     assert eval_batches(ds, collator, 4, 0, 1, limit=5)[0][0].input_ids.shape[0] == 4
 
 
+def test_a_smaller_eval_set_is_spread_over_the_whole_split(ds):
+    """Shards are in input-file order: `limit` examples are taken evenly across the split, not from its start."""
+    from pretrain.data import tar_samples
+
+    collator = Collator(ds.manifest)
+    every = [s["__key__"] for url, _ in ds.shards("val") for s in tar_samples(url)]
+    assert len(ds.shards("val")) >= 3
+    limit = 6
+    got = [k for b, w in eval_batches(ds, collator, 4, 0, 1, limit=limit) if w for k in b.keys]
+    assert got == [every[i * len(every) // limit] for i in range(limit)]
+    last_shard = {s["__key__"] for s in tar_samples(ds.shards("val")[-1][0])}
+    assert set(got) & last_shard, "the last shard's examples are in it too"
+
+
 def test_not_a_dataset_is_a_clear_error(ds, tmp_path):
     with pytest.raises(DatasetError, match="manifest.json is missing.*python -m data_prep run"):
         open_dataset(str(tmp_path))
