@@ -1,5 +1,6 @@
-import sys
+"""`python -m cluster`: see `cluster.cli`."""
 
 from cluster.cli import main
+from data_prep.entry import run_main
 
-sys.exit(main())
+run_main(main)

@@ -1,7 +1,6 @@
 """`python -m data_prep`: see `data_prep.cli`."""
 
-import sys
-
 from data_prep.cli import main
+from data_prep.entry import run_main
 
-sys.exit(main())
+run_main(main)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.config import SPECIAL_PIECES, DataPrepConfig
-from data_prep.configfile import config_hash, dotted
+from data_prep.configfile import config_hash, dotted, flatten
 from data_prep.shards import PARTIAL_SUFFIX, POSITION_DTYPE, SAMPLE_EXT, token_dtype
 from data_prep.sources import Source
 from data_prep.tokenizer import sha256_file
@@ -101,8 +101,24 @@ def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str |
     })
 
 
-def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
-    """Decide what to do with `root`: 'complete' (nothing to do), 'resume' or 'fresh'."""
+def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> str:
+    """How this run's recipe differs from the finished dataset's `manifest`: changed config keys (old -> new) and
+    input files added, removed or of another size; empty when it cannot tell (e.g. only a given tokenizer's bytes)."""
+    old, new = flatten(manifest.get("config") or {}), flatten(cfg.content())
+    said = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    before = {s["path"]: s["bytes"] for s in manifest.get("sources") or []}
+    now = {s.url: s.size for s in sources}
+    added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+    resized = sorted(p for p in set(now) & set(before) if now[p] != before[p])
+    for what, names in (("new input", added), ("input gone", gone), ("input of another size", resized)):
+        if names:
+            said.append(f"{what}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}")
+    return "; ".join(said[:6]) + ("; ..." if len(said) > 6 else "")
+
+
+def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> str:
+    """Decide what to do with `root`: 'complete' (nothing to do), 'resume' or 'fresh'. `changed(manifest)` says how
+    this run differs from a finished dataset found there (for the refusal)."""
     if root.exists() and not root.is_dir():
         raise DatasetError(f"output '{root}' is a file; give a directory (new or empty) for the dataset")
     work_cfg = root / WORK / "config.json"
@@ -114,10 +130,9 @@ def prepare_output(root: Path, recipe: str, overwrite: bool) -> str:
         if manifest.get("recipe_hash") == recipe:
             shutil.rmtree(root / WORK, ignore_errors=True)  # left over if a finished run was killed while tidying
             return "complete"
-        raise DatasetError(
-            f"'{root}' already holds a different dataset (its config or its input files differ from this "
-            "run's). Choose another output, or pass --overwrite to replace it."
-        )
+        diff = (changed(manifest) if changed else "") or "its config or its input files differ from this run's"
+        raise DatasetError(f"'{root}' already holds a different dataset ({diff}). Choose another output, or pass "
+                           "--overwrite to replace it.")
     elif work_cfg.is_file():
         try:
             same = json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe

@@ -25,7 +25,7 @@ from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
     MANIFEST, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest,
-    build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign,
+    build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign, what_changed,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.sources import FORMATS, Source, expand_inputs
@@ -200,6 +200,9 @@ def sole_writer(output: str) -> Iterator[None]:
 
 def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     t0 = time.monotonic()
+    capped = masking_cap(cfg)
+    if capped:
+        print(f"warning: {capped}", file=sys.stderr)
     remote = cfg.output.rstrip("/") if storage.is_remote(cfg.output) else None
     root = storage.staging_dir(remote, "dataset") if remote else Path(cfg.output)
     others: list[str] = []
@@ -213,9 +216,14 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
         load_tokenizer(cfg.tokenizer.path)
         given_tok = sha256_file(cfg.tokenizer.path)
     recipe = recipe_hash(cfg, sources, given_tok)
-    state = _prepare_remote(remote, root, recipe, overwrite) if remote else prepare_output(root, recipe, overwrite)
+    def changed(manifest: dict) -> str:
+        return what_changed(manifest, cfg, sources)
+
+    state = (_prepare_remote(remote, root, recipe, overwrite, changed) if remote
+             else prepare_output(root, recipe, overwrite, changed))
     if state == "complete":
-        log(f"'{cfg.output}' already holds this dataset (same config, same input files); nothing to do.")
+        log(f"'{cfg.output}' already holds this dataset (same config, same input file paths and sizes); nothing to "
+            "do.")
         if not remote:
             return summarize(root, time.monotonic() - t0, sources_bytes=None)
         root.mkdir(parents=True, exist_ok=True)
@@ -303,7 +311,7 @@ def _outside(sources: list[Source], output: str) -> list[Source]:
     return keep
 
 
-def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) -> str:
+def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, changed) -> str:
     """As `prepare_output` for a dataset at an object-store URL, whose unfinished state lives in `staging`:
     'complete', 'published' (finished in staging, not yet uploaded), 'resume' or 'fresh'."""
     try:
@@ -320,8 +328,9 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool) ->
             raise DatasetError(f"output: {storage.unreadable(where, e)}") from None
         if manifest["recipe_hash"] == recipe:
             return "complete"
-        raise DatasetError(f"'{remote}' already holds a different dataset (its config or its input files differ "
-                           "from this run's). Choose another output, or pass --overwrite to replace it.")
+        diff = changed(manifest) or "its config or its input files differ from this run's"
+        raise DatasetError(f"'{remote}' already holds a different dataset ({diff}). Choose another output, or pass "
+                           "--overwrite to replace it.")
     strangers = sorted({n.split("/", 1)[0] for n in found} - {*OWNED_FILES, *OWNED_IN, WORK})
     if strangers and not overwrite:
         raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
@@ -419,5 +428,40 @@ def summarize(root: Path, seconds: float, sources_bytes: int | None, shown: str 
     log(f"bad input    {bad}  (per file in {storage.join(shown, REPORT) if shown else root / REPORT})")
     if sources_bytes:
         log(f"time         {seconds:.1f}s, {sources_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s")
+    for line in advice(manifest["config"], report):
+        print(f"warning: {line}", file=sys.stderr)
     log(f"next         python -m data_prep inspect {summary['dataset']} -n 2")
     return summary
+
+
+def advice(config: dict, report: dict) -> list[str]:
+    """What a finished dataset's figures say about its config (a field name that most files lack, sentences not
+    split, an empty val split): each with the key to change."""
+    out = []
+    docs, bad = report["documents"], report["bad_input"]
+    missing = bad.get("missing_field", 0)
+    if missing:
+        out.append(f"{missing:,} records have no '{config['text_field']}' field and were skipped (their files are "
+                   "named in report.json): set text_field to the field that holds their text")
+    single = bad.get("single_sentence_document", 0)
+    if config["examples"].get("nsp", True) and docs and single > 0.3 * docs and             config["read"]["split_sentences"] != "always":
+        out.append(f"{single:,} of {docs:,} documents are a single sentence, which gives no NSP pair of its own; "
+                   "if they are running text (e.g. .txt files of one document each, its sentences on shared lines), "
+                   "set read.split_sentences=always")
+    if config["val_fraction"] > 0 and not report["examples"].get("val"):
+        out.append(f"the val split is empty: val_fraction={config['val_fraction']:g} of {docs:,} documents drew "
+                   f"none (each document is drawn on its own); raise it to {min(0.5, 20 / max(docs, 1)):.2g} or more "
+                   "for a val split to evaluate on")
+    return out
+
+
+def masking_cap(cfg: DataPrepConfig) -> str | None:
+    """A max_predictions_per_seq that caps the share of tokens predicted below masked_lm_prob (said before the
+    run: every long example would be masked less than the config says)."""
+    e = cfg.examples
+    wanted = round(e.max_seq_length * e.masked_lm_prob)
+    if wanted <= e.max_predictions_per_seq:
+        return None
+    return (f"examples.max_predictions_per_seq={e.max_predictions_per_seq} caps full-length examples at "
+            f"{e.max_predictions_per_seq / e.max_seq_length:.1%} of their tokens predicted, below "
+            f"examples.masked_lm_prob={e.masked_lm_prob:g}: set it to {wanted} (Google's recipe: 20 at 128, 80 at 512)")

@@ -64,6 +64,13 @@ def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> Non
 
 
 def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:
+    m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if m:
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for this corpus: its text has {m.group(2)} distinct "
+            f"characters that must each be a piece. Set tokenizer.vocab_size above {m.group(2)} (BERT's vocabularies "
+            "hold 30,000 or so), or lower tokenizer.character_coverage to leave rare characters to [UNK]."
+        )
     m = re.search(r"value <= (\d+)", msg)
     if m:
         return (

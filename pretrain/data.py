@@ -114,9 +114,22 @@ def open_dataset(location: str) -> Dataset:
         manifest = parse_manifest(text, f"{root}/{MANIFEST}")
     except DatasetError as e:
         raise DatasetError(f"data.dataset: {e}; rebuild it with `python -m data_prep run CONFIG`") from None
+    if "://" not in root and (Path(root) / "config.yaml").is_file() and any(Path(root).glob("step-*")):
+        raise DatasetError(f"data.dataset: '{location}' is a pretraining checkpoint directory (it keeps a copy of its "
+                           f"dataset's manifest), not a dataset{_trained_on(Path(root) / 'config.yaml')}")
     if not manifest["splits"]["train"]["examples"]:
         raise DatasetError(f"data.dataset: '{location}' has no training examples")
     return Dataset(root, manifest)
+
+
+def _trained_on(config: Path) -> str:
+    """"; its run read data.dataset=X" from a checkpoint directory's config.yaml (empty if it cannot say)."""
+    import yaml
+
+    try:
+        return f"; its run read data.dataset={yaml.safe_load(config.read_text())['data']['dataset']}"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return ""
 
 
 @dataclass(frozen=True)

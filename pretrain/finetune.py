@@ -239,14 +239,18 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
             _check_output(out)
             for sub in ("source", "model"):  # (each is replaced whole: only an earlier run's model may be there)
                 check_out(out / sub, what="output")
-            # An earlier run's summary would vouch for what this run is about to replace: it goes first.
-            (out / SUMMARY).unlink(missing_ok=True)
-            source = resolve_model(cfg.model, out / "source", tracker.uri)
         except ExportError as e:
-            source = ("error", str(e))
+            source = ("error", str(e))  # (the message names output)
+        else:
+            try:
+                # An earlier run's summary would vouch for what this run is about to replace: it goes first.
+                (out / SUMMARY).unlink(missing_ok=True)
+                source = resolve_model(cfg.model, out / "source", tracker.uri)
+            except ExportError as e:
+                source = ("error", f"model={cfg.model}: {e}")
     source = _broadcast(source, topo)
     if source[0] == "error":
-        raise FinetuneError(f"model={cfg.model}: {source[1]}")
+        raise FinetuneError(source[1])
     src_dir, src_info = Path(source[0]), source[1]
     pretrained, src_config = load_model(src_dir)
     model_cfg = ModelConfig(**src_config["model"])

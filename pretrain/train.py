@@ -352,7 +352,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     if cfg.data.eval_examples and not do_eval:
         if cfg.registry.name and cfg.registry.when == "best":
             raise SetupError("registry.when=best needs evaluation, and the dataset's val split is empty")
-        tracker.warn("the dataset's val split is empty: no evaluation (set val_fraction > 0 in data prep)")
+        tracker.warn("the dataset's val split is empty: no evaluation (raise val_fraction in data prep: each document "
+                     "is drawn on its own, and with few documents a small fraction draws none)")
     trace = None
     if cfg.debug.trace_examples:
         (ckdir / "trace").mkdir(parents=True, exist_ok=True)

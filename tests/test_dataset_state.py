@@ -25,8 +25,10 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     import random
 
     write_txt(small_corpus / "aaa_new.txt", [make_document(random.Random(3), 5)])
-    with pytest.raises(DatasetError, match="input files differ"):
+    with pytest.raises(DatasetError, match=r"already holds a different dataset \(new input: .*aaa_new.txt\)"):
         run(cfg)
+    with pytest.raises(DatasetError, match=r"different dataset \(examples.dupe_factor 2 -> 3; new input: .*aaa_new"):
+        run(small_config(small_corpus, tmp_path / "ds", examples__dupe_factor=3))
     run(cfg, overwrite=True)
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert any(s["path"].endswith("aaa_new.txt") for s in m["sources"])
@@ -207,3 +209,26 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small
     with sole_writer(str(tmp_path / "ds" / ".." / "ds")):  # (the same output, however it is spelt)
         with pytest.raises(DatasetError, match="another data prep run"), sole_writer(str(tmp_path / "ds")):
             pass
+
+
+def test_a_finished_datasets_figures_name_the_key_to_change():
+    """The summary's warnings: a text field most records lack, documents of one sentence (sentences not split),
+    an empty val split; and, before a run, a prediction cap below masked_lm_prob."""
+    from data_prep.config import DataPrepConfig
+    from data_prep.pipeline import advice, masking_cap
+
+    config = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "text_field": "body",
+                                            "val_fraction": 0.01}).content()
+    report = {"documents": 40, "examples": {"train": 300, "val": 0},
+              "bad_input": {"missing_field": 120, "single_sentence_document": 30}}
+    said = advice(config, report)
+    assert len(said) == 3
+    assert said[0].startswith("120 records have no 'body' field and were skipped") and "set text_field" in said[0]
+    assert said[1].startswith("30 of 40 documents are a single sentence") and "read.split_sentences=always" in said[1]
+    assert "the val split is empty: val_fraction=0.01 of 40 documents drew none" in said[2] and "0.5" in said[2]
+    report.update(examples={"train": 300, "val": 12}, bad_input={})
+    assert advice(config, report) == []
+    long = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "examples": {"max_seq_length": 512}})
+    assert "examples.max_predictions_per_seq=20 caps full-length examples at 3.9% of their tokens predicted" in \
+        masking_cap(long) and "set it to 77" in masking_cap(long)
+    assert masking_cap(DataPrepConfig.model_validate({"inputs": ["x"], "output": "y"})) is None

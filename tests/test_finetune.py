@@ -304,8 +304,8 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     notes.write_text("keep")
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={notes.parent}",
                        cwd=tmp)
-    assert out.returncode == 1 and f"output {notes.parent} holds notes.txt, which a fine-tune did not write" in \
-        out.stderr, out.stderr[-2000:]
+    said = f"error: output {notes.parent} holds notes.txt, which a fine-tune did not write"
+    assert out.returncode == 1 and said in out.stderr, out.stderr[-2000:]
     assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
     out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", "--alias", "champion", cwd=tmp)
     assert out.returncode == 2 and "registry.alias needs registry.name (--register NAME)" in out.stderr, out.stderr

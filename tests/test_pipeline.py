@@ -350,6 +350,20 @@ def test_inspect_the_val_split(built):
     assert len(keys) == 2 and m["splits"]["val"]["examples"] >= 2
 
 
+def test_inspect_into_a_reader_that_stops_early_exits_quietly(built):
+    """`inspect ... | head -1`: the reader closes the pipe; the command ends with 0 and no traceback."""
+    import subprocess
+    import sys
+
+    _, _, root, _ = built
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "inspect", str(root), "-n", "200", "--json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline())["key"]
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
     import shutil
 

@@ -54,3 +54,15 @@ def test_foreign_model_is_refused_with_the_key(tmp_path):
         load(tmp_path / "junk.model")
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "missing.model")
+
+
+@pytest.mark.parametrize("vocab, message", [
+    (20, r"tokenizer.vocab_size=20 is too small for this corpus: its text has \d+ distinct characters"),
+    (5000, r"tokenizer.vocab_size=5000 is too large for this corpus: sentencepiece can learn at most \d+ pieces"),
+])
+def test_a_vocabulary_the_corpus_cannot_fill_is_said_in_the_configs_words(tmp_path, vocab, message):
+    from data_prep.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=message):
+        train(sentences(300), TokenizerConfig(vocab_size=vocab, threads=1), tmp_path / "x.model")
+    assert not list(tmp_path.iterdir()), "nothing written"

@@ -201,6 +201,16 @@ def test_incompatible_resumes_are_refused(trained, override, message):
     assert sorted(p.name for p in ck.iterdir()) == before, "nothing written or deleted"
 
 
+def test_a_checkpoint_directory_given_as_the_dataset_is_named_as_such(trained, tmp_path, train_dataset):
+    """A checkpoint directory keeps a copy of its dataset's manifest: given as data.dataset it is said to be a
+    checkpoint directory, with the dataset its run read, not a dataset with missing shards."""
+    cfg, ck, _ = trained
+    out = run_pretrain(cfg, f"data.dataset={ck}", f"checkpoint.dir={tmp_path / 'other'}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"data.dataset: '{ck}' is a pretraining checkpoint directory" in out.stderr and \
+        f"its run read data.dataset={train_dataset}" in out.stderr, out.stderr[-2000:]
+
+
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
     out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
