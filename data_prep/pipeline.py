@@ -8,7 +8,6 @@ picks up where it stopped and ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -172,30 +171,15 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
 
 @contextmanager
 def sole_writer(output: str) -> Iterator[None]:
-    """Hold this machine's lock on `output` (a lock file in the staging area, never in the output itself) for the
-    block; DatasetError when another process holds it. Two runs at once would clear or resume each other's work."""
+    """Hold this machine's lock on `output` for the block; DatasetError when another process holds it. Two runs at
+    once would clear or resume each other's work."""
     key = output.rstrip("/") if storage.is_remote(output) else str(Path(output).resolve())
-    path = storage.staging_dir(key, "writer")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+", encoding="utf-8")
-    except OSError:  # a staging area this user cannot write (another user's): the run goes on without the lock
-        yield
-        return
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            who = f.read().strip()
-            raise DatasetError(f"another data prep run ({who or 'a process'}) is writing '{output}' on this machine: "
-                               "wait for it to finish (rerunning then resumes or skips it), or choose another "
-                               "output") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        yield
+        with storage.exclusive(key, "writer"):
+            yield
+    except storage.Busy as e:
+        raise DatasetError(f"another data prep run ({e}) is writing '{output}' on this machine: wait for it to "
+                           "finish (rerunning then resumes or skips it), or choose another output") from None
 
 
 def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:

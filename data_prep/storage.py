@@ -9,11 +9,15 @@ and endpoints come from the usual environment of each filesystem (AWS_* for s3, 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def is_remote(location: str | Path) -> bool:
@@ -147,3 +151,32 @@ def local_copy(url: str) -> str:
 
 def clear_local(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Busy(Exception):
+    """Another process holds a lock; the message names it (its pid and host)."""
+
+
+@contextlib.contextmanager
+def exclusive(key: str, kind: str) -> Iterator[None]:
+    """Hold this machine's lock named by (`kind`, `key`) for the block (a file in the staging area, never in an
+    output); Busy when another process holds it. Where the staging area cannot be written (another user's), the
+    block runs without the lock."""
+    path = staging_dir(key, kind)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise Busy(f.read().strip() or "a process") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        yield

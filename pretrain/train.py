@@ -248,6 +248,7 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
     try:
         with contextlib.ExitStack() as cleanup:
+            _sole_run(cfg, cleanup)
             return _train(cfg, topo, tracker, cleanup, on_checkpoint, checkpoint_url)
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
@@ -261,6 +262,22 @@ def _check_tracking(mlflow_cfg) -> None:
             check_store(tracking_uri(mlflow_cfg))
         except RegistryError as e:
             raise SetupError(f"{e} (or set mlflow.enabled=false)") from None
+
+
+def _sole_run(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0 holds this machine's lock on checkpoint.dir for the run; every rank stops when another run holds it
+    (two runs in one directory would write the same checkpoints and metrics)."""
+    busy: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            cleanup.enter_context(storage.exclusive(str(Path(cfg.checkpoint.dir).resolve()), "checkpoints"))
+        except storage.Busy as e:
+            busy = [str(e)]
+    dist.broadcast_object_list(busy, src=0)
+    if busy[0]:
+        raise SetupError(f"another run ({busy[0]}) is training in checkpoint.dir {cfg.checkpoint.dir} on this "
+                         "machine: wait for it to finish (rerunning then resumes from its checkpoints), or give "
+                         "another checkpoint.dir")
 
 
 MIN_STREAMS = 8  # by default: consecutive micro batches come from this many shards at least, not one

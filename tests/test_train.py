@@ -211,6 +211,23 @@ def test_a_checkpoint_directory_given_as_the_dataset_is_named_as_such(trained, t
         f"its run read data.dataset={train_dataset}" in out.stderr, out.stderr[-2000:]
 
 
+def test_a_second_run_in_the_same_checkpoint_dir_is_refused_while_the_first_runs(tmp_path, train_dataset):
+    """Two runs in one checkpoint.dir would write the same checkpoints and metrics: the second stops at once."""
+    import os
+
+    from data_prep import storage
+
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=2, data__eval_examples=0)
+    with storage.exclusive(str((tmp_path / "ck").resolve()), "checkpoints"):  # as the first run's rank 0 holds it
+        out = run_pretrain(cfg)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"another run (pid {os.getpid()} on " in out.stderr and f"is training in checkpoint.dir {tmp_path / 'ck'}" \
+        in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not list(tmp_path.glob("ck/step-*")), "nothing written"
+    out = run_pretrain(cfg)  # once it is free
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
     out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
