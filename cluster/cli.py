@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from data_prep.configfile import ConfigError
 
@@ -127,6 +128,10 @@ def _load(args) -> tuple:
 def _validate(args) -> int:
     spec, _, plan = _load(args)
     r = spec.resources
+    task_problem = _task_problem(plan)
+    if task_problem:
+        print(f"error: {args.job}: {task_problem}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{args.job}: a valid {spec.kind} job '{plan['name']}'")
     for stage in plan["stages"]:
         if stage["kind"] == "register":
@@ -139,6 +144,29 @@ def _validate(args) -> int:
     print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}) on {r.nodes} node(s); "
           f"max_failures {spec.max_failures}; storage {plan['storage']}")
     return EXIT_OK
+
+
+def _task_problem(plan: dict) -> str | None:
+    """What is wrong with a fine-tuning stage's task files, read from here (as the job reads them before its first
+    stage); None when they are fine, or cannot be read from this machine (an object store without credentials
+    here: the job's nodes may have them)."""
+    for stage in plan["stages"]:
+        if stage["kind"] == "finetune":
+            from pretrain.config import FinetuneConfig
+            from pretrain.finetune import read_task
+            from pretrain.tasks import TaskError
+
+            cfg = FinetuneConfig.model_validate(stage["config"])
+            files = [f for f in (cfg.task.train, cfg.task.validation, cfg.task.test) if f]
+            if any("://" not in f and not Path(f).is_file() for f in files):
+                return None  # (not here: on the cluster's storage, or made before the job runs)
+            try:
+                read_task(cfg)
+            except TaskError as e:
+                return f"stages.finetune's task: {e}"
+            except Exception:  # noqa: BLE001 (not readable here: the job checks it where it runs)
+                return None
+    return None
 
 
 def _drive(plan: dict, local: bool = False) -> int:

@@ -85,6 +85,24 @@ def test_validate_command():
     assert bad.returncode == 2 and "resources.num_wrkers" in bad.stderr and "num_workers" in bad.stderr
 
 
+def test_validate_reads_a_fine_tuning_task_that_is_here(tmp_path):
+    """A task file on this machine is read as the job will read it (a row without the field is refused now, not
+    after pretraining); one that is not here (on the cluster's storage, or made later) is left to the job."""
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "train.jsonl").write_text('{"text": "a", "label": "x"}\n{"body": "b", "label": "y"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(f"kind: finetune\nconfig: {REPO}/configs/finetune/classify.yaml\n"
+                   f"overrides: {{task.train: task/train.jsonl, task.test: null}}\n")
+    out = subprocess.run([sys.executable, "-m", "cluster", "validate", str(job)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"stages.finetune's task: {tmp_path / 'task' / 'train.jsonl'}:2: no field 'text'" in out.stderr, out.stderr
+    (tmp_path / "task" / "train.jsonl").unlink()
+    out = subprocess.run([sys.executable, "-m", "cluster", "validate", str(job)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "a valid finetune job" in out.stdout, out.stderr
+
+
 def test_a_jobs_processes_are_told_which_ray_they_belong_to():
     """Ray Train's placement-group cleaner finds the State API of the job's own Ray (not the machine's last
     `ray start`): a local job's dashboard, a submitted job's GCS address, never a key the job set itself."""
