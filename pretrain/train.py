@@ -475,8 +475,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                 evals = eval_batches(dataset, collator, b.micro, topo.rank, topo.world, cfg.data.eval_examples)
             metrics = evaluate(engine, evals, topo.device)
             tracker.log(step, metrics)
+            nsp = f" | nsp acc {metrics['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in metrics else ""
             tracker.print(f"eval at step {step}: loss {metrics['eval/loss']:.4f} | "
-                          f"mlm acc {metrics['eval/mlm_acc']:.3f} | nsp acc {metrics['eval/nsp_acc']:.3f}")
+                          f"mlm acc {metrics['eval/mlm_acc']:.3f}{nsp}")
             last.update(metrics)
             last_eval_step = step
         preempted = bool(sums[STOP])
@@ -536,8 +537,9 @@ class Window:
 
     def report(self, step: int, max_steps: int, lr: float) -> tuple[str, float]:
         s, span = self.sums, time.perf_counter() - self.start
+        nsp = f" | nsp acc {s[NSP_OK] / s[NSP_N]:.3f}" if s[NSP_N] else ""  # (none: a dataset without NSP)
         line = (f"step {step}/{max_steps} | loss {s[LOSS] / s[MICRO]:.4f} | mlm acc {s[MLM_OK] / max(1, s[MLM_N]):.3f}"
-                f" | nsp acc {s[NSP_OK] / max(1, s[NSP_N]):.3f} | lr {lr:.2e} | {s[SEQS] / span:,.0f} seq/s"
+                f"{nsp} | lr {lr:.2e} | {s[SEQS] / span:,.0f} seq/s"
                 f" | eta {_duration((max_steps - step) * span / self.steps)}")
         wait = self.wait / span
         self.__init__()
@@ -553,6 +555,8 @@ def _step_metrics(sums: torch.Tensor, elapsed: float, lr: float, skipped: int, e
         "lr": lr, "grad_norm": engine.get_global_grad_norm(), "skipped_steps": skipped,
         "seq_per_s": sums[SEQS] / elapsed, "tokens_per_s": sums[TOKENS] / elapsed,
     }
+    if not sums[NSP_N]:  # a dataset without NSP: no NSP figures (not zeros)
+        del out["nsp_loss"], out["nsp_acc"]
     if precision == "fp16":
         out["loss_scale"] = engine.optimizer.loss_scale
     if peak:
@@ -581,9 +585,12 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
     s = _all_reduce(s, device)
     engine.train()
     mlm, nsp = s[0] / max(1, s[2]), s[3] / max(1, s[5])
-    return {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),
-            "eval/mlm_acc": float(s[1] / max(1, s[2])), "eval/nsp_acc": float(s[4] / max(1, s[5])),
-            "eval/perplexity": float(math.exp(min(mlm, 50.0)))}
+    out = {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),
+           "eval/mlm_acc": float(s[1] / max(1, s[2])), "eval/nsp_acc": float(s[4] / max(1, s[5])),
+           "eval/perplexity": float(math.exp(min(mlm, 50.0)))}
+    if not s[5]:  # a dataset without NSP
+        del out["eval/nsp_loss"], out["eval/nsp_acc"]
+    return out
 
 
 def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
@@ -591,11 +598,13 @@ def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
              f"steps        {s['step']} ({sequences:,} sequences this run in {_duration(s['seconds'])}, "
              f"{sequences / max(s['seconds'], 1e-9):,.0f} seq/s)"]
     if "loss" in s:
-        lines.append(f"train        loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}, nsp {s['nsp_loss']:.4f}), "
-                     f"mlm acc {s['mlm_acc']:.3f}, nsp acc {s['nsp_acc']:.3f}, {s['skipped_steps']:.0f} skipped steps")
+        nsp = (f", nsp {s['nsp_loss']:.4f}", f", nsp acc {s['nsp_acc']:.3f}") if "nsp_acc" in s else ("", "")
+        lines.append(f"train        loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}{nsp[0]}), "
+                     f"mlm acc {s['mlm_acc']:.3f}{nsp[1]}, {s['skipped_steps']:.0f} skipped steps")
     if "eval/loss" in s:
-        lines.append(f"eval         loss {s['eval/loss']:.4f}, mlm acc {s['eval/mlm_acc']:.3f}, "
-                     f"nsp acc {s['eval/nsp_acc']:.3f}, perplexity {s['eval/perplexity']:.1f}")
+        nsp_acc = f", nsp acc {s['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in s else ""
+        lines.append(f"eval         loss {s['eval/loss']:.4f}, mlm acc {s['eval/mlm_acc']:.3f}"
+                     f"{nsp_acc}, perplexity {s['eval/perplexity']:.1f}")
     lines.append(f"checkpoint   {s['checkpoint']}")
     if s["mlflow_run_id"]:
         lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: {how_to_see(tracker.uri)})")

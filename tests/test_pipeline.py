@@ -145,7 +145,7 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
         "inputs": [str(small_corpus)], "output": str(out),
         "tokenizer": {"vocab_size": 120, "sample_sentences": 5000, "threads": 1},
         "examples": {"max_seq_length": 64, "max_predictions_per_seq": 10},
-        "shards": {"examples_per_shard": 100, "group_bytes": 20000}, "ray": {"num_cpus": 2},
+        "shards": {"examples_per_shard": 100, "group_bytes": 20000}, "ray": {"num_cpus": 2}, "val_fraction": 0.2,
     }))
     r = run_cli("run", str(cfg_file), "examples.nsp=false", "--examples.whole_word_mask", "true")
     assert r.returncode == 0, r.stderr
@@ -165,6 +165,17 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
     r = run_cli("inspect", str(out), "-n", "1")
     assert r.returncode == 0 and "train:" in r.stdout and "targets:" in r.stdout
     assert run_cli("verify", str(out)).returncode == 0
+    # pretraining on it shows no NSP figures (not zeros) in its lines, its records or its summary
+    from conftest import pretrain_config, read_metrics, run_pretrain
+
+    (tmp_path / "pt.yaml").write_text(yaml.safe_dump(pretrain_config(
+        out, tmp_path / "ck", train__max_steps=4, train__log_every=2, train__eval_every=4, data__eval_examples=8,
+        mlflow__enabled=False)))
+    trained = run_pretrain(tmp_path / "pt.yaml")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "eval at step 4: loss" in trained.stdout and "mlm acc" in trained.stdout, trained.stdout
+    assert "nsp acc" not in trained.stdout and ", nsp " not in trained.stdout, trained.stdout
+    assert not {k for rec in read_metrics(tmp_path / "ck").values() for k in rec if "nsp" in k}
     shard = out / m["splits"]["train"]["shards"][0]["name"]
     data = bytearray(shard.read_bytes())
     data[1000] ^= 0xFF
