@@ -199,6 +199,11 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)
         given_tok = sha256_file(cfg.tokenizer.path)
+        unused = sorted(f"tokenizer.{k}" for k in cfg.tokenizer.model_fields_set - {"path", "threads"})
+        if unused:
+            print(f"warning: {', '.join(unused)} train a tokenizer, and tokenizer.path gives one: they are not used "
+                  f"(the model at {cfg.tokenizer.path} decides; the manifest's tokenizer section says what it is)",
+                  file=sys.stderr)
     recipe = recipe_hash(cfg, sources, given_tok)
     def changed(manifest: dict) -> str:
         return what_changed(manifest, cfg, sources)

@@ -254,8 +254,9 @@ def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
         assert nsp == want["next_sentence_labels"]
 
 
-def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
-    """`tokenizer.path` skips training (its sha256 is recorded); inputs may be fsspec URLs."""
+def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local, capsys):
+    """`tokenizer.path` skips training (its sha256 is recorded; the settings for training one are said to be
+    unused); inputs may be fsspec URLs."""
     from data_prep.pipeline import run
 
     cfg, corpus, root, _ = built
@@ -263,6 +264,8 @@ def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local):
     other = small_config(corpus, tmp_path / "ds", tokenizer__path=str(model), inputs=[f"file://{corpus}/*.txt"],
                          tokenizer__model_type="bpe")  # (a setting for training one: the given model's type counts)
     summary = run(other)
+    assert "warning: tokenizer.model_type, tokenizer.sample_sentences, tokenizer.vocab_size train a tokenizer, and " \
+        "tokenizer.path gives one: they are not used" in capsys.readouterr().err
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert m["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     assert m["tokenizer"]["model_type"] == "unigram"
