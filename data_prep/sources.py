@@ -281,6 +281,10 @@ class DocumentReader:
                 if not head:
                     rep.flag("empty_file")
                     return
+                if self.source.fmt != "parquet" and head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                    rep.flag("binary_file", 1, "UTF-16 text (its byte-order mark); file skipped: convert it to UTF-8 "
+                                               "(e.g. iconv -f UTF-16 -t UTF-8)")
+                    return
                 if self.source.fmt != "parquet" and _looks_binary(head):
                     rep.flag("binary_file", 1, "NUL bytes or mostly non-UTF-8 in the first 8 KiB; file skipped")
                     return

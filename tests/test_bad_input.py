@@ -156,6 +156,10 @@ def test_binary_file_skipped(tmp_path):
     assert docs == []
     assert rep.issues == {"binary_file": 1}
     assert "skipped" in rep.samples[0]["detail"]
+    p.write_bytes("Real text. Here.\n".encode("utf-16"))  # what Windows tools save as "Unicode"
+    docs, rep = read(p)
+    assert docs == [] and rep.issues == {"binary_file": 1}
+    assert "UTF-16 text (its byte-order mark); file skipped: convert it to UTF-8" in rep.samples[0]["detail"]
 
 
 # 4. invalid UTF-8 and control characters ---------------------------------------------------------------------
