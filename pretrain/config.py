@@ -200,6 +200,11 @@ class PretrainConfig(Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: Literal["auto", "must", "never"] = "auto"
+    init_from: str | None = Field(
+        None, description="a fresh run starts from this model's weights instead of random ones (step 0, a new "
+                          "optimizer and schedule): a checkpoint or checkpoint.dir, a model directory, or a models:/ "
+                          "or runs:/ URI. For a second phase at a longer sequence length on a dataset made with the "
+                          "same tokenizer (data prep's tokenizer.path). A run that resumes ignores it")
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     seed: int = Field(1234, ge=0)

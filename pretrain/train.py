@@ -280,6 +280,58 @@ def _sole_run(cfg: PretrainConfig, cleanup: contextlib.ExitStack) -> None:
                          "another checkpoint.dir")
 
 
+def _initial_weights(cfg: PretrainConfig, model: BertForPretraining, manifest: dict, topo, tracker: Tracker) -> dict:
+    """Load `init_from`'s weights into `model` on every rank: rank 0 resolves and checks the source (the same
+    architecture, the same tokenizer as the dataset's) and sends each tensor to the others. Returns what the
+    source is ({uri, name, version, run_id, step})."""
+    import tempfile
+
+    from pretrain.export import ExportError, load_model, resolve_model
+
+    answer: list = [None]
+    weights: dict[str, torch.Tensor] = {}
+    if topo.rank == 0:
+        try:
+            with tempfile.TemporaryDirectory(prefix="init-from-") as scratch:
+                src_dir, info = resolve_model(cfg.init_from, Path(scratch) / "model", tracker.uri)
+                source, src_config = load_model(src_dir)
+                dataset = json.loads((src_dir / "dataset.json").read_text())
+                training = json.loads((src_dir / "training.json").read_text())
+            answer = [_init_problem(src_config, dataset, model, manifest) or
+                      {**{k: v for k, v in info.items() if k != "pinned"}, "step": training.get("step")}]
+            weights = source.state_dict()
+        except (ExportError, OSError, ValueError, KeyError) as e:
+            answer = [f"{type(e).__name__}: {e}" if not isinstance(e, ExportError) else str(e)]
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise SetupError(f"init_from={cfg.init_from}: {answer[0]}")
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():  # (through the device: NCCL moves CUDA tensors only)
+            t = weights[name].to(topo.device) if topo.rank == 0 else torch.empty_like(tensor, device=topo.device)
+            dist.broadcast(t, src=0)
+            tensor.copy_(t.cpu())
+    tracker.print(f"initial weights from {cfg.init_from} (step {answer[0]['step']} of its run)")
+    return answer[0]
+
+
+def _init_problem(src_config: dict, dataset: dict, model: BertForPretraining, manifest: dict) -> str | None:
+    """Why the source's weights cannot start this run (None: they can)."""
+    from pretrain.export import FORMAT
+
+    if src_config.get("format", {}).get("name") != FORMAT["name"]:
+        return "is not a pretrained encoder (a fine-tuned classifier?); give a pretraining checkpoint or its export"
+    mine, theirs = model.config.__dict__, src_config["model"]
+    changed = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items()
+               if k not in ("dropout", "attention_dropout") and theirs.get(k) != v]
+    if changed:
+        return (f"its model differs ({', '.join(changed)}): give this run the model config it was trained with "
+                "(model.preset and overrides)")
+    if dataset.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
+        return ("its tokenizer is not data.dataset's: build the dataset with the same tokenizer (data prep's "
+                "tokenizer.path=<the first dataset>/tokenizer/spm.model)")
+    return None
+
+
 MIN_STREAMS = 8  # by default: consecutive micro batches come from this many shards at least, not one
 
 
@@ -338,6 +390,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BertForPretraining(model_cfg, unpad=cfg.train.unpad, varlen=cfg.train.varlen_attention)
+    initialised = _initial_weights(cfg, model, manifest, topo, tracker) if cfg.init_from and not candidates else None
+    if cfg.init_from and candidates:
+        tracker.print(f"init_from={cfg.init_from} is not used: this run resumes from its own checkpoints")
     compiled = cfg.train.compile is True or (cfg.train.compile == "auto" and topo.device.type == "cuda"
                                               and cfg.deepspeed.zero_stage < 3)
     if compiled:
@@ -389,6 +444,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         changed = {f"{RESUMED}{step:08d}.{k}": v for k, v in params.items()
                    if not k.startswith("derived.") and str(old.get(k)) != str(v)}
     tags = {"dataset_id": dataset.id, "device": topo.device.type, "world_size": str(topo.world)}
+    if initialised:  # where its initial weights came from (the first phase's run, checkpoint or version)
+        tags.update({f"init_from_{k}": str(v) for k, v in initialised.items() if v is not None})
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit

@@ -228,6 +228,32 @@ def test_a_second_run_in_the_same_checkpoint_dir_is_refused_while_the_first_runs
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+def test_a_second_phase_starts_from_the_first_phases_weights(trained, tmp_path, train_dataset):
+    """init_from: a fresh run (step 0, a new optimizer and schedule) whose initial weights are a checkpoint's; a
+    source of another architecture is refused before anything is trained."""
+    cfg, ck, _ = trained
+    first = read_metrics(ck)
+    over = dict(train__max_steps=2, train__log_every=1, train__warmup_steps=1, data__eval_examples=0,
+                mlflow__enabled=False)
+    for sub in ("fresh", "other"):
+        (tmp_path / sub).mkdir()
+    fresh = write_config(tmp_path / "fresh", train_dataset, **over)
+    assert run_pretrain(fresh).returncode == 0
+    phase2 = write_config(tmp_path, train_dataset, **over, init_from=str(ck))
+    out = run_pretrain(phase2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"initial weights from {ck} (step 80 of its run)" in out.stdout, out.stdout[-2000:]
+    second, random_init = read_metrics(tmp_path / "ck"), read_metrics(tmp_path / "fresh" / "ck")
+    assert second[1]["loss"] < random_init[1]["loss"] - 0.3, (second[1], random_init[1])
+    assert abs(second[1]["loss"] - first[80]["loss"]) < 0.5 * abs(random_init[1]["loss"] - first[80]["loss"])
+    again = run_pretrain(phase2, "train.max_steps=3")  # resuming: its own checkpoint wins
+    assert again.returncode == 0 and "is not used: this run resumes from its own checkpoints" in again.stdout
+    other = write_config(tmp_path / "other", train_dataset, **over, init_from=str(ck), model__num_layers=3)
+    out = run_pretrain(other)
+    assert out.returncode == 1 and f"init_from={ck}: its model differs (num_layers 2 -> 3)" in out.stderr, \
+        out.stderr[-2000:]
+
+
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
     out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
