@@ -300,7 +300,7 @@ def _initial_weights(cfg: PretrainConfig, model: BertForPretraining, manifest: d
             answer = [_init_problem(src_config, dataset, model, manifest) or
                       {**{k: v for k, v in info.items() if k != "pinned"}, "step": training.get("step")}]
             weights = source.state_dict()
-        except (ExportError, OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks wait to hear of it)
             answer = [f"{type(e).__name__}: {e}" if not isinstance(e, ExportError) else str(e)]
     dist.broadcast_object_list(answer, src=0)
     if isinstance(answer[0], str):
