@@ -153,13 +153,14 @@ def _task_problem(plan: dict) -> str | None:
     for stage in plan["stages"]:
         if stage["kind"] == "finetune":
             from pretrain.config import FinetuneConfig
-            from pretrain.finetune import read_task
-            from pretrain.tasks import TaskError
 
             cfg = FinetuneConfig.model_validate(stage["config"])
             files = [f for f in (cfg.task.train, cfg.task.validation, cfg.task.test) if f]
             if any("://" not in f and not Path(f).is_file() for f in files):
                 return None  # (not here: on the cluster's storage, or made before the job runs)
+            from pretrain.finetune import read_task  # (torch: only where there is a task to read)
+            from pretrain.tasks import TaskError
+
             try:
                 read_task(cfg)
             except TaskError as e:

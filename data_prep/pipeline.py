@@ -300,7 +300,7 @@ def _outside(sources: list[Source], output: str) -> list[Source]:
     return keep
 
 
-def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, changed) -> str:
+def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, changed=None) -> str:
     """As `prepare_output` for a dataset at an object-store URL, whose unfinished state lives in `staging`:
     'complete', 'published' (finished in staging, not yet uploaded), 'resume' or 'fresh'."""
     try:
@@ -317,7 +317,7 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
             raise DatasetError(f"output: {storage.unreadable(where, e)}") from None
         if manifest["recipe_hash"] == recipe:
             return "complete"
-        diff = changed(manifest) or "its config or its input files differ from this run's"
+        diff = (changed(manifest) if changed else "") or "its config or its input files differ from this run's"
         raise DatasetError(f"'{remote}' already holds a different dataset ({diff}). Choose another output, or pass "
                            "--overwrite to replace it.")
     strangers = sorted({n.split("/", 1)[0] for n in found} - {*OWNED_FILES, *OWNED_IN, WORK})

@@ -153,6 +153,9 @@ def clear_local(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+LOCKS = "locks"  # in the staging area: the lock files of outputs and checkpoint directories
+
+
 class Busy(Exception):
     """Another process holds a lock; the message names it (its pid and host)."""
 
@@ -163,6 +166,7 @@ def exclusive(key: str, kind: str) -> Iterator[None]:
     output); Busy when another process holds it. Where the staging area cannot be written (another user's), the
     block runs without the lock."""
     path = staging_dir(key, kind)
+    path = path.parent / LOCKS / path.name  # (apart from the staged copies: a lock file stays, a few bytes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+", encoding="utf-8")
