@@ -27,6 +27,7 @@ from data_prep.dataset import (
     build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign, what_changed,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
+from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
@@ -365,12 +366,8 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` whole: written beside, synced, then renamed (the records written after it rely on it)."""
-    part = dst.with_name(dst.name + ".partial")
-    shutil.copyfile(src, part)
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dst)
+    """Copy `src` to `dst` whole (the records written after it rely on it)."""
+    write_whole(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[dict], recipe: str) -> None:

@@ -186,6 +186,17 @@ def _commit(f: BinaryIO, partial: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def write_whole(path: Path, write) -> None:
+    """Put a file at `path` whole or not at all: `write(tmp)` fills PATH.partial, which is synced, renamed into
+    place, and the rename synced."""
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (the directory entry, not just the file's bytes)."""
     fd = os.open(path, os.O_RDONLY)

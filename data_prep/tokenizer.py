@@ -55,12 +55,9 @@ def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> Non
         )
     except RuntimeError as e:
         raise TokenizerError(_explain_training_error(str(e), cfg)) from None
-    tmp = out_path.with_name(out_path.name + ".partial")
-    with open(tmp, "wb") as f:  # on disk before its name says it is there (as the unit records that follow it)
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out_path)
+    from data_prep.shards import write_whole
+
+    write_whole(out_path, lambda tmp: tmp.write_bytes(buf.getvalue()))  # (on disk before the records that follow)
 
 
 def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:

@@ -25,7 +25,7 @@ from data_prep import storage
 from data_prep.config import DataPrepConfig
 from data_prep.examples import Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, unit_fraction
 from data_prep.masking import mask_batch, noise_bytes
-from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, fsync_dir, token_dtype
+from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, token_dtype, write_whole
 from data_prep.sources import DocumentReader, FileReport, Source
 from data_prep.tokenizer import cached as cached_tokenizer
 
@@ -256,11 +256,4 @@ def _write_window(tokens: Pool, doc_ids: list[int], window: int, unit: Unit, cfg
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_whole(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))

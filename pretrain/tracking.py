@@ -158,17 +158,14 @@ class Tracker:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         config_file, manifest_file = self.out_dir / "config.yaml", self.out_dir / "manifest.json"
         tok_file = self.out_dir / "tokenizer" / tokenizer.name
-        # Each replaced whole (written beside, then renamed): export reads them beside committed checkpoints.
-        def replace(path: Path, write) -> None:
-            part = path.with_name(path.name + ".partial")
-            write(part)
-            os.replace(part, path)
+        from data_prep.shards import write_whole
 
-        replace(config_file, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
-        replace(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        # Each replaced whole: export reads them beside committed checkpoints.
+        write_whole(config_file, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
+        write_whole(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
         if tokenizer.resolve() != tok_file.resolve():
             tok_file.parent.mkdir(exist_ok=True)
-            replace(tok_file, lambda p: shutil.copyfile(tokenizer, p))
+            write_whole(tok_file, lambda p: shutil.copyfile(tokenizer, p))
         return {"config": config_file, "dataset": manifest_file, "tokenizer": tok_file}
 
     def save_weights(self, weights: dict, name: str) -> None:
