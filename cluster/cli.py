@@ -128,9 +128,11 @@ def _load(args) -> tuple:
 def _validate(args) -> int:
     spec, _, plan = _load(args)
     r = spec.resources
-    task_problem = _task_problem(plan)
-    if task_problem:
-        print(f"error: {args.job}: {task_problem}", file=sys.stderr)
+    from cluster.runner import task_problem
+
+    problem = task_problem(plan, here=True)
+    if problem:
+        print(f"error: {args.job}: stages.finetune's task: {problem}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.job}: a valid {spec.kind} job '{plan['name']}'")
     for stage in plan["stages"]:
@@ -144,30 +146,6 @@ def _validate(args) -> int:
     print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}) on {r.nodes} node(s); "
           f"max_failures {spec.max_failures}; storage {plan['storage']}")
     return EXIT_OK
-
-
-def _task_problem(plan: dict) -> str | None:
-    """What is wrong with a fine-tuning stage's task files, read from here (as the job reads them before its first
-    stage); None when they are fine, or cannot be read from this machine (an object store without credentials
-    here: the job's nodes may have them)."""
-    for stage in plan["stages"]:
-        if stage["kind"] == "finetune":
-            from pretrain.config import FinetuneConfig
-
-            cfg = FinetuneConfig.model_validate(stage["config"])
-            files = [f for f in (cfg.task.train, cfg.task.validation, cfg.task.test) if f]
-            if any("://" not in f and not Path(f).is_file() for f in files):
-                return None  # (not here: on the cluster's storage, or made before the job runs)
-            from pretrain.finetune import read_task  # (torch: only where there is a task to read)
-            from pretrain.tasks import TaskError
-
-            try:
-                read_task(cfg)
-            except TaskError as e:
-                return f"stages.finetune's task: {e}"
-            except Exception:  # noqa: BLE001 (not readable here: the job checks it where it runs)
-                return None
-    return None
 
 
 def _drive(plan: dict, local: bool = False) -> int:

@@ -111,19 +111,37 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
 
 def _check_ahead(plan: dict) -> None:
     """Read the fine-tuning stage's task files before the first stage: a mistake in them would otherwise be
-    found only after data prep and pretraining (hours, on a cluster). Not for a fine-tune already done."""
-    for stage in plan["stages"]:
-        if stage["kind"] == "finetune":
-            from pretrain.config import FinetuneConfig
-            from pretrain.finetune import read_task
+    found only after data prep and pretraining (hours, on a cluster)."""
+    problem = task_problem(plan)
+    if problem:
+        raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")
 
-            cfg = FinetuneConfig.model_validate(stage["config"])
-            if finished_finetune(cfg) is not None:
-                continue
-            try:
-                read_task(cfg)
-            except Exception as e:  # noqa: BLE001 (a bad row; a bucket this driver cannot read)
-                raise StageError(f"fine-tuning's task (checked before the first stage): {e}") from None
+
+def task_problem(plan: dict, here: bool = False) -> str | None:
+    """What is wrong with the fine-tuning stage's task files, naming the file and line (None: nothing), not asked of a fine-tune already
+    done. `here` (`cluster validate`, on the submitting machine): files that are not on this machine, or that it
+    cannot read (a bucket without credentials here), are left for the job to check where it runs."""
+    for stage in plan["stages"]:
+        if stage["kind"] != "finetune":
+            continue
+        from pretrain.config import FinetuneConfig
+
+        cfg = FinetuneConfig.model_validate(stage["config"])
+        files = [f for f in (cfg.task.train, cfg.task.validation, cfg.task.test) if f]
+        if here and any("://" not in f and not Path(f).is_file() for f in files):
+            return None  # (on the cluster's storage, or made before the job runs)
+        if not here and finished_finetune(cfg) is not None:
+            return None
+        from pretrain.finetune import read_task  # (torch: only where there is a task to read)
+        from pretrain.tasks import TaskError
+
+        try:
+            read_task(cfg)
+        except TaskError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 (a bucket this machine cannot read)
+            return None if here else f"{type(e).__name__}: {e}"
+    return None
 
 
 def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:
@@ -223,7 +241,7 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
 
     cfg = FinetuneConfig.model_validate(stage["config"])
     out = cfg.output.rstrip("/")
-    done = finished_finetune(cfg)
+    done = finished_finetune(cfg)  # (asked again: this job's register stage may have moved the alias since)
     if done is not None:
         log(f"'{out}' holds this fine-tune's result; nothing to do.")
         return {"skipped": True, **done}

@@ -36,7 +36,7 @@ import shutil
 from pathlib import Path
 
 from data_prep import storage
-from data_prep.shards import fsync_dir
+from data_prep.shards import fsync_dir, write_whole
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain.tracking import METRICS_FILE
@@ -272,9 +272,8 @@ def fetch(url: str, local: Path) -> Path:
     for name in RUN_FILES:
         if (target / RUN_DIR / name).is_file() and not (local / name).is_file():
             (local / name).parent.mkdir(parents=True, exist_ok=True)
-            part = local / (name + PARTIAL)  # (whole or absent: a later fetch does not copy it again)
-            shutil.copyfile(target / RUN_DIR / name, part)
-            os.replace(part, local / name)
+            # (whole or absent: a later fetch does not copy it again)
+            write_whole(local / name, lambda tmp, src=target / RUN_DIR / name: shutil.copyfile(src, tmp))
     return target
 
 

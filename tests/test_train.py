@@ -254,6 +254,28 @@ def test_a_second_phase_starts_from_the_first_phases_weights(trained, tmp_path, 
         out.stderr[-2000:]
 
 
+def test_init_from_refuses_a_source_of_another_tokenizer_or_a_classifier():
+    """The checks behind init_from's refusals: the same architecture is not enough, the token ids must mean the
+    same pieces (the dataset's tokenizer), and a fine-tuned classifier is no pretrained encoder."""
+    from dataclasses import asdict
+
+    from pretrain.export import FORMAT
+    from pretrain.model import BertForPretraining
+    from pretrain.presets import preset
+    from pretrain.train import _init_problem
+
+    model = BertForPretraining(preset("tiny", 500))
+    src = {"format": dict(FORMAT), "model": asdict(model.config)}
+    ours = {"tokenizer": {"sha256": "a" * 64}}
+    assert _init_problem(src, {"tokenizer_sha256": "a" * 64}, model, ours) is None
+    problem = _init_problem(src, {"tokenizer_sha256": "b" * 64}, model, ours)
+    assert problem and problem.startswith("its tokenizer is not data.dataset's") and "tokenizer.path=" in problem
+    assert "its model differs (hidden_size" in _init_problem(
+        {**src, "model": {**src["model"], "hidden_size": 2 * model.config.hidden_size}},
+        {"tokenizer_sha256": "a" * 64}, model, ours)
+    assert "fine-tuned classifier" in _init_problem({**src, "format": {"name": "something-else"}}, {}, model, ours)
+
+
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
     out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
