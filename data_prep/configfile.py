@@ -202,6 +202,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_changes(old: Any, new: Any) -> list[str]:
+    """Each key whose value differs between two config trees, as "key: old -> new" (a key one lacks: None)."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def config_hash(tree: dict | BaseModel) -> str:
     """Stable sha256 of a config tree (canonical JSON), for "same config?" checks."""
     if isinstance(tree, BaseModel):

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.config import SPECIAL_PIECES, DataPrepConfig
-from data_prep.configfile import config_hash, dotted, flatten
+from data_prep.configfile import config_changes, config_hash, dotted
 from data_prep.shards import PARTIAL_SUFFIX, POSITION_DTYPE, SAMPLE_EXT, token_dtype
 from data_prep.sources import Source
 from data_prep.tokenizer import sha256_file
@@ -104,8 +104,7 @@ def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str |
 def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> str:
     """How this run's recipe differs from the finished dataset's `manifest`: changed config keys (old -> new) and
     input files added, removed or of another size; empty when it cannot tell (e.g. only a given tokenizer's bytes)."""
-    old, new = flatten(manifest.get("config") or {}), flatten(cfg.content())
-    said = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    said = config_changes(manifest.get("config") or {}, cfg.content())
     before = {s["path"]: s["bytes"] for s in manifest.get("sources") or []}
     now = {s.url: s.size for s in sources}
     added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))

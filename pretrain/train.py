@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import storage
-from data_prep.configfile import ConfigError, dotted, flatten
+from data_prep.configfile import ConfigError, config_changes, dotted, flatten
 from data_prep.dataset import DatasetError
 from data_prep.examples import stable_seed
 from data_prep.tokenizer import cached
@@ -130,8 +130,7 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         raise checkpoint.CheckpointError(
             f"checkpoint {path} was written with a different data order ({', '.join(changed)} changed: "
             f"{', '.join(f'{k} {old_layout[k]} -> {layout[k]}' for k in changed)}); keep them to resume exactly")
-    old, new = flatten(client["config"]), flatten(cfg)
-    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+    changed = config_changes(client["config"], cfg)
     if changed:
         tracker.print("resuming with changed settings: " + "; ".join(changed))
 

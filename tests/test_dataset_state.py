@@ -27,7 +27,7 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     write_txt(small_corpus / "aaa_new.txt", [make_document(random.Random(3), 5)])
     with pytest.raises(DatasetError, match=r"already holds a different dataset \(new input: .*aaa_new.txt\)"):
         run(cfg)
-    with pytest.raises(DatasetError, match=r"different dataset \(examples.dupe_factor 2 -> 3; new input: .*aaa_new"):
+    with pytest.raises(DatasetError, match=r"different dataset \(examples.dupe_factor: 2 -> 3; new input: .*aaa_new"):
         run(small_config(small_corpus, tmp_path / "ds", examples__dupe_factor=3))
     run(cfg, overwrite=True)
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
