@@ -244,8 +244,9 @@ class Schedule:
 
 
 def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision: str, device: torch.device,
-                 schedule: Schedule | None = None):
-    """A DeepSpeed engine around `model`, with the optimizer of `cfg.train` and `schedule` (default: pretraining's)."""
+                 schedule: Schedule | None = None, warn=None):
+    """A DeepSpeed engine around `model`, with the optimizer of `cfg.train` and `schedule` (default: pretraining's).
+    `warn(line)` hears of deepspeed.config keys DeepSpeed did not read (it ignores unknown ones silently)."""
     import deepspeed
 
     t = cfg.train
@@ -255,7 +256,7 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         if cfg.deepspeed.offload_optimizer:
             raise SetupError("deepspeed.offload_optimizer moves optimizer states from GPU to CPU memory; "
                              "on a CPU-only machine leave it false")
-    config = ds_config(cfg, b, precision, device)
+    config = _ReadKeys(ds_config(cfg, b, precision, device))
     groups = param_groups(model, t.weight_decay)
     optimizer = None
     if cfg.deepspeed.zero_stage == 0 and t.optimizer == "adamw":
@@ -282,7 +283,31 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         why = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
         raise SetupError(f"DeepSpeed refused its config, into which deepspeed.config merged {', '.join(merged)}: "
                          f"{' '.join(why[:4]) or type(e).__name__}; fix or remove those keys") from None
+    if warn and "train_batch_size" in config.read:  # (else DeepSpeed read a copy: nothing to tell)
+        for key in (k for k in cfg.deepspeed.config if k not in config.read):
+            warn(f"deepspeed.config.{key}: DeepSpeed {deepspeed.__version__} has no such setting and ignores it; "
+                 "check its spelling against DeepSpeed's config documentation")
     return engine
+
+
+class _ReadKeys(dict):
+    """A config dict that notes the top-level keys read from it: DeepSpeed ignores those it does not know."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
 
 
 def _leaf_keys(tree: dict, prefix: str) -> list[str]:

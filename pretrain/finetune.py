@@ -289,7 +289,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         from pretrain.engine import Batching, build_engine, engine_weights
 
         stepper = build_engine(model, cfg, Batching(t.micro_batch_size, 1, topo.world), precision, topo.device,
-                               schedule)
+                               schedule, warn=tracker.warn)
 
         def weights():
             return engine_weights(stepper)

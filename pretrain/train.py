@@ -397,7 +397,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     if compiled:
         compile_layers(model)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, cfg, b, precision, topo.device)
+    engine = build_engine(model, cfg, b, precision, topo.device, warn=tracker.warn)
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
     client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker, checkpoint_url) or {}

@@ -417,6 +417,15 @@ def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, mes
     assert "Traceback" not in out.stderr
 
 
+def test_a_deepspeed_key_deepspeed_does_not_know_is_warned_of(tmp_path, train_dataset):
+    """DeepSpeed ignores top-level keys it does not know: a misspelt one would change nothing, silently."""
+    cfg = write_config(tmp_path, train_dataset, train__max_steps=1, data__eval_examples=0)
+    out = run_pretrain(cfg, "deepspeed.config={zero_optimizaton: {stage: 2}, wall_clock_breakdown: false}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "warning: deepspeed.config.zero_optimizaton: DeepSpeed " in out.stderr, out.stderr[-2000:]
+    assert "deepspeed.config.wall_clock_breakdown" not in out.stderr
+
+
 def test_a_damaged_dataset_stops_the_run_with_advice(tmp_path, train_dataset):
     """A shard the manifest names but the directory lacks: refused before training, naming the file. One that
     cannot be read: the loader's error ends the run (its worker, which leaves stopping to the training process,
