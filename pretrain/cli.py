@@ -1,4 +1,4 @@
-"""Command line: `python -m pretrain train | export | register | pull | finetune ...`."""
+"""Command line: `python -m pretrain train | evaluate | export | register | pull | finetune ...`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config file (e.g. configs/pretrain/quickstart.yaml)")
     tr.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE or --KEY VALUE overrides")
+    ev = sub.add_parser("evaluate", help="a pretrained model's masked-LM and NSP figures on a dataset's split",
+                        description="Masked-token loss, perplexity and accuracy (and NSP's, where the dataset has "
+                                    "NSP) of a pretrained encoder on examples spread evenly over a dataset's split: "
+                                    "the measure pretraining's evaluations log, for comparing models on one held-out "
+                                    "set. The dataset must be built with the model's tokenizer.")
+    ev.add_argument("source", metavar="SOURCE",
+                    help="a committed checkpoint or checkpoint.dir (its newest), a model directory, "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+    ev.add_argument("--dataset", required=True, help="a dataset from python -m data_prep run (a directory or URL)")
+    ev.add_argument("--split", choices=["val", "train"], default="val", help="default: val")
+    ev.add_argument("--examples", type=_positive, default=2000, help="examples to evaluate on, spread evenly over "
+                                                                     "the split (default 2000; fewer if it is smaller)")
+    ev.add_argument("--batch-size", type=_positive, default=32, help="sequences per forward pass (default 32)")
+    ev.add_argument("--device", default="auto", help="auto (a GPU if there is one, else cpu), cpu, cuda or cuda:N")
+    ev.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    ev.add_argument("--tracking-uri", default="", help="for models:/ and runs:/ sources (default: "
+                                                       "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     ex = sub.add_parser("export", help="a checkpoint or registered model -> a model directory, ours or transformers'",
                         description="--format native (default): consolidate a DeepSpeed checkpoint of any ZeRO stage "
                                     "into a model directory (model.safetensors, config.json, tokenizer/, dataset.json, "
@@ -97,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead."""
     out, skip = [], False
@@ -114,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_drop_launcher_args(sys.argv[1:] if argv is None else argv))
     if args.command == "export":
         return _export(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command in ("register", "pull"):
         return _registry(args)
     if args.command == "finetune":
@@ -233,6 +262,30 @@ def _export(args) -> int:
             "architectures", [])
         auto = "AutoModelForSequenceClassification" if classifier else "AutoModel"
         print(f"load it: transformers.{auto}.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
+    return EXIT_OK
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from data_prep.worker import write_json_atomic
+    from pretrain.config import MlflowConfig
+    from pretrain.evaluation import EvaluationError, ExportError, evaluate_model, summary_lines
+    from pretrain.tracking import RegistryError, tracking_uri
+
+    try:
+        result = evaluate_model(args.source, args.dataset, tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri)),
+                                args.split, args.examples, args.batch_size, args.device)
+    except (EvaluationError, ExportError, RegistryError, DatasetError, OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("\n".join(summary_lines(result)))
+    if args.json:
+        write_json_atomic(Path(args.json), result)
+        print(f"figures written to {args.json}")
     return EXIT_OK
 
 

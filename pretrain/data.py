@@ -242,15 +242,15 @@ def train_loader(plan: StreamPlan, collator: Collator, micro_batch: int, rank: i
 
 
 def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: int, world: int,
-                 limit: int) -> list[tuple[Batch, float]]:
-    """This rank's share of `limit` val examples spread evenly over the whole split (shards are in input-file
+                 limit: int, split: str = "val") -> list[tuple[Batch, float]]:
+    """This rank's share of `limit` examples of `split` spread evenly over the whole split (shards are in input-file
     order: the first `limit` would come from the first files only), as (batch, weight); every rank gets as many
     batches.
 
     Ranks must run the same number of forwards (ZeRO-3 gathers parameters inside forward), so a rank
     with fewer examples repeats its first batch with weight 0.
     """
-    shards = dataset.shards("val")
+    shards = dataset.shards(split)
     total = sum(n for _, n in shards)
     chosen = sorted({i * total // limit for i in range(limit)}) if limit < total else list(range(total))
     mine, first = [], []

@@ -638,7 +638,8 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
             s[3] += weight * nsp_ce.item()
             s[4] += weight * (nsp_logits.argmax(-1) == batch.nsp_labels).sum().item()
             s[5] += weight * batch.nsp_labels.numel()
-    s = _all_reduce(s, device)
+    if dist.is_initialized():
+        s = _all_reduce(s, device)
     engine.train()
     mlm, nsp = s[0] / max(1, s[2]), s[3] / max(1, s[5])
     out = {"eval/loss": float(mlm + nsp), "eval/mlm_loss": float(mlm), "eval/nsp_loss": float(nsp),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
+from conftest import pretrain_cli, pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -274,6 +274,30 @@ def test_init_from_refuses_a_source_of_another_tokenizer_or_a_classifier():
         {**src, "model": {**src["model"], "hidden_size": 2 * model.config.hidden_size}},
         {"tokenizer_sha256": "a" * 64}, model, ours)
     assert "fine-tuned classifier" in _init_problem({**src, "format": {"name": "something-else"}}, {}, model, ours)
+
+
+def test_evaluate_scores_a_checkpoint_as_its_training_did(trained, tmp_path, train_dataset):
+    """`pretrain evaluate` gives the figures the run's own last evaluation logged (the same examples, the same
+    weights), and refuses a dataset whose token ids come from another tokenizer."""
+    cfg, ck, _ = trained
+    logged = read_metrics(ck)[80]
+    out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--examples", "30", "--batch-size", "8",
+                       "--json", str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["examples"] == 30 and result["split"] == "val" and result["model"]["run_id"]
+    for key in ("eval/mlm_loss", "eval/mlm_acc", "eval/nsp_acc"):
+        assert abs(result[key] - logged[key]) < 1e-3, (key, result[key], logged[key])
+    assert f"mlm loss {result['eval/mlm_loss']:.4f}" in out.stdout, out.stdout
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(train_dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    out = pretrain_cli("evaluate", str(ck), "--dataset", str(other), cwd=tmp_path)
+    assert out.returncode == 1 and "was trained with another tokenizer than" in out.stderr, out.stderr[-2000:]
+    out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--examples", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "'0' is not a positive whole number" in out.stderr
 
 
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):

@@ -1,0 +1,89 @@
+"""`python -m pretrain evaluate`: a pretrained encoder's masked-LM (and NSP) figures on a dataset's split.
+
+The same measure as pretraining's periodic evaluation (`pretrain.train.evaluate`, over the same evenly spread
+examples), for any model pretraining can start from or export: a checkpoint, a model directory, a registered
+version. Its use: compare models on one held-out set (two pretraining runs, a phase 2 against its phase 1, a
+model before and after domain-adaptive pretraining), or score a model on another dataset built with its
+tokenizer (the same token ids are required: a model reads ids, not text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.dataset import DatasetError
+from pretrain.data import eval_batches, open_dataset
+from pretrain.export import FORMAT, ExportError, load_model, resolve_model
+
+
+class EvaluationError(Exception):
+    """The model cannot be evaluated on that dataset; the message says why and what to give instead."""
+
+
+def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "val", examples: int = 2000,
+                   batch_size: int = 32, device: str = "auto", progress=print) -> dict:
+    """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`:
+    {"model": ..., "dataset": ..., "split", "examples", "seconds", "eval/loss", "eval/mlm_acc", ...}."""
+    from pretrain.batch import Collator
+    from pretrain.train import evaluate
+
+    dataset = open_dataset(dataset_location)
+    missing = dataset.missing()
+    if missing:
+        raise DatasetError(f"dataset '{dataset.root}' is damaged: {', '.join(missing[:3])} missing; check it with "
+                           f"python -m data_prep verify {dataset.root}")
+    manifest = dataset.manifest
+    available = manifest["splits"][split]["examples"]
+    if not available:
+        raise EvaluationError(f"the {split} split of '{dataset.root}' is empty; evaluate on --split "
+                              f"{'train' if split == 'val' else 'val'}, or build the dataset with a larger val_fraction")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
+        model_dir, info = resolve_model(source, Path(scratch) / "model", uri)
+        config = json.loads((model_dir / "config.json").read_text())
+        if config.get("format", {}).get("name") != FORMAT["name"]:
+            raise EvaluationError(f"'{source}' is not a pretrained encoder with its MLM head (a fine-tuned "
+                                  "classifier?); give a pretraining checkpoint, its export or its registered version")
+        trained_on = json.loads((model_dir / "dataset.json").read_text())
+        if trained_on.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
+            raise EvaluationError(
+                f"'{source}' was trained with another tokenizer than '{dataset.root}' was built with, so the "
+                "dataset's token ids mean other pieces to it; build the dataset with the model's tokenizer (data "
+                "prep's tokenizer.path=<the model's dataset>/tokenizer/spm.model)")
+        model, _ = load_model(model_dir, dev)
+    seq = manifest["examples"]["max_seq_length"]
+    if model.config.max_position < seq:
+        raise EvaluationError(f"'{source}' has {model.config.max_position} positions; the dataset's sequences are "
+                              f"{seq} tokens long: evaluate on a dataset of sequences that fit")
+    t0 = time.monotonic()
+    n = min(examples, available)
+    progress(f"evaluating {info.get('uri', source)} on {n:,} of the {available:,} {split} examples of "
+             f"{dataset.root} ({dev.type})")
+    batches = eval_batches(dataset, Collator(manifest), batch_size, 0, 1, n, split=split)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and torch.cuda.is_bf16_supported()
+                else contextlib.nullcontext())
+    with autocast:
+        metrics = evaluate(model, batches, dev)
+    out = {"model": {k: v for k, v in info.items() if k != "pinned" and v is not None}, "dataset": dataset.root,
+           "dataset_id": dataset.id, "split": split, "examples": n, "device": dev.type,
+           "seconds": round(time.monotonic() - t0, 1), **metrics}
+    return out
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The figures of `evaluate_model`'s result, as printed."""
+    nsp = f", nsp loss {result['eval/nsp_loss']:.4f}, nsp acc {result['eval/nsp_acc']:.3f}" \
+        if "eval/nsp_acc" in result else ""
+    return [f"mlm loss {result['eval/mlm_loss']:.4f} (perplexity {result['eval/perplexity']:.2f}), "
+            f"mlm acc {result['eval/mlm_acc']:.3f}{nsp}",
+            f"on {result['examples']:,} {result['split']} examples of {result['dataset']} in {result['seconds']:.1f}s"]
+
+
+__all__ = ["EvaluationError", "ExportError", "evaluate_model", "summary_lines"]
