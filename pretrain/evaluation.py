@@ -55,8 +55,8 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
         if trained_on.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
             raise EvaluationError(
                 f"'{source}' was trained with another tokenizer than '{dataset.root}' was built with, so the "
-                "dataset's token ids mean other pieces to it; build the dataset with the model's tokenizer (data "
-                "prep's tokenizer.path=<the model's dataset>/tokenizer/spm.model)")
+                "dataset's token ids mean other pieces to it; build the dataset with the model's tokenizer: data "
+                "prep's tokenizer.path=DIR/tokenizer/spm.model, after python -m pretrain export SOURCE --out DIR")
         model, _ = load_model(model_dir, dev)
     seq = manifest["examples"]["max_seq_length"]
     if model.config.max_position < seq:
