@@ -225,6 +225,7 @@ def _logs(args) -> int:
 def _stop(args) -> int:
     jobs, c = _client(args)
     args.id = jobs.resolve(c, args.id)
+    print(f"stopping job {args.id} (pretraining first commits a checkpoint at the end of its step)", flush=True)
     print(f"job {args.id}: {jobs.stop(c, args.id)}")
     return EXIT_OK
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.runner import WORKER_ENV
+from cluster.runner import STOP_GRACE_S, WORKER_ENV
 
 PLAN_ENV = "BERTFORGE_JOB_PLAN"
 NAME_KEY = "bertforge_name"  # metadata of our submissions
@@ -102,7 +102,9 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
             return active[0].submission_id, False
         sid = f"{name}-{len(mine) + 1}"
         spec = plan["spec"]["runtime_env"]
-        runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, **spec["env_vars"], PLAN_ENV: json.dumps(plan)}}
+        # (Ray's grace for a stopped driver: the time pretraining's workers need to commit a checkpoint)
+        runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
+                                                    **spec["env_vars"], PLAN_ENV: json.dumps(plan)}}
         if spec["pip"]:
             runtime_env["pip"] = list(spec["pip"])
         deadline = time.monotonic() + AGENT_WAIT_S
@@ -162,8 +164,9 @@ def describe(job) -> str:
     return f"{job.submission_id}  {job.status.value}{took}" + (f"  ({name})" if name else "") + msg
 
 
-def stop(client, job_id: str, timeout_s: float = 60.0) -> str:
-    """Stop a pending or running job and wait until it has ended; returns its final status."""
+def stop(client, job_id: str, timeout_s: float = STOP_GRACE_S + 30) -> str:
+    """Stop a pending or running job and wait until it has ended (a pretraining job first commits a checkpoint);
+    returns its final status."""
     job = info(client, job_id)
     if job.status.is_terminal():
         raise ClientError(f"job '{job_id}' already ended ({job.status.value}); nothing to stop")

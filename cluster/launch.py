@@ -20,7 +20,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,15 +54,35 @@ def _record_placement(ckdir: Path, remote: str | None = None) -> None:
         storage.upload(out / f"rank-{rank:05d}.json", storage.join(remote, WORKERS_DIR, f"rank-{rank:05d}.json"))
 
 
+def _watch(flag_name: str, stop) -> None:
+    """Poll the driver's stop flag (`cluster.runner.StopFlag`) every second; once it is raised, `stop` asks
+    training for a checkpoint at the end of its step (as SIGTERM does outside Ray, where train's thread is the
+    main one)."""
+    import ray
+
+    try:
+        flag = ray.get_actor(flag_name)
+        while stop.signal is None:
+            if ray.get(flag.asked.remote(), timeout=60):
+                stop.signal = signal.SIGTERM
+                return
+            time.sleep(1.0)
+    except Exception:  # noqa: BLE001 (no flag, or the driver is gone: the job ends with it)
+        return
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     from pretrain.config import PretrainConfig
-    from pretrain.train import train
+    from pretrain.train import StopRequest, train
 
     cfg = PretrainConfig.model_validate(config["pretrain"])
+    stop = StopRequest()  # (no handlers: train runs in a thread of Ray Train's worker)
+    if config.get("stop_flag"):
+        threading.Thread(target=_watch, args=(config["stop_flag"], stop), daemon=True).start()
     remote = config.get("remote_checkpoints")
     if not remote:
         _record_placement(Path(cfg.checkpoint.dir))
-        train(cfg)
+        train(cfg, stop=stop)
         return
     import ray.train
 
@@ -70,7 +92,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     _download_newest(remote, local, rank)
     _record_placement(local, remote)
     cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(local)})})
-    train(cfg, on_checkpoint=lambda path, step: _upload(path, step, remote, rank, world), checkpoint_url=remote)
+    train(cfg, on_checkpoint=lambda path, step: _upload(path, step, remote, rank, world), checkpoint_url=remote,
+          stop=stop)
     # Finished: every checkpoint is in the bucket, which a later run resumes from. The local copies (kept across
     # a failure, for a restarted worker on this node) would only fill the node's disk.
     storage.clear_local(local)
@@ -138,13 +161,14 @@ def _workers_words(e: BaseException) -> str:
 
 
 def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None = None,
-                    remote_checkpoints: bool = False) -> dict[str, Any]:
+                    remote_checkpoints: bool = False, stop_flag: str | None = None) -> dict[str, Any]:
     """Fit the pretraining `cfg` with the job's resources on the Ray this process is connected to.
 
     `storage_path` (default: the job's storage) holds Ray Train's own run state. With `remote_checkpoints`
     (object-store storage) the checkpoints go to `storage_path/run_name/step-NNNNNNNN/`, not `checkpoint.dir`.
     Returns {checkpoint, step, samples, mlflow_run_id} of the newest committed checkpoint (the run's outcome
-    as pretrain recorded it); raises RuntimeError when the job fails for good.
+    as pretrain recorded it); raises RuntimeError when the job fails for good. `stop_flag`: the name of the
+    driver's `cluster.runner.StopFlag` actor, on which the workers commit a checkpoint and stop.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -168,13 +192,18 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     where = storage_path or spec.storage
     where = where.rstrip("/") if storage.is_remote(where) else str(Path(where).resolve())
     remote = storage.join(where, run_name) if remote_checkpoints else None
-    loop_config: dict[str, Any] = {"pretrain": cfg.model_dump(mode="json")}
+    loop_config: dict[str, Any] = {"pretrain": cfg.model_dump(mode="json"), "stop_flag": stop_flag}
     run = dict(name=run_name, storage_path=where, failure_config=FailureConfig(max_failures=spec.max_failures))
     if remote:
         loop_config["remote_checkpoints"] = remote
         run["checkpoint_config"] = CheckpointConfig(num_to_keep=cfg.checkpoint.keep)
-    trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=ScalingConfig(**scaling),
-                           run_config=RunConfig(**run))
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            """Not Ray Train's Ctrl-C handler, which aborts the run (the steps since the last checkpoint are lost):
+            the driver's own asks the workers to commit a checkpoint first (cluster.runner._Stopping)."""
+
+    trainer = Trainer(_worker_loop, train_loop_config=loop_config, scaling_config=ScalingConfig(**scaling),
+                      run_config=RunConfig(**run))
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # (Ray Train raises it; older versions put it in result.error)

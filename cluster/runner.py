@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,14 +25,83 @@ from data_prep.ray_client import host_port, quiet_local_token_notice
 
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
-# (to its logger and, as our stdout is wrapped, to stdout as well). Its preemption watcher, an actor that logs
-# node drains, is off: a preempted worker gets SIGTERM, on which training commits a checkpoint and stops
-# (pretrain/train.py), and creating the watcher printed a core-worker error line in every job.
+# (to its logger and, as our stdout is wrapped, to stdout as well). Its preemption watcher, an actor that only logs
+# node drains, is off: creating it printed a core-worker error line in every job. (A worker whose node goes away
+# is restarted from the last checkpoint, up to max_failures; a stop of the job is `_Stopping`'s.)
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+# How long Ray waits for a stopped job's driver before killing it (Ray's own default is 3 s): time for the
+# pretraining workers to finish their step and commit a checkpoint (`_Stopping`). Set in each submitted job.
+STOP_GRACE_S = 300
 
 
 class StageError(Exception):
     """A stage failed for good; the message names the stage and what to do."""
+
+
+class _Stopping:
+    """A stop while pretraining runs: SIGTERM (Ray's `stop_job`, `python -m cluster stop`, a scheduler) or Ctrl-C.
+
+    Ray signals the driver only, and the Train workers die with it, losing every step since their last checkpoint.
+    Instead the driver raises the job's `StopFlag`: each worker finishes its step, commits a checkpoint and stops,
+    and the driver waits for that and ends with the job's summary (a resubmission resumes from there). A second
+    stop, or a stop in another stage, ends the driver at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.pretraining = False
+        self.asked = False
+        self.previous: dict = {}
+
+    def __enter__(self) -> _Stopping:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, sig, _frame) -> None:
+        if not self.pretraining or self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        log(f"{signal.Signals(sig).name}: asking the pretraining workers to commit a checkpoint at the end of their "
+            "step and stop (stop again to end at once, losing the steps since the last checkpoint)", flush=True)
+        threading.Thread(target=_ask_workers_to_stop, daemon=True).start()
+
+
+class StopFlag:
+    """The driver's word to its pretraining workers (a named actor of the job): once `ask`ed, each worker commits a
+    checkpoint at the end of its step and stops (cluster.launch polls it)."""
+
+    def __init__(self):
+        self._asked = False
+
+    def ask(self) -> None:
+        self._asked = True
+
+    def asked(self) -> bool:
+        return self._asked
+
+
+_held: dict[str, Any] = {}  # the stop flag's handle, kept for the job's lifetime
+
+
+def stop_flag_name() -> str:
+    import ray
+
+    return f"bertforge-stop-{ray.get_runtime_context().get_job_id()}"
+
+
+def _ask_workers_to_stop() -> None:
+    import ray
+
+    try:
+        ray.get(ray.get_actor(stop_flag_name()).ask.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 (what is left: the workers end with the driver, as Ray would end them)
+        log(f"warning: could not tell the pretraining workers to stop ({type(e).__name__}: {e}); they stop with "
+            "the driver, and a resubmission resumes from their last checkpoint", flush=True)
 
 
 def connect(local: bool = False, num_cpus: int | None = None) -> bool:
@@ -93,14 +164,17 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     outcome: dict[str, Any] = {}
     try:
         _check_ahead(plan)
-        for stage in plan["stages"]:
-            kind = stage["kind"]
-            log(f"\n== stage: {kind} ==", flush=True)
-            t = time.monotonic()
-            outcome[kind] = STAGES[kind](stage, plan, outcome)
-            outcome[kind]["seconds"] = round(time.monotonic() - t, 1)
-            if outcome[kind].get("preempted"):
-                break
+        with _Stopping() as stopping:
+            for stage in plan["stages"]:
+                kind = stage["kind"]
+                log(f"\n== stage: {kind} ==", flush=True)
+                t = time.monotonic()
+                stopping.pretraining = kind == "pretrain"
+                outcome[kind] = STAGES[kind](stage, plan, outcome)
+                stopping.pretraining = False
+                outcome[kind]["seconds"] = round(time.monotonic() - t, 1)
+                if outcome[kind].get("preempted") or stopping.asked:
+                    break
     finally:
         if started:
             ray.shutdown()
@@ -184,12 +258,16 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
         return {"skipped": True, "checkpoint": newest[0], "step": newest[1]["step"],
                 "mlflow_run_id": newest[1].get("mlflow_run_id"), "metrics": _last_metrics(newest[0], remote)}
     spec = JobSpec.model_validate(plan["spec"])
+    import ray
+
+    _held["stop_flag"] = ray.remote(num_cpus=0)(StopFlag).options(name=stop_flag_name(), get_if_exists=True).remote()
     if remote:
         where, name = remote.rsplit("/", 1)
-        result = pretrain_on_ray(cfg, spec, name, storage_path=where, remote_checkpoints=True)
+        result = pretrain_on_ray(cfg, spec, name, storage_path=where, remote_checkpoints=True,
+                                 stop_flag=stop_flag_name())
     else:
         result = pretrain_on_ray(cfg, spec, f"{plan['name']}-pretrain-{uuid.uuid4().hex[:8]}",
-                                 storage_path=storage.join(plan["storage"], "ray-train"))
+                                 storage_path=storage.join(plan["storage"], "ray-train"), stop_flag=stop_flag_name())
     return {"skipped": False, **result, "preempted": result["step"] < cfg.train.max_steps,
             "metrics": _last_metrics(result["checkpoint"], remote)}
 

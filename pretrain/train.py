@@ -226,13 +226,14 @@ def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, la
 
 
 def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None = None,
-          checkpoint_url: str | None = None) -> dict:
+          checkpoint_url: str | None = None, stop: StopRequest | None = None) -> dict:
     """Train as `cfg` says, resuming from its checkpoint directory; returns the run's summary (every rank).
 
     `on_checkpoint(path, step)` runs on every rank after each committed checkpoint (e.g. to copy it to
     storage the ranks do not share); `path` is the committed directory as rank 0 names it. Where it uploads
     them to `checkpoint_url/<tag>`, that URL is what the run records as its checkpoint.dir, names in its output
-    and registers from (checkpoint.dir is then only the local copy).
+    and registers from (checkpoint.dir is then only the local copy). `stop`: a StopRequest that another thread
+    raises (by default, one that SIGTERM and SIGINT raise, where this is the main thread).
     """
     if "://" in cfg.checkpoint.dir and not cfg.checkpoint.dir.startswith("file://"):
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir}: checkpoints in an object store are kept by cluster "
@@ -248,7 +249,7 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     try:
         with contextlib.ExitStack() as cleanup:
             _sole_run(cfg, cleanup)
-            return _train(cfg, topo, tracker, cleanup, on_checkpoint, checkpoint_url)
+            return _train(cfg, topo, tracker, cleanup, on_checkpoint, checkpoint_url, stop)
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
@@ -362,7 +363,8 @@ def _stop_workers(loader) -> None:
 
 
 def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: contextlib.ExitStack,
-           on_checkpoint: Callable[[Path, int], None] | None = None, checkpoint_url: str | None = None) -> dict:
+           on_checkpoint: Callable[[Path, int], None] | None = None, checkpoint_url: str | None = None,
+           stop: StopRequest | None = None) -> dict:
     ckdir = Path(cfg.checkpoint.dir)
     b = batching(cfg, topo.world)
     precision = resolve_precision(cfg, topo.device)
@@ -461,7 +463,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                   + (f" (the checkpoint is at step {step}, past train.max_steps={cfg.train.max_steps}: raise it to "
                      "train on)" if step > cfg.train.max_steps else ""))
 
-    stop = StopRequest()
+    stop = stop or StopRequest()
     consecutive = 0
     last = {}
     window = Window()

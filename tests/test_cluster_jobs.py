@@ -235,9 +235,12 @@ def _single_process_reference(root: Path, aws: dict, monkeypatch) -> subprocess.
                                 stdout=subprocess.DEVNULL, stderr=err)
 
 
-def test_one_copy_per_name_stop_and_list(dataset):
+def test_one_copy_per_name_stop_and_list(dataset, s3):
+    """A second submission of a running name reports the first; `stop` has the pretraining workers commit a
+    checkpoint (none was due) before the job ends, and the next submission resumes from it."""
     root, state, _ = dataset
-    _pretrain_tree(root, "ck-long", train__max_steps=100000)
+    _, fs = s3
+    _pretrain_tree(root, "ck-long", train__max_steps=100000, checkpoint__every_steps=0, train__log_every=5)
     job = _job(root, "long", {"kind": "pretrain", "config": "ck-long.pretrain.yaml"})
     first = cluster("submit", str(job), "--address", state["address"], cwd=root)
     second = cluster("submit", str(job), "--address", state["address"], cwd=root)
@@ -249,8 +252,16 @@ def test_one_copy_per_name_stop_and_list(dataset):
     while "RUNNING" not in (status := cluster("status", "long-1", cwd=root).stdout):  # its driver has started
         assert time.monotonic() < deadline and "PENDING" in status, status
         time.sleep(0.5)
+    while "step 10/" not in (logs := cluster("logs", "long-1", cwd=root).stdout):  # training, no checkpoint yet
+        assert time.monotonic() < deadline + 120, logs[-3000:]
+        time.sleep(1)
     stopped = cluster("stop", "long-1", cwd=root)
     assert stopped.returncode == 0 and "long-1: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    logs = cluster("logs", "long-1", cwd=root).stdout
+    assert "SIGTERM: asking the pretraining workers to commit a checkpoint" in logs, logs[-3000:]
+    fs.invalidate_cache()
+    kept = fs.glob(f"{BUCKET}/cluster/ck-long/step-*/complete.json")
+    assert len(kept) == 1 and f"stopped by signal at step {int(kept[0].split('step-')[1][:8])}" in logs, logs[-3000:]
     again = cluster("stop", "long-1", cwd=root)
     assert again.returncode == 1 and "already ended (STOPPED)" in again.stderr and "Traceback" not in again.stderr
     # a job that fails: its status says why, in the job's own words
@@ -269,4 +280,7 @@ def test_one_copy_per_name_stop_and_list(dataset):
     # a stopped job's name is free again: the next submission is a new job
     third = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert third.returncode == 0 and "submitted job long-2" in third.stdout
+    while "resuming from" not in (logs := cluster("logs", "long-2", cwd=root).stdout):  # from the stop's checkpoint
+        assert time.monotonic() < deadline + 300, logs[-3000:]
+        time.sleep(1)
     assert cluster("stop", "long-2", cwd=root).returncode == 0
