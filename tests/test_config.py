@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -271,14 +272,17 @@ print(codes, sorted(m for m in ("torch", "deepspeed", "ray") if m in sys.modules
 """
 
 
-def test_a_config_is_checked_without_loading_torch():
+def test_a_config_is_checked_without_loading_torch(tmp_path):
     """A bad override is reported at once, and a cluster job validates, without importing torch (seconds); a pull
-    needs MLflow but not torch."""
+    needs MLflow but not torch. (In a directory of its own: where the quickstart's task files are, validate reads
+    them, and that takes torch.)"""
+    import shutil
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-2:] == ["[2, 2, 0] []", "[2, 2, 0, 1] []"], out.stdout + out.stderr[-2000:]
     assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
