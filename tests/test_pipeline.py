@@ -238,7 +238,7 @@ def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
     _, _, root, _ = built
     code = re.search(r"```python\n(import json, numpy as np, webdataset as wds.*?)```", (REPO / "README.md").read_text(),
                      re.S).group(1)
-    code = code.replace("data/quickstart", str(root))
+    code = code.replace("outputs/quickstart/data/quickstart/", f"{root}/")
     code = code.replace("    original =", "    rows.append((input_ids, segment_ids, masked_lm_positions, masked_lm_ids, "
                         "next_sentence_labels))\n    original =")
     scope = {"rows": []}
