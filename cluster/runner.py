@@ -275,7 +275,6 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
 def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
     """The last training record and the last eval record of the run's metrics.jsonl (its final figures): in
     the checkpoint directory's parent, or the copy an uploaded checkpoint carries."""
-    out: dict[str, float] = {}
     if remote:
         from pretrain.checkpoint import RUN_DIR
 
@@ -284,15 +283,9 @@ def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:
     else:
         path = Path(step_dir).parent / "metrics.jsonl"
         text = path.read_text() if path.is_file() else ""
-    if text:
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short (a full disk, a crash mid-write): the others still count
-                continue
-            out.update({k: v for k, v in rec.items() if k in ("step", "loss", "mlm_acc", "nsp_acc", "eval/loss",
-                                                              "eval/mlm_acc", "eval/nsp_acc", "eval/perplexity")})
-    return out
+    from pretrain.tracking import final_figures
+
+    return final_figures(text)
 
 
 def _register(stage: dict, plan: dict, outcome: dict) -> dict:

@@ -32,6 +32,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 METRICS_FILE = "metrics.jsonl"
+FINAL_FIGURES = ("step", "loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "skipped_steps", "eval/loss",
+                 "eval/mlm_acc", "eval/nsp_acc", "eval/perplexity")
 MAX_BATCH = 1000      # MLflow's limit of metrics per log_batch call
 MAX_PARAMS = 100      # params per log_batch call
 MAX_BACKOFF_S = 30.0
@@ -749,3 +751,15 @@ def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: s
     except Exception:  # noqa: BLE001 (a store that is down: the full path reports it)
         return None
     return {"name": name, "version": str(versions[0].version), "source": source, "run_id": run_id, "reused": True}
+
+
+def final_figures(metrics_text: str) -> dict[str, float]:
+    """The last value of each of FINAL_FIGURES in a metrics.jsonl's text (the last training and eval records)."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short (a full disk, a crash mid-write): the others still count
+            continue
+        out.update({k: v for k, v in rec.items() if k in FINAL_FIGURES})
+    return out

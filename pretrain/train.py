@@ -34,7 +34,16 @@ from pretrain.engine import (
     resolve_precision,
 )
 from pretrain.model import BertForPretraining, compile_layers, pretraining_loss, training_flops
-from pretrain.tracking import RegistryError, Tracker, check_store, git_commit, how_to_see, tracking_uri
+from pretrain.tracking import (
+    METRICS_FILE,
+    RegistryError,
+    Tracker,
+    check_store,
+    final_figures,
+    git_commit,
+    how_to_see,
+    tracking_uri,
+)
 
 # Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
@@ -571,6 +580,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     if cfg.debug.dump_weights:
         tracker.save_weights(engine_weights(engine), "engine-weights.safetensors")
     took = time.perf_counter() - started
+    if step == first_step and (ckdir / METRICS_FILE).is_file():  # nothing to train: the figures it ended with
+        last = {k: v for k, v in final_figures((ckdir / METRICS_FILE).read_text()).items() if k != "step"}
     summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
                "checkpoint": _shown(checkpoint.committed(ckdir)[0], checkpoint_url) if checkpoint.committed(ckdir)
                else None, **last}
@@ -653,9 +664,10 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
 
 
 def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
-    lines = ["", "== pretraining summary ==",
-             f"steps        {s['step']} ({sequences:,} sequences this run in {_duration(s['seconds'])}, "
-             f"{sequences / max(s['seconds'], 1e-9):,.0f} seq/s)"]
+    done = (f"none this run: the checkpoint is at train.max_steps (raise it to train on); the run's last figures"
+            if not sequences else f"{sequences:,} sequences this run in {_duration(s['seconds'])}, "
+                                  f"{sequences / max(s['seconds'], 1e-9):,.0f} seq/s")
+    lines = ["", "== pretraining summary ==", f"steps        {s['step']} ({done})"]
     if "loss" in s:
         nsp = (f", nsp {s['nsp_loss']:.4f}", f", nsp acc {s['nsp_acc']:.3f}") if "nsp_acc" in s else ("", "")
         lines.append(f"train        loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}{nsp[0]}), "
