@@ -297,14 +297,12 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
         v = register_checkpoint(where, stage["name"], stage["alias"], plan["mlflow_uri"])
     except (RegistryError, ExportError) as e:
         raise StageError(f"registering {where} as '{stage['name']}': {e}") from None
-    alias = f"@{stage['alias']}" if stage["alias"] else ""
-    if v["reused"]:
-        log(f"{v['checkpoint']} is registered already: {v['name']} version {v['version']}{alias} "
-            f"(models:/{v['name']}/{v['version']})")
-    else:
-        log(f"registered {v['name']} version {v['version']}{alias} (models:/{v['name']}/{v['version']})")
+    from pretrain.tracking import alias_words
+
+    said = f"{alias_words(v, stage['alias'])} (models:/{v['name']}/{v['version']})"
+    log(f"{v['checkpoint']} is registered already: {said}" if v["reused"] else f"registered {said}")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),
-            "skipped": v["reused"]}
+            "skipped": v["reused"], "alias_was": v.get("alias_was")}
 
 
 def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
@@ -411,6 +409,8 @@ def _summary(plan: dict, o: dict) -> None:
         r = o["register"]
         alias = f"models:/{r['name']}@{r['alias']}, " if r["alias"] else ""
         lines.append(f"registered   {r['name']} version {r['version']} ({alias}models:/{r['name']}/{r['version']})")
+        if r.get("alias_was"):
+            lines.append(f"             alias '{r['alias']}' moved from version {r['alias_was']}")
     if "finetune" in o:
         f, m = o["finetune"], o["finetune"].get("metrics", {})
         figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("test_accuracy", "test_macro_f1", "accuracy") if k in m)

@@ -369,8 +369,10 @@ def _registry(args) -> int:
     except (ExportError, RegistryError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    alias = f" with alias '{args.alias}'" if args.alias else ""
-    print(f"registered {v['name']} version {v['version']}{alias} from {source} (run {v['run_id']})\n"
+    from pretrain.tracking import alias_words
+
+    done = "was registered already" if v.get("reused") else "registered"
+    print(f"{alias_words(v, args.alias)} {done} from {source} (run {v['run_id']})\n"
           f"use it: mlflow.pyfunc.load_model('models:/{v['name']}/{v['version']}'), or "
           f"python -m pretrain pull models:/{v['name']}/{v['version']} --out DIR")
     return EXIT_OK

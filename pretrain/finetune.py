@@ -421,7 +421,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     if topo.rank == 0 and cfg.registry.name:
         try:
             v = register(out / "model", cfg.registry.name, cfg.registry.alias, tracker.uri)
-            summary["registered"] = {"name": v["name"], "version": v["version"], "alias": cfg.registry.alias}
+            summary["registered"] = {"name": v["name"], "version": v["version"], "alias": cfg.registry.alias,
+                                     "alias_was": v.get("alias_was")}
         except RegistryError as e:
             summary["register_error"] = str(e)
             tracker.warn(f"{e}\nthe fine-tuned model is complete in {out / 'model'}; register it later with: "
@@ -448,6 +449,7 @@ def _summary_text(s: dict, uri: str) -> str:
         lines.append(f"mlflow       run {s['mlflow_run_id']} at {uri}")
     if s["registered"]:
         r = s["registered"]
-        lines.append(f"registered   {r['name']} version {r['version']}" + (f" (alias '{r['alias']}')" if r["alias"]
-                                                                            else ""))
+        from pretrain.tracking import alias_words
+
+        lines.append(f"registered   {alias_words(r, r['alias'])}")
     return "\n".join(lines)

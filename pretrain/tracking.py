@@ -187,7 +187,7 @@ class Tracker:
             self.warn(f"registering {source} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"complete it later: python -m pretrain register --checkpoint {source} --name {name}")
             return
-        self.print(f"registered {name} version {v['version']}" + (f" (alias '{alias}')" if alias else ""))
+        self.print(f"registered {alias_words(v, alias)}")
 
     # -- MLflow ---------------------------------------------------------------------------------------
     def start(self, run_id: str | None, params: dict[str, Any], tags: dict[str, str],
@@ -526,10 +526,31 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
             **{k: f"{v:.6g}" for k, v in metrics.items() if k.startswith(("eval/", "val_", "test_"))}}
     version = versions[0] if versions else client.create_model_version(name, source, run_id=run_id, tags=tags)
     stage[0] = "setting the alias"
-    if alias:  # 4. the alias moves last
-        client.set_registered_model_alias(name, alias, version.version)
+    moved = _move_alias(client, name, alias, version.version) if alias else None  # 4. the alias moves last
     return {"name": name, "version": str(version.version), "source": source, "run_id": run_id,
-            "reused": bool(versions)}
+            "reused": bool(versions), "alias_was": moved}
+
+
+def _move_alias(client, name: str, alias: str, version) -> str | None:
+    """Point `alias` at `version`; returns the other version it pointed at before (None: none, or this one)."""
+    import mlflow
+
+    try:
+        before = str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        before = None
+    client.set_registered_model_alias(name, alias, version)
+    return before if before != str(version) else None
+
+
+def alias_words(v: dict, alias: str | None) -> str:
+    """How registration's answer `v` is told: "NAME version N" with what became of `alias`."""
+    said = f"{v['name']} version {v['version']}"
+    if alias and v.get("alias_was"):
+        said += f" (alias '{alias}' moved from version {v['alias_was']} to {v['version']})"
+    elif alias:
+        said += f" (alias '{alias}')"
+    return said
 
 
 def _upload(client, run_id: str, path: str, uri: str, model_dir: Path, code: Path, model_config: dict, signature,
@@ -746,11 +767,11 @@ def _registered(record: dict, name: str, alias: str | None, uri: str, pooling: s
                     if v.source == source and v.tags.get("pooling") == pooling]
         if not versions:
             return None
-        if alias:
-            client.set_registered_model_alias(name, alias, versions[0].version)
+        moved = _move_alias(client, name, alias, versions[0].version) if alias else None
     except Exception:  # noqa: BLE001 (a store that is down: the full path reports it)
         return None
-    return {"name": name, "version": str(versions[0].version), "source": source, "run_id": run_id, "reused": True}
+    return {"name": name, "version": str(versions[0].version), "source": source, "run_id": run_id, "reused": True,
+            "alias_was": moved}
 
 
 def final_figures(metrics_text: str) -> dict[str, float]:

@@ -123,7 +123,7 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
     # found by the checkpoint's run and step, without downloading or exporting the checkpoint again
-    assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1@champion" \
+    assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1 (alias 'champion')" \
         in again.stdout
 
 
@@ -144,7 +144,7 @@ def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pi
     url = f"s3://{BUCKET}/pipeline/checkpoints"
     reg = pretrain("register", "--run", run_id, "--name", "from-bucket")
     assert reg.returncode == 0, reg.stderr[-3000:]
-    assert f"registered from-bucket version 1 from {url}/step-00000010 (run {run_id})" in reg.stdout
+    assert f"from-bucket version 1 registered from {url}/step-00000010 (run {run_id})" in reg.stdout
     out = pretrain("export", f"{url}/step-00000005", "--out", "exported")
     assert out.returncode == 0, out.stderr[-3000:]
     training = json.loads((tmp_path / "exported" / "training.json").read_text())

@@ -43,7 +43,7 @@ def test_register_pull_and_predict(trained, monkeypatch):
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "tiny-bert", "--alias", "champion",
                        "--tracking-uri", uri, cwd=tmp)
     assert reg.returncode == 0, reg.stderr[-3000:]
-    assert "registered tiny-bert version 1 with alias 'champion'" in reg.stdout
+    assert "tiny-bert version 1 (alias 'champion') registered from" in reg.stdout
     assert "Warning" not in reg.stderr and "Processing zero checkpoint" not in reg.stdout, reg.stderr[-3000:]
     assert "Downloading artifacts" not in reg.stderr  # MLflow's bar for its local copy of the model directory
     client = MlflowClient(uri, registry_uri=uri)
@@ -55,12 +55,18 @@ def test_register_pull_and_predict(trained, monkeypatch):
 
     again = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
                          "--tracking-uri", uri, cwd=tmp)
-    assert again.returncode == 0 and "version 1" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "tiny-bert version 1 (alias 'champion') was registered already" in \
+        again.stdout, again.stdout + again.stderr[-2000:]
     assert len(client.search_model_versions("name='tiny-bert'")) == 1, "a rerun registers nothing new"
-    # the same checkpoint with the other pooling: a version of its own, which leaves version 1's files as they are
-    mean = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean",
+    # the same checkpoint with the other pooling: a version of its own, which leaves version 1's files as they are;
+    # an alias that moves says from where
+    mean = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--pooling", "mean", "--alias",
+                        "champion", "--tracking-uri", uri, cwd=tmp)
+    assert mean.returncode == 0 and "tiny-bert version 2 (alias 'champion' moved from version 1 to 2) registered" \
+        in mean.stdout, mean.stdout + mean.stderr[-2000:]
+    back = pretrain_cli("register", "--run", training_run, "--name", "tiny-bert", "--alias", "champion",
                         "--tracking-uri", uri, cwd=tmp)
-    assert mean.returncode == 0 and "version 2" in mean.stdout, mean.stderr[-2000:]
+    assert "(alias 'champion' moved from version 2 to 1) was registered already" in back.stdout, back.stdout
     versions = {str(v.version): v for v in client.search_model_versions("name='tiny-bert'")}
     assert versions["1"].tags["pooling"] == "cls" and versions["2"].tags["pooling"] == "mean"
     assert versions["1"].source != versions["2"].source
@@ -221,7 +227,7 @@ def test_a_checkpoint_registers_into_another_store_than_it_was_trained_with(trai
     other = f"sqlite:///{tmp_path / 'other.db'}"
     reg = pretrain_cli("register", "--checkpoint", str(tmp / "ck"), "--name", "moved-bert", "--tracking-uri", other,
                        cwd=tmp_path)
-    assert reg.returncode == 0 and "registered moved-bert version 1" in reg.stdout, reg.stderr[-2000:]
+    assert reg.returncode == 0 and "moved-bert version 1 registered from" in reg.stdout, reg.stderr[-2000:]
     client = MlflowClient(other, registry_uri=other)
     (version,) = client.search_model_versions("name='moved-bert'")
     trained_run = json.loads((tmp / "ck" / "step-00000010" / "client.json").read_text())["mlflow_run_id"]
