@@ -191,9 +191,19 @@ def _submit(args) -> int:
           f"  python -m cluster logs {job_id} --follow --address {address}")
     if not args.wait:
         return EXIT_OK
-    status = jobs.follow(c, job_id, sys.stdout)
+    status = _following(jobs, c, job_id)
     print(f"job {job_id}: {status}")
     return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def _following(jobs, c, job_id: str) -> str:
+    """Follow a job's log to its end; Ctrl-C leaves the job running and says so."""
+    try:
+        return jobs.follow(c, job_id, sys.stdout)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on. Follow it again: python -m cluster logs {job_id} --follow; "
+              f"stop it: python -m cluster stop {job_id}", file=sys.stderr)
+        raise
 
 
 def _client(args):
@@ -206,8 +216,14 @@ def _status(args) -> int:
     jobs, c = _client(args)
     job = jobs.info(c, jobs.resolve(c, args.id))
     print(jobs.describe(job))
-    if job.status.value == "FAILED" and (why := jobs.last_error(c, job.submission_id)):
+    if job.status.value == "FAILED" and (why := jobs.last_error(c, job.submission_id)
+                                         or jobs.message_tail(job.message)):
         print(f"  {why}\n  (the whole log: python -m cluster logs {job.submission_id})")
+    elif job.status.value == "RUNNING":
+        stage, line = jobs.progress(jobs._call(f"reading the logs of '{job.submission_id}'", c.get_job_logs,
+                                               job.submission_id))
+        if stage:
+            print(f"  stage {stage}" + (f": {line}" if line else ""))
     return EXIT_OK
 
 
@@ -215,7 +231,9 @@ def _logs(args) -> int:
     jobs, c = _client(args)
     args.id = jobs.resolve(c, args.id)
     if args.follow:
-        jobs.follow(c, args.id, sys.stdout)
+        status = _following(jobs, c, args.id)
+        print(f"job {args.id}: {status}")
+        return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
     else:
         jobs.info(c, args.id)
         sys.stdout.write(jobs._call(f"reading the logs of '{args.id}'", c.get_job_logs, args.id))

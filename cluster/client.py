@@ -2,9 +2,9 @@
 
 A job's entrypoint is `python -m cluster run`, the driver, with the resolved plan (every config validated,
 every path absolute) in its environment, so the cluster runs exactly what was validated here. A submission
-with a name that is already pending or running reports that job instead of starting a second copy; the
-submission id is `NAME-N`, N counting the name's earlier jobs, so two racing submissions collide in Ray
-rather than both starting.
+with a name that is already pending or running reports that job instead of starting a second copy (or, when
+that job runs another plan, refuses); the submission id is `NAME-N`, N one past the name's earlier jobs, so two
+racing submissions collide in Ray rather than both starting.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cluster.runner import STOP_GRACE_S, WORKER_ENV
 
 PLAN_ENV = "BERTFORGE_JOB_PLAN"
 NAME_KEY = "bertforge_name"  # metadata of our submissions
+PLAN_KEY = "bertforge_plan"  # ... and a digest of the plan: a running job of the same name and plan is this one
 AGENT_WAIT_S = 60.0  # a fresh head takes a few seconds before it accepts jobs
 
 
@@ -67,8 +68,13 @@ def connect(address: str):
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 (connection refused, DNS, authentication, version: all mean "not there")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ("the cluster requires a token: set RAY_AUTH_TOKEN_PATH to its token file"
-                if "uthentication" in str(e) else "is the head up? (python -m cluster up, or check --address)")
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        if "uthentication" in str(e):
+            hint = (f"RAY_AUTH_TOKEN_PATH={token} is no file" if token and not Path(token).is_file() else
+                    "the cluster requires a token: set RAY_AUTH_TOKEN_PATH to its token file")
+        else:
+            hint = ("is the head up? (python -m cluster up, or check --address: the head's dashboard address, "
+                    "http://HOST:8265 by default, not the GCS port 6379 that `ray start` prints)")
         raise ClientError(f"cannot reach a Ray cluster at {address}: {first}; {hint}") from None
 
 
@@ -94,13 +100,21 @@ def jobs_named(client, name: str) -> list:
 def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
     """Submit the plan's driver; returns (submission id, True) or, when a job of that name is pending or running,
     (its id, False)."""
-    name = plan["name"]
+    from data_prep.configfile import config_hash
+
+    name, digest = plan["name"], config_hash(plan)[:16]
     for _ in range(3):
         mine = jobs_named(client, name)
         active = [j for j in mine if not j.status.is_terminal()]
         if active:
+            theirs = (active[0].metadata or {}).get(PLAN_KEY)
+            if theirs and theirs != digest:
+                raise ClientError(f"job '{name}' is running as {active[0].submission_id} with another plan (another "
+                                  "spec, config or override): stop it first (python -m cluster stop "
+                                  f"{active[0].submission_id}), or submit this one under another name (--name)")
             return active[0].submission_id, False
-        sid = f"{name}-{len(mine) + 1}"
+        numbers = [int(m.group(1)) for j in mine if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)", j.submission_id))]
+        sid = f"{name}-{max(numbers, default=len(mine)) + 1}"  # (past every earlier one, deleted ones included)
         spec = plan["spec"]["runtime_env"]
         # (Ray's grace for a stopped driver: the time pretraining's workers need to commit a checkpoint)
         runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
@@ -111,7 +125,7 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
         while True:
             try:
                 client.submit_job(entrypoint="python -m cluster run", submission_id=sid, runtime_env=runtime_env,
-                                  metadata={NAME_KEY: name, "bertforge_kind": plan["kind"]})
+                                  metadata={NAME_KEY: name, "bertforge_kind": plan["kind"], PLAN_KEY: digest})
                 return sid, True
             except RuntimeError as e:
                 if "No available agent" in str(e) and time.monotonic() < deadline:
@@ -144,6 +158,34 @@ def last_error(client, job_id: str) -> str | None:
     lines = [ln.strip() for ln in _call(f"reading the logs of '{job_id}'", client.get_job_logs, job_id).splitlines()]
     lines = [ln for ln in lines if ln]
     return next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else None)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+[^)]*\)\s*")  # "(RayTrainWorker pid=123, ip=...) " before a line
+
+
+def plain_lines(logs: str) -> list[str]:
+    """A job's log lines as its processes wrote them: without Ray's colours and "(Actor pid=N)" prefixes."""
+    return [RAY_PREFIX.sub("", ANSI.sub("", line)).strip() for line in logs.splitlines()]
+
+
+def progress(logs: str) -> tuple[str | None, str | None]:
+    """(the stage a running job is in, its last progress line) from its log."""
+    lines = plain_lines(logs)
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"== stage: \w+ ==", line)]
+    if not starts:
+        return None, None
+    stage = lines[starts[-1]].split(": ", 1)[1].rstrip(" =")
+    said = [line for line in lines[starts[-1] + 1:] if line and not line.startswith(("Requesting resources",
+                                                                                    "Attempting to start", "- (ip="))]
+    return stage, (said[-1][:200] if said else None)
+
+
+def message_tail(message: str | None, lines: int = 3) -> str | None:
+    """The last lines of Ray's message for a job, less its boilerplate first line: why a job that wrote no log
+    failed (a runtime_env whose pip install failed, say)."""
+    said = [line.strip() for line in (message or "").strip().splitlines()[1:] if line.strip()]
+    return " | ".join(said[-lines:])[:500] if said else None
 
 
 def _headline(message: str) -> str:

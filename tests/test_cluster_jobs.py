@@ -283,4 +283,17 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
     while "resuming from" not in (logs := cluster("logs", "long-2", cwd=root).stdout):  # from the stop's checkpoint
         assert time.monotonic() < deadline + 300, logs[-3000:]
         time.sleep(1)
+    status = cluster("status", "long-2", cwd=root).stdout
+    assert "long-2  RUNNING" in status and "\n  stage pretrain: " in status, status  # where it is
+    other = cluster("submit", str(job), "max_failures=3", "--address", state["address"], cwd=root)
+    assert other.returncode == 1 and "is running as long-2 with another plan" in other.stderr, other.stderr
     assert cluster("stop", "long-2", cwd=root).returncode == 0
+    # a deleted job's number is not given out again (Ray keeps refusing a submission id it has seen)
+    deleted = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "delete", "long-1", "--address",
+                              state["address"]], env={**env(), "RAY_AUTH_MODE": "token",
+                                                      "RAY_AUTH_TOKEN_PATH": state["token_path"]},
+                             capture_output=True, text=True, timeout=120)
+    assert deleted.returncode == 0, deleted.stderr[-2000:]
+    fourth = cluster("submit", str(job), "--address", state["address"], cwd=root)
+    assert fourth.returncode == 0 and "submitted job long-3" in fourth.stdout, fourth.stdout + fourth.stderr
+    assert cluster("stop", "long-3", cwd=root).returncode == 0

@@ -116,3 +116,20 @@ def test_a_jobs_processes_are_told_which_ray_they_belong_to():
     submitted = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.1.2.3:6379"}}}
     assert job_env({**driver, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(submitted)}) == {}
     assert job_env({**driver, "RAY_ADDRESS": "ray://head:10001"}) == {}  # Ray Client: not a GCS address
+
+
+def test_a_running_jobs_stage_and_progress_and_a_failure_without_a_log():
+    """What `cluster status` shows: the stage a running job is in and its last line, without Ray's colours and
+    process prefixes; for a job that failed before writing a log, the end of Ray's message."""
+    from cluster.client import message_tail, progress
+
+    log = ("job 'x' (pipeline): 3 stage(s)\n\n== stage: data_prep ==\nwrote 8 shards\n\n== stage: pretrain ==\n"
+           "\x1b[36m(TrainController pid=11)\x1b[0m Requesting resources: {'CPU': 1.0} * 1\n"
+           "\x1b[36m(RayTrainWorker pid=12, ip=10.0.0.2)\x1b[0m step 60/3000 | loss 4.9920 | eta 1h54m\n"
+           "\x1b[36m(TrainController pid=11)\x1b[0m - (ip=10.0.0.2, pid=12) world_rank=0\n")
+    assert progress(log) == ("pretrain", "step 60/3000 | loss 4.9920 | eta 1h54m")
+    assert progress("starting\n") == (None, None)
+    message = ("runtime_env setup failed: Failed to set up runtime environment.\n"
+               "Could not create the actor's environment\n  pip install nosuchpkg-zzz failed\n")
+    assert message_tail(message) == "Could not create the actor's environment | pip install nosuchpkg-zzz failed"
+    assert message_tail("Job finished successfully.") is None
