@@ -264,6 +264,15 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
         raise
 
 
+def model_problem(cfg: PretrainConfig, manifest: dict) -> str | None:
+    """Why the configured model cannot train on the dataset of `manifest` (None: it can)."""
+    model_cfg = cfg.model.build(manifest["tokenizer"]["vocab_size"])
+    if model_cfg.max_position < manifest["examples"]["max_seq_length"]:
+        return (f"model.max_position ({model_cfg.max_position}) is shorter than the dataset's sequences "
+                f"({manifest['examples']['max_seq_length']}); raise model.max_position")
+    return None
+
+
 def _check_tracking(mlflow_cfg) -> None:
     """A store MLflow would refuse stops the run before it starts (every rank sees the same answer)."""
     if mlflow_cfg.enabled:
@@ -385,9 +394,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                          f"check it with python -m data_prep verify {dataset.root}, and rebuild it with data_prep run")
     manifest = dataset.manifest
     model_cfg = cfg.model.build(manifest["tokenizer"]["vocab_size"])
-    if model_cfg.max_position < manifest["examples"]["max_seq_length"]:
-        raise SetupError(f"model.max_position ({model_cfg.max_position}) is shorter than the dataset's sequences "
-                         f"({manifest['examples']['max_seq_length']}); raise model.max_position")
+    problem = model_problem(cfg, manifest)
+    if problem:
+        raise SetupError(problem)
     workers = cfg.data.num_workers
     readers = topo.world * max(1, workers)
     candidates = _resume_point(cfg, topo.world, tracker)

@@ -154,9 +154,10 @@ def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pi
     assert missing.returncode == 1 and "holds no complete uploaded checkpoint" in missing.stderr, missing.stderr
 
 
-def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path):
-    """Ray Train's error names each distinct worker failure once, by its last line; a dataset that is not there is
-    found before any worker starts (every one would fail the same way, max_failures times)."""
+def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path, train_dataset):
+    """Ray Train's error names each distinct worker failure once, by its last line; a dataset that is not there,
+    or that the model cannot take, is found before any worker starts (every one would fail the same way,
+    max_failures times)."""
     from ray.train import WorkerGroupError
 
     from cluster.jobs import JobSpec
@@ -177,6 +178,9 @@ def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path):
     spec = JobSpec.model_validate({"kind": "pretrain", "config": "x.yaml", "storage": str(tmp_path)})
     with pytest.raises(DatasetError, match=r"'.*nowhere' is not a finished dataset \(manifest.json is missing\)"):
         pretrain_on_ray(cfg, spec, "run")
+    short = PretrainConfig.model_validate({"data": {"dataset": str(train_dataset)}, "model": {"max_position": 16}})
+    with pytest.raises(DatasetError, match=r"model.max_position \(16\) is shorter than the dataset's sequences"):
+        pretrain_on_ray(short, spec, "run")
 
 
 def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
