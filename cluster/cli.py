@@ -145,6 +145,7 @@ def _validate(args) -> int:
     gpus = f", {r.gpus:g} GPU" if r.use_gpu else ""
     print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}) on {r.nodes} node(s); "
           f"max_failures {spec.max_failures}; storage {plan['storage']}")
+    print(f"  mlflow     {plan['mlflow_uri']}")
     return EXIT_OK
 
 
@@ -182,6 +183,13 @@ def _submit(args) -> int:
         return _drive(plan, local=True)
     address = jobs.resolve_address(args.address)
     c = jobs.connect(address)
+    from urllib.parse import urlparse
+
+    if plan["mlflow_uri"].startswith("sqlite:") and urlparse(address).hostname not in ("127.0.0.1", "localhost",
+                                                                                         "::1"):
+        print(f"warning: the job's MLflow store is {plan['mlflow_uri']}: a file at that path on the cluster's head, "
+              "not on this machine unless the path is on a disk both share. For a store both see, run an MLflow "
+              "server and set MLFLOW_TRACKING_URI (here or in the job's runtime_env.env_vars)", file=sys.stderr)
     job_id, started = jobs.submit(c, plan)
     if started:
         print(f"submitted job {job_id} to {address}")

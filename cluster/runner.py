@@ -184,11 +184,54 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
 
 
 def _check_ahead(plan: dict) -> None:
-    """Read the fine-tuning stage's task files before the first stage: a mistake in them would otherwise be
-    found only after data prep and pretraining (hours, on a cluster)."""
+    """Read the fine-tuning stage's task files, and ask the MLflow server the job registers in or pulls from,
+    before the first stage: a mistake there would otherwise be found only after data prep and pretraining
+    (hours, on a cluster)."""
     problem = task_problem(plan)
     if problem:
         raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")
+    for uri, needed in _stores(plan).items():
+        silent = _unanswered(uri)
+        if silent and needed:
+            raise StageError(f"the MLflow server at {uri} does not answer ({silent}), and the job {needed}: start it, "
+                             "or point the job at one that runs (MLFLOW_TRACKING_URI in runtime_env.env_vars, or the "
+                             "configs' mlflow.tracking_uri)")
+        if silent:
+            log(f"warning: the MLflow server at {uri} does not answer ({silent}); pretraining goes on and sends its "
+                "records once it does", flush=True)
+
+
+def _stores(plan: dict) -> dict[str, str]:
+    """{tracking URI: what the job needs it for ("" where only pretraining's records go there)}."""
+    out: dict[str, str] = {}
+    for stage in plan["stages"]:
+        if stage["kind"] == "register":
+            out[plan["mlflow_uri"]] = "registers its checkpoint there"
+        elif stage["kind"] == "pretrain" and stage["config"]["mlflow"]["enabled"]:
+            out.setdefault(stage["config"]["mlflow"]["tracking_uri"], "")
+        elif stage["kind"] == "finetune":
+            c = stage["config"]
+            need = ("fine-tunes a model from there" if c["model"].startswith(("models:/", "runs:/")) else
+                    "registers its fine-tuned model there" if c["registry"]["name"] else "")
+            if need or c["mlflow"]["enabled"]:
+                out[c["mlflow"]["tracking_uri"]] = out.get(c["mlflow"]["tracking_uri"]) or need
+    return out
+
+
+def _unanswered(uri: str) -> str | None:
+    """Why the MLflow server at `uri` did not answer its health check (None: it did, or `uri` is no server)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return None
+    except urllib.error.HTTPError as e:  # it answers (a proxy's or the server's own error): let MLflow say more
+        return None if e.code < 500 else f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
 
 
 def task_problem(plan: dict, here: bool = False) -> str | None:

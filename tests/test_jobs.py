@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -76,8 +77,10 @@ def test_the_readme_job_example_is_a_valid_job(tmp_path, monkeypatch):
 
 def test_validate_command():
     ok = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/pretrain_quickstart.yaml",
-                         "max_failures=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                         "max_failures=5"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"})
     assert ok.returncode == 0, ok.stderr
+    assert "  mlflow     http://mlflow.example:5000" in ok.stdout, ok.stdout  # where its runs will be
     assert "a valid pretrain job 'pretrain-quickstart'" in ok.stdout and "max_failures 5" in ok.stdout
     assert "2 worker(s)" in ok.stdout and "deepspeed.zero_stage=2" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/quickstart.yaml",
@@ -133,3 +136,36 @@ def test_a_running_jobs_stage_and_progress_and_a_failure_without_a_log():
                "Could not create the actor's environment\n  pip install nosuchpkg-zzz failed\n")
     assert message_tail(message) == "Could not create the actor's environment | pip install nosuchpkg-zzz failed"
     assert message_tail("Job finished successfully.") is None
+
+
+def test_a_job_asks_its_mlflow_server_before_the_first_stage(capsys):
+    """A server the job registers in that does not answer stops the job before its first stage (not after hours
+    of pretraining); one only pretraining's records go to is a warning (they are kept and sent later)."""
+    import http.server
+    import threading
+
+    from cluster.runner import StageError, _check_ahead
+    from conftest import free_port
+
+    silent = f"http://127.0.0.1:{free_port()}"
+    plan = {"mlflow_uri": silent, "stages": [{"kind": "register", "name": "x", "alias": None}]}
+    with pytest.raises(StageError, match=rf"the MLflow server at {silent} does not answer .*registers its checkpoint"):
+        _check_ahead(plan)
+    records_only = {"kind": "pretrain", "config": {"mlflow": {"enabled": True, "tracking_uri": silent}}}
+    _check_ahead({"mlflow_uri": silent, "stages": [records_only]})
+    assert f"warning: the MLflow server at {silent} does not answer" in capsys.readouterr().out
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _check_ahead({**plan, "mlflow_uri": f"http://127.0.0.1:{server.server_port}"})
+    finally:
+        server.shutdown()
