@@ -143,7 +143,8 @@ def _validate(args) -> int:
         over = f" with {' '.join(st.overrides)}" if st.overrides else ""
         print(f"  {stage['kind']:<10} {st.config}{over}")
     gpus = f", {r.gpus:g} GPU" if r.use_gpu else ""
-    print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}) on {r.nodes} node(s); "
+    print(f"  resources  {r.num_workers} worker(s) x ({r.cpus_per_worker:g} CPU{gpus}); {r.nodes} node(s) when "
+          f"rendered; "
           f"max_failures {spec.max_failures}; storage {plan['storage']}")
     print(f"  mlflow     {plan['mlflow_uri']}")
     return EXIT_OK

@@ -303,6 +303,11 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
     spec = JobSpec.model_validate(plan["spec"])
     import ray
 
+    short = _short_of(spec.resources, ray.cluster_resources())
+    if short:
+        log(f"warning: the job asks for {short}: Ray Train waits for nodes to join (an autoscaler adds them) and "
+            "retries every minute, and without one it waits until stopped. Lower resources.num_workers or the "
+            "per-worker resources, or add nodes", flush=True)
     _held["stop_flag"] = ray.remote(num_cpus=0)(StopFlag).options(name=stop_flag_name(), get_if_exists=True).remote()
     if remote:
         where, name = remote.rsplit("/", 1)
@@ -313,6 +318,14 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
                                  storage_path=storage.join(plan["storage"], "ray-train"), stop_flag=stop_flag_name())
     return {"skipped": False, **result, "preempted": result["step"] < cfg.train.max_steps,
             "metrics": _last_metrics(result["checkpoint"], remote)}
+
+
+def _short_of(r, cluster: Mapping[str, float]) -> str | None:
+    """What the job's workers ask for beyond all the cluster has now (None: it fits, in total)."""
+    asks = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus}
+    over = [f"{asks[k]:g} {k}s ({r.num_workers} workers), the cluster has {cluster.get(k, 0):g}"
+            for k in ("CPU", "GPU") if asks[k] > cluster.get(k, 0)]
+    return "; ".join(over) or None
 
 
 def _last_metrics(step_dir: str, remote: str | None) -> dict[str, float]:

@@ -169,3 +169,14 @@ def test_a_job_asks_its_mlflow_server_before_the_first_stage(capsys):
         _check_ahead({**plan, "mlflow_uri": f"http://127.0.0.1:{server.server_port}"})
     finally:
         server.shutdown()
+
+
+def test_a_job_larger_than_the_cluster_is_said():
+    from cluster.jobs import Resources
+    from cluster.runner import _short_of
+
+    assert _short_of(Resources(num_workers=2, cpus_per_worker=1), {"CPU": 2.0}) is None
+    assert _short_of(Resources(num_workers=3, cpus_per_worker=1), {"CPU": 2.0}) == \
+        "3 CPUs (3 workers), the cluster has 2"
+    assert _short_of(Resources(num_workers=2, use_gpu=True), {"CPU": 16.0, "GPU": 1.0}) == \
+        "2 GPUs (2 workers), the cluster has 1"
