@@ -265,7 +265,16 @@ def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:
     from data_prep.config import DataPrepConfig
     from data_prep.pipeline import run as prepare
 
-    summary = prepare(DataPrepConfig.model_validate(stage["config"]))
+    from data_prep.dataset import DatasetError
+
+    cfg = DataPrepConfig.model_validate(stage["config"])
+    try:
+        summary = prepare(cfg)
+    except DatasetError as e:
+        if "--overwrite" not in str(e):
+            raise
+        raise StageError(f"{e} (A job has no --overwrite: delete {cfg.output} to replace it, or give the data_prep "
+                         "config another output.)") from None
     return {"skipped": "stage_seconds" not in summary, "dataset": summary["dataset"],
             "dataset_id": summary["dataset_id"], "examples": summary["examples"]}
 

@@ -180,3 +180,16 @@ def test_a_job_larger_than_the_cluster_is_said():
         "3 CPUs (3 workers), the cluster has 2"
     assert _short_of(Resources(num_workers=2, use_gpu=True), {"CPU": 16.0, "GPU": 1.0}) == \
         "2 GPUs (2 workers), the cluster has 1"
+
+
+def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
+    """Data prep's refusals advise --overwrite, which a job does not have: the job says what it can do instead."""
+    from cluster.runner import StageError, _data_prep
+    from conftest import small_config, write_small_corpus
+
+    write_small_corpus(tmp_path / "corpus")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine\n")
+    stage = {"kind": "data_prep", "config": small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")}
+    with pytest.raises(StageError, match=rf"A job has no --overwrite: delete {tmp_path / 'data'} to replace it"):
+        _data_prep(stage, {}, {})
