@@ -252,7 +252,10 @@ def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: st
             "tokens": sum(s["tokens"] for s in mine),
             "shards": mine,
         }
-    identity = hashlib.sha256(json.dumps([recipe, tokenizer_sha, [s["sha256"] for s in shards]]).encode()).hexdigest()
+    # The id names the bytes (the tokenizer and every shard), not how the config spelt its inputs: the same data
+    # built from `corpus/` and from `/abs/path/corpus/` is one dataset, to resume and compare checkpoints on.
+    identity = hashlib.sha256(json.dumps([tokenizer_sha, [s["name"] + ":" + s["sha256"] for s in shards]])
+                              .encode()).hexdigest()
     return {
         "format": FORMAT,
         "dataset_id": identity[:16],

@@ -274,6 +274,24 @@ def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local, capsys):
     assert "tokenizer" not in summary["stage_seconds"] or summary["stage_seconds"]["tokenizer"] < 5
 
 
+def test_the_dataset_id_names_the_bytes_not_the_spelling_of_the_inputs(built):
+    """The same shards and tokenizer from a config whose inputs are spelt otherwise (a relative path, a URL): the
+    same id; another shard's bytes: another id."""
+    from data_prep.dataset import build_manifest
+
+    cfg, corpus, root, _ = built
+    m = json.loads((root / "manifest.json").read_text())
+    records = [{"shards": [s for split in m["splits"].values() for s in split["shards"]]}]
+    spelt = small_config(corpus, root, inputs=[f"file://{corpus}/*.txt"])
+
+    def rebuilt(c, recs):
+        return build_manifest(c, [], m["tokenizer"]["sha256"], m["tokenizer"]["vocab_size"], recs, "recipe")
+
+    assert rebuilt(spelt, records)["dataset_id"] == rebuilt(cfg, records)["dataset_id"] == m["dataset_id"]
+    other = [{"shards": [{**s, "sha256": "0" * 64} if i == 0 else s for i, s in enumerate(records[0]["shards"])]}]
+    assert rebuilt(cfg, other)["dataset_id"] != m["dataset_id"]
+
+
 def test_help(small_corpus, tmp_path):
     r = run_cli("--help")
     assert r.returncode == 0 and "run" in r.stdout and "inspect" in r.stdout and "verify" in r.stdout
