@@ -688,6 +688,9 @@ def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
     lines.append(f"checkpoint   {s['checkpoint']}")
     if s["mlflow_run_id"]:
         lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: {how_to_see(tracker.uri)})")
+    if s["checkpoint"]:
+        lines.append(f"next         python -m pretrain register --checkpoint {s['checkpoint']} --name NAME --alias "
+                     "champion  (or export it, evaluate it: python -m pretrain --help)")
     return "\n".join(lines)
 
 
