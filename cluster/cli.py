@@ -163,7 +163,7 @@ def _drive(plan: dict, local: bool = False) -> int:
     except (StageError, DatasetError, JobError, CheckpointError, SetupError, RuntimeError) as e:
         print(f"error: job '{plan['name']}' failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_PREEMPTED if outcome.get("pretrain", {}).get("preempted") else EXIT_OK
+    return EXIT_PREEMPTED if outcome.get("pretrain", {}).get("preempted") or outcome.get("not_run") else EXIT_OK
 
 
 def _run(args) -> int:

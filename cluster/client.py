@@ -102,7 +102,8 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
     (its id, False)."""
     from data_prep.configfile import config_hash
 
-    name, digest = plan["name"], config_hash(plan)[:16]
+    # (what runs, not how the job file's path was typed)
+    name, digest = plan["name"], config_hash({k: v for k, v in plan.items() if k != "job_file"})[:16]
     for _ in range(3):
         mine = jobs_named(client, name)
         active = [j for j in mine if not j.status.is_terminal()]
@@ -114,7 +115,8 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
                                   f"{active[0].submission_id}), or submit this one under another name (--name)")
             return active[0].submission_id, False
         numbers = [int(m.group(1)) for j in mine if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)", j.submission_id))]
-        sid = f"{name}-{max(numbers, default=len(mine)) + 1}"  # (past every earlier one, deleted ones included)
+        # past every listed one (a deleted job is not listed: the newest one's number comes back)
+        sid = f"{name}-{max(numbers, default=len(mine)) + 1}"
         spec = plan["spec"]["runtime_env"]
         # (Ray's grace for a stopped driver: the time pretraining's workers need to commit a checkpoint)
         runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),

@@ -57,18 +57,21 @@ def _record_placement(ckdir: Path, remote: str | None = None) -> None:
 def _watch(flag_name: str, stop) -> None:
     """Poll the driver's stop flag (`cluster.runner.StopFlag`) every second; once it is raised, `stop` asks
     training for a checkpoint at the end of its step (as SIGTERM does outside Ray, where train's thread is the
-    main one)."""
+    main one). A slow answer is waited out; the flag gone (its driver ended) ends the watch."""
     import ray
 
-    try:
-        flag = ray.get_actor(flag_name)
-        while stop.signal is None:
+    flag = None
+    while stop.signal is None:
+        try:
+            flag = flag or ray.get_actor(flag_name)
             if ray.get(flag.asked.remote(), timeout=60):
                 stop.signal = signal.SIGTERM
                 return
-            time.sleep(1.0)
-    except Exception:  # noqa: BLE001 (no flag, or the driver is gone: the job ends with it)
-        return
+        except ray.exceptions.RayActorError:
+            return
+        except (ray.exceptions.GetTimeoutError, ValueError):  # (ValueError: not found yet, or not any more)
+            pass
+        time.sleep(1.0)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:

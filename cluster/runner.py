@@ -40,15 +40,22 @@ class StageError(Exception):
     """A stage failed for good; the message names the stage and what to do."""
 
 
+# A stop the workers have not heard of within this many seconds (none is running yet: waiting for nodes,
+# starting up; or they are stuck) ends the driver as a second stop would.
+UNHEARD_S = float(os.environ.get("BERTFORGE_STOP_UNHEARD_S", "60"))
+
+
 class _Stopping:
-    """A stop while pretraining runs: SIGTERM (Ray's `stop_job`, `python -m cluster stop`, a scheduler) or Ctrl-C.
+    """A stop while the job runs: SIGTERM (Ray's `stop_job`, `python -m cluster stop`, a scheduler) or Ctrl-C.
 
     Ray signals the driver only, and the Train workers die with it, losing every step since their last checkpoint.
-    Instead the driver raises the job's `StopFlag`: each worker finishes its step, commits a checkpoint and stops,
-    and the driver waits for that and ends with the job's summary (a resubmission resumes from there). A second
-    stop, or a stop in another stage, ends the driver at once (KeyboardInterrupt)."""
+    During pretraining the driver raises the job's `StopFlag` instead: each worker finishes its step, commits a
+    checkpoint and stops, and the driver waits for that and ends with the job's summary (a resubmission resumes
+    from there). A stop no worker hears of within UNHEARD_S, a second stop, or a stop in another stage ends the
+    driver at once (KeyboardInterrupt, in the main thread)."""
 
-    def __init__(self):
+    def __init__(self, flag):
+        self.flag = flag
         self.pretraining = False
         self.asked = False
         self.previous: dict = {}
@@ -68,40 +75,61 @@ class _Stopping:
         self.asked = True
         log(f"{signal.Signals(sig).name}: asking the pretraining workers to commit a checkpoint at the end of their "
             "step and stop (stop again to end at once, losing the steps since the last checkpoint)", flush=True)
-        threading.Thread(target=_ask_workers_to_stop, daemon=True).start()
+        threading.Thread(target=self._ask, daemon=True).start()
+
+    def _ask(self) -> None:
+        import _thread
+
+        import ray
+
+        try:
+            ray.get(self.flag.ask.remote(), timeout=30)
+            deadline = time.monotonic() + UNHEARD_S
+            while time.monotonic() < deadline:
+                if ray.get(self.flag.heard.remote(), timeout=30):
+                    return
+                time.sleep(1.0)
+            why = f"no pretraining worker heard of the stop within {UNHEARD_S:.0f} s (none is running yet?)"
+        except Exception as e:  # noqa: BLE001 (the flag cannot be reached: end as Ray would)
+            why = f"the pretraining workers cannot be told ({type(e).__name__}: {e})"
+        log(f"{why}: stopping now; a resubmission resumes from the last checkpoint", flush=True)
+        _thread.interrupt_main()  # (the handler above, on SIGINT: a KeyboardInterrupt in the main thread)
 
 
 class StopFlag:
-    """The driver's word to its pretraining workers (a named actor of the job): once `ask`ed, each worker commits a
-    checkpoint at the end of its step and stops (cluster.launch polls it)."""
+    """The driver's word to its pretraining workers (an actor of the job, on the driver's node): once `ask`ed, each
+    worker commits a checkpoint at the end of its step and stops (cluster.launch polls it); `heard` says whether
+    one has polled since."""
 
     def __init__(self):
         self._asked = False
+        self._heard = False
 
     def ask(self) -> None:
         self._asked = True
 
     def asked(self) -> bool:
+        self._heard = self._heard or self._asked
         return self._asked
 
+    def heard(self) -> bool:
+        return self._heard
 
-_held: dict[str, Any] = {}  # the stop flag's handle, kept for the job's lifetime
+
+def _stop_flag():
+    """This job's StopFlag, on the driver's node (it outlives any worker node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(StopFlag).options(name=stop_flag_name(), get_if_exists=True,
+                                                    scheduling_strategy=here).remote()
 
 
 def stop_flag_name() -> str:
     import ray
 
     return f"bertforge-stop-{ray.get_runtime_context().get_job_id()}"
-
-
-def _ask_workers_to_stop() -> None:
-    import ray
-
-    try:
-        ray.get(ray.get_actor(stop_flag_name()).ask.remote(), timeout=30)
-    except Exception as e:  # noqa: BLE001 (what is left: the workers end with the driver, as Ray would end them)
-        log(f"warning: could not tell the pretraining workers to stop ({type(e).__name__}: {e}); they stop with "
-            "the driver, and a resubmission resumes from their last checkpoint", flush=True)
 
 
 def connect(local: bool = False, num_cpus: int | None = None) -> bool:
@@ -162,24 +190,32 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     if not storage.is_remote(plan["storage"]):
         Path(plan["storage"]).mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {}
+    interrupted = None
     try:
         _check_ahead(plan)
-        with _Stopping() as stopping:
-            for stage in plan["stages"]:
-                kind = stage["kind"]
-                log(f"\n== stage: {kind} ==", flush=True)
-                t = time.monotonic()
-                stopping.pretraining = kind == "pretrain"
-                outcome[kind] = STAGES[kind](stage, plan, outcome)
-                stopping.pretraining = False
-                outcome[kind]["seconds"] = round(time.monotonic() - t, 1)
-                if outcome[kind].get("preempted") or stopping.asked:
-                    break
+        with _Stopping(_stop_flag()) as stopping:
+            kinds = [stage["kind"] for stage in plan["stages"]]
+            try:
+                for i, stage in enumerate(plan["stages"]):
+                    kind = stage["kind"]
+                    log(f"\n== stage: {kind} ==", flush=True)
+                    t = time.monotonic()
+                    stopping.pretraining = kind == "pretrain"
+                    outcome[kind] = STAGES[kind](stage, plan, outcome)
+                    stopping.pretraining = False
+                    outcome[kind]["seconds"] = round(time.monotonic() - t, 1)
+                    if outcome[kind].get("preempted") or stopping.asked:
+                        outcome["not_run"] = kinds[i + 1:]
+                        break
+            except KeyboardInterrupt as e:  # the stages done so far are still summed up
+                interrupted, outcome["not_run"] = e, kinds[len([k for k in kinds if k in outcome]):]
     finally:
         if started:
             ray.shutdown()
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
+    if interrupted is not None:
+        raise interrupted
     return outcome
 
 
@@ -187,9 +223,6 @@ def _check_ahead(plan: dict) -> None:
     """Read the fine-tuning stage's task files, and ask the MLflow server the job registers in or pulls from,
     before the first stage: a mistake there would otherwise be found only after data prep and pretraining
     (hours, on a cluster)."""
-    problem = task_problem(plan)
-    if problem:
-        raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")
     for uri, needed in _stores(plan).items():
         silent = _unanswered(uri)
         if silent and needed:
@@ -199,6 +232,9 @@ def _check_ahead(plan: dict) -> None:
         if silent:
             log(f"warning: the MLflow server at {uri} does not answer ({silent}); pretraining goes on and sends its "
                 "records once it does", flush=True)
+    problem = task_problem(plan)  # (after: it asks the store whether a finished fine-tune's alias has moved)
+    if problem:
+        raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")
 
 
 def _stores(plan: dict) -> dict[str, str]:
@@ -223,6 +259,8 @@ def _unanswered(uri: str) -> str | None:
     import urllib.error
     import urllib.request
 
+    import ssl
+
     if not uri.startswith(("http://", "https://")):
         return None
     try:
@@ -231,7 +269,9 @@ def _unanswered(uri: str) -> str | None:
     except urllib.error.HTTPError as e:  # it answers (a proxy's or the server's own error): let MLflow say more
         return None if e.code < 500 else f"HTTP {e.code}"
     except (OSError, ValueError) as e:
-        return str(getattr(e, "reason", e))
+        reason = getattr(e, "reason", e)
+        # a certificate MLflow is told how to trust (MLFLOW_TRACKING_SERVER_CERT_PATH, _INSECURE_TLS): it answered
+        return None if isinstance(reason, ssl.SSLError) else str(reason)
 
 
 def task_problem(plan: dict, here: bool = False) -> str | None:
@@ -271,10 +311,9 @@ def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:
     try:
         summary = prepare(cfg)
     except DatasetError as e:
-        if "--overwrite" not in str(e):
+        if not e.in_a_job:
             raise
-        raise StageError(f"{e} (A job has no --overwrite: delete {cfg.output} to replace it, or give the data_prep "
-                         "config another output.)") from None
+        raise StageError(f"{e} In this job: {e.in_a_job.format(output=cfg.output)}.") from None
     return {"skipped": "stage_seconds" not in summary, "dataset": summary["dataset"],
             "dataset_id": summary["dataset_id"], "examples": summary["examples"]}
 
@@ -317,7 +356,6 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
         log(f"warning: the job asks for {short}: Ray Train waits for nodes to join (an autoscaler adds them) and "
             "retries every minute, and without one it waits until stopped. Lower resources.num_workers or the "
             "per-worker resources, or add nodes", flush=True)
-    _held["stop_flag"] = ray.remote(num_cpus=0)(StopFlag).options(name=stop_flag_name(), get_if_exists=True).remote()
     if remote:
         where, name = remote.rsplit("/", 1)
         result = pretrain_on_ray(cfg, spec, name, storage_path=where, remote_checkpoints=True,
@@ -482,8 +520,10 @@ def _summary(plan: dict, o: dict) -> None:
         lines.append(f"fine-tuned   {f['model']} ({figures})")
     if skipped:
         lines.append(f"skipped      {', '.join(skipped)} (already done with the same config)")
+    if o.get("not_run"):
+        lines.append(f"not run      {', '.join(o['not_run'])} (the job was stopped: submit it again to continue)")
     lines.append(f"time         {o['seconds']:.0f}s")
-    if any(s["kind"] in ("pretrain", "register", "finetune") for s in plan["stages"]):
+    if _stores(plan):
         from pretrain.tracking import how_to_see
 
         lines.append(f"look         {how_to_see(plan['mlflow_uri'])}")

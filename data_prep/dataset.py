@@ -34,7 +34,19 @@ OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),
 
 
 class DatasetError(Exception):
-    """The output directory cannot be used as asked; the message says what to do."""
+    """The output directory cannot be used as asked; the message says what to do. `in_a_job`: the same advice for
+    a cluster job, which has no --overwrite (None: the message fits as it is)."""
+
+    def __init__(self, message: str, in_a_job: str | None = None):
+        super().__init__(message)
+        self.in_a_job = in_a_job
+
+
+# What a cluster job can do where data prep's command line would pass --overwrite
+DELETE_IT = "a job has no --overwrite: delete {output} to replace it, or give the data_prep config another output"
+NOT_A_DATASET = "choose an empty or new output for the data_prep config (its files are not a dataset's)"
+UNFINISHED = ("submit the job as it was when this dataset was started to finish it, or delete {output} to start "
+              "over (a job has no --overwrite)")
 
 
 # What readers of a manifest rely on (pretraining, export, verify, inspect): checked once, where it is read.
@@ -125,13 +137,13 @@ def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> st
         try:
             manifest = read_manifest(root)
         except DatasetError as e:
-            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
+            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there", DELETE_IT) from None
         if manifest.get("recipe_hash") == recipe:
             shutil.rmtree(root / WORK, ignore_errors=True)  # left over if a finished run was killed while tidying
             return "complete"
         diff = (changed(manifest) if changed else "") or "its config or its input files differ from this run's"
         raise DatasetError(f"'{root}' already holds a different dataset ({diff}). Choose another output, or pass "
-                           "--overwrite to replace it.")
+                           "--overwrite to replace it.", DELETE_IT)
     elif work_cfg.is_file():
         try:
             same = json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe
@@ -142,16 +154,15 @@ def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> st
         if not overwrite and any((root / WORK / "units").glob("*.json")):
             raise DatasetError(
                 f"'{root}' holds an unfinished dataset made with a different config or different input files, "
-                "with shards already written. Pass --overwrite to discard it, or rerun it as it was started."
-            )
+                "with shards already written. Pass --overwrite to discard it, or rerun it as it was started.",
+                UNFINISHED)
         clear(root)  # nothing finished yet (e.g. the tokenizer step failed): start over, stray shards too
         return "fresh"
     elif root.exists() and any(root.iterdir()) and not overwrite:
         strangers = sorted(p.name for p in root.iterdir())[:5]
         raise DatasetError(
             f"'{root}' is not empty and is not a dataset directory (holds {', '.join(strangers)}). "
-            "Choose an empty or new output directory, or pass --overwrite."
-        )
+            "Choose an empty or new output directory, or pass --overwrite.", NOT_A_DATASET)
     if overwrite:
         clear(root)
     return "fresh"

@@ -23,7 +23,8 @@ from data_prep import storage
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
-    MANIFEST, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK, DatasetError, build_manifest,
+    DELETE_IT, MANIFEST, NOT_A_DATASET, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK,
+    DatasetError, build_manifest,
     build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign, what_changed,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
@@ -313,18 +314,18 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
         try:
             manifest = parse_manifest(storage.read_text(where), where)
         except DatasetError as e:
-            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there") from None
+            raise DatasetError(f"{e}; pass --overwrite to replace the dataset there", DELETE_IT) from None
         except Exception as e:  # noqa: BLE001 (as above)
             raise DatasetError(f"output: {storage.unreadable(where, e)}") from None
         if manifest["recipe_hash"] == recipe:
             return "complete"
         diff = (changed(manifest) if changed else "") or "its config or its input files differ from this run's"
         raise DatasetError(f"'{remote}' already holds a different dataset ({diff}). Choose another output, or pass "
-                           "--overwrite to replace it.")
+                           "--overwrite to replace it.", DELETE_IT)
     strangers = sorted({n.split("/", 1)[0] for n in found} - {*OWNED_FILES, *OWNED_IN, WORK})
     if strangers and not overwrite:
         raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
-                           "Choose an empty or new output, or pass --overwrite.")
+                           "Choose an empty or new output, or pass --overwrite.", NOT_A_DATASET)
     if overwrite:
         refuse_foreign(remote, list(found))  # past it, the dataset's folders hold nothing else
         for name in (*OWNED_FILES, *OWNED_IN, WORK):  # the manifest first: the old dataset stops existing at once

@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                      "the split (default 2000; fewer if it is smaller)")
     ev.add_argument("--batch-size", type=_positive, default=32, help="sequences per forward pass (default 32)")
     ev.add_argument("--device", default="auto", help="auto (a GPU if there is one, else cpu), cpu, cuda or cuda:N")
+    ev.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto (default): bf16 autocast on a GPU that has it, else fp32")
     ev.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     ev.add_argument("--tracking-uri", default="", help="for models:/ and runs:/ sources (default: "
                                                        "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
@@ -275,7 +277,7 @@ def _evaluate(args) -> int:
 
     try:
         result = evaluate_model(args.source, args.dataset, tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri)),
-                                args.split, args.examples, args.batch_size, args.device)
+                                args.split, args.examples, args.batch_size, args.device, args.precision)
     except (EvaluationError, ExportError, RegistryError, DatasetError, OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,7 +1,8 @@
 """`python -m pretrain evaluate`: a pretrained encoder's masked-LM (and NSP) figures on a dataset's split.
 
 The same measure as pretraining's periodic evaluation (`pretrain.train.evaluate`, over the same evenly spread
-examples), for any model pretraining can start from or export: a checkpoint, a model directory, a registered
+examples, with the masks the dataset stores: a run with train.masking=dynamic drew its own), for any model
+pretraining can start from or export: a checkpoint, a model directory, a registered
 version. Its use: compare models on one held-out set (two pretraining runs, a phase 2 against its phase 1, a
 model before and after domain-adaptive pretraining), or score a model on another dataset built with its
 tokenizer (the same token ids are required: a model reads ids, not text).
@@ -27,13 +28,17 @@ class EvaluationError(Exception):
 
 
 def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "val", examples: int = 2000,
-                   batch_size: int = 32, device: str = "auto", progress=print) -> dict:
-    """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`:
+                   batch_size: int = 32, device: str = "auto", precision: str = "auto", progress=print) -> dict:
+    """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`,
+    with their stored masks, in `precision` (auto: bf16 autocast on a GPU that has it, else fp32):
     {"model": ..., "dataset": ..., "split", "examples", "seconds", "eval/loss", "eval/mlm_acc", ...}."""
     from pretrain.batch import Collator
     from pretrain.train import evaluate
 
-    dataset = open_dataset(dataset_location)
+    try:
+        dataset = open_dataset(dataset_location)
+    except DatasetError as e:  # (in pretraining's words: its key)
+        raise DatasetError(str(e).replace("data.dataset", "--dataset", 1)) from None
     missing = dataset.missing()
     if missing:
         raise DatasetError(f"dataset '{dataset.root}' is damaged: {', '.join(missing[:3])} missing; check it with "
@@ -45,6 +50,10 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
                               f"{'train' if split == 'val' else 'val'}, or build the dataset with a larger val_fraction")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
+                              "leave --device at auto, or give cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         model_dir, info = resolve_model(source, Path(scratch) / "model", uri)
         config = json.loads((model_dir / "config.json").read_text())
@@ -67,12 +76,12 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     progress(f"evaluating {info.get('uri', source)} on {n:,} of the {available:,} {split} examples of "
              f"{dataset.root} ({dev.type})")
     batches = eval_batches(dataset, Collator(manifest), batch_size, 0, 1, n, split=split)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and torch.cuda.is_bf16_supported()
-                else contextlib.nullcontext())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         metrics = evaluate(model, batches, dev)
     out = {"model": {k: v for k, v in info.items() if k != "pinned" and v is not None}, "dataset": dataset.root,
            "dataset_id": dataset.id, "split": split, "examples": n, "device": dev.type,
+           "precision": "bf16" if bf16 else "fp32",
            "seconds": round(time.monotonic() - t0, 1), **metrics}
     return out
 

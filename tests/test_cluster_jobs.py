@@ -288,7 +288,7 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
     other = cluster("submit", str(job), "max_failures=3", "--address", state["address"], cwd=root)
     assert other.returncode == 1 and "is running as long-2 with another plan" in other.stderr, other.stderr
     assert cluster("stop", "long-2", cwd=root).returncode == 0
-    # a deleted job's number is not given out again (Ray keeps refusing a submission id it has seen)
+    # the numbers go past a deleted (older) job's: the count of listed jobs would give long-3's twice
     deleted = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "delete", "long-1", "--address",
                               state["address"]], env={**env(), "RAY_AUTH_MODE": "token",
                                                       "RAY_AUTH_TOKEN_PATH": state["token_path"]},

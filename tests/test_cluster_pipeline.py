@@ -226,3 +226,38 @@ def test_the_final_figures_skip_a_metrics_line_cut_short(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')
     assert _last_metrics(str(tmp_path / "step-00000003"), None) == {"step": 3, "loss": 1.5}
+
+
+def test_a_stop_no_worker_hears_ends_the_job_with_its_summary(tmp_path, train_dataset):
+    """Ctrl-C while pretraining waits for workers the cluster cannot place (none polls the stop flag): after
+    BERTFORGE_STOP_UNHEARD_S the driver ends as a second Ctrl-C would, and the summary names what did not run."""
+    import os
+    import signal
+    import time
+
+    from conftest import pretrain_config
+
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain_config(train_dataset, tmp_path / "ck",
+                                                                           mlflow__enabled=False)))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "name": "too-big", "kind": "pretrain", "config": "pretrain.yaml", "storage": str(tmp_path / "out"),
+        "resources": {"num_workers": 64, "cpus_per_worker": 1}}))
+    env = {**pretrain_env(), "BERTFORGE_STOP_UNHEARD_S": "3"}
+    env.pop("RAY_ADDRESS", None)
+    with open(tmp_path / "out.txt", "w") as out:
+        job = subprocess.Popen([sys.executable, "-m", "cluster", "submit", "job.yaml"], cwd=tmp_path, env=env,
+                               stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "warning: the job asks for 64 CPUs" not in (tmp_path / "out.txt").read_text():
+            assert time.monotonic() < deadline and job.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(job.pid, signal.SIGINT)
+        assert job.wait(timeout=90) == 130
+    finally:
+        if job.poll() is None:
+            job.kill()
+    said = (tmp_path / "out.txt").read_text()
+    assert "SIGINT: asking the pretraining workers to commit a checkpoint" in said, said[-3000:]
+    assert "no pretraining worker heard of the stop within 3 s" in said, said[-3000:]
+    assert "not run      pretrain (the job was stopped" in said and "interrupted" in said, said[-3000:]

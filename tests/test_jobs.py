@@ -183,7 +183,8 @@ def test_a_job_larger_than_the_cluster_is_said():
 
 
 def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
-    """Data prep's refusals advise --overwrite, which a job does not have: the job says what it can do instead."""
+    """Data prep's refusals advise --overwrite, which a job does not have: the job says what it can do instead (for
+    a directory of other files: another output, never deleting them)."""
     from cluster.runner import StageError, _data_prep
     from conftest import small_config, write_small_corpus
 
@@ -191,5 +192,7 @@ def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine\n")
     stage = {"kind": "data_prep", "config": small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")}
-    with pytest.raises(StageError, match=rf"A job has no --overwrite: delete {tmp_path / 'data'} to replace it"):
+    with pytest.raises(StageError, match=r"In this job: choose an empty or new output for the data_prep config \(its "
+                                         "files are not a dataset's\)"):
         _data_prep(stage, {}, {})
+    assert (tmp_path / "data" / "notes.txt").is_file()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import pretrain_cli, pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
 
@@ -303,6 +304,10 @@ def test_evaluate_scores_a_checkpoint_as_its_training_did(trained, tmp_path, tra
     assert out.returncode == 1 and "was trained with another tokenizer than" in out.stderr, out.stderr[-2000:]
     out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--examples", "0", cwd=tmp_path)
     assert out.returncode == 2 and "'0' is not a positive whole number" in out.stderr
+    if not torch.cuda.is_available():
+        out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--device", "cuda", cwd=tmp_path)
+        assert out.returncode == 1 and "--device cuda: this machine has no CUDA device" in out.stderr, out.stderr
+    assert result["precision"] == "fp32"
 
 
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
