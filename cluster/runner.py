@@ -42,7 +42,7 @@ class StageError(Exception):
 
 # A stop the workers have not heard of within this many seconds (none is running yet: waiting for nodes,
 # starting up; or they are stuck) ends the driver as a second stop would.
-UNHEARD_S = float(os.environ.get("BERTFORGE_STOP_UNHEARD_S", "60"))
+UNHEARD_S = float(os.environ.get("BERTFORGE_STOP_UNHEARD_S", "30"))
 
 
 class _Stopping:

@@ -45,6 +45,7 @@ def env() -> dict:
     plus the bucket's (the nodes started with it pass it to every job)."""
     out = {**pretrain_env(), **STORE}
     out.pop("RAY_ADDRESS", None)
+    out["BERTFORGE_STOP_UNHEARD_S"] = "10"  # (a job stopped before its workers run ends within seconds)
     return out
 
 
