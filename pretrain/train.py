@@ -679,7 +679,7 @@ def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
     lines = ["", "== pretraining summary ==", f"steps        {s['step']} ({done})"]
     if "loss" in s:
         nsp = (f", nsp {s['nsp_loss']:.4f}", f", nsp acc {s['nsp_acc']:.3f}") if "nsp_acc" in s else ("", "")
-        lines.append(f"train        loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}{nsp[0]}), "
+        lines.append(f"train        last step: loss {s['loss']:.4f} (mlm {s['mlm_loss']:.4f}{nsp[0]}), "
                      f"mlm acc {s['mlm_acc']:.3f}{nsp[1]}, {s['skipped_steps']:.0f} skipped steps")
     if "eval/loss" in s:
         nsp_acc = f", nsp acc {s['eval/nsp_acc']:.3f}" if "eval/nsp_acc" in s else ""
