@@ -275,9 +275,10 @@ def _unanswered(uri: str) -> str | None:
 
 
 def task_problem(plan: dict, here: bool = False) -> str | None:
-    """What is wrong with the fine-tuning stage's task files, naming the file and line (None: nothing), not asked of a fine-tune already
-    done. `here` (`cluster validate`, on the submitting machine): files that are not on this machine, or that it
-    cannot read (a bucket without credentials here), are left for the job to check where it runs."""
+    """What is wrong with the fine-tuning stage's task files, naming the file and line (None: nothing), not asked
+    of a fine-tune already done. `here` (`cluster validate`, on the submitting machine): files that are not on this
+    machine, or that it cannot read (a bucket without credentials here), are left for the job to check where it
+    runs."""
     for stage in plan["stages"]:
         if stage["kind"] != "finetune":
             continue

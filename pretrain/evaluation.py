@@ -46,8 +46,9 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     manifest = dataset.manifest
     available = manifest["splits"][split]["examples"]
     if not available:
-        raise EvaluationError(f"the {split} split of '{dataset.root}' is empty; evaluate on --split "
-                              f"{'train' if split == 'val' else 'val'}, or build the dataset with a larger val_fraction")
+        other = "train" if split == "val" else "val"
+        raise EvaluationError(f"the {split} split of '{dataset.root}' is empty; evaluate on --split {other}, or "
+                              "build the dataset with a larger val_fraction")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -123,8 +123,8 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
     # found by the checkpoint's run and step, without downloading or exporting the checkpoint again
-    assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1 (alias 'champion')" \
-        in again.stdout
+    assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1 (alias " \
+        "'champion')" in again.stdout
 
 
 def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pipeline, s3, tmp_path):

@@ -191,7 +191,8 @@ def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
     write_small_corpus(tmp_path / "corpus")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine\n")
-    stage = {"kind": "data_prep", "config": small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")}
+    config = small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")
+    stage = {"kind": "data_prep", "config": config}
     with pytest.raises(StageError, match=r"In this job: choose an empty or new output for the data_prep config \(its "
                                          "files are not a dataset's\)"):
         _data_prep(stage, {}, {})

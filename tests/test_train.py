@@ -110,7 +110,8 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
     last = read_metrics(tmp / "ck")[80]
     assert done.returncode == 0 and "steps        80 (none this run: the checkpoint is at train.max_steps" in \
         done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"train        last step: loss {last['loss']:.4f}" in done.stdout and f"mlm acc {last['eval/mlm_acc']:.3f}" in done.stdout
+    assert f"train        last step: loss {last['loss']:.4f}" in done.stdout
+    assert f"mlm acc {last['eval/mlm_acc']:.3f}" in done.stdout
     out = run_pretrain(conf, "train.max_steps=90")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stdout and "step-00000080 (step 80" in out.stdout
