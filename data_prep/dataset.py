@@ -41,6 +41,9 @@ class DatasetError(Exception):
         super().__init__(message)
         self.in_a_job = in_a_job
 
+    def __reduce__(self):  # (whole across processes: Ray pickles a task's exception)
+        return type(self), (str(self), self.in_a_job)
+
 
 # What a cluster job can do where data prep's command line would pass --overwrite
 DELETE_IT = "a job has no --overwrite: delete {output} to replace it, or give the data_prep config another output"
