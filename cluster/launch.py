@@ -60,6 +60,8 @@ def _watch(flag_name: str, stop) -> None:
     main one). A slow answer is waited out; the flag gone (its driver ended) ends the watch."""
     import ray
 
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
     flag = None
     while stop.signal is None:
         try:
@@ -67,10 +69,12 @@ def _watch(flag_name: str, stop) -> None:
             if ray.get(flag.asked.remote(), timeout=60):
                 stop.signal = signal.SIGTERM
                 return
-        except ray.exceptions.RayActorError:
-            return
-        except (ray.exceptions.GetTimeoutError, ValueError):  # (ValueError: not found yet, or not any more)
+        except ActorUnavailableError:  # (for now)
             pass
+        except ActorDiedError:  # its driver has ended
+            return
+        except Exception:  # noqa: BLE001 (not found yet, a slow answer, an RPC hiccup: ask again)
+            flag = None
         time.sleep(1.0)
 
 

@@ -59,6 +59,8 @@ class _Stopping:
         self.pretraining = False
         self.asked = False
         self.previous: dict = {}
+        self.over = threading.Event()  # pretraining has ended: nothing left to wait for
+        self.asking: threading.Thread | None = None
 
     def __enter__(self) -> _Stopping:
         if threading.current_thread() is threading.main_thread():
@@ -66,32 +68,46 @@ class _Stopping:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.over.set()
+        if self.asking is not None:
+            self.asking.join(timeout=5)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, sig, _frame) -> None:
+        # (no printing here: the main thread may be inside a print; the asking thread says what happens)
         if not self.pretraining or self.asked:
             raise KeyboardInterrupt
         self.asked = True
-        log(f"{signal.Signals(sig).name}: asking the pretraining workers to commit a checkpoint at the end of their "
-            "step and stop (stop again to end at once, losing the steps since the last checkpoint)", flush=True)
-        threading.Thread(target=self._ask, daemon=True).start()
+        self.asking = threading.Thread(target=self._ask, args=(signal.Signals(sig).name,), daemon=True)
+        self.asking.start()
 
-    def _ask(self) -> None:
+    def _ask(self, name: str) -> None:
         import _thread
 
         import ray
 
+        log(f"{name}: asking the pretraining workers to commit a checkpoint at the end of their step and stop (stop "
+            "again to end at once, losing the steps since the last checkpoint)", flush=True)
         try:
             ray.get(self.flag.ask.remote(), timeout=30)
             deadline = time.monotonic() + UNHEARD_S
-            while time.monotonic() < deadline:
-                if ray.get(self.flag.heard.remote(), timeout=30):
+            while not ray.get(self.flag.heard.remote(), timeout=30):
+                if self.over.wait(1.0):
                     return
-                time.sleep(1.0)
-            why = f"no pretraining worker heard of the stop within {UNHEARD_S:.0f} s (none is running yet?)"
+                if time.monotonic() > deadline:
+                    why = f"no pretraining worker heard of the stop within {UNHEARD_S:.0f} s (none is running yet?)"
+                    break
+            else:  # heard: the workers commit and stop; bounded as Ray bounds a stopped job
+                if self.over.wait(STOP_GRACE_S):
+                    return
+                why = f"the pretraining workers did not stop within {STOP_GRACE_S} s of hearing of the stop"
         except Exception as e:  # noqa: BLE001 (the flag cannot be reached: end as Ray would)
+            if self.over.is_set():
+                return
             why = f"the pretraining workers cannot be told ({type(e).__name__}: {e})"
+        if self.over.is_set():
+            return
         log(f"{why}: stopping now; a resubmission resumes from the last checkpoint", flush=True)
         _thread.interrupt_main()  # (the handler above, on SIGINT: a KeyboardInterrupt in the main thread)
 
@@ -202,7 +218,9 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
                     t = time.monotonic()
                     stopping.pretraining = kind == "pretrain"
                     outcome[kind] = STAGES[kind](stage, plan, outcome)
-                    stopping.pretraining = False
+                    if stopping.pretraining:
+                        stopping.pretraining = False
+                        stopping.over.set()
                     outcome[kind]["seconds"] = round(time.monotonic() - t, 1)
                     if outcome[kind].get("preempted") or stopping.asked:
                         outcome["not_run"] = kinds[i + 1:]
@@ -271,7 +289,7 @@ def _unanswered(uri: str) -> str | None:
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         # a certificate MLflow is told how to trust (MLFLOW_TRACKING_SERVER_CERT_PATH, _INSECURE_TLS): it answered
-        return None if isinstance(reason, ssl.SSLError) else str(reason)
+        return None if isinstance(reason, ssl.SSLCertVerificationError) else str(reason)
 
 
 def task_problem(plan: dict, here: bool = False) -> str | None:
@@ -314,7 +332,9 @@ def _data_prep(stage: dict, plan: dict, outcome: dict) -> dict:
     except DatasetError as e:
         if not e.in_a_job:
             raise
-        raise StageError(f"{e} In this job: {e.in_a_job.format(output=cfg.output)}.") from None
+        said = str(e).rstrip()
+        raise StageError(f"{said}{'' if said.endswith('.') else '.'} In this job: "
+                         f"{e.in_a_job.format(output=cfg.output)}.") from None
     return {"skipped": "stage_seconds" not in summary, "dataset": summary["dataset"],
             "dataset_id": summary["dataset_id"], "examples": summary["examples"]}
 

@@ -330,7 +330,10 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
         refuse_foreign(remote, list(found))  # past it, the dataset's folders hold nothing else
         for name in (*OWNED_FILES, *OWNED_IN, WORK):  # the manifest first: the old dataset stops existing at once
             storage.remove(storage.join(remote, name))
-    state = prepare_output(staging, recipe, overwrite)
+    try:
+        state = prepare_output(staging, recipe, overwrite)
+    except DatasetError as e:  # (the conflict is in the staging copy on this machine, not at the URL)
+        raise DatasetError(str(e), e.in_a_job and e.in_a_job.replace("{output}", str(staging))) from None
     return "published" if state == "complete" else state
 
 

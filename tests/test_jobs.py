@@ -194,6 +194,6 @@ def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
     config = small_config(tmp_path / "corpus", tmp_path / "data").model_dump(mode="json")
     stage = {"kind": "data_prep", "config": config}
     with pytest.raises(StageError, match=r"In this job: choose an empty or new output for the data_prep config \(its "
-                                         "files are not a dataset's\)"):
+                                         r"files are not a dataset's\)"):
         _data_prep(stage, {}, {})
     assert (tmp_path / "data" / "notes.txt").is_file()
