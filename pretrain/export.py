@@ -65,6 +65,9 @@ def check_out(out: str | Path, what: str = "--out") -> None:
 def find_checkpoint(path: str | Path) -> Path:
     """`path` itself when it is a committed checkpoint, else the newest complete one inside it."""
     p = Path(path)
+    if not p.exists():
+        raise ExportError(f"'{path}' does not exist: give a committed checkpoint (a step-NNNNNNNN directory) or the "
+                          "checkpoint.dir that holds them")
     if (p / checkpoint.COMMIT).is_file():
         return p
     for candidate in checkpoint.committed(p):

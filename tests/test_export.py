@@ -202,6 +202,8 @@ def test_a_damaged_model_directory_is_refused(tmp_path):
 
     with pytest.raises(ExportError, match="neither a committed checkpoint"):
         export(tmp_path, tmp_path / "out")
+    with pytest.raises(ExportError, match="checkpoints/quickstrat' does not exist: give a committed checkpoint"):
+        export(tmp_path / "checkpoints" / "quickstrat", tmp_path / "out")  # a typo
     (tmp_path / "m").mkdir()
     with pytest.raises(ExportError, match="checksums.json is missing"):
         load_model(tmp_path / "m")
@@ -230,4 +232,4 @@ def test_out_holding_other_files_is_refused_not_replaced(tmp_path, capsys, monke
     (earlier / "config.json").write_text("{}")
     (earlier / "checksums.json").write_text("{}")
     assert main(["export", str(tmp_path / "no-checkpoint"), "--out", str(earlier)]) == 1
-    assert "neither a committed checkpoint" in capsys.readouterr().err
+    assert f"'{tmp_path / 'no-checkpoint'}' does not exist: give a committed checkpoint" in capsys.readouterr().err
