@@ -682,8 +682,13 @@ def _what_is_there(client, body: str) -> str:
     try:
         aliases = client.get_registered_model(name).aliases or {}
         versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
-    except Exception:  # noqa: BLE001 (no such model, or the store is down: the error itself says enough)
-        return ""
+    except Exception:  # noqa: BLE001 (no such model: the names there are; the store is down: the error says enough)
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=100))
+        except Exception:  # noqa: BLE001
+            return ""
+        return f" (the store has no model '{name}'; its models: {', '.join(names[:10]) or 'none'}" \
+               f"{', ...' if len(names) > 10 else ''})"
     said = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
     return f" ({name} has aliases: {said}; versions: {', '.join(map(str, versions)) or 'none'})"
 
