@@ -215,11 +215,12 @@ def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
         if kill_when.endswith("ctrl-c"):
             proc.send_signal(signal.SIGINT)  # (the driver only: Ray's own processes can crash on a SIGINT of theirs)
             _, err = proc.communicate(timeout=120)
-            assert "interrupted: finished work is kept; run the same command again to resume" in err, err[-3000:]
-            # 130, as for any Ctrl-C; but a task's reply still in flight can make Ray's own shutdown fail a check
-            # (its C++ "Tried to complete task that was not pending", a Ray bug): then Ray's exit status, 1
-            ray_bug = "You have likely discovered a bug in Ray" in err
-            assert proc.returncode == (1 if ray_bug else 130), err[-3000:]
+            # One line and 130, as for any Ctrl-C; but a task's reply still in flight can make Ray's core worker fail
+            # a check (its C++ "Tried to complete task that was not pending", a Ray bug, about 1 interrupt in 7),
+            # which ends the process at once, sometimes before the line: the rerun below must resume exactly anyway
+            if "You have likely discovered a bug in Ray" not in err:
+                assert "interrupted: finished work is kept; run the same command again to resume" in err, err[-3000:]
+                assert proc.returncode == 130, err[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
