@@ -185,10 +185,9 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     # A dataset that is not there, or that the model cannot take, fails every worker the same way: said once here,
     # not after max_failures restarts.
     dataset = open_dataset(cfg.data.dataset)
-    missing = dataset.missing()
-    if missing:
-        raise DatasetError(f"data.dataset '{cfg.data.dataset}' is damaged: {', '.join(missing[:3])} missing; check "
-                           f"it with python -m data_prep verify {cfg.data.dataset}")
+    damage = dataset.damage()
+    if damage:
+        raise DatasetError(damage)
     from pretrain.train import model_problem
 
     problem = model_problem(cfg, dataset.manifest)

@@ -70,6 +70,15 @@ class Dataset:
                 present[folder] = set()
         return [n for n in names if Path(n).name not in present[str(Path(n).parent)]]
 
+    def damage(self, key: str = "data.dataset") -> str | None:
+        """What the dataset lacks, said as a reason to refuse it (`key`: how the user gave it); None: nothing."""
+        missing = self.missing()
+        if not missing:
+            return None
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return (f"{key} '{self.root}' is damaged: {', '.join(missing[:3])}{more} missing; check it with "
+                f"python -m data_prep verify {self.root}, and rebuild it with data_prep run")
+
     def tokenizer_file(self, cache_dir: str | Path) -> Path:
         """A local path to the dataset's tokenizer model (copied from a remote dataset into `cache_dir`)."""
         rel = self.manifest["tokenizer"]["file"]

@@ -39,10 +39,9 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
         dataset = open_dataset(dataset_location)
     except DatasetError as e:  # (in pretraining's words: its key)
         raise DatasetError(str(e).replace("data.dataset", "--dataset", 1)) from None
-    missing = dataset.missing()
-    if missing:
-        raise DatasetError(f"dataset '{dataset.root}' is damaged: {', '.join(missing[:3])} missing; check it with "
-                           f"python -m data_prep verify {dataset.root}")
+    damage = dataset.damage("--dataset")
+    if damage:
+        raise DatasetError(damage)
     manifest = dataset.manifest
     available = manifest["splits"][split]["examples"]
     if not available:

@@ -387,11 +387,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     b = batching(cfg, topo.world)
     precision = resolve_precision(cfg, topo.device)
     dataset = open_dataset(cfg.data.dataset)
-    missing = dataset.missing()
-    if missing:
-        raise SetupError(f"data.dataset '{dataset.root}' is damaged: {', '.join(missing[:3])}"
-                         f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} missing; "
-                         f"check it with python -m data_prep verify {dataset.root}, and rebuild it with data_prep run")
+    damage = dataset.damage()
+    if damage:
+        raise SetupError(damage)
     manifest = dataset.manifest
     model_cfg = cfg.model.build(manifest["tokenizer"]["vocab_size"])
     problem = model_problem(cfg, manifest)
