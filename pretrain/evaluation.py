@@ -20,7 +20,7 @@ import torch
 
 from data_prep.dataset import DatasetError
 from pretrain.data import eval_batches, open_dataset
-from pretrain.export import FORMAT, ExportError, load_model, resolve_model
+from pretrain.export import ExportError, load_model, pretraining_problem, resolve_model
 
 
 class EvaluationError(Exception):
@@ -56,16 +56,10 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         model_dir, info = resolve_model(source, Path(scratch) / "model", uri)
-        config = json.loads((model_dir / "config.json").read_text())
-        if config.get("format", {}).get("name") != FORMAT["name"]:
-            raise EvaluationError(f"'{source}' is not a pretrained encoder with its MLM head (a fine-tuned "
-                                  "classifier?); give a pretraining checkpoint, its export or its registered version")
-        trained_on = json.loads((model_dir / "dataset.json").read_text())
-        if trained_on.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
-            raise EvaluationError(
-                f"'{source}' was trained with another tokenizer than '{dataset.root}' was built with, so the "
-                "dataset's token ids mean other pieces to it; build the dataset with the model's tokenizer: data "
-                "prep's tokenizer.path=DIR/tokenizer/spm.model, after python -m pretrain export SOURCE --out DIR")
+        problem = pretraining_problem(json.loads((model_dir / "config.json").read_text()),
+                                      json.loads((model_dir / "dataset.json").read_text()), manifest)
+        if problem:
+            raise EvaluationError(f"'{source}' {problem} ('{dataset.root}')")
         model, _ = load_model(model_dir, dev)
     seq = manifest["examples"]["max_seq_length"]
     if model.config.max_position < seq:

@@ -44,6 +44,20 @@ class ExportError(Exception):
     """A checkpoint or model directory that cannot be used; the message says what to do."""
 
 
+def pretraining_problem(config: dict, dataset: dict, manifest: dict) -> str | None:
+    """Why a model (its config.json and dataset.json) cannot read a dataset's examples as pretraining does (None:
+    it can), worded to follow the model's name: not a pretrained encoder, or another tokenizer's token ids."""
+    if config.get("format", {}).get("name") != FORMAT["name"]:
+        return ("is not a pretrained encoder with its MLM head (a fine-tuned classifier?); give a pretraining "
+                "checkpoint, its export or its registered version")
+    if dataset.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
+        return ("was trained with another tokenizer than the dataset was built with, so the dataset's token ids "
+                "mean other pieces to it; build the dataset with the model's tokenizer: data prep's "
+                "tokenizer.path=<the model's dataset>/tokenizer/spm.model, or DIR/tokenizer/spm.model after "
+                "python -m pretrain export SOURCE --out DIR")
+    return None
+
+
 def check_out(out: str | Path, what: str = "--out") -> None:
     """Refuse an output directory (`what` names it in the error) that holds anything but an earlier model directory
     (ours, transformers' or a pulled MLflow model): writing the new one replaces it whole, which would delete

@@ -334,19 +334,17 @@ def _initial_weights(cfg: PretrainConfig, model: BertForPretraining, manifest: d
 
 def _init_problem(src_config: dict, dataset: dict, model: BertForPretraining, manifest: dict) -> str | None:
     """Why the source's weights cannot start this run (None: they can)."""
-    from pretrain.export import FORMAT
+    from pretrain.export import pretraining_problem
 
-    if src_config.get("format", {}).get("name") != FORMAT["name"]:
-        return "is not a pretrained encoder (a fine-tuned classifier?); give a pretraining checkpoint or its export"
+    problem = pretraining_problem(src_config, dataset, manifest)
+    if problem:
+        return problem
     mine, theirs = model.config.__dict__, src_config["model"]
     changed = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items()
                if k not in ("dropout", "attention_dropout") and theirs.get(k) != v]
     if changed:
         return (f"its model differs ({', '.join(changed)}): give this run the model config it was trained with "
                 "(model.preset and overrides)")
-    if dataset.get("tokenizer_sha256") != manifest["tokenizer"]["sha256"]:
-        return ("its tokenizer is not data.dataset's: build the dataset with the same tokenizer (data prep's "
-                "tokenizer.path=<the first dataset>/tokenizer/spm.model)")
     return None
 
 
