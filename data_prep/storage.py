@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -133,8 +134,11 @@ def remove(url: str) -> None:
 def staging_dir(url: str, kind: str) -> Path:
     """A local directory that belongs to the output at `url` (the same one on every run on this machine, so an
     interrupted run resumes from it): under $BERTFORGE_STAGING, else the system's temporary directory."""
-    base = Path(os.environ.get("BERTFORGE_STAGING") or Path(tempfile.gettempdir()) / "bertforge-staging")
-    return base / f"{kind}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    return _staging_base() / f"{kind}-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
+def _staging_base() -> Path:
+    return Path(os.environ.get("BERTFORGE_STAGING") or Path(tempfile.gettempdir()) / "bertforge-staging")
 
 
 def local_copy(url: str) -> str:
@@ -151,6 +155,40 @@ def local_copy(url: str) -> str:
 
 def clear_local(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+SCRATCH = "scratch"  # in the staging area: the private directories of running processes
+STALE_S = 60.0  # a scratch directory whose lock nobody holds this long after it was made is a dead process's
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A private directory for the block, removed after it. While it exists, its process holds a lock on it, so
+    one that a killed process left behind (a force-cancelled Ray task never runs its cleanup) is removed by the
+    next process that makes one on this machine."""
+    parent = _staging_base() / SCRATCH
+    parent.mkdir(parents=True, exist_ok=True)
+    _sweep(parent)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        with open(path / ".lock", "w", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a new file: nobody else holds it)
+            yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep(parent: Path) -> None:
+    """Remove the scratch directories in `parent` whose owner is gone (their lock is free)."""
+    for lock_path in parent.glob("*/.lock"):
+        try:
+            if time.time() - lock_path.stat().st_mtime < STALE_S:
+                continue  # (one being made: its owner may not hold the lock yet)
+            with open(lock_path, "a", encoding="utf-8") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(lock_path.parent, ignore_errors=True)
+        except OSError:  # held (BlockingIOError), or removed meanwhile by another sweeper
+            continue
 
 
 LOCKS = "locks"  # in the staging area: the lock files of outputs and checkpoint directories

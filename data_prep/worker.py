@@ -7,12 +7,11 @@ any number of times.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -151,21 +150,18 @@ def _write_unit(unit: Unit, cfg: DataPrepConfig, tokenizer_path: str, out_dir: s
     params = ExampleParams.from_config(cfg.examples, sp.GetPieceSize())
     word_start = table if cfg.examples.whole_word_mask else None
     remote = out_dir if storage.is_remote(out_dir) else None
-    root = Path(tempfile.mkdtemp(prefix=f"unit-{unit.index:06d}-")) if remote else Path(out_dir)
-    writers = {s: ShardWriter(root, s, unit.index, cfg.shards.examples_per_shard) for s in SPLITS}
-    try:
-        record = _fill(unit, cfg, sp, params, word_start, writers, t0)
-        if remote:
-            for shard in record["shards"]:
-                storage.upload(root / shard["name"], storage.join(remote, shard["name"]))
-        return record
-    except BaseException:
-        for w in writers.values():  # a retry may run in this same process: leave no writer behind
-            w.abort()
-        raise
-    finally:
-        if remote:
-            shutil.rmtree(root, ignore_errors=True)
+    with storage.scratch(f"unit-{unit.index:06d}-") if remote else contextlib.nullcontext(Path(out_dir)) as root:
+        writers = {s: ShardWriter(root, s, unit.index, cfg.shards.examples_per_shard) for s in SPLITS}
+        try:
+            record = _fill(unit, cfg, sp, params, word_start, writers, t0)
+            if remote:
+                for shard in record["shards"]:
+                    storage.upload(root / shard["name"], storage.join(remote, shard["name"]))
+            return record
+        except BaseException:
+            for w in writers.values():  # a retry may run in this same process: leave no writer behind
+                w.abort()
+            raise
 
 
 def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start: bytes | None,

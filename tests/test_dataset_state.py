@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -189,6 +190,37 @@ def test_aborted_writer_leaves_only_finished_shards(tmp_path):
     w.abort()
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
     assert names == ["shard-000000-00000.tar"]
+
+
+def test_a_killed_workers_scratch_directory_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A force-cancelled Ray task never runs its cleanup: the shards it staged for upload stay on the disk. The
+    next scratch directory made on the machine removes them, but never one whose process is alive."""
+    import signal
+    import subprocess
+    import sys
+
+    from data_prep import storage
+
+    monkeypatch.setenv("BERTFORGE_STAGING", str(tmp_path / "staging"))
+    code = ("import sys, time\nfrom data_prep import storage\nwith storage.scratch('unit-000001-') as d:\n"
+            "    (d / 'shard.tar').write_bytes(b'x' * 1000)\n    print(d, flush=True)\n    time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    killed, alive = (subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+                     for _ in range(2))
+    try:
+        dead_dir, live_dir = Path(killed.stdout.readline().strip()), Path(alive.stdout.readline().strip())
+        assert (dead_dir / "shard.tar").is_file() and (live_dir / "shard.tar").is_file()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        with storage.scratch("unit-000002-") as mine:  # too soon: a directory being made is never taken
+            assert dead_dir.is_dir() and mine.is_dir()
+        assert not mine.exists()
+        monkeypatch.setattr(storage, "STALE_S", 0.0)
+        with storage.scratch("unit-000002-"):
+            assert not dead_dir.exists() and (live_dir / "shard.tar").is_file()
+    finally:
+        alive.kill()
+        killed.kill()
 
 
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small_corpus, tmp_path):
