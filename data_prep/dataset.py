@@ -130,6 +130,13 @@ def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> 
     return "; ".join(said[:6]) + ("; ..." if len(said) > 6 else "")
 
 
+def unfinished_other(output: str | Path) -> DatasetError:
+    """The refusal of an output that holds another run's unfinished dataset, with shards written already."""
+    return DatasetError(f"'{output}' holds an unfinished dataset made with a different config or different input "
+                        "files, with shards already written. Pass --overwrite to discard it, or rerun it as it was "
+                        "started.", UNFINISHED)
+
+
 def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> str:
     """Decide what to do with `root`: 'complete' (nothing to do), 'resume' or 'fresh'. `changed(manifest)` says how
     this run differs from a finished dataset found there (for the refusal)."""
@@ -155,10 +162,7 @@ def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> st
         if same and not overwrite:
             return "resume"
         if not overwrite and any((root / WORK / "units").glob("*.json")):
-            raise DatasetError(
-                f"'{root}' holds an unfinished dataset made with a different config or different input files, "
-                "with shards already written. Pass --overwrite to discard it, or rerun it as it was started.",
-                UNFINISHED)
+            raise unfinished_other(root)
         clear(root)  # nothing finished yet (e.g. the tokenizer step failed): start over, stray shards too
         return "fresh"
     elif root.exists() and any(root.iterdir()) and not overwrite:

@@ -24,8 +24,8 @@ from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
     DELETE_IT, MANIFEST, NOT_A_DATASET, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK,
-    DatasetError, build_manifest,
-    build_report, parse_manifest, prepare_output, read_manifest, recipe_hash, refuse_foreign, what_changed,
+    DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
+    refuse_foreign, unfinished_other, what_changed,
 )
 from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.shards import write_whole
@@ -235,6 +235,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             if state == "fresh":
                 write_json_atomic(work / "config.json",
                                   {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
+                if remote:
+                    storage.upload(work / "config.json", storage.join(remote, WORK_CONFIG))
         except OSError as e:
             raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
         if state == "resume":
@@ -260,8 +262,14 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             if remote:  # workers on any node read the tokenizer from, and write shards to, the object store
                 worker_tok, out = storage.join(remote, WORK, TOKENIZER_MODEL), remote
                 storage.upload(tok, worker_tok)
-            _run_units(write_unit, todo, (cfg, worker_tok, out), cfg.ray,
-                       lambda u, rec: write_json_atomic(work / "units" / f"unit-{u.index:06d}.json", rec), "shards")
+
+            def unit_done(unit: Unit, record: dict) -> None:
+                path = work / "units" / f"unit-{unit.index:06d}.json"
+                write_json_atomic(path, record)
+                if remote:  # (after its shards, which its worker uploaded)
+                    storage.upload(path, storage.join(remote, WORK, "units", path.name))
+
+            _run_units(write_unit, todo, (cfg, worker_tok, out), cfg.ray, unit_done, "shards")
             stages["shards"] = time.monotonic() - t0 - sum(stages.values())
         records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
         _finish(root, cfg, sources, tok, records, recipe)
@@ -303,8 +311,9 @@ def _outside(sources: list[Source], output: str) -> list[Source]:
 
 
 def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, changed=None) -> str:
-    """As `prepare_output` for a dataset at an object-store URL, whose unfinished state lives in `staging`:
-    'complete', 'published' (finished in staging, not yet uploaded), 'resume' or 'fresh'."""
+    """As `prepare_output` for a dataset at an object-store URL: 'complete', 'published' (finished in `staging`,
+    not yet uploaded), 'resume' or 'fresh'. An unfinished dataset keeps its state (work config, tokenizer, the
+    finished units' records) both in `staging` and at the URL, so any machine can resume it."""
     try:
         found = storage.listing(remote)
     except Exception as e:  # credentials, endpoint, bucket: say where, not a traceback
@@ -330,11 +339,44 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
         refuse_foreign(remote, list(found))  # past it, the dataset's folders hold nothing else
         for name in (*OWNED_FILES, *OWNED_IN, WORK):  # the manifest first: the old dataset stops existing at once
             storage.remove(storage.join(remote, name))
+        found = {}
+    # The unfinished state at the URL is the one that counts (the staging copy is this machine's cache of it):
+    # a rerun on another machine resumes from it, and a copy here of another run's is never trusted.
+    theirs = _recipe_of(storage.join(remote, WORK_CONFIG)) if WORK_CONFIG in found else None
+    if theirs not in (None, recipe):
+        if any(n.startswith(f"{WORK}/units/") for n in found):
+            raise unfinished_other(remote)
+        for name in (*OWNED_IN, WORK):  # nothing finished yet: start over, stray shards too
+            storage.remove(storage.join(remote, name))
+    if theirs != recipe or _recipe_of(staging / WORK_CONFIG) not in (None, recipe):
+        storage.clear_local(staging)
     try:
         state = prepare_output(staging, recipe, overwrite)
     except DatasetError as e:  # (the conflict is in the staging copy on this machine, not at the URL)
         raise DatasetError(str(e), e.in_a_job and e.in_a_job.replace("{output}", str(staging))) from None
+    if theirs == recipe and state != "complete":  # what the URL has and this machine lacks: the tokenizer, the finished units' records
+        for name in found:
+            if name.startswith(f"{WORK}/") and not (staging / name).exists() and \
+                    (name.startswith(f"{WORK}/units/") or name in (WORK_CONFIG, f"{WORK}/{TOKENIZER_MODEL}")):
+                storage.download(storage.join(remote, name), staging / name)
+        state = "resume" if state == "fresh" else state
     return "published" if state == "complete" else state
+
+
+WORK_CONFIG = f"{WORK}/config.json"
+
+
+def _recipe_of(work_config: str | Path) -> str | None:
+    """The recipe hash an unfinished dataset's work config records ('' when it is damaged; None: no such file)."""
+    try:
+        text = storage.read_text(work_config) if isinstance(work_config, str) else \
+            work_config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        return str(json.loads(text).get("recipe_hash") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:

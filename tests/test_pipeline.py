@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, small_config
+from conftest import BUCKET, REPO, run_cli, small_config
 from data_prep.config import CLS_ID, MASK_ID, SEP_ID
 
 pytestmark = pytest.mark.slow
@@ -230,6 +231,41 @@ def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     assert tree_digest(out) == tree_digest(reference)
+
+
+def test_a_killed_job_writing_to_an_object_store_resumes_on_another_machine(tmp_path, built, s3):
+    """An object-store output keeps its unfinished state at its URL: a job killed mid-shards and rerun on another
+    machine (another staging directory) skips the units it finished there, and ends with the bytes of an
+    uninterrupted run."""
+    env, fs = s3
+    _, _, reference, _ = built
+    url = f"s3://{BUCKET}/resume-{tmp_path.name}"
+    cfg_file = config_file(reference, url, tmp_path / "cfg.yaml", num_cpus=1)  # one task at a time
+    machine = {name: {**os.environ, **env, "BERTFORGE_STAGING": str(tmp_path / name)} for name in ("a", "b")}
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "run", str(cfg_file)], cwd=REPO, env=machine["a"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    records = f"{BUCKET}/resume-{tmp_path.name}/.work/units"
+    deadline = time.monotonic() + 120
+    try:
+        while not fs.exists(records) or not fs.ls(records, refresh=True):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGSTOP)  # (at once: its next unit must not finish the job)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    units = len(json.loads((reference / "report.json").read_text())["files"])
+    assert not fs.exists(f"{BUCKET}/resume-{tmp_path.name}/manifest.json")
+    r = subprocess.run([sys.executable, "-m", "data_prep", "run", str(cfg_file)], cwd=REPO, env=machine["b"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout and re.search(r"(\d+) of (\d+) units already written; skipping them", r.stdout), \
+        r.stdout
+    ours = json.loads(fs.cat_file(f"{BUCKET}/resume-{tmp_path.name}/manifest.json"))
+    theirs = json.loads((reference / "manifest.json").read_text())
+    assert ours["splits"] == theirs["splits"] and ours["tokenizer"] == theirs["tokenizer"]
+    assert not fs.exists(f"{BUCKET}/resume-{tmp_path.name}/.work") and units
 
 
 def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
