@@ -284,7 +284,11 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     steps_per_epoch = math.ceil(per_rank / t.micro_batch_size)
     total = t.epochs * steps_per_epoch
     schedule = Schedule(t.schedule, round(t.warmup_ratio * total), total)
-    autocast = contextlib.nullcontext
+
+    def bf16():
+        return torch.autocast(topo.device.type, dtype=torch.bfloat16)
+
+    autocast = contextlib.nullcontext  # around the model's forward; the DeepSpeed engine autocasts its own
     if cfg.deepspeed.enabled:
         from pretrain.engine import Batching, build_engine, engine_weights
 
@@ -297,8 +301,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         model.to(topo.device)
         stepper = _PlainStepper(model, cfg, schedule, topo.device)
         if precision == "bf16":
-            def autocast():
-                return torch.autocast(topo.device.type, dtype=torch.bfloat16)
+            autocast = bf16
 
         def weights():
             return {n: w.detach().float().cpu().clone() for n, w in model.state_dict().items()}
@@ -372,6 +375,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                 logits = stepper(ids, types, mask)
             loss = F.cross_entropy(logits.float(), y)
             stepper.backward(loss)
+            lr = stepper.get_lr()[0]  # the rate this step's update uses (the step moves the schedule on)
             stepper.step()
             step += 1
             window_loss += loss.detach()
@@ -384,7 +388,6 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                                            "; if it is not finite from the first steps on, check the source model's "
                                            "weights (a damaged checkpoint)"))
                 rate = window_n * t.micro_batch_size * topo.world / (time.perf_counter() - window_start)
-                lr = stepper.get_lr()[0]
                 tracker.log(step, {"train_loss": mean, "lr": lr, "epoch": step / steps_per_epoch})
                 tracker.print(f"epoch {epoch + 1}/{t.epochs} step {step}/{total} | loss {mean:.4f} | lr {lr:.2e} | "
                               f"{rate:,.0f} seq/s")
@@ -408,7 +411,9 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         scorer = BertForSequenceClassification(model_cfg, k, t.classifier_dropout)
         scorer.load_state_dict(best["state"])
         scorer.to(topo.device).eval()
-        m = evaluate(scorer, sp, test, max_len, t.micro_batch_size, k, topo, autocast)
+        # (in validation's precision: a plain module, so bf16 is autocast here whichever path trained it)
+        m = evaluate(scorer, sp, test, max_len, t.micro_batch_size, k, topo,
+                     bf16 if precision == "bf16" else contextlib.nullcontext)
         final.update({f"test_{n}": v for n, v in m.items()})
         tracker.log(step, {f"test_{n}": v for n, v in m.items()})
     save(best["state"], best["step"], best["epoch"], final)

@@ -138,6 +138,13 @@ def test_a_pair_task_from_csv_with_string_labels(registered, tmp_path):
     assert summary["labels"] == ["entailment", "other"] and 0.0 <= summary["metrics"]["test_macro_f1"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_accuracy" in r for r in records) and any("test_accuracy" in r for r in records)
+    from pretrain.engine import Schedule
+
+    total = summary["steps"]  # each logged rate is the one that step's update used (the last: above 0)
+    schedule = Schedule("linear", round(0.1 * total), total)
+    logged = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert logged and total in logged, logged
+    assert all(lr == pytest.approx(5e-5 * schedule(step - 1)) for step, lr in logged.items()), logged
     training = json.loads((tmp_path / "out" / "model" / "training.json").read_text())
     assert training["task_files"]["train"]["sha256"] and training["init"] == "pretrained"
 
