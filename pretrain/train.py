@@ -144,6 +144,26 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         tracker.print("resuming with changed settings: " + "; ".join(changed))
 
 
+def _rate_change(before: dict, cfg: PretrainConfig, step: int) -> str | None:
+    """The learning rate's jump at a resume whose schedule settings changed (a raised train.max_steps stretches the
+    decay to the new end, so the rate goes back up), with the rates either side; None when the next step's rate is
+    within 1% of what the checkpoint's schedule gave it."""
+    from pretrain.engine import Schedule
+
+    t = cfg.train
+    try:
+        old = Schedule(before["schedule"], before["warmup_steps"], before["max_steps"],
+                       before.get("min_lr_ratio", 0.0), before.get("poly_power", 0.5))
+        last, planned = before["lr"] * old(max(0, step - 1)), before["lr"] * old(step)
+    except (KeyError, TypeError):
+        return None
+    new = t.lr * Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)(step)
+    if abs(new - planned) <= 0.01 * abs(planned):
+        return None
+    return (f"the learning rate goes from {last:.3g} (step {step}) to {new:.3g} (step {step + 1}): the schedule "
+            f"is now the changed train settings' (warmup {t.warmup_steps}, {t.schedule} decay to step {t.max_steps})")
+
+
 def _all_reduce(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """All-reduce a small CPU tensor through `device` (NCCL reduces CUDA tensors only); returns it on CPU."""
     on = t.to(device)
@@ -223,6 +243,9 @@ def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, la
                 f"written, so {kept} to resume from the one before it, or rerun once the cause is fixed")
         tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
         apply_hyperparameters(engine, cfg)
+        jump = _rate_change(client["config"].get("train", {}), cfg, client["step"])
+        if jump:
+            tracker.print(jump)
         return client
     if candidates:
         raise checkpoint.CheckpointError(

@@ -119,6 +119,8 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
     m = read_metrics(tmp / "ck")
     assert sorted(m) == list(range(1, 91))
     assert m[90]["lr"] == pytest.approx(2e-3 / 85)  # the linear decay to the new max_steps (warmup 5)
+    assert f"the learning rate goes from {2e-3 / 75:.3g} (step 80) to {m[81]['lr']:.3g} (step 81)" in out.stdout
+    assert m[81]["lr"] == pytest.approx(2e-3 * 10 / 85)
     old = json.loads((ck / "step-00000080" / "client.json").read_text())["mlflow_run_id"]
     new = json.loads((tmp / "ck" / "step-00000090" / "client.json").read_text())["mlflow_run_id"]
     assert new == old
@@ -136,6 +138,7 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
 
     again = run_pretrain(conf, "train.max_steps=90")  # nothing left to do
     assert again.returncode == 0 and "0 steps to go" in again.stdout
+    assert "resuming from" in again.stdout and "the learning rate goes" not in again.stdout  # (the same schedule)
     below = run_pretrain(conf, "train.max_steps=85")
     assert below.returncode == 0 and "0 steps to go (the checkpoint is at step 90, past train.max_steps=85: " \
         "raise it to train on)" in below.stdout, below.stdout
