@@ -4,10 +4,14 @@ The order is defined without reference to ranks or loader workers, so a resumed 
 where it stopped and a run on 1 rank sees the same global batches as one on 2:
 
 * The train split is cut into pieces: whole shards, or every k-th example of a shard when there are
-  fewer shards than streams. Each epoch permutes the pieces with (seed, epoch) and deals them to
-  `S` streams round-robin. A stream walks its pieces in groups of about `shuffle_buffer` examples
-  and yields each group in an order drawn from (seed, epoch, stream, group). Streams are endless:
-  each moves into its next epoch on its own, so no rank ever runs dry (no hang at an epoch end).
+  fewer shards than streams. Each epoch permutes the pieces with (seed, epoch) and deals them to `S`
+  streams, the largest first, each to the stream with the fewest examples so far; a stream reads its
+  pieces in the permuted order. (Shards differ in size, a unit's last one is partial: dealt
+  round-robin, the streams of 20 units' shards differed by up to 70% in a test, so an epoch of steps
+  repeated part of the smallest stream and left part of the largest unread.) A stream walks its
+  pieces in groups of about `shuffle_buffer` examples and yields each group in an order drawn from
+  (seed, epoch, stream, group). Streams are endless: each moves into its next epoch on its own, so
+  no rank ever runs dry (no hang at an epoch end).
 * Global micro batch k is the (k // S)-th batch of B examples of stream k % S. Rank r of W takes
   k = i * W + r for its i-th micro batch, so with accumulation the optimizer step t covers global
   micro batches [t * A * W, (t + 1) * A * W).
@@ -17,6 +21,7 @@ where it stopped and a run on 1 rank sees the same global batches as one on 2:
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import tarfile
@@ -149,19 +154,48 @@ class Piece:
     count: int
 
 
+# How an epoch's pieces go to the streams. Checkpoints whose cursor names no deal were dealt round-robin, and a run
+# resumed from one keeps that order.
+DEALS = ("balanced", "round-robin")
+
+
 class StreamPlan:
     """The endless, seekable example streams of one split (see the module docstring)."""
 
-    def __init__(self, shards: list[tuple[str, int]], streams: int, seed: int, shuffle_buffer: int):
+    def __init__(self, shards: list[tuple[str, int]], streams: int, seed: int, shuffle_buffer: int,
+                 deal: str = "balanced"):
+        if deal not in DEALS:
+            raise ValueError(f"deal must be one of {DEALS}, not {deal!r}")
         parts = max(1, math.ceil(streams / len(shards)))
         self.pieces = [Piece(url, j, parts, len(range(j, n, parts))) for url, n in shards for j in range(parts)]
-        self.streams, self.seed = streams, seed
+        self.streams, self.seed, self.deal = streams, seed, deal
         mean = sum(p.count for p in self.pieces) / len(self.pieces)
         self.group_pieces = max(1, math.ceil(shuffle_buffer / max(mean, 1)))
+        self._dealt: tuple[int, list[list[int]]] | None = None  # the last epoch's deal
+
+    def dealt(self, epoch: int) -> list[list[int]]:
+        """Each stream's pieces (indices) in epoch `epoch`, in the order it reads them."""
+        if self._dealt is None or self._dealt[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            order = rng.permutation(len(self.pieces)).tolist()
+            if self.deal == "round-robin":
+                out = [order[s::self.streams] for s in range(self.streams)]
+            else:  # the largest pieces first, each to the stream with the fewest examples so far; a stream then
+                # reads its pieces in the epoch's order (ties of size go by that order, ties of load by a drawn one)
+                rank = {i: r for r, i in enumerate(order)}
+                out = [[] for _ in range(self.streams)]
+                loads = [(0, tie, s) for s, tie in enumerate(rng.permutation(self.streams).tolist())]
+                heapq.heapify(loads)
+                for i in sorted(order, key=lambda i: (-self.pieces[i].count, rank[i])):
+                    load, tie, s = heapq.heappop(loads)
+                    out[s].append(i)
+                    heapq.heappush(loads, (load + self.pieces[i].count, tie, s))
+                out = [sorted(mine, key=rank.__getitem__) for mine in out]
+            self._dealt = (epoch, out)
+        return self._dealt[1]
 
     def groups(self, stream: int, epoch: int) -> list[list[Piece]]:
-        order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.pieces))
-        mine = [self.pieces[i] for i in order[stream::self.streams]]
+        mine = [self.pieces[i] for i in self.dealt(epoch)[stream]]
         g = self.group_pieces
         return [mine[i:i + g] for i in range(0, len(mine), g)]
 

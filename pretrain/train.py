@@ -133,7 +133,7 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         raise checkpoint.CheckpointError(
             f"checkpoint {path} was trained on dataset {client['dataset_id']}, data.dataset is {dataset_id}; "
             "resume on the same dataset, or use a new checkpoint.dir")
-    old_layout = {k: client["cursor"][k] for k in layout}
+    old_layout = {k: client["cursor"].get(k, "round-robin" if k == "deal" else None) for k in layout}
     if old_layout != layout:
         changed = sorted(k for k in layout if old_layout[k] != layout[k])
         raise checkpoint.CheckpointError(
@@ -374,15 +374,24 @@ def _init_problem(src_config: dict, dataset: dict, model: BertForPretraining, ma
 MIN_STREAMS = 8  # by default: consecutive micro batches come from this many shards at least, not one
 
 
-def _kept_streams(cfg: PretrainConfig, candidates: list[str], readers: int) -> int | None:
-    """The stream count the newest checkpoint was trained with, where data.streams is left to its default: a
-    resumed run keeps its data order (rank 0 reads it; every rank gets the same answer)."""
-    kept: list = [None]
+def _kept_cursor(cfg: PretrainConfig, candidates: list[str]) -> dict:
+    """The newest checkpoint's data cursor ({} when there is none or it cannot be read): a resumed run keeps its
+    data order (rank 0 reads it; every rank gets the same answer)."""
+    kept: list = [{}]
     if dist.get_rank() == 0 and candidates:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            kept = [int(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"]["streams"])]
+            kept = [dict(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"])]
     dist.broadcast_object_list(kept, src=0)
-    return kept[0] if kept[0] and kept[0] % readers == 0 else None
+    return kept[0]
+
+
+def _kept_streams(cursor: dict, readers: int) -> int | None:
+    """The stream count of a checkpoint's cursor, where data.streams is left to its default."""
+    try:
+        kept = int(cursor["streams"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return kept if kept and kept % readers == 0 else None
 
 
 def _shown(path: Path, checkpoint_url: str | None) -> str:
@@ -419,12 +428,14 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     workers = cfg.data.num_workers
     readers = topo.world * max(1, workers)
     candidates = _resume_point(cfg, topo.world, tracker)
-    streams = cfg.data.streams or _kept_streams(cfg, candidates, readers) or readers * math.ceil(MIN_STREAMS / readers)
+    cursor = _kept_cursor(cfg, candidates)
+    streams = cfg.data.streams or _kept_streams(cursor, readers) or readers * math.ceil(MIN_STREAMS / readers)
     if streams % readers:
         raise SetupError(f"data.streams ({streams}) must be a multiple of ranks x data.num_workers "
                          f"({topo.world} x {max(1, workers)})")
     layout = {"streams": streams, "micro_batch_size": b.micro, "seed": cfg.seed,
-              "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking}
+              "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking,
+              "deal": cursor.get("deal", "round-robin") if cursor else "balanced"}
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BertForPretraining(model_cfg, unpad=cfg.train.unpad, varlen=cfg.train.varlen_attention)
@@ -453,7 +464,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     except ConfigError as e:  # the dataset's own tokenizer, damaged
         raise DatasetError(f"{e}; check the dataset with `python -m data_prep verify`") from None
     collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=word_start)
-    plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer)
+    plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer, layout["deal"])
     loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, micro_batches, workers,
                                pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))
     cleanup.callback(_stop_workers, loader)

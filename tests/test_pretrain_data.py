@@ -38,6 +38,27 @@ def test_each_epoch_covers_every_example_once(ds, streams):
     assert len(seen) == total and set(seen.values()) == {1}
 
 
+def test_streams_are_dealt_equal_shares_of_unequal_shards():
+    """Each unit's last shard is partial: dealt by size, streams hold within one piece of each other (here within
+    7%), where round-robin (the order of checkpoints that name no deal) left them up to 70% apart."""
+    import random
+
+    rng = random.Random(0)
+    shards = [(f"s{i}.tar", 1000 if i % 2 == 0 else rng.randint(1, 999)) for i in range(40)]  # 20 units
+    spreads = {}
+    for deal in ("balanced", "round-robin"):
+        plan = StreamPlan(shards, 8, seed=1, shuffle_buffer=1, deal=deal)
+        for epoch in range(5):
+            dealt = plan.dealt(epoch)
+            assert sorted(i for stream in dealt for i in stream) == list(range(len(plan.pieces)))
+            sizes = [sum(plan.pieces[i].count for i in stream) for stream in dealt]
+            spreads[deal, epoch] = max(sizes) - min(sizes)
+    assert all(spreads["balanced", e] <= 1000 for e in range(5)), spreads  # (within one piece)
+    assert sum(spreads["balanced", e] for e in range(5)) < sum(spreads["round-robin", e] for e in range(5)) / 3
+    with pytest.raises(ValueError, match="deal"):
+        StreamPlan(shards, 8, seed=1, shuffle_buffer=1, deal="random")
+
+
 def test_epochs_are_reshuffled_and_deterministic(ds):
     plan = StreamPlan(ds.shards("train"), 1, seed=1, shuffle_buffer=250)
     n = ds.manifest["splits"]["train"]["examples"]

@@ -6,6 +6,7 @@ tracking, and config errors. Runs on 2 ranks live in test_distributed.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -77,6 +78,7 @@ def test_checkpoints_are_committed_and_pruned(trained):
     client = json.loads((ck / "step-00000080" / "client.json").read_text())
     assert client["step"] == 80 and client["samples"] == 80 * 16
     assert client["cursor"]["micro_batches"] == 160 and client["cursor"]["streams"] == 2
+    assert client["cursor"]["deal"] == "balanced"
     commit = json.loads((ck / "step-00000080" / "commit.json").read_text())
     assert "rank-00000.pt" in commit["files"] and "client.json" in commit["files"]
     assert all((ck / "step-00000080" / f).stat().st_size == n for f, n in commit["files"].items())
@@ -112,9 +114,19 @@ def test_resume_continues_the_run_and_its_mlflow_run(trained, tmp_path):
         done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"train        last step: loss {last['loss']:.4f}" in done.stdout
     assert f"mlm acc {last['eval/mlm_acc']:.3f}" in done.stdout
+    # as a checkpoint written before streams were dealt by size, whose cursor names no deal: it keeps its order
+    step80 = tmp / "ck" / "step-00000080"
+    client = json.loads((step80 / "client.json").read_text())
+    del client["cursor"]["deal"]
+    (step80 / "client.json").write_text(json.dumps(client))
+    commit = json.loads((step80 / "commit.json").read_text())
+    commit["files"]["client.json"] = (step80 / "client.json").stat().st_size
+    commit["sha256"]["client.json"] = hashlib.sha256((step80 / "client.json").read_bytes()).hexdigest()
+    (step80 / "commit.json").write_text(json.dumps(commit))
     out = run_pretrain(conf, "train.max_steps=90")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stdout and "step-00000080 (step 80" in out.stdout
+    assert json.loads((tmp / "ck" / "step-00000090" / "client.json").read_text())["cursor"]["deal"] == "round-robin"
     assert "train.max_steps: 80 -> 90" in out.stdout
     m = read_metrics(tmp / "ck")
     assert sorted(m) == list(range(1, 91))
