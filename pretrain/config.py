@@ -70,6 +70,11 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the decay ends at lr x this")
     grad_clip: float = Field(1.0, ge=0.0, description="max global gradient norm (0: off)")
     masking: Literal["static", "dynamic"] = "static"
+    mlm_loss: Literal["global_mean", "micro_batch_mean"] = Field(
+        "global_mean", description="global_mean: every masked token of the step's global batch weighs the same "
+                                   "(one all-reduce of a count per step); micro_batch_mean: each micro batch's own "
+                                   "mean, as Google's and NVIDIA's BERT (a micro batch of few masked tokens, e.g. "
+                                   "short sequences, weighs its tokens more)")
     unpad: bool = Field(True, description="run the encoder on the real tokens only (the same model; saves the "
                                           "batch's padding fraction of the work); false: the padded (B, L) layout")
     varlen_attention: bool = Field(

@@ -267,9 +267,17 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> nn.Module:
 
 
 def pretraining_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, nsp_logits: torch.Tensor | None,
-                     nsp_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, mlm, nsp) losses: mean cross-entropy over masked tokens, plus over pairs when NSP is on."""
-    mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
+                     nsp_labels: torch.Tensor | None, masked_total: torch.Tensor | None = None,
+                     shares: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, mlm, nsp) losses: mean cross-entropy over masked tokens, plus over pairs when NSP is on.
+
+    With `masked_total` (the masked tokens of the whole global batch: every micro batch of the step, every rank),
+    the MLM loss is this micro batch's part of the global token mean, times `shares` (micro batches x ranks,
+    which gradient accumulation and the data-parallel average divide by): each masked token weighs the same."""
+    if masked_total is None:
+        mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
+    else:
+        mlm = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") * shares / masked_total.clamp_min(1)
     if nsp_logits is None or nsp_labels is None:
         return mlm, mlm, torch.zeros((), device=mlm.device)
     nsp = F.cross_entropy(nsp_logits.float(), nsp_labels)

@@ -522,10 +522,17 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
         lr = engine.get_lr()[0]  # the rate this step's update uses
         t_step = time.perf_counter()
+        batches: list[Batch] = []
         for _ in range(b.accumulation):
             t0 = time.perf_counter()
-            batch: Batch = next(loader)
+            batches.append(next(loader))
             window.wait += time.perf_counter() - t0
+        masked_total = None
+        if cfg.train.mlm_loss == "global_mean":  # (stays on the device: no wait for the GPU here)
+            masked_total = torch.tensor(float(sum(x.mlm_labels.numel() for x in batches)), device=topo.device)
+            if topo.world > 1:
+                dist.all_reduce(masked_total)
+        for batch in batches:
             if trace:
                 trace.write(json.dumps({"step": step + 1, "keys": batch.keys}) + "\n")
             sums[MICRO] += 1
@@ -535,7 +542,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
             batch = batch.to(topo.device)
             mlm_logits, nsp_logits = engine(batch.input_ids, batch.token_type_ids, batch.attention_mask,
                                             batch.masked_positions)
-            loss, mlm, nsp = pretraining_loss(mlm_logits, batch.mlm_labels, nsp_logits, batch.nsp_labels)
+            loss, mlm, nsp = pretraining_loss(mlm_logits, batch.mlm_labels, nsp_logits, batch.nsp_labels,
+                                              masked_total, b.accumulation * topo.world)
             if cfg.debug.nan_at_step == step + 1:
                 loss = loss * float("nan")
             engine.backward(loss)

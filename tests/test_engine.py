@@ -54,6 +54,35 @@ for variant in ("zero1", "padded", "varlen"):
         engine.step()
         curve.append(loss.item())
     out[variant + "_curve"] = curve
+# the MLM loss's global mean through the engine's gradient accumulation: micro batches of ~19 and 2 masked tokens,
+# against one token mean over both (and the micro batch means, which weigh the 2 tokens ~10x more)
+import torch.nn.functional as F
+from pretrain.model import pretraining_loss
+x = g.make_batches(c.vocab_size, 1, 4, 32, seed=5, min_fill=1.0)[0]
+few = dict(x, positions=x["positions"][:2], labels=x["labels"][:2])
+total = torch.tensor(float(x["labels"].numel() + 2))
+grads = {{}}
+for mode in ("global_mean", "micro_batch_mean"):
+    torch.manual_seed(0)
+    engine = g.engine_for(c, "zero0", 4, "fp32", device, accumulation=2, grad_clip=0.0)
+    start = {{k: v.clone() for k, v in engine.module.state_dict().items()}}
+    for b in (x, few):
+        mlm, nsp = engine(b["ids"], b["types"], b["mask"], b["positions"])
+        engine.backward(pretraining_loss(mlm, b["labels"], nsp, b["nsp"],
+                                         total if mode == "global_mean" else None, 2)[0])
+    grads[mode] = torch.cat([p.grad.flatten() for p in engine.module.parameters()])
+ref = BertForPretraining(c)
+ref.load_state_dict(start)
+ce = nsp_sum = 0.0
+for b in (x, few):
+    mlm, nsp = ref(b["ids"], b["types"], b["mask"], b["positions"])
+    ce = ce + F.cross_entropy(mlm.float(), b["labels"], reduction="sum")
+    nsp_sum = nsp_sum + F.cross_entropy(nsp.float(), b["nsp"])
+(ce / total + nsp_sum / 2).backward()
+want = torch.cat([p.grad.flatten() for p in ref.parameters()])
+out["masked"] = [int(x["labels"].numel()), 2]
+for mode, got in grads.items():
+    out[mode] = float((got - want).norm() / want.norm())
 print("RESULT " + json.dumps(out))
 """
 
@@ -90,6 +119,15 @@ def test_bf16_training_is_the_same_padded_unpadded_and_with_varlen_attention():
     for variant in ("zero1", "varlen"):
         curve = got[variant + "_curve"]
         assert max(abs(a - b) for a, b in zip(curve, padded)) < 0.03, (variant, curve, padded)
+
+
+def test_the_global_mlm_mean_weighs_every_masked_token_the_same_through_accumulation():
+    """train.mlm_loss=global_mean through DeepSpeed's accumulation (which divides each micro batch's loss by
+    their count) gives the gradient of one token mean over the step's masked tokens; micro batch means do not."""
+    got = probe()
+    assert got["masked"][0] > 5 * got["masked"][1], got["masked"]
+    assert got["global_mean"] < 1e-5, got
+    assert got["micro_batch_mean"] > 0.05, got
 
 
 def test_deepspeed_is_prepared_before_it_starts(monkeypatch):
