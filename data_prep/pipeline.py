@@ -32,7 +32,7 @@ from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
-from data_prep.tokenizer import sha256_file, train
+from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, sha256_file, train
 from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
 
 log = print  # progress and summaries go to stdout; warnings to stderr
@@ -407,8 +407,12 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
 
     t = time.monotonic()
     log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}", flush=True)
-    train(sentences(), cfg.tokenizer, tok)
+    seen = train(sentences(), cfg.tokenizer, tok)
     log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
+    if seen["too_long"] > 0.01 * seen["sentences"]:
+        print(f"warning: {seen['too_long']:,} of the {seen['sentences']:,} sampled sentences are longer than "
+              f"{MAX_TRAINING_SENTENCE_BYTES} bytes and did not train the tokenizer: if the corpus's lines are "
+              "paragraphs, set read.split_sentences=always", file=sys.stderr)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
@@ -480,10 +484,23 @@ def advice(config: dict, report: dict) -> list[str]:
         out.append(f"{single:,} of {docs:,} documents are a single sentence, which gives no NSP pair of its own; "
                    "if they are running text (e.g. .txt files of one document each, its sentences on shared lines), "
                    "set read.split_sentences=always")
-    if config["val_fraction"] > 0 and not report["examples"].get("val"):
+    length = config["examples"]["max_seq_length"]
+    per_sentence = report["tokens"] / max(report["sentences"], 1)
+    if per_sentence > length / 2 and config["read"]["split_sentences"] != "always":
+        made = sum(report["example_tokens"].values()) / max(config["examples"].get("dupe_factor", 1), 1)
+        out.append(f"the corpus's sentences average {per_sentence:,.0f} tokens, over half of "
+                   f"examples.max_seq_length={length}: an example holds one or two and cuts the rest (its examples "
+                   f"keep {min(1.0, made / max(report['tokens'], 1)):.0%} of the text; truncated "
+                   f"{report['truncation_rate']:.0%}). If the lines are paragraphs or whole documents, set "
+                   "read.split_sentences=always")
+    if not report["examples"].get("train"):
+        out.append(f"the train split is empty: there is nothing to pretrain on; lower val_fraction (now "
+                   f"{config['val_fraction']:g}) or add documents")
+    elif config["val_fraction"] > 0 and not report["examples"].get("val"):
         out.append(f"the val split is empty: val_fraction={config['val_fraction']:g} of {docs:,} documents drew "
-                   f"none (each document is drawn on its own); raise it to {min(0.5, 20 / max(docs, 1)):.2g} or more "
-                   "for a val split to evaluate on")
+                   "none (each document is drawn on its own); " +
+                   (f"raise it to {20 / docs:.2g} or more for a val split to evaluate on" if docs >= 100 else
+                    f"{docs:,} documents are too few to spare some for evaluation: add documents"))
     return out
 
 

@@ -31,12 +31,21 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> None:
-    """Train on `sentences` (already a sample of the corpus) and write the model to `out_path` atomically."""
+def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> dict[str, int]:
+    """Train on `sentences` (already a sample of the corpus) and write the model to `out_path` atomically;
+    returns {"sentences": how many, "too_long": how many of them sentencepiece left out for their length}."""
     buf = io.BytesIO()
+    seen = {"sentences": 0, "too_long": 0}
+
+    def counted() -> Iterable[str]:
+        for s in sentences:
+            seen["sentences"] += 1
+            seen["too_long"] += len(s.encode("utf-8")) > MAX_TRAINING_SENTENCE_BYTES
+            yield s
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=counted(),
             model_writer=buf,
             vocab_size=cfg.vocab_size,
             model_type=cfg.model_type,
@@ -54,13 +63,18 @@ def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> Non
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise TokenizerError(_explain_training_error(str(e), cfg)) from None
+        raise TokenizerError(_explain_training_error(str(e), cfg, **seen)) from None
     from data_prep.shards import write_whole
 
     write_whole(out_path, lambda tmp: tmp.write_bytes(buf.getvalue()))  # (on disk before the records that follow)
+    return seen
 
 
-def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:
+def _explain_training_error(msg: str, cfg: TokenizerConfig, sentences: int = 0, too_long: int = 0) -> str:
+    if sentences and too_long == sentences:
+        return (f"every one of the {sentences:,} sampled sentences is longer than {MAX_TRAINING_SENTENCE_BYTES} "
+                "bytes, which sentencepiece does not train on: the corpus's lines are paragraphs or whole "
+                "documents, not sentences. Set read.split_sentences=always to split them into sentences.")
     m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
     if m:
         return (
@@ -72,8 +86,10 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:
     if m:
         return (
             f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus: sentencepiece can learn at most "
-            f"{m.group(1)} pieces from the sampled text. Set tokenizer.vocab_size={m.group(1)} or lower, add text, "
-            f"or raise tokenizer.sample_sentences (now {cfg.sample_sentences})."
+            f"{m.group(1)} pieces from the sampled text. Set tokenizer.vocab_size={m.group(1)} or lower, or add text"
+            + (f", or raise tokenizer.sample_sentences (now {cfg.sample_sentences:,}: the sample holds every sentence "
+               "it allows)." if sentences >= cfg.sample_sentences else
+               f" (the sample already holds all {sentences:,} sentences of the corpus).")
         )
     return f"sentencepiece could not train a tokenizer: {msg.strip()} (check the tokenizer.* settings)"
 
@@ -81,6 +97,11 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig) -> str:
 def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProcessor:
     """Load a model and check that BERT's special pieces are where the rest of the system expects them."""
     p = Path(path)
+    if p.is_dir():
+        inside = next((str(q) for q in (p / "spm.model", p / "tokenizer" / "spm.model") if q.is_file()), None)
+        raise ConfigError(f"{key}: '{path}' is a directory; give the model file" +
+                          (f": {key}={inside}" if inside else " (a sentencepiece .model, e.g. DATASET/tokenizer/"
+                                                              "spm.model)"))
     if not p.is_file():
         raise ConfigError(f"{key}: '{path}' does not exist")
     sp = spm.SentencePieceProcessor()
@@ -121,14 +142,29 @@ def _cached(path: str, size: int, mtime_ns: int, key: str) -> tuple[spm.Sentence
     return sp, word_start_table(sp)
 
 
+# Scripts written without spaces between words, whose every character BERT's basic tokenizer makes a word of its
+# own (Google's covers the CJK ideographs; the kana are here too: a run of them is not one word either)
+UNSPACED = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+            (0x2A700, 0x2CEAF), (0x2F800, 0x2FA1F), (0x30000, 0x3134F))
+
+
+def unspaced(ch: str) -> bool:
+    """Whether `ch` is a character of a script written without spaces (CJK ideographs, kana)."""
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in UNSPACED)
+
+
 def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:
     """`table[id] == 1` when piece `id` begins a word (for whole-word masking).
 
-    A piece begins a word when it carries sentencepiece's space marker or starts with punctuation,
-    so `"▁word" "."` are two words, as BERT's basic tokenizer would have them.
+    A piece begins a word when it carries sentencepiece's space marker, starts with punctuation, or starts with a
+    CJK or kana character, so `"▁word" "."` are two words and so are `"中" "国"`, as BERT's basic tokenizer would
+    have them (without the last, a sentence of Chinese is one "word", too long to mask).
     """
     table = bytearray(sp.GetPieceSize())
     for i in range(sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
-        table[i] = piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not piece[:1].isalnum()
+        first = piece[:1]
+        table[i] = (piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not first.isalnum()
+                    or unspaced(first))
     return bytes(table)

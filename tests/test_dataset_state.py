@@ -245,21 +245,34 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small
 
 def test_a_finished_datasets_figures_name_the_key_to_change():
     """The summary's warnings: a text field most records lack, documents of one sentence (sentences not split),
-    an empty val split; and, before a run, a prediction cap below masked_lm_prob."""
+    sentences as long as an example (lines that are paragraphs), an empty val or train split; and, before a run, a
+    prediction cap below masked_lm_prob."""
     from data_prep.config import DataPrepConfig
     from data_prep.pipeline import advice, masking_cap
 
     config = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "text_field": "body",
                                             "val_fraction": 0.01}).content()
-    report = {"documents": 40, "examples": {"train": 300, "val": 0},
+    report = {"documents": 40, "sentences": 400, "tokens": 8000, "examples": {"train": 300, "val": 0},
+              "example_tokens": {"train": 15000, "val": 0}, "truncation_rate": 0.05,
               "bad_input": {"missing_field": 120, "single_sentence_document": 30}}
     said = advice(config, report)
     assert len(said) == 3
     assert said[0].startswith("120 records have no 'body' field and were skipped") and "set text_field" in said[0]
     assert said[1].startswith("30 of 40 documents are a single sentence") and "read.split_sentences=always" in said[1]
-    assert "the val split is empty: val_fraction=0.01 of 40 documents drew none" in said[2] and "0.5" in said[2]
-    report.update(examples={"train": 300, "val": 12}, bad_input={})
+    assert "the val split is empty: val_fraction=0.01 of 40 documents drew none" in said[2] and \
+        "40 documents are too few to spare some" in said[2]
+    report.update(documents=400, bad_input={})
+    assert "raise it to 0.05 or more" in advice(config, report)[0]
+    report.update(examples={"train": 300, "val": 12}, example_tokens={"train": 15000, "val": 600})
     assert advice(config, report) == []
+    # one paragraph per line: 60 documents of 200-token "sentences", examples of 128 tokens keep a third of the text
+    report.update(sentences=60, tokens=12000, example_tokens={"train": 3800, "val": 200}, truncation_rate=1.0)
+    (said,) = advice(config, report)
+    assert said.startswith("the corpus's sentences average 200 tokens, over half of examples.max_seq_length=128") \
+        and "keep 33% of the text; truncated 100%" in said and "set read.split_sentences=always" in said
+    report.update(sentences=400, examples={"train": 0, "val": 300})
+    assert advice(config, report) == ["the train split is empty: there is nothing to pretrain on; lower val_fraction "
+                                      "(now 0.01) or add documents"]
     long = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "examples": {"max_seq_length": 512}})
     assert "examples.max_predictions_per_seq=20 caps full-length examples at 3.9% of their tokens predicted" in \
         masking_cap(long) and "set it to 77" in masking_cap(long)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -34,12 +36,23 @@ def test_trained_model_has_bert_special_ids_and_is_deterministic(tmp_path, model
 
 
 def test_word_start_table_marks_word_initial_pieces(tmp_path):
-    train(sentences(), TokenizerConfig(vocab_size=150, threads=1), tmp_path / "m.model")
+    cjk = ["北京是中国的首都。", "東京は日本の首都です。", "我们今天学习自然语言处理。", "ひらがなとカタカナを書きます。"]
+    train(sentences() + cjk * 50, TokenizerConfig(vocab_size=200, threads=1), tmp_path / "m.model")
     sp = load(tmp_path / "m.model")
     table = word_start_table(sp)
+    spaced = 0
     for i in range(5, sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
-        assert table[i] == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
+        first = piece.lstrip("\u2581")[:1]
+        if "\u3040" <= first <= "\u9fff":  # CJK and kana: every character starts a word, as BERT's basic tokenizer
+            assert table[i] == 1, piece
+        else:
+            spaced += 1
+            assert table[i] == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
+    assert spaced > 100
+    # a Chinese sentence is words of a character or a few, not one word of the whole sentence
+    ids = sp.Encode("我们今天学习自然语言处理。")
+    assert sum(table[i] for i in ids) >= len(ids) - 1, [sp.IdToPiece(i) for i in ids]
 
 
 def test_foreign_model_is_refused_with_the_key(tmp_path):
@@ -54,11 +67,20 @@ def test_foreign_model_is_refused_with_the_key(tmp_path):
         load(tmp_path / "junk.model")
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "missing.model")
+    (tmp_path / "ds" / "tokenizer").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"is a directory; give the model file \(a sentencepiece \.model"):
+        load(tmp_path / "ds")
+    shutil.copyfile(f"{prefix}.model", tmp_path / "ds" / "tokenizer" / "spm.model")  # (any file: it is named)
+    with pytest.raises(ConfigError, match=f"is a directory; give the model file: tokenizer.path={tmp_path}/ds/"
+                                          "tokenizer/spm.model"):
+        load(tmp_path / "ds")
 
 
 @pytest.mark.parametrize("vocab, message", [
     (20, r"tokenizer.vocab_size=20 is too small for this corpus: its text has \d+ distinct characters"),
-    (5000, r"tokenizer.vocab_size=5000 is too large for this corpus: sentencepiece can learn at most \d+ pieces"),
+    (5000, r"tokenizer.vocab_size=5000 is too large for this corpus: sentencepiece can learn at most \d+ pieces "
+           r"from the sampled text. Set tokenizer.vocab_size=\d+ or lower, or add text \(the sample already holds all "
+           r"300 sentences of the corpus\)"),
 ])
 def test_a_vocabulary_the_corpus_cannot_fill_is_said_in_the_configs_words(tmp_path, vocab, message):
     from data_prep.tokenizer import TokenizerError
@@ -66,3 +88,20 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_said_in_the_configs_words(tmp_pa
     with pytest.raises(TokenizerError, match=message):
         train(sentences(300), TokenizerConfig(vocab_size=vocab, threads=1), tmp_path / "x.model")
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_sentences_too_long_to_train_on_are_counted_and_named():
+    """sentencepiece leaves out sentences over its byte limit: one line of a paragraph per document trains on
+    nothing, and the error says to split sentences (no tokenizer.* setting helps)."""
+    import tempfile
+
+    from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, TokenizerError
+
+    long = ["word " * (MAX_TRAINING_SENTENCE_BYTES // 5 + 1) for _ in range(20)]
+    with tempfile.TemporaryDirectory() as d, pytest.raises(TokenizerError) as e:
+        train(iter(long), TokenizerConfig(vocab_size=50, threads=1), Path(d) / "x.model")
+    assert str(e.value).startswith(f"every one of the 20 sampled sentences is longer than {MAX_TRAINING_SENTENCE_BYTES}"
+                                   " bytes") and "read.split_sentences=always" in str(e.value)
+    with tempfile.TemporaryDirectory() as d:
+        seen = train(iter(sentences(300) + long[:5]), TokenizerConfig(vocab_size=150, threads=1), Path(d) / "x.model")
+    assert seen == {"sentences": 305, "too_long": 5}

@@ -281,6 +281,21 @@ def test_a_second_phase_starts_from_the_first_phases_weights(trained, tmp_path, 
         out.stderr[-2000:]
 
 
+def test_a_checkpoint_of_another_dataset_is_refused_for_its_dataset_first(tmp_path):
+    """A dataset built with another vocabulary changes the model's vocab_size too: the refusal names the dataset,
+    the cause, not the model size the user never set."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.train import _check_compatible
+
+    client = {"model": {"vocab_size": 2000, "hidden_size": 128}, "dataset_id": "a" * 16, "cursor": {"streams": 8}}
+    with pytest.raises(CheckpointError, match=f"was trained on dataset {'a' * 16}, data.dataset is {'b' * 16}"):
+        _check_compatible(client, {"vocab_size": 2500, "hidden_size": 128}, "b" * 16, {"streams": 8}, None,
+                          tmp_path / "step-00000010", None)
+    with pytest.raises(CheckpointError, match=r"holds a different model \(vocab_size changed\)"):
+        _check_compatible(client, {"vocab_size": 2500, "hidden_size": 128}, "a" * 16, {"streams": 8}, None,
+                          tmp_path / "step-00000010", None)
+
+
 def test_init_from_refuses_a_source_of_another_tokenizer_or_a_classifier():
     """The checks behind init_from's refusals: the same architecture is not enough, the token ids must mean the
     same pieces (the dataset's tokenizer), and a fine-tuned classifier is no pretrained encoder."""
