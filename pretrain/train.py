@@ -464,7 +464,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     except ConfigError as e:  # the dataset's own tokenizer, damaged
         raise DatasetError(f"{e}; check the dataset with `python -m data_prep verify`") from None
     collator = Collator(manifest, cfg.train.masking, cfg.seed, word_start=word_start)
-    plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer, layout["deal"])
+    plan = StreamPlan(dataset.shards("train"), streams, cfg.seed, cfg.data.shuffle_buffer, layout["deal"],
+                      dataset.digests("train"))
     loader = iter(train_loader(plan, collator, b.micro, topo.rank, topo.world, micro_batches, workers,
                                pin_memory=topo.device.type == "cuda", worker_init_fn=_ignore_signals))
     cleanup.callback(_stop_workers, loader)

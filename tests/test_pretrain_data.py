@@ -165,6 +165,14 @@ def test_a_changed_shard_is_detected(ds, tmp_path):
     plan = StreamPlan(open_dataset(str(copy)).shards("train"), 1, seed=0, shuffle_buffer=10**6)
     with pytest.raises(DatasetError, match="python -m data_prep verify"):
         next(plan.examples(0))
+    shutil.copy(ds.root + "/" + first, copy / first)
+    with open(copy / first, "r+b") as f:  # the same size, other bytes: only the digest tells
+        f.seek(2000)
+        f.write(b"\xff" * 64)
+    opened = open_dataset(str(copy))
+    plan = StreamPlan(opened.shards("train"), 1, seed=0, shuffle_buffer=10**6, digests=opened.digests("train"))
+    with pytest.raises(DatasetError, match=f"{copy / first}: cannot be read \\(its bytes differ from the sha256"):
+        next(plan.examples(0))
 
 
 def test_missing_names_each_absent_file(ds, tmp_path):

@@ -269,7 +269,7 @@ def data_wait(c, batch: int, args, device) -> dict:
 
     ds = open_dataset(args.dataset)
     collator = Collator(ds.manifest, "static", 1234, word_start=cached(str(ds.tokenizer_file(".")))[1])
-    plan = StreamPlan(ds.shards("train"), max(1, args.workers), 1234, 10000)
+    plan = StreamPlan(ds.shards("train"), max(1, args.workers), 1234, 10000, digests=ds.digests("train"))
     loader = iter(train_loader(plan, collator, batch, 0, 1, 0, args.workers, pin_memory=device.type == "cuda"))
     step = ours_step(engine_for(c, "ours", batch, args.precision, device))
 

@@ -28,10 +28,12 @@ from pretrain.batch import Collator  # noqa: E402
 from pretrain.data import StreamPlan, open_dataset, train_loader  # noqa: E402
 
 
-def rate(dataset, workers: int, batch: int, batches: int, masking: str) -> float:
-    """Sequences/s of the loader with `workers` processes, after the first batches (start-up) are drawn."""
+def rate(dataset, workers: int, batch: int, batches: int, masking: str, digests: bool = True) -> float:
+    """Sequences/s of the loader with `workers` processes, after the first batches (start-up) are drawn; `digests`:
+    each shard's sha256 checked as it is read, as training does."""
     collator = Collator(dataset.manifest, masking, 1234, word_start=cached(str(dataset.tokenizer_file(".")))[1])
-    plan = StreamPlan(dataset.shards("train"), max(1, workers), 1234, 10000)
+    plan = StreamPlan(dataset.shards("train"), max(1, workers), 1234, 10000,
+                      digests=dataset.digests("train") if digests else None)
     it = iter(train_loader(plan, collator, batch, 0, 1, 0, workers, pin_memory=False))
     for _ in range(max(2, workers * 2)):  # every worker has started and filled its first batch
         next(it)
@@ -49,18 +51,23 @@ def main() -> None:
     ap.add_argument("--workers", default="0,1,2")
     ap.add_argument("--masking", default="static", choices=["static", "dynamic"])
     ap.add_argument("--target", type=float, default=6200.0, help="the model's sequences/s to keep fed")
+    ap.add_argument("--digest-cost", action="store_true",
+                    help="also time each worker count without the shards' sha256 check, side by side")
     args = ap.parse_args()
     ds = open_dataset(args.dataset)
     print(f"dataset {args.dataset}: seq {ds.manifest['examples']['max_seq_length']}, "
           f"{ds.manifest['splits']['train']['examples']:,} train examples; {os.cpu_count()} CPUs; "
           f"masking {args.masking}; batch {args.batch}")
-    print("| loader workers | sequences/s | per worker |\n|---|---|---|")
+    print("| loader workers | sequences/s | per worker |" + (" without sha256 check | ratio |\n|---|---|---|---|---|"
+                                                          if args.digest_cost else "\n|---|---|---|"))
     per_worker = 0.0
     for w in (int(x) for x in args.workers.split(",")):
         r = rate(ds, w, args.batch, args.batches, args.masking)
         if w:  # training uses worker processes: their rate includes handing batches to the training process
             per_worker = max(per_worker, r / w)
-        print(f"| {w} | {r:,.0f} | {r / max(1, w):,.0f} |", flush=True)
+        unchecked = rate(ds, w, args.batch, args.batches, args.masking, digests=False) if args.digest_cost else 0
+        print(f"| {w} | {r:,.0f} | {r / max(1, w):,.0f} |" + (f" {unchecked:,.0f} | {r / unchecked:.3f} |"
+                                                              if unchecked else ""), flush=True)
     if not per_worker:
         return
     need = math.ceil(args.target * 1.02 / per_worker)  # 2% headroom for the loader's own jitter
