@@ -206,6 +206,7 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             print(f"warning: {', '.join(unused)} train a tokenizer, and tokenizer.path gives one: they are not used "
                   f"(the model at {cfg.tokenizer.path} decides; the manifest's tokenizer section says what it is)",
                   file=sys.stderr)
+    cfg = _as_first_spelt(cfg, sources, remote or root)
     recipe = recipe_hash(cfg, sources, given_tok)
     def changed(manifest: dict) -> str:
         return what_changed(manifest, cfg, sources)
@@ -284,6 +285,32 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     return summary
 
 
+def _as_first_spelt(cfg: DataPrepConfig, sources: list[Source], output: str | Path) -> DataPrepConfig:
+    """`cfg` with its `inputs` as the dataset (finished or not) at `output` spelt them, where they name the same
+    files: `~/corpus` then `/home/me/corpus`, or a relative path then an absolute one, is the same dataset."""
+    stored = None
+    for name in (MANIFEST, WORK_CONFIG):
+        where = storage.join(str(output), name) if storage.is_remote(output) else Path(output) / name
+        try:
+            text = storage.read_text(where) if isinstance(where, str) else where.read_text(encoding="utf-8")
+            tree = json.loads(text)
+            stored = (tree.get("config") or {}).get("inputs")
+        except Exception:  # noqa: BLE001 (none there, or unreadable: the output's own checks say why, later)
+            continue
+        break
+    if not isinstance(stored, list) or stored == cfg.inputs:
+        return cfg
+    try:
+        theirs = _outside(expand_inputs(stored), str(output), quiet=True)
+    except ConfigError:
+        return cfg
+    if [(s.url, s.size) for s in theirs] != [(s.url, s.size) for s in sources]:
+        return cfg
+    print(f"note: inputs {cfg.inputs} name the same files as {stored}, as the dataset at '{output}' has them",
+          file=sys.stderr)
+    return cfg.model_copy(update={"inputs": list(stored)})
+
+
 def _inside(url: str, output: str) -> bool:
     """Whether `url` is one of the dataset's own files at `output` (its folders, its work in progress)."""
     if storage.is_remote(output):
@@ -297,11 +324,11 @@ def _inside(url: str, output: str) -> bool:
     return rel is not None and rel.split("/", 1)[0] in (*OWNED_FILES, *OWNED_IN, WORK)
 
 
-def _outside(sources: list[Source], output: str) -> list[Source]:
+def _outside(sources: list[Source], output: str, quiet: bool = False) -> list[Source]:
     """The inputs less the dataset's own files (an output directory within an input directory): its shards,
     tokenizer and work in progress are not its corpus. Other files under the output are inputs like any."""
     keep = [s for s in sources if not _inside(s.url, output)]
-    if len(keep) < len(sources):
+    if len(keep) < len(sources) and not quiet:
         if not keep:
             raise ConfigError(f"inputs: every input file is one of the dataset's own at '{output}'; give the "
                               "corpus's own files or directories")

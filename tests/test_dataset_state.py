@@ -23,6 +23,13 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     cfg = small_config(small_corpus, tmp_path / "ds")
     run(cfg)
     assert run(cfg)["seconds"] < 5, "same config, same files: complete"
+    # the same files spelt otherwise (a relative path, a glob) are the same dataset, which keeps its first spelling
+    relative = os.path.relpath(small_corpus)
+    assert run(small_config(relative, tmp_path / "ds"))["seconds"] < 5
+    assert run(small_config(f"{small_corpus}/../{small_corpus.name}/*", tmp_path / "ds"))["seconds"] < 5
+    with pytest.raises(DatasetError, match=r"different dataset \(inputs: .*; input gone: .*extra.jsonl\)"):
+        run(small_config(f"{small_corpus}/*.txt", tmp_path / "ds"))  # (fewer files: another dataset)
+    assert json.loads((tmp_path / "ds/manifest.json").read_text())["config"]["inputs"] == [str(small_corpus)]
     import random
 
     write_txt(small_corpus / "aaa_new.txt", [make_document(random.Random(3), 5)])
