@@ -8,6 +8,7 @@ picks up where it stopped and ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
-from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, sha256_file, train
+from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, TokenizerError, sha256_file, train
 from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
 
 log = print  # progress and summaries go to stdout; warnings to stderr
@@ -40,6 +41,10 @@ log = print  # progress and summaries go to stdout; warnings to stderr
 
 class JobError(Exception):
     """A task failed for good (after its retries); the message names the unit and its files."""
+
+
+class NoText(JobError):
+    """No input file gave a sentence; the message says why, per file."""
 
 
 def _check_reachable(address: str) -> None:
@@ -254,7 +259,12 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
                 if cfg.tokenizer.path:
                     _copy_durably(Path(cfg.tokenizer.path), tok)
                 else:
-                    _train_tokenizer(cfg, units, total, work, tok)
+                    try:
+                        _train_tokenizer(cfg, units, total, work, tok)
+                    except (TokenizerError, NoText):  # (the config must change: nothing here could be reused)
+                        if state == "fresh":
+                            _discard(root, remote)
+                        raise
             stages["tokenizer"] = time.monotonic() - t0 - sum(stages.values())
             todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
             if len(todo) < len(units):
@@ -422,7 +432,7 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
     if not any((sample_dir / f"unit-{u.index:06d}.txt").stat().st_size for u in units):
         why = [w for f in sorted(sample_dir.glob("*.empty.json")) for w in json.loads(f.read_text())]
         files = sum(len(u.sources) for u in units)
-        raise JobError(f"no text was read from the {files} input file(s):\n  " + "\n  ".join(why[:10])
+        raise NoText(f"no text was read from the {files} input file(s):\n  " + "\n  ".join(why[:10])
                        + (f"\n  ... and {len(why) - 10} more" if len(why) > 10 else "")
                        + f"\nCheck the inputs' format and text_field (now '{cfg.text_field}').")
 
@@ -440,6 +450,16 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
         print(f"warning: {seen['too_long']:,} of the {seen['sentences']:,} sampled sentences are longer than "
               f"{MAX_TRAINING_SENTENCE_BYTES} bytes and did not train the tokenizer: if the corpus's lines are "
               "paragraphs, set read.split_sentences=always", file=sys.stderr)
+
+
+def _discard(root: Path, remote: str | None) -> None:
+    """Remove what a fresh run that failed before its first shard wrote: its work directory (here, and at the URL
+    of a remote output) and the output directory itself when that is left empty."""
+    shutil.rmtree(root / WORK, ignore_errors=True)
+    if remote:
+        storage.remove(storage.join(remote, WORK))
+    with contextlib.suppress(OSError):
+        root.rmdir()  # (only an empty one)
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
