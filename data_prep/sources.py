@@ -287,7 +287,7 @@ class DocumentReader:
                                                "(e.g. iconv -f UTF-16 -t UTF-8)")
                     return
                 if self.source.fmt != "parquet" and _looks_binary(head):
-                    rep.flag("binary_file", 1, "NUL bytes or mostly non-UTF-8 in the first 8 KiB; file skipped")
+                    rep.flag("binary_file", 1, "many NUL bytes or mostly non-UTF-8 in the first 8 KiB; file skipped")
                     return
                 if self.source.fmt == "parquet":
                     yield from self._parquet(f)
@@ -379,9 +379,16 @@ class DocumentReader:
             except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
                 self.report.flag("bad_json", lineno, str(e))
                 continue
-            text = obj.get(self.text_field) if isinstance(obj, dict) else None
-            if text is None:
+            if not isinstance(obj, dict):  # (no field name helps: the line is not a record)
+                self.report.flag("not_text", lineno, f"the line is a JSON {_json_kind(obj)}, not an object with a "
+                                                     f"'{self.text_field}' field")
+                continue
+            if self.text_field not in obj:
                 self.report.flag("missing_field", lineno, f"no '{self.text_field}' (set text_field)")
+                continue
+            text = obj[self.text_field]
+            if text is None:
+                self.report.flag("not_text", lineno, f"'{self.text_field}' is null")
                 continue
             if not isinstance(text, str):
                 self.report.flag("not_text", lineno, f"'{self.text_field}' is a {type(text).__name__}")
@@ -416,7 +423,7 @@ class DocumentReader:
                     row += 1
                     self._at[0] = row
                     if text is None:
-                        self.report.flag("missing_field", row, "null text")
+                        self.report.flag("not_text", row, f"'{self.text_field}' is null")
                         continue
                     if not isinstance(text, str):
                         self.report.flag("not_text", row, f"a {type(text).__name__}")
@@ -454,8 +461,14 @@ def _environmental(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "gcsfs", "adlfs")
 
 
+def _json_kind(value: object) -> str:
+    return {str: "string", list: "array", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
 def _looks_binary(head: bytes) -> bool:
-    if b"\x00" in head:
+    """Binary data: NUL bytes beyond a stray few (one in text is a control character, replaced), or mostly bytes
+    that are not UTF-8."""
+    if head.count(b"\x00") > max(8, len(head) // 100):
         return True
     text = head.decode("utf-8", "replace")
     return text.count("\ufffd") > max(8, len(text) // 10)

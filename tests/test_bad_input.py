@@ -156,6 +156,12 @@ def test_binary_file_skipped(tmp_path):
     assert docs == []
     assert rep.issues == {"binary_file": 1}
     assert "skipped" in rep.samples[0]["detail"]
+    text = "A line of real text. Here it goes on.\n" * 300
+    p.write_bytes(text[:100].encode() + b"\x00" + text[100:].encode())  # a stray NUL: text with a control character
+    docs, rep = read(p)
+    assert len(docs) == 1 and rep.issues == {"control_chars": 1}, rep.issues
+    p.write_bytes(b"\x00".join(line.encode() for line in text.splitlines(keepends=True)[:60]))  # NULs throughout
+    assert read(p)[1].issues == {"binary_file": 1}
     p.write_bytes("Real text. Here.\n".encode("utf-16"))  # what Windows tools save as "Unicode"
     docs, rep = read(p)
     assert docs == [] and rep.issues == {"binary_file": 1}
@@ -247,13 +253,16 @@ def test_jsonl_bad_lines(tmp_path):
     )
     docs, rep = read(p)
     assert docs == [["Good one.", "Two sentences."], ["Last good.", "Also two."]]
-    assert rep.issues == {"bad_json": 2, "missing_field": 3, "not_text": 1}
+    # (a null text or a line that is no record is not a field name to change: not_text, not missing_field)
+    assert rep.issues == {"bad_json": 2, "missing_field": 1, "not_text": 3}
     assert rep.documents == 2 and rep.sentences == 4
     by_issue = {}
     for s in rep.samples:
         by_issue.setdefault(s["issue"], []).append(s["line"])
-    assert by_issue == {"bad_json": [2, 9], "missing_field": [3, 6, 7], "not_text": [4]}
-    assert "'text'" in rep.samples[1]["detail"] and "int" in rep.samples[2]["detail"]
+    assert by_issue == {"bad_json": [2, 9], "missing_field": [3], "not_text": [4, 6, 7]}
+    details = {s["line"]: s["detail"] for s in rep.samples}
+    assert "'text'" in details[3] and "int" in details[4] and "set text_field" not in details[6] + details[7]
+    assert details[6] == "the line is a JSON array, not an object with a 'text' field" and details[7] == "'text' is null"
 
 
 def test_jsonl_other_text_field(tmp_path):
@@ -364,8 +373,8 @@ def test_parquet_with_null_row(tmp_path, compress):
         p = gz
     docs, rep = read(p)
     assert docs == [["First doc.", "Has two."], ["Third row.", "Also two."]]
-    assert rep.issues == {"missing_field": 1, "control_chars": 1, "empty_document": 1}
-    assert sample_lines(rep, "missing_field") == [2] and sample_lines(rep, "control_chars") == [3]
+    assert rep.issues == {"not_text": 1, "control_chars": 1, "empty_document": 1}
+    assert sample_lines(rep, "not_text") == [2] and sample_lines(rep, "control_chars") == [3]
     assert sample_lines(rep, "empty_document") == [4]
 
 
