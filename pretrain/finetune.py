@@ -159,7 +159,7 @@ def read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | N
     names = label_names(train_rows)
     y = label_ids(train_rows, names, task.train)
     if task.validation:
-        val_rows = read_rows(task.validation, task)
+        val_rows = read_rows(task.validation, task, "task.validation")
         train, val = Split("train", train_rows, y), Split("validation", val_rows,
                                                            label_ids(val_rows, names, task.train))
     else:
@@ -168,7 +168,7 @@ def read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | N
         val = Split("validation", train_rows.subset(held, f"{task.train} (held out)"), y[held]) if held else None
     test = None
     if task.test:
-        test_rows = read_rows(task.test, task)
+        test_rows = read_rows(task.test, task, "task.test")
         test = Split("test", test_rows, label_ids(test_rows, names, task.train))
     return names, train, val, test
 

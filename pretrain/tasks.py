@@ -42,7 +42,7 @@ class Rows:
                     [self.labels[i] for i in idx], [self.where[i] for i in idx])
 
 
-def _records(path: str):
+def _records(path: str, key: str = "task.train"):
     """(FILE:LINE, dict) for each row of a jsonl, json (JSON lines, or one array of objects), csv or tsv file (by
     extension, after any .gz/.zst/...)."""
     name = path.lower()
@@ -56,7 +56,8 @@ def _records(path: str):
         else:
             f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
     except (OSError, ValueError) as e:
-        raise TaskError(f"cannot open task file {path}: {e}") from None
+        optional = f", or {key}=null for none" if key != "task.train" else ""
+        raise TaskError(f"{key}: cannot open task file {path}: {e} (set {key} to the file{optional})") from None
     n = 0
     try:
         with f, raw or contextlib.nullcontext():
@@ -137,12 +138,12 @@ def _json_array(path: str, text: str):
         yield f"{path}[item {i}]", rec
 
 
-def read_rows(path: str, cfg: TaskConfig) -> Rows:
-    """Every row of `path`, checked: the text fields are non-empty strings and the label is a class name or an
-    integer."""
+def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
+    """Every row of `path` (the config's `key`), checked: the text fields are non-empty strings and the label is a
+    class name or an integer."""
     wanted = [cfg.text_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
     rows = Rows(path, pairs=[] if cfg.text_pair_field else None)
-    for where, rec in _records(path):
+    for where, rec in _records(path, key):
         for key, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
                              (cfg.label_field, "task.label_field")):
             if key and key not in rec:

@@ -110,8 +110,12 @@ def test_unknown_extension_and_missing_file(tmp_path):
     (tmp_path / "x.txt").write_text("a\n")
     with pytest.raises(TaskError, match="unknown format"):
         read_rows(str(tmp_path / "x.txt"), TaskConfig(train="x"))
-    with pytest.raises(TaskError, match="cannot open task file"):
+    with pytest.raises(TaskError, match=r"^task.train: cannot open task file .*missing.jsonl: .*\(set task.train to "
+                                        r"the file\)$"):
         read_rows(str(tmp_path / "missing.jsonl"), TaskConfig(train="x"))
+    with pytest.raises(TaskError, match=r"^task.test: cannot open task file .*\(set task.test to the file, or "
+                                        r"task.test=null for none\)$"):
+        read_rows(str(tmp_path / "missing.jsonl"), TaskConfig(train="x"), "task.test")
 
 
 def test_stratified_split_keeps_every_class_in_both_parts():
