@@ -168,14 +168,16 @@ def _workers_words(e: BaseException) -> str:
 
 
 def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None = None,
-                    remote_checkpoints: bool = False, stop_flag: str | None = None) -> dict[str, Any]:
+                    remote_checkpoints: bool = False, stop_flag: str | None = None,
+                    resume_from: tuple[str, dict] | None = None) -> dict[str, Any]:
     """Fit the pretraining `cfg` with the job's resources on the Ray this process is connected to.
 
     `storage_path` (default: the job's storage) holds Ray Train's own run state. With `remote_checkpoints`
     (object-store storage) the checkpoints go to `storage_path/run_name/step-NNNNNNNN/`, not `checkpoint.dir`.
     Returns {checkpoint, step, samples, mlflow_run_id} of the newest committed checkpoint (the run's outcome
     as pretrain recorded it); raises RuntimeError when the job fails for good. `stop_flag`: the name of the
-    driver's `cluster.runner.StopFlag` actor, on which the workers commit a checkpoint and stop.
+    driver's `cluster.runner.StopFlag` actor, on which the workers commit a checkpoint and stop. `resume_from`:
+    (location, client record) of the checkpoint the workers will resume, checked against the run first.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -188,11 +190,16 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     damage = dataset.damage()
     if damage:
         raise DatasetError(damage)
-    from pretrain.train import model_problem
+    from pretrain.train import model_problem, resume_problem
 
     problem = model_problem(cfg, dataset.manifest)
     if problem:
         raise DatasetError(problem)
+    if resume_from and cfg.resume != "never":  # (a checkpoint of another dataset or model: refused by every worker)
+        problem = resume_problem(resume_from[1], vars(cfg.model.build(dataset.manifest["tokenizer"]["vocab_size"])),
+                                 dataset.id, resume_from[0])
+        if problem:
+            raise DatasetError(problem)
     r = spec.resources
     per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
     if r.gpus:

@@ -380,10 +380,11 @@ def _pretrain(stage: dict, plan: dict, outcome: dict) -> dict:
     if remote:
         where, name = remote.rsplit("/", 1)
         result = pretrain_on_ray(cfg, spec, name, storage_path=where, remote_checkpoints=True,
-                                 stop_flag=stop_flag_name())
+                                 stop_flag=stop_flag_name(), resume_from=newest)
     else:
         result = pretrain_on_ray(cfg, spec, f"{plan['name']}-pretrain-{uuid.uuid4().hex[:8]}",
-                                 storage_path=storage.join(plan["storage"], "ray-train"), stop_flag=stop_flag_name())
+                                 storage_path=storage.join(plan["storage"], "ray-train"), stop_flag=stop_flag_name(),
+                                 resume_from=newest)
     return {"skipped": False, **result, "preempted": result["step"] < cfg.train.max_steps,
             "metrics": _last_metrics(result["checkpoint"], remote)}
 

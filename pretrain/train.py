@@ -122,17 +122,24 @@ def _shown_precision(cfg: PretrainConfig, precision: str) -> str:
     return precision
 
 
-def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
-                      path: Path, tracker: Tracker) -> None:
+def resume_problem(client: dict, model_cfg: dict, dataset_id: str, path: str | Path) -> str | None:
+    """Why the checkpoint at `path` (its client record) cannot be resumed by a run of this model on this dataset
+    (None: it can, as far as they go); also asked by a cluster job's driver before its workers start."""
     if client["dataset_id"] != dataset_id:  # (first: another dataset's tokenizer also changes the model's vocab_size)
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} was trained on dataset {client['dataset_id']}, data.dataset is {dataset_id}; "
-            "resume on the same dataset, or use a new checkpoint.dir")
+        return (f"checkpoint {path} was trained on dataset {client['dataset_id']}, data.dataset is {dataset_id}; "
+                "resume on the same dataset, or use a new checkpoint.dir")
     if client["model"] != model_cfg:
         changed = sorted(k for k in model_cfg if client["model"].get(k) != model_cfg[k])
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} holds a different model ({', '.join(changed)} changed); resume with the model "
-            "config it was trained with, or use a new checkpoint.dir")
+        return (f"checkpoint {path} holds a different model ({', '.join(changed)} changed); resume with the model "
+                "config it was trained with, or use a new checkpoint.dir")
+    return None
+
+
+def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: dict, cfg: PretrainConfig,
+                      path: Path, tracker: Tracker) -> None:
+    problem = resume_problem(client, model_cfg, dataset_id, path)
+    if problem:
+        raise checkpoint.CheckpointError(problem)
     old_layout = {k: client["cursor"].get(k, "round-robin" if k == "deal" else None) for k in layout}
     if old_layout != layout:
         changed = sorted(k for k in layout if old_layout[k] != layout[k])

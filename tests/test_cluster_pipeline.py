@@ -181,6 +181,19 @@ def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path, train_datas
     short = PretrainConfig.model_validate({"data": {"dataset": str(train_dataset)}, "model": {"max_position": 16}})
     with pytest.raises(DatasetError, match=r"model.max_position \(16\) is shorter than the dataset's sequences"):
         pretrain_on_ray(short, spec, "run")
+    # a checkpoint to resume of another dataset (its vocabulary changed with it): said once, before any worker
+    from dataclasses import asdict
+
+    from pretrain.data import open_dataset
+
+    ours = PretrainConfig.model_validate({"data": {"dataset": str(train_dataset)}})
+    manifest = open_dataset(str(train_dataset)).manifest
+    client = {"dataset_id": "0" * 16, "model": asdict(ours.model.build(manifest["tokenizer"]["vocab_size"] + 500))}
+    with pytest.raises(DatasetError, match=r"checkpoint ck/step-00000040 was trained on dataset 0{16}, data.dataset is "):
+        pretrain_on_ray(ours, spec, "run", resume_from=("ck/step-00000040", client))
+    client["dataset_id"] = manifest["dataset_id"]
+    with pytest.raises(DatasetError, match=r"holds a different model \(vocab_size changed\)"):
+        pretrain_on_ray(ours, spec, "run", resume_from=("ck/step-00000040", client))
 
 
 def test_a_failing_fine_tuning_stage_is_one_clear_error(ray_local, tmp_path):
