@@ -218,12 +218,33 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Run the fine-tune `cfg` describes; returns the summary (also written to OUTPUT/summary.json)."""
     topo = _setup(cfg)
     out = Path(cfg.output)
-    tracker = Tracker(topo.rank == 0, cfg.mlflow, out)
-    try:
-        return _finetune(cfg, topo, tracker)
-    except BaseException as e:
-        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout_s=10)
-        raise
+    with _sole_writer(out, topo):
+        tracker = Tracker(topo.rank == 0, cfg.mlflow, out)
+        try:
+            return _finetune(cfg, topo, tracker)
+        except BaseException as e:
+            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout_s=10)
+            raise
+
+
+@contextlib.contextmanager
+def _sole_writer(out: Path, topo: Topo):
+    """Rank 0 holds this machine's lock on `output` for the run; every rank stops when another fine-tune holds it
+    (two runs in one output would interleave their metrics and replace each other's model)."""
+    from data_prep import storage
+
+    with contextlib.ExitStack() as held:
+        busy = None
+        if topo.rank == 0:
+            try:
+                held.enter_context(storage.exclusive(str(out.resolve()), "finetune"))
+            except storage.Busy as e:
+                busy = str(e)
+        busy = _broadcast(busy, topo)
+        if busy:
+            raise FinetuneError(f"another fine-tune ({busy}) is writing output {out} on this machine: wait for it "
+                                "to finish, or choose another output")
+        yield
 
 
 def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
@@ -242,12 +263,17 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         except ExportError as e:
             source = ("error", str(e))  # (the message names output)
         else:
+            existed = out.exists()
             try:
-                # An earlier run's summary would vouch for what this run is about to replace: it goes first.
-                (out / SUMMARY).unlink(missing_ok=True)
                 source = resolve_model(cfg.model, out / "source", tracker.uri)
+                # An earlier run's summary would vouch for what this run is about to replace: it goes first (once
+                # the source is found: a typo in model= leaves an earlier run whole).
+                (out / SUMMARY).unlink(missing_ok=True)
             except ExportError as e:
                 source = ("error", f"model={cfg.model}: {e}")
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()  # (only an empty one: this run made it)
     source = _broadcast(source, topo)
     if source[0] == "error":
         raise FinetuneError(source[1])

@@ -400,8 +400,10 @@ def _pyfunc(model_dir: Path, pooling: str) -> tuple[Path, dict, Any, dict[str, s
 
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("format", {}).get("name") == CLASSIFIER_FORMAT["name"]:
-        source = json.loads((model_dir / "training.json").read_text()).get("source_model") or {}
+        training = json.loads((model_dir / "training.json").read_text())
+        source = training.get("source_model") or {}
         tags = {"kind": "classifier", "labels": json.dumps(config["labels"])[:5000],
+                **({"init": str(training["init"])} if training.get("init") else {}),  # (random: a baseline)
                 **{f"source_model_{k}": str(v) for k, v in source.items() if v}}
         return Path(__file__).with_name("classifier.py"), {}, _classifier_signature(config), tags
     return (Path(__file__).with_name("embedder.py"), {"pooling": pooling}, _embedder_signature(pooling),

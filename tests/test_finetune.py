@@ -99,6 +99,7 @@ def test_fine_tuning_a_registered_model_beats_random_init(registered):
 
     v = client.get_model_version_by_alias("topic-classifier", "champion")
     assert v.run_id == run.info.run_id and v.tags["source_model_version"] == "1" and v.tags["kind"] == "classifier"
+    assert v.tags["init"] == "pretrained"  # (a random-init baseline says so)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     pyfunc = mlflow.pyfunc.load_model("models:/topic-classifier@champion")
@@ -180,6 +181,12 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert finished_finetune(first) == summary and summary["config"]["train"]["epochs"] == 1
     assert finished_finetune(config(epochs=2)) is None
+    typo = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), f"model={tmp / 'no-such-model'}", cwd=tmp_path)
+    assert typo.returncode == 1 and "model=" in typo.stderr, typo.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary  # the earlier run is whole
+    fresh = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), f"model={tmp / 'no-such-model'}",
+                         f"output={tmp_path / 'fresh'}", cwd=tmp_path)
+    assert fresh.returncode == 1 and not (tmp_path / "fresh").exists(), fresh.stderr[-2000:]
 
     second = config(epochs=500)
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", str(tmp_path / "ft.yaml")], cwd=tmp_path,
@@ -189,6 +196,9 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     while "epochs: 500" not in effective.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1)  # into its training loop
+    other = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), cwd=tmp_path)  # a second run into the same output
+    assert other.returncode == 1 and "another fine-tune (pid " in other.stderr and \
+        f"is writing output {tmp_path / 'out'} on this machine" in other.stderr, other.stderr[-2000:]
     assert proc.poll() is None, "still training when interrupted"
     proc.send_signal(signal.SIGINT)  # Ctrl-C: one line that says what is left, no traceback
     _, err = proc.communicate(timeout=60)
