@@ -475,6 +475,10 @@ def finished_finetune(cfg) -> dict | None:
     wanted.pop("output", None)
     if made_by != wanted:
         return None
+    if summary.get("register_error"):  # (its model is complete, but the job's registration is not done)
+        log(f"{where}: the fine-tune finished but its registration failed ({summary['register_error'][:200]}); "
+            "fine-tuning again to register it")
+        return None
     if cfg.model.startswith("models:/") and "@" in cfg.model:  # an alias may have moved since (a new pretraining)
         from pretrain.tracking import RegistryError, resolve_model_uri, tracking_uri
 

@@ -456,8 +456,10 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                                      "alias_was": v.get("alias_was")}
         except RegistryError as e:
             summary["register_error"] = str(e)
-            tracker.warn(f"{e}\nthe fine-tuned model is complete in {out / 'model'}; register it later with: "
-                         f"python -m pretrain register --model {out / 'model'} --name {cfg.registry.name}")
+            alias = f" --alias {cfg.registry.alias}" if cfg.registry.alias else ""
+            tracker.warn(f"{e}\nthe fine-tuned model is complete in {out / 'model'}; register it (no need to "
+                         f"fine-tune again) with: python -m pretrain register --model {out / 'model'} --name "
+                         f"{cfg.registry.name}{alias}")
     if topo.rank == 0:
         write_json_atomic(out / SUMMARY, summary)
         print(_summary_text(summary, tracker.uri), flush=True)
@@ -483,4 +485,6 @@ def _summary_text(s: dict, uri: str) -> str:
         from pretrain.tracking import alias_words
 
         lines.append(f"registered   {alias_words(r, r['alias'])}")
+    elif s.get("register_error"):
+        lines.append("registered   no: the registration failed (above); the model is complete")
     return "\n".join(lines)

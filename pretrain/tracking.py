@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -469,15 +470,25 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
         raise RegistryError(f"{model_dir} is not a model directory ({', '.join(missing)} missing): give one that "
                             "`pretrain export` or `pretrain finetune` (OUTPUT/model) wrote, or --checkpoint for a "
                             "checkpoint")
-    stage = ["starting"]
+    stage = ["reaching the store"]
     try:
         return _register(Path(model_dir), name, alias, uri, pooling, stage)
     except RegistryError:
         raise
     except Exception as e:  # noqa: BLE001 (MLflow and HTTP errors of every kind: the store failed mid-way)
-        raise RegistryError(f"MLflow at {uri} failed while {stage[0]} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); nothing points at an incomplete "
-                            "upload: rerun the same command to complete the registration") from None
+        raise RegistryError(f"MLflow at {uri} failed while {stage[0]} ({_briefly(e)}); nothing points at an "
+                            "incomplete upload, and registering again completes it (what was uploaded is "
+                            "reused)") from None
+
+
+def _briefly(e: BaseException) -> str:
+    """An error in a few words: the operating system's reason inside an HTTP client's long retry message (e.g.
+    `[Errno 111] Connection refused`), else its first line."""
+    text = str(e)
+    reason = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if reason:
+        return f"{type(e).__name__}: {reason.group(0).strip()}"
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text.strip() else ''}"
 
 
 def _run_exists(client, run_id: str) -> bool:

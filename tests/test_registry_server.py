@@ -112,7 +112,7 @@ def test_a_cut_registration_leaves_nothing_broken_and_a_rerun_completes_it(tmp_p
         failed = _register(tmp_path, proxy.port)
         assert proxy.tripped.is_set(), (cut_at, failed.returncode, failed.stdout[-1500:], failed.stderr[-1500:])
         assert failed.returncode == 1, failed.stderr[-2000:]
-        assert "rerun the same command to complete the registration" in failed.stderr
+        assert "nothing points at an incomplete upload, and registering again completes it" in failed.stderr
         assert "Traceback" not in failed.stderr
         assert versions() == [], "no version exists for an unfinished registration"
 

@@ -95,3 +95,27 @@ def test_the_summary_names_how_to_see_the_store():
 
     assert how_to_see("sqlite:////data/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////data/mlflow.db"
     assert how_to_see("http://mlflow.internal:5000") == "open http://mlflow.internal:5000 (the tracking server's UI)"
+
+
+def test_a_store_that_cannot_be_reached_is_said_in_its_reason(tmp_path):
+    """An HTTP client's retry message hides the reason at its end: the error says `Connection refused`, and a
+    fine-tune whose registration failed is not counted finished by a job (which would never register it)."""
+    import json
+
+    from cluster.runner import finished_finetune
+    from pretrain.config import FinetuneConfig
+    from pretrain.tracking import _briefly
+
+    e = ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url: "
+                        "/api/2.0/mlflow/experiments/get-by-name?experiment_name=bertforge (Caused by NewConnection"
+                        "Error('<urllib3.connection.HTTPConnection object at 0x7f>: Failed to establish a new "
+                        "connection: [Errno 111] Connection refused'))")
+    assert _briefly(e) == "ConnectionError: [Errno 111] Connection refused"
+    assert _briefly(ValueError("one line\nmore")) == "ValueError: one line"
+    cfg = FinetuneConfig.model_validate({"model": "m", "task": {"train": "t.jsonl"}, "output": str(tmp_path),
+                                         "registry": {"name": "clf"}})
+    summary = {"config": cfg.model_dump(mode="json"), "registered": None}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert finished_finetune(cfg) == summary
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "register_error": "MLflow at ... failed"}))
+    assert finished_finetune(cfg) is None
