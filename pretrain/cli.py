@@ -275,6 +275,10 @@ def _evaluate(args) -> int:
     from pretrain.evaluation import EvaluationError, ExportError, evaluate_model, summary_lines
     from pretrain.tracking import RegistryError, tracking_uri
 
+    if args.json and not Path(args.json).absolute().parent.is_dir():  # (said before the figures are computed)
+        print(f"error: --json {args.json}: the directory {Path(args.json).absolute().parent} does not exist",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         result = evaluate_model(args.source, args.dataset, tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri)),
                                 args.split, args.examples, args.batch_size, args.device, args.precision)

@@ -56,10 +56,14 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         model_dir, info = resolve_model(source, Path(scratch) / "model", uri)
+        if not (model_dir / "dataset.json").is_file():
+            raise EvaluationError(f"'{source}' is not a model directory of this project (no dataset.json; a "
+                                  "Hugging Face export?): give a pretraining checkpoint, its export "
+                                  "(python -m pretrain export) or its registered version")
         problem = pretraining_problem(json.loads((model_dir / "config.json").read_text()),
                                       json.loads((model_dir / "dataset.json").read_text()), manifest)
         if problem:
-            raise EvaluationError(f"'{source}' {problem} ('{dataset.root}')")
+            raise EvaluationError(f"'{source}' {problem}")
         model, _ = load_model(model_dir, dev)
     seq = manifest["examples"]["max_seq_length"]
     if model.config.max_position < seq:

@@ -280,6 +280,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
     d = Path(model_dir)
     problems = verify(d)
+    if problems and not (d / CHECKSUMS).is_file() and (d / "config.json").is_file() and \
+            "model_type" in json.loads((d / "config.json").read_text()):
+        raise ExportError(f"{d} is a Hugging Face (transformers) model, not this project's model directory: give "
+                          "the pretraining checkpoint, its export (python -m pretrain export) or its registered "
+                          "version it was made from")
     if problems:
         raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
     config = json.loads((d / CONFIG_FILE).read_text())

@@ -285,6 +285,17 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     assert hf_clf.config.id2label == {0: "animal", 1: "tool"}
     with torch.no_grad():
         torch.testing.assert_close(hf_clf(**enc).logits, clf(ids, types, mask), atol=1e-5, rtol=1e-5)
+    # the export is transformers' to read, not this project's: said so where one is given back to it
+    from pretrain.export import ExportError
+
+    with pytest.raises(ExportError, match="is a Hugging Face \\(transformers\\) model, not this project's"):
+        load_model(tmp_path / "hf")
+    out = pretrain_cli("evaluate", str(tmp_path / "hf"), "--dataset", str(tmp / "ds"), cwd=tmp)
+    assert out.returncode == 1 and "is not a model directory of this project (no dataset.json; a Hugging Face " \
+        "export?)" in out.stderr, out.stderr[-2000:]
+    out = pretrain_cli("evaluate", str(tmp / "ck"), "--dataset", str(tmp / "ds"), "--json",
+                       str(tmp_path / "nodir" / "x.json"), cwd=tmp)
+    assert out.returncode == 2 and f"the directory {tmp_path / 'nodir'} does not exist" in out.stderr
 
 
 def _classifier(tmp, tmp_path):
