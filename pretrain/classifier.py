@@ -3,7 +3,9 @@
 MLflow saves this file itself with each version ("models from code"), so loading a version unpickles
 nothing. `mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(["a text", ...])` returns a DataFrame
 with columns `label` and `score` (its probability). Pair models take a DataFrame with the two text
-columns of the task (e.g. `premise`, `hypothesis`) or a list of [first, second] pairs.
+columns of the task under their names (e.g. `premise`, `hypothesis`): the version's signature names them and
+MLflow refuses other input before it reaches `predict`. (Called directly, `predict` also takes other column
+names, in order, or a list of [first, second] pairs.)
 """
 
 from __future__ import annotations
