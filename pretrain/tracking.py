@@ -80,6 +80,9 @@ def check_store(uri: str) -> None:
     file_store = uri.startswith("file:") or ("://" not in uri and uri not in ("databricks", "databricks-uc", "uc"))
     if not file_store or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
         return
+    if "://" not in uri and Path(uri).is_file() and Path(uri).read_bytes()[:15] == b"SQLite format 3":
+        raise RegistryError(f"tracking URI {uri} is a path, which MLflow reads as a file store; that file is a "
+                            f"sqlite database: write it as sqlite:///{Path(uri).absolute()}")
     raise RegistryError(f"tracking URI {uri} is an MLflow file store, which MLflow refuses by default (its file "
                         "backend is in maintenance mode): use a database store such as sqlite:///PATH/mlflow.db "
                         "(`mlflow migrate-filestore` converts one), or set MLFLOW_ALLOW_FILE_STORE=true")
@@ -92,7 +95,8 @@ def check_source(uri: str, model_uri: str | None = None) -> None:
     db = _sqlite_file(uri)
     if db and not db.is_file():
         raise RegistryError(f"there is no MLflow store at {db}: run from the directory that holds your mlflow.db, "
-                            "or set MLFLOW_TRACKING_URI (or --tracking-uri) to your store")
+                            "or point at your store (MLFLOW_TRACKING_URI, --tracking-uri, or a config's "
+                            "mlflow.tracking_uri)")
     body = (model_uri or "").removeprefix("models:/")
     if model_uri and model_uri.startswith("models:/") and "@" not in body and "/" not in body.strip("/"):
         raise RegistryError(f"{model_uri} names no version: use models:/{body}@ALIAS or models:/{body}/VERSION")

@@ -284,6 +284,13 @@ def test_a_file_store_is_named_in_one_line_before_anything_starts(tmp_path, uri)
         assert f"tracking URI {uri} is an MLflow file store" in out.stderr and "Traceback" not in out.stderr, \
             (args, out.stderr)
     assert not (tmp_path / "mlruns").exists()
+    if "://" not in uri:  # a sqlite database given as a path: the URI it needs
+        import sqlite3
+
+        sqlite3.connect(tmp_path / "mlflow.db").execute("create table t (x)").connection.commit()
+        out = pretrain_cli("pull", "models:/x@champion", "--out", "x", "--tracking-uri", "mlflow.db", cwd=tmp_path)
+        assert out.returncode == 1 and "that file is a sqlite database: write it as " \
+            f"sqlite:///{tmp_path / 'mlflow.db'}" in out.stderr, out.stderr
 
 
 def test_reading_a_store_that_is_not_there_creates_none(tmp_path):
