@@ -640,7 +640,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     summary = {"step": step, "preempted": False, "seconds": took, "mlflow_run_id": tracker.run_id,
                "checkpoint": _shown(checkpoint.committed(ckdir)[0], checkpoint_url) if checkpoint.committed(ckdir)
                else None, **last}
-    tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker))
+    tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker, cfg.registry))
     tracker.close("FINISHED")
     stop.restore()
     if trace:
@@ -718,7 +718,7 @@ def evaluate(engine, batches: list[tuple[Batch, float]], device: torch.device) -
     return out
 
 
-def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
+def _summary(s: dict, sequences: int, tracker: Tracker, registry=None) -> str:
     done = (f"none this run: the checkpoint is at train.max_steps (raise it to train on); the run's last figures"
             if not sequences else f"{sequences:,} sequences this run in {_duration(s['seconds'])}, "
                                   f"{sequences / max(s['seconds'], 1e-9):,.0f} seq/s")
@@ -734,7 +734,11 @@ def _summary(s: dict, sequences: int, tracker: Tracker) -> str:
     lines.append(f"checkpoint   {s['checkpoint']}")
     if s["mlflow_run_id"]:
         lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: {how_to_see(tracker.uri)})")
-    if s["checkpoint"]:
+    if s["checkpoint"] and registry is not None and registry.name:  # (registered as it trained)
+        ref = f"models:/{registry.name}@{registry.alias}" if registry.alias else f"models:/{registry.name}/latest"
+        lines.append(f"next         python -m pretrain finetune configs/finetune/classify.yaml model={ref}  (or "
+                     "export it, evaluate it: python -m pretrain --help)")
+    elif s["checkpoint"]:
         lines.append(f"next         python -m pretrain register --checkpoint {s['checkpoint']} --name NAME --alias "
                      "champion  (or export it, evaluate it: python -m pretrain --help)")
     return "\n".join(lines)

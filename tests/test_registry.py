@@ -255,6 +255,8 @@ def test_training_registers_its_best_checkpoints(tmp_path, train_dataset):
     assert [v.tags["step"] for v in versions] == expected and expected[0] == "5"
     assert str(client.get_model_version_by_alias("best-bert", "best").version) == str(versions[-1].version)
     assert out.stdout.count("registered best-bert version") == len(expected)
+    assert "next         python -m pretrain finetune configs/finetune/classify.yaml model=models:/best-bert@best" \
+        in out.stdout, out.stdout[-1500:]
 
 
 def test_register_model_refuses_what_is_not_a_model_directory(tmp_path):
