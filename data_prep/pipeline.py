@@ -383,24 +383,35 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
     if theirs not in (None, recipe):
         if any(n.startswith(f"{WORK}/units/") for n in found):
             raise unfinished_other(remote)
+        refuse_foreign(remote, list(found))  # (the dataset's folders there may hold files of the user's own)
         for name in (*OWNED_IN, WORK):  # nothing finished yet: start over, stray shards too
             storage.remove(storage.join(remote, name))
-    if theirs != recipe or _recipe_of(staging / WORK_CONFIG) not in (None, recipe):
-        storage.clear_local(staging)
+    if theirs is not None and _recipe_of(staging / WORK_CONFIG) not in (None, theirs):
+        storage.clear_local(staging)  # another run's copy, not the one the URL knows
     try:
         state = prepare_output(staging, recipe, overwrite)
     except DatasetError as e:  # (the conflict is in the staging copy on this machine, not at the URL)
         raise DatasetError(str(e), e.in_a_job and e.in_a_job.replace("{output}", str(staging))) from None
+    if theirs is None and state == "resume":  # a run that kept its state on this machine only: the URL gets it too
+        for path in sorted((staging / WORK).rglob("*")):
+            rel = path.relative_to(staging).as_posix()
+            if path.is_file() and _resume_state(rel):
+                storage.upload(path, storage.join(remote, rel))
     if theirs == recipe and state != "complete":  # what the URL has and this machine lacks: the tokenizer, the finished units' records
         for name in found:
-            if name.startswith(f"{WORK}/") and not (staging / name).exists() and \
-                    (name.startswith(f"{WORK}/units/") or name in (WORK_CONFIG, f"{WORK}/{TOKENIZER_MODEL}")):
+            if _resume_state(name) and not (staging / name).exists():
                 storage.download(storage.join(remote, name), staging / name)
         state = "resume" if state == "fresh" else state
     return "published" if state == "complete" else state
 
 
 WORK_CONFIG = f"{WORK}/config.json"
+
+
+def _resume_state(name: str) -> bool:
+    """Whether the file `name` (relative to the output) is resume state kept at the URL: the work config, the
+    tokenizer, a finished unit's record."""
+    return name.startswith(f"{WORK}/units/") or name in (WORK_CONFIG, f"{WORK}/{TOKENIZER_MODEL}")
 
 
 def _recipe_of(work_config: str | Path) -> str | None:

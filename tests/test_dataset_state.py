@@ -148,6 +148,36 @@ def test_overwrite_in_an_object_store_removes_only_what_a_dataset_consists_of(sm
     fs.rm(url, recursive=True)
 
 
+def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never_removed(tmp_path):
+    """Resume state at an output URL: another run's unfinished start is cleared, but never with files of the user's
+    own in the dataset's folders; a run that kept its state on one machine only (as before the URL kept it too)
+    resumes from it there, and the URL gets a copy; another run's state on that machine is still refused."""
+    import fsspec
+
+    from data_prep.pipeline import _prepare_remote
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://resume-state/out"
+    fs.pipe(f"{url}/.work/config.json", json.dumps({"recipe_hash": "other"}).encode())
+    fs.pipe(f"{url}/train/README.txt", b"mine")
+    with pytest.raises(DatasetError, match=r"\(train/README.txt\); nothing was removed"):
+        _prepare_remote(url, tmp_path / "staging", "ours", overwrite=False)
+    assert fs.cat_file(f"{url}/train/README.txt") == b"mine"
+    fs.rm(url, recursive=True)
+
+    staging = tmp_path / "staging"
+    (staging / ".work" / "units").mkdir(parents=True)
+    (staging / ".work" / "config.json").write_text(json.dumps({"recipe_hash": "ours"}))
+    (staging / ".work" / "units" / "unit-000000.json").write_text("{}")
+    assert _prepare_remote(url, staging, "ours", overwrite=False) == "resume"
+    assert (staging / ".work" / "units" / "unit-000000.json").is_file()
+    assert fs.exists(f"{url}/.work/units/unit-000000.json") and fs.exists(f"{url}/.work/config.json")
+    fs.rm(url, recursive=True)
+    with pytest.raises(DatasetError, match="holds an unfinished dataset made with a different config"):
+        _prepare_remote(url, staging, "another", overwrite=False)
+    assert (staging / ".work" / "units" / "unit-000000.json").is_file()
+
+
 def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):
     out = tmp_path / "taken"
     out.write_text("x")
