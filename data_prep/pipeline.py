@@ -211,7 +211,7 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             print(f"warning: {', '.join(unused)} train a tokenizer, and tokenizer.path gives one: they are not used "
                   f"(the model at {cfg.tokenizer.path} decides; the manifest's tokenizer section says what it is)",
                   file=sys.stderr)
-    cfg = _as_first_spelt(cfg, sources, remote or root)
+    cfg, sources = _as_first_spelt(cfg, sources, remote or root)
     recipe = recipe_hash(cfg, sources, given_tok)
     def changed(manifest: dict) -> str:
         return what_changed(manifest, cfg, sources)
@@ -295,9 +295,12 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     return summary
 
 
-def _as_first_spelt(cfg: DataPrepConfig, sources: list[Source], output: str | Path) -> DataPrepConfig:
-    """`cfg` with its `inputs` as the dataset (finished or not) at `output` spelt them, where they name the same
-    files: `~/corpus` then `/home/me/corpus`, or a relative path then an absolute one, is the same dataset."""
+def _as_first_spelt(cfg: DataPrepConfig, sources: list[Source], output: str | Path
+                    ) -> tuple[DataPrepConfig, list[Source]]:
+    """`cfg` and `sources` as the dataset (finished or not) at `output` spelt its inputs, where they name the same
+    files (the same real paths and sizes): `~/corpus` then `/home/me/corpus`, `../corpus` then its absolute path,
+    is the same dataset. (The stored spelling is expanded from the working directory: a relative one given from
+    another directory is not recognised.)"""
     stored = None
     for name in (MANIFEST, WORK_CONFIG):
         where = storage.join(str(output), name) if storage.is_remote(output) else Path(output) / name
@@ -309,16 +312,20 @@ def _as_first_spelt(cfg: DataPrepConfig, sources: list[Source], output: str | Pa
             continue
         break
     if not isinstance(stored, list) or stored == cfg.inputs:
-        return cfg
+        return cfg, sources
     try:
         theirs = _outside(expand_inputs(stored), str(output), quiet=True)
     except ConfigError:
-        return cfg
-    if [(s.url, s.size) for s in theirs] != [(s.url, s.size) for s in sources]:
-        return cfg
+        return cfg, sources
+
+    def real(found: list[Source]) -> list[tuple[str, int]]:
+        return [(s.url if "://" in s.url else os.path.realpath(s.url), s.size) for s in found]
+
+    if sorted(real(theirs)) != sorted(real(sources)):
+        return cfg, sources
     print(f"note: inputs {cfg.inputs} name the same files as {stored}, as the dataset at '{output}' has them",
           file=sys.stderr)
-    return cfg.model_copy(update={"inputs": list(stored)})
+    return cfg.model_copy(update={"inputs": list(stored)}), theirs
 
 
 def _inside(url: str, output: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import sys
@@ -119,8 +118,8 @@ def _expand(key: str, spec: str, fs, path: str, skipped: list[str]) -> Iterator[
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     local = protocol in ("file", "local")
 
-    def url(p: str) -> str:  # (a local path without `..` and `.`: the same file is one path, however it was given)
-        return os.path.normpath(p) if local else fs.unstrip_protocol(p)
+    def url(p: str) -> str:
+        return p if local else fs.unstrip_protocol(p)
 
     if _GLOB_CHARS & set(path):
         matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
