@@ -167,7 +167,15 @@ def scratch(prefix: str) -> Iterator[Path]:
     one that a killed process left behind (a force-cancelled Ray task never runs its cleanup) is removed by the
     next process that makes one on this machine."""
     parent = _staging_base() / SCRATCH
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # another user's staging area: the system's temporary directory, without the sweep
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        return
     _sweep(parent)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
