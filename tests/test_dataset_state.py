@@ -258,6 +258,11 @@ def test_a_killed_workers_scratch_directory_is_removed_by_the_next_one(tmp_path,
     finally:
         alive.kill()
         killed.kill()
+    (tmp_path / "not-a-dir").write_text("")  # a staging area this process cannot make (another user's, say)
+    monkeypatch.setenv("BERTFORGE_STAGING", str(tmp_path / "not-a-dir"))
+    with storage.scratch("unit-000003-") as elsewhere:
+        assert elsewhere.is_dir() and not str(elsewhere).startswith(str(tmp_path))
+    assert not elsewhere.exists()
 
 
 def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small_corpus, tmp_path):
