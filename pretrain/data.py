@@ -113,19 +113,52 @@ class Dataset:
 def tar_samples(url: str, sha256: str | None = None) -> Iterator[dict]:
     """The samples of one shard (a path or any fsspec URL: s3://, gs://, https://), by webdataset's tar reader.
 
-    With `sha256` (the manifest's), the shard is read whole and checked first: bytes changed since it was written
-    are refused, naming it, rather than decoded into wrong examples or an error deep in a batch (at about 1 GB/s
-    per core, the check costs little beside the training it feeds)."""
-    if sha256 is None:
-        with fsspec.open(url, "rb") as f:
-            yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
-        return
+    With `sha256` (the manifest's), the shard's bytes are hashed as they stream by and checked at its end (read to
+    the end for it, however many samples were taken): bytes changed since it was written are refused, naming it,
+    before the generator ends, and also where they made the tar reader fail. A caller acts on the samples only
+    once the generator is exhausted (`read_piece`, `eval_batches`). At about 1 GB/s per core, hashing costs little
+    beside the training it feeds."""
     with fsspec.open(url, "rb") as f:
-        data = f.read()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise DatasetError(f"{url}: cannot be read (its bytes differ from the sha256 the manifest recorded: the file "
-                           f"changed after it was written); {CHECK_IT}")
-    yield from group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}]))
+        stream = _Hashing(f) if sha256 else f
+        try:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        except Exception:
+            if sha256 and stream.rest() != sha256:
+                raise DatasetError(_changed(url)) from None
+            raise
+        if sha256 and stream.rest() != sha256:
+            raise DatasetError(_changed(url))
+
+
+def _changed(url: str) -> str:
+    return (f"{url}: cannot be read (its bytes differ from the sha256 the manifest recorded: the file changed after "
+            f"it was written); {CHECK_IT}")
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it; `rest()` reads what is left and gives the digest."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        self.h.update(data)
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def rest(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.h.hexdigest()
 
 
 CHECK_IT = "check the dataset with `python -m data_prep verify`, and rebuild it with data_prep run"
@@ -329,18 +362,21 @@ def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: i
         if nxt >= start + n:  # none chosen from this shard: not read
             start += n
             continue
+        taken = []  # (decoded once the shard has been read to its end and its digest checked)
         for i, s in enumerate(tar_samples(url, digests[url]), start):
             if i != nxt:
                 continue
             if seen % world == rank or not first:
-                x = decoded({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
-                first = first or [x]
-                if seen % world == rank:
-                    mine.append(x)
+                taken.append((seen, {"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]}))
+                first = first or [None]
             seen += 1
             nxt = next(want, None)
-            if nxt is None:
-                break
+        for k, raw in taken:
+            x = decoded(raw)
+            if first == [None]:
+                first = [x]
+            if k % world == rank:
+                mine.append(x)
         start += n
     n_batches = math.ceil(math.ceil(seen / world) / micro_batch) if seen else 0
     out = [(collator(mine[i:i + micro_batch]), 1.0) for i in range(0, len(mine), micro_batch)]
