@@ -140,7 +140,8 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
     problem = resume_problem(client, model_cfg, dataset_id, path)
     if problem:
         raise checkpoint.CheckpointError(problem)
-    old_layout = {k: client["cursor"].get(k, "round-robin" if k == "deal" else None) for k in layout}
+    old_layout = {k: client["cursor"].get(k) for k in layout if k != "deal"}  # (the deal: the checkpoint's own)
+    layout = {k: v for k, v in layout.items() if k != "deal"}
     if old_layout != layout:
         changed = sorted(k for k in layout if old_layout[k] != layout[k])
         raise checkpoint.CheckpointError(
@@ -441,8 +442,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         raise SetupError(f"data.streams ({streams}) must be a multiple of ranks x data.num_workers "
                          f"({topo.world} x {max(1, workers)})")
     layout = {"streams": streams, "micro_batch_size": b.micro, "seed": cfg.seed,
-              "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking,
-              "deal": cursor.get("deal", "round-robin") if cursor else "balanced"}
+              "shuffle_buffer": cfg.data.shuffle_buffer, "masking": cfg.train.masking}
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = BertForPretraining(model_cfg, unpad=cfg.train.unpad, varlen=cfg.train.varlen_attention)
@@ -458,6 +458,8 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     torch.manual_seed(stable_seed(cfg.seed, "dropout", topo.rank) % 2**63)
 
     client = _restore(engine, candidates, model_cfg.__dict__, dataset.id, layout, cfg, tracker, checkpoint_url) or {}
+    # a resumed run keeps its checkpoint's deal (one that names none was dealt round-robin); a fresh one: by size
+    layout["deal"] = client["cursor"].get("deal", "round-robin") if client else "balanced"
     step, skipped, run_id = client.get("step", 0), client.get("skipped_steps", 0), client.get("mlflow_run_id")
     best_eval = math.inf if client.get("best_eval_loss") is None else client["best_eval_loss"]
     # The data cursor and samples seen advance by what each step consumed, so a resume with another
