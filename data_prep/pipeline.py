@@ -371,6 +371,8 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
         except Exception as e:  # noqa: BLE001 (as above)
             raise DatasetError(f"output: {storage.unreadable(where, e)}") from None
         if manifest["recipe_hash"] == recipe:
+            if any(n.startswith(f"{WORK}/") for n in found):  # left over if a finished run was killed while tidying
+                storage.remove(storage.join(remote, WORK))
             return "complete"
         diff = (changed(manifest) if changed else "") or "its config or its input files differ from this run's"
         raise DatasetError(f"'{remote}' already holds a different dataset ({diff}). Choose another output, or pass "
