@@ -406,7 +406,7 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
             rel = path.relative_to(staging).as_posix()
             if path.is_file() and _resume_state(rel):
                 storage.upload(path, storage.join(remote, rel))
-    if theirs == recipe and state != "complete":  # what the URL has and this machine lacks: the tokenizer, the finished units' records
+    if theirs == recipe and state != "complete":  # what the URL has and this machine lacks (tokenizer, records)
         for name in found:
             if _resume_state(name) and not (staging / name).exists():
                 storage.download(storage.join(remote, name), staging / name)

@@ -382,24 +382,15 @@ def _init_problem(src_config: dict, dataset: dict, model: BertForPretraining, ma
 MIN_STREAMS = 8  # by default: consecutive micro batches come from this many shards at least, not one
 
 
-def _kept_cursor(cfg: PretrainConfig, candidates: list[str]) -> dict:
-    """The newest checkpoint's data cursor ({} when there is none or it cannot be read): a resumed run keeps its
-    data order (rank 0 reads it; every rank gets the same answer)."""
-    kept: list = [{}]
+def _kept_streams(cfg: PretrainConfig, candidates: list[str], readers: int) -> int | None:
+    """The stream count the newest checkpoint was trained with, where data.streams is left to its default: a
+    resumed run keeps its data order (rank 0 reads it; every rank gets the same answer)."""
+    kept: list = [None]
     if dist.get_rank() == 0 and candidates:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            kept = [dict(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"])]
+            kept = [int(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"]["streams"])]
     dist.broadcast_object_list(kept, src=0)
-    return kept[0]
-
-
-def _kept_streams(cursor: dict, readers: int) -> int | None:
-    """The stream count of a checkpoint's cursor, where data.streams is left to its default."""
-    try:
-        kept = int(cursor["streams"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return kept if kept and kept % readers == 0 else None
+    return kept[0] if kept[0] and kept[0] % readers == 0 else None
 
 
 def _shown(path: Path, checkpoint_url: str | None) -> str:
@@ -436,8 +427,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     workers = cfg.data.num_workers
     readers = topo.world * max(1, workers)
     candidates = _resume_point(cfg, topo.world, tracker)
-    cursor = _kept_cursor(cfg, candidates)
-    streams = cfg.data.streams or _kept_streams(cursor, readers) or readers * math.ceil(MIN_STREAMS / readers)
+    streams = cfg.data.streams or _kept_streams(cfg, candidates, readers) or readers * math.ceil(MIN_STREAMS / readers)
     if streams % readers:
         raise SetupError(f"data.streams ({streams}) must be a multiple of ranks x data.num_workers "
                          f"({topo.world} x {max(1, workers)})")

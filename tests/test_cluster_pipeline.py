@@ -189,7 +189,7 @@ def test_a_failed_pretraining_is_said_in_the_workers_words(tmp_path, train_datas
     ours = PretrainConfig.model_validate({"data": {"dataset": str(train_dataset)}})
     manifest = open_dataset(str(train_dataset)).manifest
     client = {"dataset_id": "0" * 16, "model": asdict(ours.model.build(manifest["tokenizer"]["vocab_size"] + 500))}
-    with pytest.raises(DatasetError, match=r"checkpoint ck/step-00000040 was trained on dataset 0{16}, data.dataset is "):
+    with pytest.raises(DatasetError, match=r"checkpoint ck/step-00000040 was trained on dataset 0{16}, data.dataset"):
         pretrain_on_ray(ours, spec, "run", resume_from=("ck/step-00000040", client))
     client["dataset_id"] = manifest["dataset_id"]
     with pytest.raises(DatasetError, match=r"holds a different model \(vocab_size changed\)"):
