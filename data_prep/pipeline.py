@@ -303,10 +303,8 @@ def _as_first_spelt(cfg: DataPrepConfig, sources: list[Source], output: str | Pa
     another directory is not recognised.)"""
     stored = None
     for name in (MANIFEST, WORK_CONFIG):
-        where = storage.join(str(output), name) if storage.is_remote(output) else Path(output) / name
-        try:
-            text = storage.read_text(where) if isinstance(where, str) else where.read_text(encoding="utf-8")
-            tree = json.loads(text)
+        try:  # (storage reads a local path as it reads a URL)
+            tree = json.loads(storage.read_text(storage.join(str(output), name)))
             stored = (tree.get("config") or {}).get("inputs")
         except Exception:  # noqa: BLE001 (none there, or unreadable: the output's own checks say why, later)
             continue
@@ -424,10 +422,10 @@ def _resume_state(name: str) -> bool:
 
 
 def _recipe_of(work_config: str | Path) -> str | None:
-    """The recipe hash an unfinished dataset's work config records ('' when it is damaged; None: no such file)."""
+    """The recipe hash an unfinished dataset's work config (a path or URL) records ('' when it is damaged; None: no
+    such file)."""
     try:
-        text = storage.read_text(work_config) if isinstance(work_config, str) else \
-            work_config.read_text(encoding="utf-8")
+        text = storage.read_text(str(work_config))
     except FileNotFoundError:
         return None
     try:

@@ -120,19 +120,16 @@ def tar_samples(url: str, sha256: str | None = None) -> Iterator[dict]:
     beside the training it feeds."""
     with fsspec.open(url, "rb") as f:
         stream = _Hashing(f) if sha256 else f
+        changed = DatasetError(f"{url}: cannot be read (its bytes differ from the sha256 the manifest recorded: the "
+                               f"file changed after it was written); {CHECK_IT}")
         try:
             yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
         except Exception:
-            if sha256 and stream.rest() != sha256:
-                raise DatasetError(_changed(url)) from None
+            if sha256 and stream.rest() != sha256:  # (the damage, not what it made the tar reader say)
+                raise changed from None
             raise
         if sha256 and stream.rest() != sha256:
-            raise DatasetError(_changed(url))
-
-
-def _changed(url: str) -> str:
-    return (f"{url}: cannot be read (its bytes differ from the sha256 the manifest recorded: the file changed after "
-            f"it was written); {CHECK_IT}")
+            raise changed
 
 
 class _Hashing(io.RawIOBase):

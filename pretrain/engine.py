@@ -27,7 +27,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -228,6 +228,13 @@ class Schedule:
     def __init__(self, kind: str, warmup: int, total: int, min_ratio: float = 0.0, power: float = 0.5):
         self.kind, self.warmup, self.total, self.min_ratio, self.power = kind, warmup, total, min_ratio, power
 
+    @classmethod
+    def of(cls, train: Mapping) -> "Schedule":
+        """Pretraining's schedule from a `train` config section as a dict (a checkpoint's, from before
+        min_lr_ratio and poly_power, takes their defaults)."""
+        return cls(train["schedule"], train["warmup_steps"], train["max_steps"], train.get("min_lr_ratio", 0.0),
+                   train.get("poly_power", 0.5))
+
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
@@ -266,7 +273,7 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
                                  fused=True)
     elif "optimizer" not in config:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
-    sched = schedule or Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)
+    sched = schedule or Schedule.of(t.model_dump())
 
     def lr_scheduler(opt):
         # A plain function is not saved in the scheduler's state, so a resumed run follows the schedule of

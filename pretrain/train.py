@@ -140,8 +140,7 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
     problem = resume_problem(client, model_cfg, dataset_id, path)
     if problem:
         raise checkpoint.CheckpointError(problem)
-    old_layout = {k: client["cursor"].get(k) for k in layout if k != "deal"}  # (the deal: the checkpoint's own)
-    layout = {k: v for k, v in layout.items() if k != "deal"}
+    old_layout = {k: client["cursor"][k] for k in layout}  # (not the deal: the restored checkpoint's own is kept)
     if old_layout != layout:
         changed = sorted(k for k in layout if old_layout[k] != layout[k])
         raise checkpoint.CheckpointError(
@@ -160,12 +159,11 @@ def _rate_change(before: dict, cfg: PretrainConfig, step: int) -> str | None:
 
     t = cfg.train
     try:
-        old = Schedule(before["schedule"], before["warmup_steps"], before["max_steps"],
-                       before.get("min_lr_ratio", 0.0), before.get("poly_power", 0.5))
+        old = Schedule.of(before)
         last, planned = before["lr"] * old(max(0, step - 1)), before["lr"] * old(step)
     except (KeyError, TypeError):
         return None
-    new = t.lr * Schedule(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.poly_power)(step)
+    new = t.lr * Schedule.of(t.model_dump())(step)
     if abs(new - planned) <= 0.01 * abs(planned):
         return None
     return (f"the learning rate goes from {last:.3g} (step {step}) to {new:.3g} (step {step + 1}): the schedule "

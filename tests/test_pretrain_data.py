@@ -45,7 +45,7 @@ def test_streams_are_dealt_equal_shares_of_unequal_shards():
 
     rng = random.Random(0)
     shards = [(f"s{i}.tar", 1000 if i % 2 == 0 else rng.randint(1, 999)) for i in range(40)]  # 20 units
-    spreads = {}
+    spreads, ratios = {}, {}
     for deal in ("balanced", "round-robin"):
         plan = StreamPlan(shards, 8, seed=1, shuffle_buffer=1, deal=deal)
         for epoch in range(5):
@@ -53,7 +53,9 @@ def test_streams_are_dealt_equal_shares_of_unequal_shards():
             assert sorted(i for stream in dealt for i in stream) == list(range(len(plan.pieces)))
             sizes = [sum(plan.pieces[i].count for i in stream) for stream in dealt]
             spreads[deal, epoch] = max(sizes) - min(sizes)
+            ratios[deal] = max(ratios.get(deal, 0), max(sizes) / min(sizes))
     assert all(spreads["balanced", e] <= 1000 for e in range(5)), spreads  # (within one piece)
+    assert ratios["balanced"] < 1.08 and ratios["round-robin"] > 1.6, ratios  # (the figures data.py quotes)
     assert sum(spreads["balanced", e] for e in range(5)) < sum(spreads["round-robin", e] for e in range(5)) / 3
     with pytest.raises(ValueError, match="deal"):
         StreamPlan(shards, 8, seed=1, shuffle_buffer=1, deal="random")
