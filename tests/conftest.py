@@ -23,6 +23,10 @@ BUCKET = "bertforge-test"  # the bucket of the `s3` fixture
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray runs its workers at niceness 15. Beside the other test process's training runs (niceness 0) on two cores,
+# they got a tenth of a core: a two-node job's worker group took 95 s to start instead of 8 (the clusters the tests
+# start, and so their workers, inherit this).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 _WORDS = (
     "river stone cloud market engine garden signal paper window letter forest bridge harbor lantern copper "
