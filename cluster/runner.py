@@ -436,6 +436,8 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     cfg = FinetuneConfig.model_validate(stage["config"])
     out = cfg.output.rstrip("/")
     done = finished_finetune(cfg)  # (asked again: this job's register stage may have moved the alias since)
+    if done is not None and done.get("register_error"):
+        return {"skipped": True, **_register_finetuned(cfg, done)}
     if done is not None:
         log(f"'{out}' holds this fine-tune's result; nothing to do.")
         return {"skipped": True, **done}
@@ -457,7 +459,8 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
 def finished_finetune(cfg) -> dict | None:
     """The summary of a finished fine-tune of this very config in `cfg.output` (None: there is none). A run
     removes an earlier run's summary before it writes anything there, and writes its own last, config included
-    (where it ran does not count: an object-store output is fine-tuned in a staging directory)."""
+    (where it ran does not count: an object-store output is fine-tuned in a staging directory). A summary with a
+    `register_error` is a finished fine-tune whose model is still to be registered."""
     from pretrain.finetune import SUMMARY
 
     where = storage.join(cfg.output.rstrip("/"), SUMMARY)
@@ -475,10 +478,6 @@ def finished_finetune(cfg) -> dict | None:
     wanted.pop("output", None)
     if made_by != wanted:
         return None
-    if summary.get("register_error"):  # (its model is complete, but the job's registration is not done)
-        log(f"{where}: the fine-tune finished but its registration failed ({summary['register_error'][:200]}); "
-            "fine-tuning again to register it")
-        return None
     if cfg.model.startswith("models:/") and "@" in cfg.model:  # an alias may have moved since (a new pretraining)
         from pretrain.tracking import RegistryError, resolve_model_uri, tracking_uri
 
@@ -491,6 +490,39 @@ def finished_finetune(cfg) -> dict | None:
             log(f"{cfg.model} is version {now['version']} now; {where} is a fine-tune of version "
                 f"{then.get('version')}: fine-tuning again")
             return None
+    return summary
+
+
+def _register_finetuned(cfg, summary: dict) -> dict:
+    """Register the complete model of a finished fine-tune whose registration failed (the summary says so), from a
+    downloaded copy where the output is in an object store, and record the version in its summary: registering is
+    all that is left to do, so nothing is trained again."""
+    from data_prep.worker import write_json_atomic
+    from pretrain.finetune import SUMMARY
+    from pretrain.tracking import RegistryError, alias_words, register, tracking_uri
+
+    out = cfg.output.rstrip("/")
+    log(f"'{out}' holds this fine-tune's finished model; its registration failed "
+        f"({summary['register_error'][:200]}): registering it now")
+    model = storage.join(out, "model")
+    local = storage.staging_dir(out, "register") if storage.is_remote(out) else Path(storage.local_form(out))
+    try:
+        if storage.is_remote(out):
+            storage.clear_local(local)
+            storage.download_dir(model, local / "model")
+        v = register(local / "model", cfg.registry.name, cfg.registry.alias, tracking_uri(cfg.mlflow))
+    except RegistryError as e:
+        raise StageError(f"registering the fine-tuned model {model} as '{cfg.registry.name}': {e}") from None
+    except OSError as e:  # (the model's files at the URL)
+        raise StageError(storage.unreadable(model, e)) from None
+    summary = {k: v2 for k, v2 in summary.items() if k != "register_error"}
+    summary["registered"] = {"name": v["name"], "version": v["version"], "alias": cfg.registry.alias,
+                             "alias_was": v.get("alias_was")}
+    log(f"registered {alias_words(summary['registered'], cfg.registry.alias)} (models:/{v['name']}/{v['version']})")
+    write_json_atomic(local / SUMMARY, summary)
+    if storage.is_remote(out):
+        storage.upload(local / SUMMARY, storage.join(out, SUMMARY))
+        storage.clear_local(local)
     return summary
 
 

@@ -7,6 +7,8 @@ import atexit
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 from data_prep.configfile import ConfigError, load_config
 from data_prep.dataset import DatasetError
@@ -324,10 +326,21 @@ def _finetune(args) -> int:
 
         return finetune, (FinetuneError, TaskError, ExportError)
 
+    started = time.time()
+
     def left(cfg) -> str:
-        return (f"{cfg.output}/model holds this run's best model so far once a validation has run (before that, "
-                "an earlier run's, if any); only a finished run writes summary.json there. Rerun to fine-tune again "
-                "from the start")
+        """What OUTPUT/model holds now: this run's best model so far (written at a validation), an earlier run's,
+        or nothing yet."""
+        model = f"{cfg.output.rstrip('/')}/model"
+        rest = "only a finished run writes summary.json there. Rerun to fine-tune again from the start"
+        record = Path(model) / "training.json"
+        try:
+            step = json.loads(record.read_text())["step"] if record.stat().st_mtime >= started else None
+        except (OSError, ValueError, KeyError):
+            return f"no model was written to {model}; {rest}"
+        if step is None:
+            return f"{model} holds an earlier run's model (this run had not validated yet); {rest}"
+        return f"{model} holds this run's best model so far (of step {step}); {rest}"
 
     summary = _run(FinetuneConfig, args.config, overrides, job, interrupted=left)
     if isinstance(summary, int):

@@ -151,7 +151,7 @@ def test_a_pair_task_from_csv_with_string_labels(registered, tmp_path):
     assert training["task_files"]["train"]["sha256"] and training["init"] == "pretrained"
 
 
-def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(registered, tmp_path):
+def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(registered, tmp_path, capsys):
     """A job's fine-tuning stage is skipped when its output holds the summary of a finished run of the same config.
     A run into that output with another config removes the summary before it writes anything: killed midway, it
     leaves no summary that would vouch for the half-replaced output."""
@@ -181,6 +181,7 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert finished_finetune(first) == summary and summary["config"]["train"]["epochs"] == 1
     assert finished_finetune(config(epochs=2)) is None
+    _a_job_registers_a_finished_fine_tune_whose_registration_failed(tmp_path, registered[1], summary, capsys)
     typo = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), f"model={tmp / 'no-such-model'}", cwd=tmp_path)
     assert typo.returncode == 1 and "model=" in typo.stderr, typo.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary  # the earlier run is whole
@@ -191,11 +192,13 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     second = config(epochs=500)
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", str(tmp_path / "ft.yaml")], cwd=tmp_path,
                             env=pretrain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    effective = tmp_path / "out" / "config.yaml"
+    effective, record = tmp_path / "out" / "config.yaml", tmp_path / "out" / "model" / "training.json"
     deadline = time.monotonic() + 120
     while "epochs: 500" not in effective.read_text() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1)  # into its training loop
+    started = effective.stat().st_mtime
+    while record.stat().st_mtime < started and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # into its training loop, past its first validation (which writes its best model)
     other = pretrain_cli("finetune", str(tmp_path / "ft.yaml"), cwd=tmp_path)  # a second run into the same output
     assert other.returncode == 1 and "another fine-tune (pid " in other.stderr and \
         f"is writing output {tmp_path / 'out'} on this machine" in other.stderr, other.stderr[-2000:]
@@ -203,10 +206,43 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     proc.send_signal(signal.SIGINT)  # Ctrl-C: one line that says what is left, no traceback
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
-    assert f"interrupted: {tmp_path / 'out'}/model holds this run's best model so far" in err, err
+    step = json.loads(record.read_text())["step"]
+    assert f"interrupted: {tmp_path / 'out'}/model holds this run's best model so far (of step {step})" in err, err
     assert "Traceback" not in err, err
     assert not (tmp_path / "out" / "summary.json").exists()
     assert finished_finetune(first) is None and finished_finetune(second) is None
+
+
+def _a_job_registers_a_finished_fine_tune_whose_registration_failed(tmp_path, uri, summary, capsys) -> None:
+    """A job's fine-tuning stage, given an output whose fine-tune finished but whose registration failed, registers
+    that model (alias and all) and records the version in the summary; it trains nothing again."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from cluster.runner import _finetune
+    from pretrain.config import FinetuneConfig
+
+    out = tmp_path / "unregistered"
+    shutil.copytree(tmp_path / "out", out)
+    tree = {**summary["config"], "output": str(out), "registry": {"name": "topic-clf", "alias": "prod"},
+            "mlflow": {"tracking_uri": uri}}
+    failed = {**summary, "config": FinetuneConfig.model_validate(tree).model_dump(mode="json"),
+              "register_error": "MLflow at ... failed while reaching the store (ConnectionError: ...)"}
+    (out / "summary.json").write_text(json.dumps(failed))
+    weights = {p.name: p.stat().st_mtime_ns for p in (out / "model").iterdir()}
+    capsys.readouterr()
+    done = _finetune({"config": tree}, {"spec": {"kind": "finetune"}}, {})  # (fine-tuning would need Ray: none here)
+    said = capsys.readouterr().out
+    assert "its registration failed (MLflow at ... failed" in said and "registering it now" in said, said
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("topic-clf", "prod")
+    assert done["skipped"] and done["registered"] == {"name": "topic-clf", "version": str(version.version),
+                                                      "alias": "prod", "alias_was": None}
+    kept = json.loads((out / "summary.json").read_text())
+    assert "register_error" not in kept and kept["registered"] == done["registered"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "model").iterdir()} == weights  # trained nothing again
+    again = _finetune({"config": tree}, {"spec": {"kind": "finetune"}}, {})
+    assert "holds this fine-tune's result; nothing to do" in capsys.readouterr().out and again["registered"]
 
 
 def test_deepspeed_zero3_on_two_ranks_equals_zero0(registered, tmp_path):
