@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +29,12 @@ class EvaluationError(Exception):
 
 
 def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "val", examples: int = 2000,
-                   batch_size: int = 32, device: str = "auto", precision: str = "auto", progress=print) -> dict:
+                   batch_size: int = 32, device: str = "auto", precision: str = "auto", progress=print,
+                   warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) -> dict:
     """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`,
     with their stored masks, in `precision` (auto: bf16 autocast on a GPU that has it, else fp32):
-    {"model": ..., "dataset": ..., "split", "examples", "seconds", "eval/loss", "eval/mlm_acc", ...}."""
+    {"model": ..., "dataset": ..., "split", "examples", "seconds", "eval/loss", "eval/mlm_acc", ..., "warnings"}
+    (what `warn` was told: figures to read with care)."""
     from pretrain.batch import Collator
     from pretrain.train import evaluate
 
@@ -64,11 +67,20 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
                                       json.loads((model_dir / "dataset.json").read_text()), manifest)
         if problem:
             raise EvaluationError(f"'{source}' {problem}")
-        model, _ = load_model(model_dir, dev)
+        model, config = load_model(model_dir, dev)
     seq = manifest["examples"]["max_seq_length"]
     if model.config.max_position < seq:
         raise EvaluationError(f"'{source}' has {model.config.max_position} positions; the dataset's sequences are "
                               f"{seq} tokens long: evaluate on a dataset of sequences that fit")
+    warnings = []
+    trained_len = config.get("max_seq_length")
+    if trained_len and seq > trained_len:  # (as fine-tuning warns: positions it never trained)
+        warnings.append(f"the dataset's sequences are up to {seq} tokens long; '{source}' was pretrained on "
+                        f"{trained_len}: positions {trained_len}-{seq - 1} keep their untrained initial embeddings, "
+                        f"so the figures understate the model (evaluate on a dataset built at {trained_len}, or "
+                        f"pretrain a last phase at {seq})")
+    for w in warnings:
+        warn(w)
     t0 = time.monotonic()
     n = min(examples, available)
     progress(f"evaluating {info.get('uri', source)} on {n:,} of the {available:,} {split} examples of "
@@ -80,7 +92,7 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     out = {"model": {k: v for k, v in info.items() if k != "pinned" and v is not None}, "dataset": dataset.root,
            "dataset_id": dataset.id, "split": split, "examples": n, "device": dev.type,
            "precision": "bf16" if bf16 else "fp32",
-           "seconds": round(time.monotonic() - t0, 1), **metrics}
+           "seconds": round(time.monotonic() - t0, 1), **metrics, "warnings": warnings}
     return out
 
 

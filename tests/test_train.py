@@ -345,7 +345,28 @@ def test_evaluate_scores_a_checkpoint_as_its_training_did(trained, tmp_path, tra
 
         with pytest.raises(EvaluationError, match="--device cuda: this machine has no CUDA device"):
             evaluate_model(str(ck), str(train_dataset), "sqlite:///unused.db", device="cuda")
-    assert result["precision"] == "fp32"
+    assert result["precision"] == "fp32" and result["warnings"] == []
+    _positions_it_never_trained_are_warned_of(ck, train_dataset, tmp_path)
+
+
+def _positions_it_never_trained_are_warned_of(ck: Path, dataset: Path, tmp_path: Path) -> None:
+    """A model pretrained on shorter sequences than the dataset's (its record says 32 tokens; the dataset's are
+    64): `evaluate` scores it and warns that its positions 32-63 were never trained, as fine-tuning does."""
+    from pretrain.evaluation import evaluate_model
+    from pretrain.export import CHECKSUMS, export
+
+    short = export(ck, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    assert config["max_seq_length"] == 64
+    (short / "config.json").write_text(json.dumps({**config, "max_seq_length": 32}))  # (as a 32-token phase 1)
+    sums = json.loads((short / CHECKSUMS).read_text())
+    sums["config.json"] = hashlib.sha256((short / "config.json").read_bytes()).hexdigest()
+    (short / CHECKSUMS).write_text(json.dumps(sums))
+    told: list[str] = []
+    result = evaluate_model(str(short), str(dataset), "sqlite:///unused.db", examples=8, batch_size=8,
+                            progress=lambda m: None, warn=told.append)
+    assert told == result["warnings"] and len(told) == 1, told
+    assert "sequences are up to 64 tokens long" in told[0] and "was pretrained on 32: positions 32-63" in told[0]
 
 
 def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
