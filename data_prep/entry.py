@@ -8,11 +8,15 @@ from typing import Callable, NoReturn
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:
-    """Exit with `main()`'s status; output cut off by its reader (`| head`) is not an error."""
+    """Exit with `main()`'s status; output cut off by its reader (`| head`) is not an error, and Ctrl-C ends it
+    with one line."""
     try:
         status = main()
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
         status = 0
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling (e.g. while the libraries load): one line
+        print("interrupted", file=sys.stderr, flush=True)
+        status = 130  # as a shell reports a process that SIGINT ended
     sys.exit(status)

@@ -287,3 +287,38 @@ def test_a_config_is_checked_without_loading_torch(tmp_path):
     assert out.stdout.splitlines()[-2:] == ["[2, 2, 0] []", "[2, 2, 0, 1] []"], out.stdout + out.stderr[-2000:]
     assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
     assert "there is no MLflow store" in out.stderr
+
+
+CTRL_C_WHILE_LOADING = """
+import importlib.abc, os, runpy, signal, sys
+
+loading, sys.argv = sys.argv[1], sys.argv[2:]
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == loading:
+            os.kill(os.getpid(), signal.SIGINT)  # a person pressing Ctrl-C while that library loads
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("loading, command", [
+    ("mlflow", ["pretrain", "pull", "models:/x/1", "--out", "x"]),
+    ("pydantic", ["data_prep", "run", "configs/data_prep/quickstart.yaml"]),
+    ("pydantic", ["cluster", "validate", "configs/jobs/quickstart.yaml"]),
+])
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, loading, command):
+    """Ctrl-C in the first second of a command, before the command itself handles it: exit 130 and one line, no
+    traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mlflow.db").touch()  # (a store for the pull to find: it loads MLflow only once it has one)
+    out = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_LOADING, loading, *command], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
+                              f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 130 and out.stderr == "interrupted\n", (out.returncode, out.stderr[-3000:])
