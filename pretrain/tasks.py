@@ -42,6 +42,11 @@ class Rows:
                     [self.labels[i] for i in idx], [self.where[i] for i in idx])
 
 
+def _or_none(key: str) -> str:
+    """How to do without the task file at config key `key` (the validation and test files are optional)."""
+    return f", or {key}=null for none" if key != "task.train" else ""
+
+
 def _records(path: str, key: str = "task.train"):
     """(FILE:LINE, dict) for each row of a jsonl, json (JSON lines, or one array of objects), csv or tsv file (by
     extension, after any .gz/.zst/...)."""
@@ -56,8 +61,7 @@ def _records(path: str, key: str = "task.train"):
         else:
             f = fsspec.open(path, "rt", encoding="utf-8-sig", compression="infer").open()
     except (OSError, ValueError) as e:
-        optional = f", or {key}=null for none" if key != "task.train" else ""
-        raise TaskError(f"{key}: cannot open task file {path}: {e} (set {key} to the file{optional})") from None
+        raise TaskError(f"{key}: cannot open task file {path}: {e} (set {key} to the file{_or_none(key)})") from None
     n = 0
     try:
         with f, raw or contextlib.nullcontext():
@@ -144,16 +148,16 @@ def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
     wanted = [cfg.text_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
     rows = Rows(path, pairs=[] if cfg.text_pair_field else None)
     for where, rec in _records(path, key):
-        for key, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
-                             (cfg.label_field, "task.label_field")):
-            if key and key not in rec:
-                raise TaskError(f"{where}: no field '{key}' (the row has: {', '.join(map(str, rec)) or 'nothing'}); "
+        for field, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
+                               (cfg.label_field, "task.label_field")):
+            if field and field not in rec:
+                raise TaskError(f"{where}: no field '{field}' (the row has: {', '.join(map(str, rec)) or 'nothing'}); "
                                 f"set {setting} to the right name")
-        for key in wanted:
-            if not isinstance(rec[key], str):
-                raise TaskError(f"{where}: field '{key}' is {type(rec[key]).__name__}, not text")
-            if not rec[key].strip():
-                raise TaskError(f"{where}: field '{key}' is empty; remove the row or give it its text")
+        for field in wanted:
+            if not isinstance(rec[field], str):
+                raise TaskError(f"{where}: field '{field}' is {type(rec[field]).__name__}, not text")
+            if not rec[field].strip():
+                raise TaskError(f"{where}: field '{field}' is empty; remove the row or give it its text")
         label = rec[cfg.label_field]
         if label is None or label == "" or isinstance(label, (dict, list, float, bool)):
             raise TaskError(f"{where}: label {label!r} in field '{cfg.label_field}' is not a class name or integer")
@@ -166,7 +170,7 @@ def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
         rows.labels.append(label)
         rows.where.append(where)
     if not rows.texts:
-        raise TaskError(f"{path} holds no rows")
+        raise TaskError(f"{key}: task file {path} holds no rows (set {key} to a file with rows{_or_none(key)})")
     return rows
 
 

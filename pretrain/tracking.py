@@ -628,8 +628,8 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RegistryError):  # (resolving the name said what is wrong)
             raise
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {_said(e)}") \
-            from None
+        missing = _run_holds(uri, model_uri) if model_uri.startswith("runs:/") else ""
+        raise RegistryError(f"cannot download {model_uri} from {uri}: {missing or _said(e)}") from None
     try:  # (a directory's URI is downloaded into tmp/<its name>)
         problems = verify(model_files(got))
     except Exception as e:  # noqa: BLE001 (not our model, or unreadable: nothing half-pulled stays)
@@ -651,6 +651,26 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
     published = publish(got, out)
     shutil.rmtree(tmp, ignore_errors=True)  # (the folder around `got`, when there is one)
     return published
+
+
+def _run_holds(uri: str, model_uri: str) -> str:
+    """For a `runs:/ID/PATH` that could not be downloaded because the run has no PATH: that, and what the run holds
+    where PATH was looked for (empty where PATH is there after all, or the store cannot say: the run is unknown,
+    the store is down)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    parent, _, leaf = path.strip("/").rpartition("/")
+    try:
+        held = MlflowClient(uri).list_artifacts(run_id, parent or None)
+    except Exception:  # noqa: BLE001 (the download's own error says it)
+        return ""
+    names = sorted(Path(f.path).name + ("/" if f.is_dir else "") for f in held)
+    if leaf in {n.rstrip("/") for n in names}:
+        return ""
+    where = f"in {parent}/" if parent else "at its top"
+    return (f"run {run_id} holds no '{path.strip('/')}' ({where} it holds {', '.join(names[:10]) or 'nothing'}): "
+            "name the model's folder, e.g. the one `pretrain register` logged")
 
 
 def resolve_model_uri(model_uri: str, uri: str) -> dict:

@@ -148,11 +148,14 @@ def test_overwrite_in_an_object_store_removes_only_what_a_dataset_consists_of(sm
     fs.rm(url, recursive=True)
 
 
-def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never_removed(tmp_path):
+def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never_removed(tmp_path, monkeypatch):
     """Resume state at an output URL: another run's unfinished start is cleared, but never with files of the user's
     own in the dataset's folders; a run that kept its state on one machine only (as before the URL kept it too)
-    resumes from it there, and the URL gets a copy; another run's state on that machine is still refused."""
+    resumes from it there, and the URL gets a copy; another run's state on that machine is still refused; state
+    that cannot be read is said, not a traceback."""
     import fsspec
+
+    from data_prep import storage
 
     from data_prep.pipeline import _prepare_remote
 
@@ -176,6 +179,15 @@ def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never
     with pytest.raises(DatasetError, match="holds an unfinished dataset made with a different config"):
         _prepare_remote(url, staging, "another", overwrite=False)
     assert (staging / ".work" / "units" / "unit-000000.json").is_file()
+
+    def denied(where: str) -> str:  # (a bucket whose listing is allowed and whose reading is not)
+        raise PermissionError("Access Denied")
+
+    fs.pipe(f"{url}/.work/config.json", json.dumps({"recipe_hash": "ours"}).encode())
+    monkeypatch.setattr(storage, "read_text", denied)
+    with pytest.raises(DatasetError, match=r"^output: cannot read 'memory://resume-state/out/.work/config.json' "
+                                           r"\(PermissionError: Access Denied\); check the storage's credentials"):
+        _prepare_remote(url, staging, "ours", overwrite=False)
 
 
 def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):

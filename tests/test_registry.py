@@ -209,6 +209,16 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
                        cwd=tmp)  # the folder above the model
     assert out.returncode == 1 and f"runs:/{run_id}/registered-model holds no model (it holds step-00000010" in \
         out.stderr, out.stderr
+    from pretrain.tracking import RegistryError, pull
+
+    with pytest.raises(RegistryError, match=rf"cannot download runs:/{run_id}/model from \S+: run {run_id} holds no "
+                                            r"'model' \(at its top it holds config/, dataset/, registered-model/, "
+                                            r"tokenizer/\)"):
+        pull(f"runs:/{run_id}/model", tmp / "w", uri)  # a path the run does not have: what it has instead
+    with pytest.raises(RegistryError, match=r"holds no 'registered-model/step-1' \(in registered-model/ it holds "
+                                            r"step-00000010/\)"):
+        pull(f"runs:/{run_id}/registered-model/step-1", tmp / "w", uri)
+    assert not (tmp / "w").exists() and not (tmp / "w.partial").exists()
     (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF  # bit rot in the store, same size

@@ -81,6 +81,16 @@ def test_bad_rows_name_the_file_and_line(tmp_path, name, content, message):
         read_rows(str(tmp_path / name), TaskConfig(train="x"))
 
 
+def test_an_empty_task_file_is_named_by_its_key(tmp_path):
+    """An empty validation file names its config key and how to go without one (the train file has no such way)."""
+    (tmp_path / "val.jsonl").write_text("\n")
+    with pytest.raises(TaskError, match=r"^task.validation: task file .*val.jsonl holds no rows \(set task.validation "
+                                        r"to a file with rows, or task.validation=null for none\)$"):
+        read_rows(str(tmp_path / "val.jsonl"), TaskConfig(train="x"), "task.validation")
+    with pytest.raises(TaskError, match=r"^task.train: .* holds no rows \(set task.train to a file with rows\)$"):
+        read_rows(str(tmp_path / "val.jsonl"), TaskConfig(train="x"))
+
+
 def test_a_quote_in_tsv_is_text_and_a_json_file_may_hold_one_array(tmp_path):
     """Tab-separated files are read without quoting: a stray quote cannot swallow the rows after it."""
     (tmp_path / "q.tsv").write_text('text\tlabel\n"quoted at the start\tpos\nplain\tneg\nthird "one\tpos\n')
@@ -188,6 +198,13 @@ def test_the_demo_task_is_balanced_disjoint_and_readable(tmp_path):
     assert sorted(rows["train"].labels) == ["docstring"] * 20 + ["reference"] * 20
     assert sorted(rows["test"].labels) == ["docstring"] * 10 + ["reference"] * 10
     assert not set(rows["train"].texts) & set(rows["test"].texts)
+    from data_prep.demo_corpus import demo_sentences
+
+    every = [t for texts in demo_sentences(tmp_path / "corpus").values() for t in texts]
+    assert not [t for t in every if "----" in t or "====" in t or "| |" in t], "no table or heading markup"
+    with (tmp_path / "corpus" / "pydoc_topics.txt").open("a") as topics:  # a table's row, without the filter kept
+        topics.write("Operator precedence | | +------+------+ in a table\n")
+    assert "Operator precedence | | +------+------+ in a table" not in demo_sentences(tmp_path / "corpus")["reference"]
     assert write_demo_task(tmp_path / "corpus", tmp_path / "again", n_train=40, n_test=20, seed=3)[0].read_text() \
         == train.read_text(), "the same task every time"
     with pytest.raises(ValueError, match=r"has \d+ docstring sentences; ask for at most \d+ rows in all"):
