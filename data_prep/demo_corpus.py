@@ -16,6 +16,7 @@ import ast
 import json
 import os
 import random
+import re
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -78,16 +79,20 @@ def write_demo_corpus(out_dir: str | Path, max_mb: float = 4.0) -> list[Path]:
     return [jsonl, txt]
 
 
+_LAYOUT = re.compile(r"[-=+*~^]{4,}|\|\s*\|")  # a table's borders or a heading's rule, flattened into a line
+
+
 def demo_sentences(corpus: str | Path) -> dict[str, list[str]]:
     """The demo corpus's sentences by source ("docstring", "reference"), 40-240 characters, de-duplicated, none
-    in both."""
+    in both, none with the layout of a table or a heading (markup would tell the classes apart, not the words;
+    6% of the reference sentences are such fragments)."""
     corpus = Path(corpus)
     doc, ref = set(), set()
     for line in (corpus / "stdlib_docstrings.jsonl").read_text(encoding="utf-8").splitlines():
         doc.update(split_sentences(" ".join(json.loads(line)["text"].split())))
     ref.update(line.strip() for line in (corpus / "pydoc_topics.txt").read_text(encoding="utf-8").splitlines())
     both = doc & ref
-    return {label: sorted(s for s in texts - both if 40 <= len(s) <= 240)
+    return {label: sorted(s for s in texts - both if 40 <= len(s) <= 240 and not _LAYOUT.search(s))
             for label, texts in (("docstring", doc), ("reference", ref))}
 
 
