@@ -58,13 +58,17 @@ class Dataset:
     def id(self) -> str:
         return self.manifest["dataset_id"]
 
+    def _entries(self, split: str) -> list[tuple[str, dict]]:
+        """(url, manifest entry) of each shard of `split`, in manifest order."""
+        return [(f"{self.root}/{s['name']}", s) for s in self.manifest["splits"][split]["shards"]]
+
     def shards(self, split: str) -> list[tuple[str, int]]:
         """(url, examples) of each shard of `split`, in manifest order."""
-        return [(f"{self.root}/{s['name']}", s["examples"]) for s in self.manifest["splits"][split]["shards"]]
+        return [(url, s["examples"]) for url, s in self._entries(split)]
 
     def digests(self, split: str) -> dict[str, str]:
         """The manifest's sha256 of each shard of `split`, by its url (as `shards` gives it)."""
-        return {f"{self.root}/{s['name']}": s["sha256"] for s in self.manifest["splits"][split]["shards"]}
+        return {url: s["sha256"] for url, s in self._entries(split)}
 
     def missing(self) -> list[str]:
         """The files the manifest names (tokenizer, shards) that a local dataset lacks ([] for a remote one:
@@ -122,14 +126,15 @@ def tar_samples(url: str, sha256: str | None = None) -> Iterator[dict]:
         stream = _Hashing(f) if sha256 else f
         changed = DatasetError(f"{url}: cannot be read (its bytes differ from the sha256 the manifest recorded: the "
                                f"file changed after it was written); {CHECK_IT}")
+        failed = None
         try:
             yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-        except Exception:
-            if sha256 and stream.rest() != sha256:  # (the damage, not what it made the tar reader say)
-                raise changed from None
-            raise
+        except Exception as e:  # (checked first: the damage, not what it made the tar reader say)
+            failed = e
         if sha256 and stream.rest() != sha256:
-            raise changed
+            raise changed from None
+        if failed:
+            raise failed
 
 
 class _Hashing(io.RawIOBase):
