@@ -19,6 +19,9 @@ from data_prep.config import MASK_ID, NUM_SPECIAL
 from data_prep.examples import ExampleParams
 
 _NOT_A_CANDIDATE = np.uint32(0xFFFFFFFF)  # candidate keys use 31 bits, so they all sort first
+# The bits of a word-start table's entry for a piece (`data_prep.tokenizer.word_start_table`)
+WORD_START = 1  # the piece begins a word
+NEXT_STARTS = 2  # the piece ends with a character of a script written without spaces: the next piece begins a word
 
 
 def noise_bytes(n_examples: int, p: ExampleParams) -> int:
@@ -78,18 +81,24 @@ def mask_batch(tokens: np.ndarray, lengths: np.ndarray, b_start: np.ndarray, noi
     return MaskedBatch(input_ids, lengths, positions, labels, used.sum(1))
 
 
-def _whole_words(tokens: list[int], cand: np.ndarray, k: int, keys: list[int], word_start: bytes) -> list[int]:
-    """Whole words in random order (by their first piece's key), Google's skip rule, at most k pieces."""
-    words: list[list[int]] = []
+def words(tokens: list[int], cand: np.ndarray, word_start: bytes) -> list[list[int]]:
+    """The candidate positions grouped into words, by the word-start table."""
+    out: list[list[int]] = []
     prev = -2
     for pos in np.flatnonzero(cand).tolist():
-        if words and pos == prev + 1 and not word_start[tokens[pos]]:
-            words[-1].append(pos)
+        if out and pos == prev + 1 and not word_start[tokens[pos]] & WORD_START and \
+                not word_start[tokens[prev]] & NEXT_STARTS:
+            out[-1].append(pos)
         else:
-            words.append([pos])
+            out.append([pos])
         prev = pos
+    return out
+
+
+def _whole_words(tokens: list[int], cand: np.ndarray, k: int, keys: list[int], word_start: bytes) -> list[int]:
+    """Whole words in random order (by their first piece's key), Google's skip rule, at most k pieces."""
     chosen: list[int] = []
-    for w in sorted(words, key=lambda w: keys[w[0]]):
+    for w in sorted(words(tokens, cand, word_start), key=lambda w: keys[w[0]]):
         if len(chosen) >= k:
             break
         if len(chosen) + len(w) > k:

@@ -14,6 +14,7 @@ import sentencepiece as spm
 
 from data_prep.config import SPECIAL_PIECES, TokenizerConfig
 from data_prep.configfile import ConfigError
+from data_prep.masking import NEXT_STARTS, WORD_START
 
 # sentencepiece skips longer sentences during training; we pass them through unchanged otherwise.
 MAX_TRAINING_SENTENCE_BYTES = 4192
@@ -155,16 +156,20 @@ def unspaced(ch: str) -> bool:
 
 
 def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:
-    """`table[id] == 1` when piece `id` begins a word (for whole-word masking).
+    """`table[id] & WORD_START` when piece `id` begins a word, `table[id] & NEXT_STARTS` when the piece after it
+    does (for whole-word masking; the bits are `data_prep.masking`'s).
 
     A piece begins a word when it carries sentencepiece's space marker, starts with punctuation, or starts with a
     CJK or kana character, so `"▁word" "."` are two words and so are `"中" "国"`, as BERT's basic tokenizer would
-    have them (without the last, a sentence of Chinese is one "word", too long to mask).
+    have them (without the last, a sentence of Chinese is one "word", too long to mask). A piece that ends with
+    such a character ends its word: in `"国" "abc"` the Latin word is one of its own, as BERT's basic tokenizer
+    (a space around every CJK character) has it.
     """
     table = bytearray(sp.GetPieceSize())
     for i in range(sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
         first = piece[:1]
-        table[i] = (piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not first.isalnum()
-                    or unspaced(first))
+        begins = (piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not first.isalnum()
+                  or unspaced(first))
+        table[i] = (WORD_START if begins else 0) | (NEXT_STARTS if piece and unspaced(piece[-1]) else 0)
     return bytes(table)

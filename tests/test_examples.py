@@ -220,6 +220,21 @@ def test_whole_word_masking_masks_whole_words():
             assert set(range(start, end)) <= chosen
 
 
+def test_a_word_after_a_cjk_character_is_a_word_of_its_own():
+    """`中国abc def` as pieces `▁中` `国` `abc` `▁de` `f`: BERT's basic tokenizer puts a space around each CJK
+    character, so `abc` is a word of its own, not the end of `国`'s; `▁de` `f` stays one word."""
+    from data_prep.masking import NEXT_STARTS, WORD_START, words
+
+    table = bytearray(VOCAB)
+    table[10] = table[11] = WORD_START | NEXT_STARTS  # ▁中, 国
+    table[13] = WORD_START  # ▁de (abc, id 12, and f, id 14: no space marker)
+    tokens = [CLS_ID, 10, 11, 12, 13, 14, SEP_ID]
+    cand = np.array([False, True, True, True, True, True, False])
+    assert words(tokens, cand, bytes(table)) == [[1], [2], [3], [4, 5]]
+    table[11] = WORD_START  # (were 国 not a CJK character, abc would continue its word)
+    assert words(tokens, cand, bytes(table)) == [[1], [2, 3], [4, 5]]
+
+
 def test_examples_are_a_pure_function_of_seed_document_and_copy():
     pool = make_pool(10)
     p = params()

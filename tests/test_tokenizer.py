@@ -12,6 +12,7 @@ import sentencepiece as spm
 from conftest import make_document
 from data_prep.config import SPECIAL_PIECES, TokenizerConfig
 from data_prep.configfile import ConfigError
+from data_prep.masking import NEXT_STARTS, WORD_START
 from data_prep.tokenizer import load, sha256_file, train, word_start_table
 
 
@@ -44,15 +45,17 @@ def test_word_start_table_marks_word_initial_pieces(tmp_path):
     for i in range(5, sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
         first = piece.lstrip("\u2581")[:1]
+        ends_cjk = "\u3040" <= piece[-1] <= "\u9fff"  # (the piece after it begins a word)
+        assert bool(table[i] & NEXT_STARTS) == ends_cjk, piece
         if "\u3040" <= first <= "\u9fff":  # CJK and kana: every character starts a word, as BERT's basic tokenizer
-            assert table[i] == 1, piece
+            assert table[i] & WORD_START, piece
         else:
             spaced += 1
-            assert table[i] == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
+            assert bool(table[i] & WORD_START) == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
     assert spaced > 100
     # a Chinese sentence is words of a character or a few, not one word of the whole sentence
     ids = sp.Encode("我们今天学习自然语言处理。")
-    assert sum(table[i] for i in ids) >= len(ids) - 1, [sp.IdToPiece(i) for i in ids]
+    assert sum(table[i] & WORD_START for i in ids) >= len(ids) - 1, [sp.IdToPiece(i) for i in ids]
 
 
 def test_foreign_model_is_refused_with_the_key(tmp_path):
