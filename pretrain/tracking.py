@@ -665,6 +665,8 @@ def _run_holds(uri: str, model_uri: str) -> str:
         held = MlflowClient(uri).list_artifacts(run_id, parent or None)
     except Exception:  # noqa: BLE001 (the download's own error says it)
         return ""
+    if parent and not held:  # (no such folder either: said of the first missing part)
+        return _run_holds(uri, f"runs:/{run_id}/{parent}")
     names = sorted(Path(f.path).name + ("/" if f.is_dir else "") for f in held)
     if leaf in {n.rstrip("/") for n in names}:
         return ""

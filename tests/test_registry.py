@@ -218,6 +218,8 @@ def test_pull_refuses_an_unknown_model_and_a_corrupted_store(trained):
     with pytest.raises(RegistryError, match=r"holds no 'registered-model/step-1' \(in registered-model/ it holds "
                                             r"step-00000010/\)"):
         pull(f"runs:/{run_id}/registered-model/step-1", tmp / "w", uri)
+    with pytest.raises(RegistryError, match=r"holds no 'nope' \(at its top it holds config/"):
+        pull(f"runs:/{run_id}/nope/model", tmp / "w", uri)  # (the first part that is not there is named)
     assert not (tmp / "w").exists() and not (tmp / "w.partial").exists()
     (stored,) = (tmp / "mlruns").rglob("registered-model/step-00000010/artifacts/*/model.safetensors")  # (cls)
     data = bytearray(stored.read_bytes())
