@@ -31,7 +31,7 @@ g.OURS.update({{"zero1": (True, False, False, 1, {{}}), "zero0": (True, False, F
                "ds-bf16": (True, False, False, 1, g.DS_BF16), "padded": (False, False, False, 1, {{}}),
                "varlen": (True, True, False, 1, {{}})}})
 args = argparse.Namespace(min_fill=0.5, precision="bf16")
-c = preset("mini", 1000, dropout=0.0, attention_dropout=0.0)
+c = preset("tiny", 1000, dropout=0.0, attention_dropout=0.0)  # (BERT-mini: the same, at 2.5x the time)
 out = {{"tensors": len(list(BertForPretraining(c).parameters()))}}
 for variant in ("zero1", "zero0", "ds-bf16"):
     out[variant] = g.count_ops(variant, c, "4", 32, args, device)
