@@ -241,10 +241,14 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             if state == "fresh":
                 write_json_atomic(work / "config.json",
                                   {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
-                if remote:
-                    storage.upload(work / "config.json", storage.join(remote, WORK_CONFIG))
         except OSError as e:
             raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
+        if state == "fresh" and remote:
+            try:
+                storage.upload(work / "config.json", storage.join(remote, WORK_CONFIG))
+            except Exception as e:  # noqa: BLE001 (credentials, endpoint, permissions: the URL is named)
+                where = storage.join(remote, WORK_CONFIG)
+                raise DatasetError(f"output: {storage.unreadable(where, e, 'write')}") from None
         if state == "resume":
             log(f"resuming the unfinished dataset in '{cfg.output}'")
         unknown = [s.url for s in sources if s.size < 0]

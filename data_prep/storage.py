@@ -35,12 +35,13 @@ def local_form(location: str) -> str:
     return os.path.expanduser(location.removeprefix("file://"))
 
 
-def unreadable(url: str, e: BaseException) -> str:
-    """"cannot read URL (the error)", with where to look when it is an object store's access that failed."""
+def unreadable(url: str, e: BaseException, doing: str = "read") -> str:
+    """"cannot read URL (the error)" (or write: `doing`), with where to look when it is an object store's access
+    that failed."""
     access = is_remote(url) and not isinstance(e, (FileNotFoundError, IsADirectoryError, UnicodeError, ValueError))
     hint = ("; check the storage's credentials and endpoint (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
             "AWS_ENDPOINT_URL, or the machine's cloud identity)" if access else "")
-    return f"cannot read '{url}' ({type(e).__name__}: {e}){hint}"
+    return f"cannot {doing} '{url}' ({type(e).__name__}: {e}){hint}"
 
 
 def join(url: str, *parts: str) -> str:

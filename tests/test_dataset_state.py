@@ -190,6 +190,22 @@ def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never
         _prepare_remote(url, staging, "ours", overwrite=False)
 
 
+def test_a_refused_upload_at_a_fresh_start_names_the_url(small_corpus, tmp_path, monkeypatch):
+    """An output URL this machine may list but not write to: the first upload (the work config) is refused with
+    the URL and where to look, before any work (and before Ray starts)."""
+    from data_prep import storage
+    from data_prep.pipeline import run
+
+    def refused(local, url: str) -> None:  # (a bucket whose policy denies writes)
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(storage, "upload", refused)
+    monkeypatch.setenv("BERTFORGE_STAGING", str(tmp_path / "staging"))
+    with pytest.raises(DatasetError, match=r"^output: cannot write 'memory://refused/out/.work/config.json' "
+                                           r"\(PermissionError: Access Denied\); check the storage's credentials"):
+        run(small_config(small_corpus, "memory://refused/out"))
+
+
 def test_output_that_is_a_file_is_a_clear_error(small_corpus, tmp_path):
     out = tmp_path / "taken"
     out.write_text("x")
