@@ -498,32 +498,36 @@ def _register_finetuned(cfg, summary: dict) -> dict:
     downloaded copy where the output is in an object store, and record the version in its summary: registering is
     all that is left to do, so nothing is trained again."""
     from data_prep.worker import write_json_atomic
-    from pretrain.finetune import SUMMARY
+    from pretrain.finetune import SUMMARY, registered_summary
     from pretrain.tracking import RegistryError, alias_words, register, tracking_uri
 
     out = cfg.output.rstrip("/")
     log(f"'{out}' holds this fine-tune's finished model; its registration failed "
         f"({summary['register_error'][:200]}): registering it now")
-    model = storage.join(out, "model")
-    local = storage.staging_dir(out, "register") if storage.is_remote(out) else Path(storage.local_form(out))
+    model, remote = storage.join(out, "model"), storage.is_remote(out)
+    local = storage.staging_dir(out, "register") if remote else Path(storage.local_form(out))
     try:
-        if storage.is_remote(out):
+        if remote:
             storage.clear_local(local)
-            storage.download_dir(model, local / "model")
+            if not storage.download_dir(model, local / "model"):
+                raise StageError(f"{model} holds no files: remove {storage.join(out, SUMMARY)} and submit the job "
+                                 "again to fine-tune again")
         v = register(local / "model", cfg.registry.name, cfg.registry.alias, tracking_uri(cfg.mlflow))
+        summary = registered_summary(summary, v, cfg.registry.alias)
+        write_json_atomic(local / SUMMARY, summary)
+        if remote:
+            storage.upload(local / SUMMARY, storage.join(out, SUMMARY))
     except RegistryError as e:
         raise StageError(f"registering the fine-tuned model {model} as '{cfg.registry.name}': {e}") from None
-    except OSError as e:  # (the model's files at the URL)
-        raise StageError(storage.unreadable(model, e)) from None
-    summary = {k: v2 for k, v2 in summary.items() if k != "register_error"}
-    summary["registered"] = {"name": v["name"], "version": v["version"], "alias": cfg.registry.alias,
-                             "alias_was": v.get("alias_was")}
+    except StageError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the output's storage: credentials, endpoint, a file gone)
+        raise StageError(f"registering the fine-tuned model {model}: {storage.unreadable(model, e)}") from None
+    finally:
+        if remote:
+            storage.clear_local(local)
     log(f"registered {alias_words(summary['registered'], cfg.registry.alias)} (models:/{v['name']}/{v['version']})")
-    write_json_atomic(local / SUMMARY, summary)
-    if storage.is_remote(out):
-        storage.upload(local / SUMMARY, storage.join(out, SUMMARY))
-        storage.clear_local(local)
-    return summary
+    return {**summary, "registered_now": True}
 
 
 def _finetune_task(config: dict) -> dict:
@@ -545,6 +549,9 @@ def _finetune_task(config: dict) -> dict:
     write_json_atomic(local / SUMMARY, summary)
     storage.upload_dir(local, remote, last=(SUMMARY,))
     storage.clear_local(local)
+    if summary.get("register_error"):  # (the warning above names the staging copy, removed now)
+        log(f"the fine-tuned model is complete in {remote}/model: submit the job again to register it (nothing is "
+            "fine-tuned again)")
     return summary
 
 
@@ -553,7 +560,7 @@ STAGES = {"data_prep": _data_prep, "pretrain": _pretrain, "register": _register,
 
 def _summary(plan: dict, o: dict) -> None:
     lines = ["", f"== job summary: {plan['name']} ==", f"storage      {plan['storage']}"]
-    skipped = [k for k, v in o.items() if isinstance(v, dict) and v.get("skipped")]
+    skipped = [k for k, v in o.items() if isinstance(v, dict) and v.get("skipped") and not v.get("registered_now")]
     if "data_prep" in o:
         d = o["data_prep"]
         ex = ", ".join(f"{k} {v:,}" for k, v in d["examples"].items())
@@ -576,6 +583,12 @@ def _summary(plan: dict, o: dict) -> None:
         f, m = o["finetune"], o["finetune"].get("metrics", {})
         figures = ", ".join(f"{k} {m[k]:.4g}" for k in ("test_accuracy", "test_macro_f1", "accuracy") if k in m)
         lines.append(f"fine-tuned   {f['model']} ({figures})")
+        if f.get("registered_now"):  # (the fine-tune was done; its registration had failed)
+            r = f["registered"]
+            lines.append(f"             registered now as {r['name']} version {r['version']}")
+        elif f.get("register_error"):
+            lines.append("             not registered: the registration failed (above); submit the job again to "
+                         "register it (nothing is fine-tuned again)")
     if skipped:
         lines.append(f"skipped      {', '.join(skipped)} (already done with the same config)")
     if o.get("not_run"):

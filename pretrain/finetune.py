@@ -452,8 +452,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     if topo.rank == 0 and cfg.registry.name:
         try:
             v = register(out / "model", cfg.registry.name, cfg.registry.alias, tracker.uri)
-            summary["registered"] = {"name": v["name"], "version": v["version"], "alias": cfg.registry.alias,
-                                     "alias_was": v.get("alias_was")}
+            summary = registered_summary(summary, v, cfg.registry.alias)
         except RegistryError as e:
             summary["register_error"] = str(e)
             alias = f" --alias {cfg.registry.alias}" if cfg.registry.alias else ""
@@ -464,6 +463,28 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         write_json_atomic(out / SUMMARY, summary)
         print(_summary_text(summary, tracker.uri), flush=True)
     return summary
+
+
+def registered_summary(summary: dict, v: dict, alias: str | None) -> dict:
+    """A fine-tune's `summary` with the version `register` answered (`v`), and no registration error."""
+    out = {k: x for k, x in summary.items() if k != "register_error"}
+    out["registered"] = {"name": v["name"], "version": v["version"], "alias": alias, "alias_was": v.get("alias_was")}
+    return out
+
+
+def record_registration(model_dir: Path, v: dict, alias: str | None) -> bool:
+    """After `pretrain register --model OUTPUT/model`: where OUTPUT/summary.json says that model's registration
+    failed, it says this version instead (so a cluster job does not register the model again). Whether it did."""
+    path = Path(model_dir).parent / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+        ours = Path(summary["model"]).resolve() == Path(model_dir).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not (ours and summary.get("register_error")):
+        return False
+    write_json_atomic(path, registered_summary(summary, v, alias))
+    return True
 
 
 def _summary_text(s: dict, uri: str) -> str:

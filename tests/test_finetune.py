@@ -228,6 +228,7 @@ def _a_job_registers_a_finished_fine_tune_whose_registration_failed(tmp_path, ur
     tree = {**summary["config"], "output": str(out), "registry": {"name": "topic-clf", "alias": "prod"},
             "mlflow": {"tracking_uri": uri}}
     failed = {**summary, "config": FinetuneConfig.model_validate(tree).model_dump(mode="json"),
+              "model": str(out / "model"),
               "register_error": "MLflow at ... failed while reaching the store (ConnectionError: ...)"}
     (out / "summary.json").write_text(json.dumps(failed))
     weights = {p.name: p.stat().st_mtime_ns for p in (out / "model").iterdir()}
@@ -241,8 +242,21 @@ def _a_job_registers_a_finished_fine_tune_whose_registration_failed(tmp_path, ur
     kept = json.loads((out / "summary.json").read_text())
     assert "register_error" not in kept and kept["registered"] == done["registered"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "model").iterdir()} == weights  # trained nothing again
+    assert done["registered_now"] and "registered_now" not in kept  # (the job's summary says so)
     again = _finetune({"config": tree}, {"spec": {"kind": "finetune"}}, {})
     assert "holds this fine-tune's result; nothing to do" in capsys.readouterr().out and again["registered"]
+    assert not again.get("registered_now")
+    # registered by hand (`pretrain register --model OUTPUT/model`): the summary records it too, and only for the
+    # model it names
+    from pretrain.finetune import record_registration
+
+    v = {"name": "topic-clf", "version": "7", "alias_was": None}
+    (out / "summary.json").write_text(json.dumps({**failed, "model": str(tmp_path / "elsewhere" / "model")}))
+    assert not record_registration(out / "model", v, "prod")  # (its summary is of another model)
+    (out / "summary.json").write_text(json.dumps(failed))
+    assert record_registration(out / "model", v, "prod")
+    kept = json.loads((out / "summary.json").read_text())
+    assert "register_error" not in kept and kept["registered"]["version"] == "7"
 
 
 def test_deepspeed_zero3_on_two_ranks_equals_zero0(registered, tmp_path):
