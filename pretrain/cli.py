@@ -7,7 +7,6 @@ import atexit
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from data_prep.configfile import ConfigError, load_config
@@ -172,13 +171,14 @@ def _run(schema, config: str, overrides: list[str], job, interrupted=None) -> di
     after printing the error (a bad config: usage; the job's own errors or a setup problem: failed).
 
     `job()` imports the job and returns it with the errors it reports: torch and DeepSpeed load only once the
-    config is known to be good, so a bad one is reported at once. Ctrl-C ends it with one line, and what
-    `interrupted(cfg)` says of what is left."""
+    config is known to be good, so a bad one is reported at once. Ctrl-C ends it with one line: what is left, as
+    the function `interrupted(cfg)` gave before the run says it then."""
     try:
         cfg = load_config(schema, config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    left = interrupted(cfg) if interrupted else None
     import torch.distributed as dist
 
     from pretrain.engine import SetupError
@@ -190,7 +190,7 @@ def _run(schema, config: str, overrides: list[str], job, interrupted=None) -> di
         print(f"error: {_own_words(e)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"interrupted{': ' + interrupted(cfg) if interrupted else ''}", file=sys.stderr, flush=True)
+        print(f"interrupted{': ' + left() if left else ''}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
         if dist.is_initialized():
@@ -326,21 +326,35 @@ def _finetune(args) -> int:
 
         return finetune, (FinetuneError, TaskError, ExportError)
 
-    started = time.time()
-
-    def left(cfg) -> str:
-        """What OUTPUT/model holds now: this run's best model so far (written at a validation), an earlier run's,
-        or nothing yet."""
-        model = f"{cfg.output.rstrip('/')}/model"
+    def left(cfg):
+        """What OUTPUT/model will hold at a Ctrl-C: this run's best model so far, an earlier run's, or none (said
+        by rank 0, the one that writes it; a save replaces training.json, so its inode and mtime tell)."""
+        model = Path(cfg.output) / "model"
         rest = "only a finished run writes summary.json there. Rerun to fine-tune again from the start"
-        record = Path(model) / "training.json"
-        try:
-            step = json.loads(record.read_text())["step"] if record.stat().st_mtime >= started else None
-        except (OSError, ValueError, KeyError):
-            return f"no model was written to {model}; {rest}"
-        if step is None:
-            return f"{model} holds an earlier run's model (this run had not validated yet); {rest}"
-        return f"{model} holds this run's best model so far (of step {step}); {rest}"
+
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = (model / "training.json").stat()
+            except OSError:
+                return None
+            return st.st_ino, st.st_mtime_ns
+
+        before = stamp()
+
+        def now() -> str:
+            if os.environ.get("RANK", "0") != "0":
+                return "rank 0 says what the output holds"
+            if stamp() is None:
+                return f"no model was written to {model}; {rest}"
+            if stamp() == before:
+                return f"{model} holds an earlier run's model (this run had not written one yet); {rest}"
+            try:
+                step = json.loads((model / "training.json").read_text())["step"]
+            except (OSError, ValueError, KeyError):
+                step = "?"
+            return f"{model} holds this run's best model so far (of step {step}); {rest}"
+
+        return now
 
     summary = _run(FinetuneConfig, args.config, overrides, job, interrupted=left)
     if isinstance(summary, int):
@@ -381,6 +395,10 @@ def _registry(args) -> int:
         if args.model:
             source = args.model
             v = register(model_files(Path(source)), args.name, args.alias, uri, args.pooling)
+            from pretrain.finetune import SUMMARY, record_registration
+
+            if record_registration(model_files(Path(source)), v, args.alias):
+                print(f"{Path(source).parent / SUMMARY} records the version (its fine-tune's registration had failed)")
         else:
             v = register_checkpoint(args.checkpoint or run_checkpoint_dir(args.run, uri), args.name, args.alias, uri,
                                     args.pooling)
