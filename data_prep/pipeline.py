@@ -432,6 +432,8 @@ def _recipe_of(work_config: str | Path) -> str | None:
         text = storage.read_text(str(work_config))
     except FileNotFoundError:
         return None
+    except UnicodeError:
+        return ""
     except Exception as e:  # noqa: BLE001 (credentials, endpoint: listed, yet not readable; said, not a traceback)
         raise DatasetError(f"output: {storage.unreadable(str(work_config), e)}") from None
     try:

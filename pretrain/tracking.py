@@ -660,6 +660,8 @@ def _run_holds(uri: str, model_uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+    if not path.strip("/"):
+        return ""  # (the whole run: its files are there, the download failed for another reason)
     parent, _, leaf = path.strip("/").rpartition("/")
     try:
         held = MlflowClient(uri).list_artifacts(run_id, parent or None)

@@ -13,7 +13,7 @@ from conftest import make_document
 from data_prep.config import SPECIAL_PIECES, TokenizerConfig
 from data_prep.configfile import ConfigError
 from data_prep.masking import NEXT_STARTS, WORD_START
-from data_prep.tokenizer import load, sha256_file, train, word_start_table
+from data_prep.tokenizer import load, sha256_file, train, unspaced, word_start_table
 
 
 def sentences(n: int = 3000) -> list[str]:
@@ -45,7 +45,7 @@ def test_word_start_table_marks_word_initial_pieces(tmp_path):
     for i in range(5, sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
         first = piece.lstrip("\u2581")[:1]
-        ends_cjk = "\u3040" <= piece[-1] <= "\u9fff"  # (the piece after it begins a word)
+        ends_cjk = unspaced(piece[-1])  # (the piece after it begins a word)
         assert bool(table[i] & NEXT_STARTS) == ends_cjk, piece
         if "\u3040" <= first <= "\u9fff":  # CJK and kana: every character starts a word, as BERT's basic tokenizer
             assert table[i] & WORD_START, piece
