@@ -1,4 +1,5 @@
-"""How the command lines end: `python -m data_prep` and `python -m cluster` exit through `run_main`."""
+"""How the command lines end: `python -m data_prep` and `python -m cluster` exit through `run_main`; the console
+scripts (`bert-data-prep`, `bert-pretrain`, `bert-cluster`) are those `python -m` commands."""
 
 from __future__ import annotations
 
@@ -20,3 +21,26 @@ def run_main(main: Callable[[], int]) -> NoReturn:
         print("interrupted", file=sys.stderr, flush=True)
         status = 130  # as a shell reports a process that SIGINT ended
     sys.exit(status)
+
+
+def _as_module(name: str) -> NoReturn:
+    """Run package `name` as `python -m NAME` runs it (its `__main__` ends the process)."""
+    import runpy
+
+    runpy.run_module(name, run_name="__main__", alter_sys=True)
+    sys.exit(0)
+
+
+def data_prep_command() -> NoReturn:
+    """`bert-data-prep`: `python -m data_prep`."""
+    _as_module("data_prep")
+
+
+def pretrain_command() -> NoReturn:
+    """`bert-pretrain`: `python -m pretrain`."""
+    _as_module("pretrain")
+
+
+def cluster_command() -> NoReturn:
+    """`bert-cluster`: `python -m cluster`."""
+    _as_module("cluster")

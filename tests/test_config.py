@@ -301,6 +301,10 @@ class CtrlC(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, CtrlC())
+if sys.argv[0].startswith("entry:"):  # a console script's function (bert-pretrain: entry:pretrain_command)
+    from data_prep import entry
+
+    getattr(entry, sys.argv[0].removeprefix("entry:"))()
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
@@ -309,6 +313,8 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     ("mlflow", ["pretrain", "pull", "models:/x/1", "--out", "x"]),
     ("pydantic", ["data_prep", "run", "configs/data_prep/quickstart.yaml"]),
     ("pydantic", ["cluster", "validate", "configs/jobs/quickstart.yaml"]),
+    ("mlflow", ["entry:pretrain_command", "pull", "models:/x/1", "--out", "x"]),
+    ("pydantic", ["entry:data_prep_command", "run", "configs/data_prep/quickstart.yaml"]),
 ])
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, loading, command):
     """Ctrl-C in the first second of a command, before the command itself handles it: exit 130 and one line, no
@@ -322,3 +328,20 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, loading, command)
                          env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI":
                               f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert out.returncode == 130 and out.stderr == "interrupted\n", (out.returncode, out.stderr[-3000:])
+
+
+def test_the_console_scripts_are_the_python_m_commands():
+    """`bert-data-prep`, `bert-pretrain` and `bert-cluster` (installed beside python) run as `python -m` does:
+    their help, and an unknown key answered with its closest one (exit 2), not a traceback."""
+    import subprocess
+    import sys
+
+    bindir = Path(sys.executable).parent
+    for script, words in (("bert-data-prep", "demo-corpus"), ("bert-pretrain", "finetune"), ("bert-cluster", "submit")):
+        function = script.removeprefix("bert-").replace("-", "_") + "_command"
+        assert f"from data_prep.entry import {function}" in (bindir / script).read_text(), script
+        out = subprocess.run([str(bindir / script), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0 and words in out.stdout, (script, out.stdout, out.stderr[-2000:])
+    bad = subprocess.run([str(bindir / "bert-pretrain"), "train", "configs/pretrain/quickstart.yaml",
+                          "train.max_stepz=1"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "did you mean 'train.max_steps'" in bad.stderr, bad.stderr[-2000:]
