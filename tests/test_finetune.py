@@ -254,9 +254,12 @@ def _a_job_registers_a_finished_fine_tune_whose_registration_failed(tmp_path, ur
     (out / "summary.json").write_text(json.dumps({**failed, "model": str(tmp_path / "elsewhere" / "model")}))
     assert not record_registration(out / "model", v, "prod")  # (its summary is of another model)
     (out / "summary.json").write_text(json.dumps(failed))
-    assert record_registration(out / "model", v, "prod")
+    reg = pretrain_cli("register", "--model", str(out / "model"), "--name", "topic-clf", "--alias", "prod",
+                       "--tracking-uri", uri, cwd=tmp_path)
+    assert reg.returncode == 0 and f"{out / 'summary.json'} records the version" in reg.stdout, reg.stderr[-2000:]
     kept = json.loads((out / "summary.json").read_text())
-    assert "register_error" not in kept and kept["registered"]["version"] == "7"
+    said = f"topic-clf version {kept['registered']['version']} "  # (a new version: the model names no MLflow run)
+    assert "register_error" not in kept and said in reg.stdout, reg.stdout
 
 
 def test_deepspeed_zero3_on_two_ranks_equals_zero0(registered, tmp_path):
