@@ -163,6 +163,12 @@ def _drive(plan: dict, local: bool = False) -> int:
     except (StageError, DatasetError, JobError, CheckpointError, SetupError, RuntimeError) as e:
         print(f"error: job '{plan['name']}' failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+    unregistered = outcome.get("finetune", {}).get("register_error")
+    if unregistered:  # (after the summary: the fine-tune is done, the job is not)
+        print(f"error: job '{plan['name']}' failed: the fine-tuned model {outcome['finetune'].get('model')} is "
+              f"complete, but registering it failed ({unregistered[:200]}); submit the job again to register it "
+              "(nothing is fine-tuned again)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_PREEMPTED if outcome.get("pretrain", {}).get("preempted") or outcome.get("not_run") else EXIT_OK
 
 

@@ -197,3 +197,20 @@ def test_a_refused_output_in_a_job_says_what_a_job_can_do(tmp_path):
                                          r"files are not a dataset's\)"):
         _data_prep(stage, {}, {})
     assert (tmp_path / "data" / "notes.txt").is_file()
+
+
+def test_a_job_whose_fine_tune_did_not_register_fails_after_its_summary(monkeypatch, capsys):
+    """A pipeline whose fine-tune finished but whose registration failed (the store was down) ends with exit 1 and
+    says to submit it again; one that registered ends well. (The stages' outcomes stand in for a run: the status is
+    what is tested, and `tests/test_finetune.py` registers such a fine-tune for real.)"""
+    from cluster import cli, runner
+
+    outcome = {"finetune": {"model": "/out/model", "register_error": "MLflow at http://x failed while reaching the "
+                            "store (ConnectionError: [Errno 111] Connection refused)"}}
+    monkeypatch.setattr(runner, "run", lambda plan, local: outcome)
+    assert cli._drive({"name": "clf"}) == 1
+    said = capsys.readouterr().err
+    assert "error: job 'clf' failed: the fine-tuned model /out/model is complete, but registering it failed (MLflow" \
+        in said and "submit the job again to register it (nothing is fine-tuned again)" in said, said
+    outcome["finetune"] = {"model": "/out/model", "registered": {"name": "clf", "version": "1"}}
+    assert cli._drive({"name": "clf"}) == 0
