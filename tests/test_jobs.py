@@ -214,3 +214,11 @@ def test_a_job_whose_fine_tune_did_not_register_fails_after_its_summary(monkeypa
         in said and "submit the job again to register it (nothing is fine-tuned again)" in said, said
     outcome["finetune"] = {"model": "/out/model", "registered": {"name": "clf", "version": "1"}}
     assert cli._drive({"name": "clf"}) == 0
+    # the job's summary: a stage that only registered says so (not "skipped"); one that did not says what to do
+    plan = {"name": "clf", "storage": "/out", "stages": []}
+    runner._summary(plan, {"finetune": {"model": "/out/model", "skipped": True, "registered_now": True,
+                                        "registered": {"name": "clf", "version": "2"}}, "seconds": 3})
+    said = capsys.readouterr().out
+    assert "registered now as clf version 2" in said and "skipped" not in said, said
+    runner._summary(plan, {"finetune": {"model": "/out/model", "register_error": "refused"}, "seconds": 3})
+    assert "not registered: the registration failed (above); submit the job again" in capsys.readouterr().out
