@@ -84,9 +84,15 @@ def dotted(tree: Any, key: str, default: Any = None) -> Any:
     return tree
 
 
-def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], origin: str = COMMAND_LINE) -> None:
+def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], origin: str = COMMAND_LINE,
+                prefix: str = "") -> None:
+    """Set `key` (dotted, below `prefix`) in `tree` to `value`, recording where it came from."""
+    if prefix:  # (a key inside a mapping value: one level, taken whole)
+        parts = [key]
+        key = prefix + key
+    else:
+        parts = key.split(".")
     node = tree
-    parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
@@ -95,6 +101,11 @@ def _set_dotted(tree: dict, key: str, value: Any, sources: dict[str, str], origi
             where = ".".join(parts[: depth + 1])
             raise ConfigError(f"override '{key}': '{where}' is a value, not a section")
         node = child
+    if isinstance(value, dict) and value and isinstance(node.get(parts[-1]), dict):
+        # a mapping given for a section sets the keys it names, as dotted keys would: the section's others stay
+        for k, v in value.items():
+            _set_dotted(node[parts[-1]], str(k), v, sources, origin, f"{key}.")
+        return
     node[parts[-1]] = value
     sources[key] = origin
 

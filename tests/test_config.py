@@ -25,6 +25,21 @@ def test_overrides_are_yaml_flow_values():
         parse_overrides(["--seed"])
 
 
+def test_a_mapping_for_a_section_sets_the_keys_it_names(tmp_path):
+    """`train={max_steps: 10}` sets train.max_steps as `train.max_steps=10` would: the file's other train keys
+    stay (it used to replace the whole section with defaults), and a typo inside it is named by its dotted key."""
+    from pretrain.config import PretrainConfig, TrainConfig
+
+    base = load_config(PretrainConfig, REPO / "configs/pretrain/quickstart.yaml", [])
+    got = load_config(PretrainConfig, REPO / "configs/pretrain/quickstart.yaml",
+                      ["train.global_batch_size=64", "train={max_steps: 10}"])
+    assert got.train.max_steps == 10 and got.train.global_batch_size == 64 and got.train.lr == base.train.lr
+    assert base.train.lr != TrainConfig().lr  # (the file's own value, not the default)
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max_stepz' \(in command line\); did you mean "
+                                          r"'train.max_steps'"):
+        load_config(PretrainConfig, REPO / "configs/pretrain/quickstart.yaml", ["train={max_stepz: 10}"])
+
+
 def test_file_plus_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("inputs: [a.txt]\noutput: out\nexamples:\n  dupe_factor: 3\n")
