@@ -72,10 +72,25 @@ class Resources(Section):
         return self
 
 
+# KubeRay takes a RayJob's name as a DNS-1035 label of at most 47 characters (its RayCluster's name adds a suffix)
+NAME = re.compile(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?")
+NAME_RULE = "lowercase letters, digits and '-', starting with a letter, at most 47 (KubeRay's rule for a job)"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class RuntimeEnv(Section):
     pip: list[str] = Field(default_factory=list, description="extra pip packages on every node")
     env_vars: dict[str, str] = Field(default_factory=dict)
     image: str | None = Field(None, description="container image for KubeRay (default: rayproject/ray with Python)")
+
+    @field_validator("env_vars")
+    @classmethod
+    def _env_names(cls, v):
+        bad = [k for k in v if not ENV_NAME.fullmatch(k)]
+        if bad:  # (a Slurm script exports them: bash refuses such a name)
+            raise ValueError(f"{bad[0]!r} is not an environment variable name: use letters, digits and '_', not "
+                             "starting with a digit")
+        return v
 
 
 class Stage(Section):
@@ -121,8 +136,8 @@ class JobSpec(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if v is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
-            raise ValueError(f"name {v!r}: use lowercase letters, digits and '-' (at most 63; a Kubernetes name)")
+        if v is not None and not NAME.fullmatch(v):
+            raise ValueError(f"name {v!r}: use {NAME_RULE}")
         return v
 
     @field_validator("overrides", mode="after")
@@ -194,7 +209,13 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
 
 def job_name(spec: JobSpec, job_file: str | Path) -> str:
     """The spec's name, else the job file's (`pretrain_quickstart.yaml` -> `pretrain-quickstart`)."""
-    return spec.name or Path(job_file).stem.replace("_", "-").lower()
+    if spec.name:
+        return spec.name
+    derived = Path(job_file).stem.replace("_", "-").lower()
+    if not NAME.fullmatch(derived):
+        raise ConfigError(f"{job_file}: the job takes its file's name, '{derived}', which is not a job name "
+                          f"({NAME_RULE}); set name: in the job spec")
+    return derived
 
 
 def _is_url(path: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -35,7 +36,9 @@ MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
 
 def _node_resources(spec: JobSpec) -> dict[str, float]:
     r = spec.resources
-    out = {"cpus": r.cpus_per_worker * r.workers_per_node, "gpus": r.gpus * r.workers_per_node}
+    # (rounded up: a node, a pod and Ray's --num-cpus/--num-gpus count whole CPUs and GPUs; workers of 0.5 GPU
+    # each share one)
+    out = {"cpus": math.ceil(r.cpus_per_worker * r.workers_per_node), "gpus": math.ceil(r.gpus * r.workers_per_node)}
     if r.memory_gb_per_worker:
         out["memory_gb"] = r.memory_gb_per_worker * r.workers_per_node
     return out

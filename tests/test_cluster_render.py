@@ -205,3 +205,25 @@ def test_node_labels_reach_every_renderer(tmp_path):
     assert "--labels=pool=a100" in _render(str(job), "slurm")
     conf = yaml.safe_load(_render(str(job), "ray-up"))
     assert "--labels=pool=a100" in conf["worker_start_ray_commands"][1]
+
+
+def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp_path):
+    """A job name KubeRay refuses (a file's name with a dot, a leading digit) and an environment variable name bash
+    refuses are caught by validation; workers of half a GPU render a whole GPU per node, not zero."""
+    spec = (REPO / JOBS / "pretrain_quickstart.yaml").read_text()
+    (tmp_path / "My.Job_v2.yaml").write_text("\n".join(ln for ln in spec.splitlines() if not ln.startswith("name:")))
+    with pytest.raises(ConfigError, match=r"My.Job_v2.yaml: the job takes its file's name, 'my.job-v2', which is "
+                                          r"not a job name .*; set name: in the job spec"):
+        _plan(tmp_path / "My.Job_v2.yaml", tmp_path)
+    for override, message in (("name=2nodes", "name '2nodes': use lowercase letters, digits and '-', starting "
+                                               "with a letter"),
+                              ('runtime_env.env_vars={"MY-VAR": "x"}', "'MY-VAR' is not an environment variable")):
+        out = subprocess.run([sys.executable, "-m", "cluster", "validate", f"{JOBS}/pretrain_quickstart.yaml",
+                              override], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    half = ("resources.use_gpu=true", "resources.gpus_per_worker=0.5", "resources.workers_per_node=1",
+            "resources.num_workers=2", "resources.cpus_per_worker=0.5")
+    text = _render(f"{JOBS}/pretrain_quickstart.yaml", "slurm", *half)
+    assert "#SBATCH --gpus-per-node=1" in text and "--num-gpus=1" in text and "--num-cpus=1" in text, text
+    manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "kuberay", *half))
+    assert '"nvidia.com/gpu": 1' in json.dumps(manifest), manifest
