@@ -192,6 +192,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
     for kind, stage in spec.stage_list():
         where = f"{job_file}: {'stages.' + kind + '.' if spec.kind == 'pipeline' else ''}config"
         cfg_path = _resolve(stage.config, job_file)
+        if not cfg_path.exists() and not Path(stage.config).is_absolute():
+            raise ConfigError(f"{where}: '{stage.config}' is neither under the working directory ({Path.cwd()}) nor "
+                              f"beside the job file ({job_file.parent.absolute()}): run the command where the path "
+                              "starts, or write it absolute")
         extra = []
         if kind == "finetune" and spec.kind == "pipeline" and spec.stages.registry:  # the model just registered
             reg = spec.stages.registry

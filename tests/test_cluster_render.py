@@ -221,6 +221,12 @@ def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp
         out = subprocess.run([sys.executable, "-m", "cluster", "validate", f"{JOBS}/pretrain_quickstart.yaml",
                               override], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr, out.stderr
+    job = str(REPO / JOBS / "pretrain_quickstart.yaml")
+    elsewhere = subprocess.run([sys.executable, "-m", "cluster", "validate", job], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # (its config: relative to the repository)
+    assert elsewhere.returncode == 2 and "'configs/pretrain/quickstart.yaml' is neither under the working " \
+        f"directory ({tmp_path}) nor beside the job file ({REPO / JOBS})" in elsewhere.stderr, elsewhere.stderr
     half = ("resources.use_gpu=true", "resources.gpus_per_worker=0.5", "resources.workers_per_node=1",
             "resources.num_workers=2", "resources.cpus_per_worker=0.5")
     text = _render(f"{JOBS}/pretrain_quickstart.yaml", "slurm", *half)

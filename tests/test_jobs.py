@@ -40,7 +40,7 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nresources: {gpus_per_worker: 1}\n",
      "use_gpu is false"),
     ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "KubeRay.s rule for a job"),
-    ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "does not exist"),
+    ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "is neither under the working directory"),
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: ''\n", "storage is empty"),
     ("kind: pipeline\nstages: {pretraining: {config: x.yaml}}\n",  # (a section that may be left out)
      r"did you mean 'stages.pretrain'\? Valid keys here: data_prep, pretrain, registry, finetune"),
