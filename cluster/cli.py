@@ -306,7 +306,7 @@ def _render(args) -> int:
     from cluster.jobs import load_job
 
     spec, configs = load_job(args.job, list(args.overrides))  # paths stay as written: resolved on the cluster
-    text = render(args.target, spec, configs, args.job, list(args.overrides))
+    text = render(args.target, spec, configs, args.job, list(args.overrides), args.out)
     if args.out:
         from pathlib import Path
 

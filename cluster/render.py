@@ -61,7 +61,7 @@ class _Literal(str):
 yaml.SafeDumper.add_representer(_Literal, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|"))
 
 
-def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: str | None = None) -> str:
     name = job_name(spec, job)
     remote = is_remote(spec.storage)  # an object store: no shared volume, every pod reads and writes the bucket
     storage = spec.storage if remote or Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
@@ -129,7 +129,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str
     return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
 
 
-def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: str | None = None) -> str:
     name = job_name(spec, job)
     res = _node_resources(spec)
     nodes = spec.resources.nodes
@@ -146,7 +146,7 @@ def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
     gpus = f" --num-gpus={int(res['gpus'])}" if res["gpus"] else ""
     body = f"""
 # Job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on {nodes} node(s). Submit from the project
-# directory on a filesystem every node mounts: sbatch {name}.sbatch
+# directory on a filesystem every node mounts: sbatch {file or name + '.sbatch'}
 set -euo pipefail
 cd "${{SLURM_SUBMIT_DIR:-.}}"
 {env}{pip}# Ray's token authentication: a fresh token for this allocation, on the shared filesystem, readable by you only.
@@ -184,8 +184,9 @@ done
     return "\n".join(lines) + "\n" + body
 
 
-def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
+def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: str | None = None) -> str:
     name = job_name(spec, job)
+    file = file or f"{name}.yaml"
     res = _node_resources(spec)
     nodes = spec.resources.nodes
     labels = f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""
@@ -217,7 +218,7 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
             "# Fill in HEAD_IP / WORKER_IP_n / USER (or a cloud provider), then, from the project directory:\n"
             "#   mkdir -p .bertforge && (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' "
             "> .bertforge/auth_token)\n"
-            f"#   ray up {name}.yaml -y && ray dashboard {name}.yaml &   # forwards the Jobs API to localhost\n"
+            f"#   ray up {file} -y && ray dashboard {file} &   # forwards the Jobs API to localhost\n"
             f"#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=.bertforge/auth_token "
             f"{_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}\n"
             "# Storage (spec.storage): a filesystem every machine mounts at the same path, or an object-store URL\n"
@@ -231,6 +232,7 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
 RENDERERS = {"kuberay": kuberay, "slurm": slurm, "ray-up": ray_up}
 
 
-def render(target: str, spec: JobSpec, configs: dict, job: str, overrides: list[str]) -> str:
-    """`target`'s text for the job `job` (as written, with `overrides`), validated as `spec` and `configs`."""
-    return RENDERERS[target](spec, configs, job, overrides)
+def render(target: str, spec: JobSpec, configs: dict, job: str, overrides: list[str], file: str | None = None) -> str:
+    """`target`'s text for the job `job` (as written, with `overrides`), validated as `spec` and `configs`; its
+    header's commands name `file`, the file it is written to (default: the job's name)."""
+    return RENDERERS[target](spec, configs, job, overrides, file)

@@ -139,7 +139,9 @@ def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
     text = _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5")
     assert "wrote" in _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5", "--out",
                               str(tmp_path / "new" / "job.sbatch"))  # its folder made
-    assert (tmp_path / "new" / "job.sbatch").read_text() == text
+    written = (tmp_path / "new" / "job.sbatch").read_text()  # its header names the file it is in
+    assert f"sbatch {tmp_path / 'new' / 'job.sbatch'}\n" in written and "sbatch bert-base-16gpu.sbatch\n" in text
+    assert written.replace(str(tmp_path / "new" / "job.sbatch"), "bert-base-16gpu.sbatch") == text
     to_dir = subprocess.run([sys.executable, "-m", "cluster", "render", f"{JOBS}/pretrain_bert_base_8gpu.yaml",
                              "--target", "slurm", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
