@@ -97,6 +97,8 @@ def parse_manifest(text: str, where: str) -> dict:
 
 def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
+    if not Path(root).exists():
+        raise DatasetError(f"'{root}' does not exist: give the directory `python -m data_prep run` wrote (its output)")
     if not path.is_file():
         raise DatasetError(f"'{root}' is not a finished dataset: {MANIFEST} is missing (run `python -m data_prep run`)")
     try:

@@ -439,6 +439,9 @@ def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
     from data_prep.cli import main
 
     _, _, root, _ = built
+    for command in ("inspect", "verify"):  # a path that is not there is said as such, not as an unfinished dataset
+        assert main([command, str(tmp_path / "nowhere")]) == 2  # (as a wrong argument)
+        assert f"'{tmp_path / 'nowhere'}' does not exist: give the directory" in capsys.readouterr().err
     copy = tmp_path / "ds"
     shutil.copytree(root, copy)
     m = json.loads((copy / "manifest.json").read_text())
