@@ -366,3 +366,17 @@ def pyfunc_loads_without_the_project_installed(model_dir: Path, cwd: Path, shape
             pass
     unlisted = {norm(d) for d in got["dists"]} - closure
     assert not unlisted, f"imported but not required: {sorted(unlisted)}"
+
+
+# The test files that take longest, longest first (about 1-5 minutes each on 2 busy cores). pytest-xdist hands
+# whole files to its processes in collection order (.ci/run keeps that order: --no-loadscope-reorder), so these
+# start first and the many short files fill in at the end, instead of a long file starting last beside an idle
+# process.
+SLOWEST_FIRST = ("test_cluster_jobs.py", "test_distributed.py", "test_finetune.py", "test_train.py",
+                 "test_pipeline.py", "test_cluster_pipeline.py", "test_registry.py", "test_registry_server.py",
+                 "test_export.py", "test_tracking.py", "test_engine.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's own order is kept)
