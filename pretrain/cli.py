@@ -344,9 +344,10 @@ def _finetune(args) -> int:
         def now() -> str:
             if os.environ.get("RANK", "0") != "0":
                 return "rank 0 says what the output holds"
-            if stamp() is None:
+            current = stamp()
+            if current is None:
                 return f"no model was written to {model}; {rest}"
-            if stamp() == before:
+            if current == before:
                 return f"{model} holds an earlier run's model (this run had not written one yet); {rest}"
             try:
                 step = json.loads((model / "training.json").read_text())["step"]
