@@ -190,7 +190,7 @@ cfg = load_config(PretrainConfig, sys.argv[1], sys.argv[3:])
 cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(mine)})})
 summary = train(cfg)
 sys.stdout.flush()
-os.write(1, f"final step {summary['step']}\n".encode())  # one write: the two ranks' lines cannot interleave
+os.write(1, f"final step {summary['step']}\\n".encode())  # one write: the two ranks' lines cannot interleave
 os._exit(0)  # (gloo's threads and the interpreter's finalization: see pretrain.cli.leave)
 """
 
