@@ -243,6 +243,48 @@ def pretrain_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
+REFUSALS = """
+import json, os, runpy, sys
+
+import deepspeed, mlflow, torch  # noqa: F401  (loaded once, before the forks)
+import pretrain.cli, pretrain.finetune, pretrain.train  # noqa: F401
+
+for i, (cwd, argv) in enumerate(json.loads(sys.argv[1])):
+    out = os.path.join(sys.argv[2], str(i))
+    pid = os.fork()
+    if pid == 0:  # the case, in a process of its own: `python -m pretrain ARGV` with the libraries loaded
+        os.chdir(cwd)
+        for fd, name in ((1, "out"), (2, "err")):
+            os.dup2(os.open(f"{out}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["pretrain", *argv]
+        code = 70  # (`python -m pretrain` ends by sys.exit or os._exit: anything else is a bug)
+        try:
+            runpy.run_module("pretrain", run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    with open(f"{out}.code", "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
+"""
+
+
+def pretrain_refusals(*cases: tuple[Path, list[str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`python -m pretrain ARGV` in directory CWD for each (CWD, ARGV): command lines that stop before training (a
+    refused config, model or checkpoint). Each runs in a process of its own forked from one that has loaded torch,
+    DeepSpeed and MLflow (once, instead of once a case). Each case's exit status and output, as a CompletedProcess."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps([[str(c), a] for c, a in cases]), tmp],
+                             env=pretrain_env(), capture_output=True, text=True, timeout=timeout)
+        assert run.returncode == 0, run.stderr[-3000:]
+        said = [[(Path(tmp) / f"{i}.{name}").read_text() for name in ("code", "out", "err")] for i in range(len(cases))]
+    return [subprocess.CompletedProcess(argv, int(code), out, err) for (_, argv), (code, out, err) in zip(cases, said)]
+
+
 def read_metrics(ckdir: Path) -> dict[int, dict]:
     """metrics.jsonl by step; a step trained twice (after a resume) keeps its latest record."""
     out: dict[int, dict] = {}

@@ -16,6 +16,7 @@ from conftest import (
     pretrain_cli,
     pretrain_config,
     pretrain_env,
+    pretrain_refusals,
     pyfunc_loads_without_the_project_installed,
     run_pretrain,
     small_config,
@@ -370,35 +371,36 @@ def _pulled(tmp, uri, tmp_path):
 
 def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     tmp, uri = registered
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp_path / 'nowhere'}", cwd=tmp)
-    assert out.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in out.stderr
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-bert@no-such-alias", cwd=tmp)
-    assert out.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in out.stderr
-    assert "(topic-bert has aliases: @champion (version 1); versions: 1)" in out.stderr, out.stderr
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), "model=models:/topic-brt@champion", cwd=tmp)
-    assert out.returncode == 1 and "(the store has no model 'topic-brt'; its models: topic-bert" in out.stderr, \
-        out.stderr
+    cfg = str(tmp / "finetune.yaml")
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"text": "a", "label": "animal"}\n{"text": "b", "label": "mineral"}\n')
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"task.test={bad}",
-                       f"output={tmp_path / 'out'}", cwd=tmp)
-    assert out.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in out.stderr, out.stderr[-2000:]
-    assert not (tmp_path / "out").exists(), "the task is read before the model is fetched or anything is written"
     notes = tmp_path / "elsewhere" / "notes.txt"  # an output that holds files of its own: refused, nothing written
     notes.parent.mkdir()
     notes.write_text("keep")
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={notes.parent}",
-                       cwd=tmp)
-    said = f"error: output {notes.parent} holds notes.txt, which a fine-tune did not write"
-    assert out.returncode == 1 and said in out.stderr, out.stderr[-2000:]
-    assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", "--alias", "champion", cwd=tmp)
-    assert out.returncode == 2 and "registry.alias needs registry.name (--register NAME)" in out.stderr, out.stderr
     mine = tmp_path / "proj" / "model" / "mine.txt"  # an output whose model/ is not a model: nothing is replaced
     mine.parent.mkdir(parents=True)
     mine.write_text("keep")
-    out = pretrain_cli("finetune", str(tmp / "finetune.yaml"), f"model={tmp / 'ck'}", f"output={tmp_path / 'proj'}",
-                       cwd=tmp)
-    assert out.returncode == 1 and f"output {mine.parent} holds mine.txt, not a model directory" in out.stderr, \
-        out.stderr[-2000:]
+    nowhere, alias, name, task, held, flags, proj = pretrain_refusals(*[(tmp, ["finetune", cfg, *a]) for a in (
+        [f"model={tmp_path / 'nowhere'}"],
+        ["model=models:/topic-bert@no-such-alias"],
+        ["model=models:/topic-brt@champion"],
+        [f"model={tmp / 'ck'}", f"task.test={bad}", f"output={tmp_path / 'out'}"],
+        [f"model={tmp / 'ck'}", f"output={notes.parent}"],
+        [f"model={tmp / 'ck'}", "--alias", "champion"],
+        [f"model={tmp / 'ck'}", f"output={tmp_path / 'proj'}"],
+    )])
+    assert nowhere.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in nowhere.stderr
+    assert alias.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in alias.stderr
+    assert "(topic-bert has aliases: @champion (version 1); versions: 1)" in alias.stderr, alias.stderr
+    assert name.returncode == 1 and "(the store has no model 'topic-brt'; its models: topic-bert" in name.stderr, \
+        name.stderr
+    assert task.returncode == 1 and f"{bad}:2: label 'mineral' does not occur in" in task.stderr, task.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "the task is read before the model is fetched or anything is written"
+    said = f"error: output {notes.parent} holds notes.txt, which a fine-tune did not write"
+    assert held.returncode == 1 and said in held.stderr, held.stderr[-2000:]
+    assert [p.name for p in notes.parent.iterdir()] == ["notes.txt"]
+    assert flags.returncode == 2 and "registry.alias needs registry.name (--register NAME)" in flags.stderr, \
+        flags.stderr
+    assert proj.returncode == 1 and f"output {mine.parent} holds mine.txt, not a model directory" in proj.stderr, \
+        proj.stderr[-2000:]
     assert mine.read_text() == "keep" and not (tmp_path / "proj" / "source").exists()

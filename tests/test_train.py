@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import pretrain_cli, pretrain_command, pretrain_config, pretrain_env, read_metrics, run_pretrain
+from conftest import (
+    pretrain_cli,
+    pretrain_command,
+    pretrain_config,
+    pretrain_env,
+    pretrain_refusals,
+    read_metrics,
+    run_pretrain,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -208,26 +216,55 @@ def test_a_fresh_run_reads_from_eight_streams_by_default(tmp_path, train_dataset
     assert client["cursor"]["streams"] == 8
 
 
-@pytest.mark.parametrize("override, message", [
+RESUMES = [
     ("model.num_layers=3", "different model (num_layers changed)"),
     ("data.streams=4", "different data order (streams changed: streams 2 -> 4)"),
     ("resume=never", "holds checkpoints of an earlier run and resume=never"),
     ("checkpoint.dir=ck/step-00000080", "checkpoint.dir ck/step-00000080 is one checkpoint of a run; give the run's "
                                         "directory (ck) to resume it"),
-])
-def test_incompatible_resumes_are_refused(trained, override, message):
+]
+CONFIG_ERRORS = [
+    ("train.optimiser=lamb", 2, "unknown key 'train.optimiser'"),
+    ("train.optimizer=lamb", 2, "train.optimizer=lamb cannot run under ZeRO"),
+    ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
+    ("precision=fp16", 1, "precision=fp16 needs a GPU"),
+    ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
+    ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
+    ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
+    ("deepspeed.config={{zero_optimization: {{stagee: 2}}}}", 1, "DeepSpeed refused its config, into which "
+     "deepspeed.config merged deepspeed.config.zero_optimization.stagee: 1 validation error"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, train_dataset, trained) -> dict:
+    """What the command lines of the tests below, each stopped before training, said (run in one process), and
+    the trained run's checkpoint directory before them."""
     cfg, ck, _ = trained
+    cases = {("resume", o): (cfg.parent, ["train", str(cfg), o, "train.max_steps=100"]) for o, _ in RESUMES}
+    for override, _, _ in CONFIG_ERRORS:
+        fresh = write_config(tmp_path_factory.mktemp("refused"), train_dataset, train__max_steps=1,
+                             data__eval_examples=0)
+        cases[("config", override)] = (fresh.parent, ["train", str(fresh), override.format(ds=train_dataset)])
+    other = tmp_path_factory.mktemp("other")
+    cases["dataset"] = (cfg.parent, ["train", str(cfg), f"data.dataset={ck}", f"checkpoint.dir={other / 'ck'}"])
+    fresh = write_config(tmp_path_factory.mktemp("must"), train_dataset)
+    cases["must"] = (fresh.parent, ["train", str(fresh), "resume=must"])
     before = sorted(p.name for p in ck.iterdir())
-    out = run_pretrain(cfg, override, "train.max_steps=100")
+    return {"before": before, **dict(zip(cases, pretrain_refusals(*cases.values())))}
+
+
+@pytest.mark.parametrize("override, message", RESUMES)
+def test_incompatible_resumes_are_refused(trained, refused, override, message):
+    out = refused[("resume", override)]
     assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
-    assert sorted(p.name for p in ck.iterdir()) == before, "nothing written or deleted"
+    assert sorted(p.name for p in trained[1].iterdir()) == refused["before"], "nothing written or deleted"
 
 
-def test_a_checkpoint_directory_given_as_the_dataset_is_named_as_such(trained, tmp_path, train_dataset):
+def test_a_checkpoint_directory_given_as_the_dataset_is_named_as_such(trained, refused, train_dataset):
     """A checkpoint directory keeps a copy of its dataset's manifest: given as data.dataset it is said to be a
     checkpoint directory, with the dataset its run read, not a dataset with missing shards."""
-    cfg, ck, _ = trained
-    out = run_pretrain(cfg, f"data.dataset={ck}", f"checkpoint.dir={tmp_path / 'other'}")
+    ck, out = trained[1], refused["dataset"]
     assert out.returncode == 1, out.stderr[-2000:]
     assert f"data.dataset: '{ck}' is a pretraining checkpoint directory" in out.stderr and \
         f"its run read data.dataset={train_dataset}" in out.stderr, out.stderr[-2000:]
@@ -369,10 +406,10 @@ def _positions_it_never_trained_are_warned_of(ck: Path, dataset: Path, tmp_path:
     assert "sequences are up to 64 tokens long" in told[0] and "was pretrained on 32: positions 32-63" in told[0]
 
 
-def test_resume_must_needs_a_checkpoint(tmp_path, train_dataset):
-    out = run_pretrain(write_config(tmp_path, train_dataset), "resume=must")
+def test_resume_must_needs_a_checkpoint(refused):
+    out = refused["must"]
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
-    assert not (tmp_path / "ck").exists(), "a run that never started leaves no directory behind"
+    assert not (Path(out.args[1]).parent / "ck").exists(), "a run that never started leaves no directory behind"
 
 
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained, tmp_path):
@@ -489,24 +526,11 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
     assert out.returncode == 0 and f"(step {step}," in out.stdout, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("override, code, message", [
-    ("train.optimiser=lamb", 2, "unknown key 'train.optimiser'"),
-    ("train.optimizer=lamb", 2, "train.optimizer=lamb cannot run under ZeRO"),
-    ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
-    ("precision=fp16", 1, "precision=fp16 needs a GPU"),
-    ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
-    ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
-    ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
-    ("deepspeed.config={{zero_optimization: {{stagee: 2}}}}", 1, "DeepSpeed refused its config, into which "
-     "deepspeed.config merged deepspeed.config.zero_optimization.stagee: 1 validation error"),
-])
-def test_config_errors_name_the_key(tmp_path, train_dataset, override, code, message):
-    cfg = write_config(tmp_path, train_dataset, train__max_steps=1, data__eval_examples=0)
-    override, message = override.format(ds=train_dataset), message.format(ds=train_dataset)
-    out = run_pretrain(cfg, override)
+@pytest.mark.parametrize("override, code, message", CONFIG_ERRORS)
+def test_config_errors_name_the_key(refused, train_dataset, override, code, message):
+    out = refused[("config", override)]
     assert out.returncode == code, out.stderr[-2000:]
-    if message:
-        assert message in out.stderr
+    assert message.format(ds=train_dataset) in out.stderr
     assert "Traceback" not in out.stderr
 
 
