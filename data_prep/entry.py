@@ -1,18 +1,24 @@
-"""How the command lines end: `python -m data_prep` and `python -m cluster` exit through `run_main`; the console
-scripts (`bert-data-prep`, `bert-pretrain`, `bert-cluster`) are those `python -m` commands."""
+"""How the command lines end: `python -m data_prep`, `python -m pretrain` and `python -m cluster` exit through
+`run_main`; the console scripts (`bert-data-prep`, `bert-pretrain`, `bert-cluster`) are those `python -m` commands."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn
 
 
-def run_main(main: Callable[[], int]) -> NoReturn:
-    """Exit with `main()`'s status; output cut off by its reader (`| head`) is not an error, and Ctrl-C ends it
-    with one line."""
+def run_main(cli: str) -> NoReturn:
+    """Import module `cli` and end the process with its `main()`'s status, through the module's own `leave(status)`
+    where it has one. Output cut off by its reader (`| head`) is not an error; Ctrl-C ends it with one line, while the
+    libraries load too; a bug is reported as Python reports one, and leaves the same way as any other ending."""
+    leave = sys.exit  # (until the module is loaded, no process group can have been joined)
     try:
-        status = main()
+        module = importlib.import_module(cli)
+        leave = getattr(module, "leave", sys.exit)
+        status = module.main()
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
@@ -20,7 +26,10 @@ def run_main(main: Callable[[], int]) -> NoReturn:
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling (e.g. while the libraries load): one line
         print("interrupted", file=sys.stderr, flush=True)
         status = 130  # as a shell reports a process that SIGINT ended
-    sys.exit(status)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    leave(status)
 
 
 def _as_module(name: str) -> NoReturn:

@@ -21,7 +21,7 @@ import torch
 
 from data_prep.dataset import DatasetError
 from pretrain.data import eval_batches, open_dataset
-from pretrain.export import ExportError, load_model, pretraining_problem, resolve_model
+from pretrain.export import ExportError, load_model, pretraining_problem, resolve_model, untrained_positions
 
 
 class EvaluationError(Exception):
@@ -73,12 +73,12 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
         raise EvaluationError(f"'{source}' has {model.config.max_position} positions; the dataset's sequences are "
                               f"{seq} tokens long: evaluate on a dataset of sequences that fit")
     warnings = []
-    trained_len = config.get("max_seq_length")
-    if trained_len and seq > trained_len:  # (as fine-tuning warns: positions it never trained)
+    untrained = untrained_positions(config, seq)
+    if untrained:
+        trained_len = config["max_seq_length"]
         warnings.append(f"the dataset's sequences are up to {seq} tokens long; '{source}' was pretrained on "
-                        f"{trained_len}: positions {trained_len}-{seq - 1} keep their untrained initial embeddings, "
-                        f"so the figures understate the model (evaluate on a dataset built at {trained_len}, or "
-                        f"pretrain a last phase at {seq})")
+                        f"{trained_len}: {untrained}, so the figures understate the model (evaluate on a dataset "
+                        f"built at {trained_len}, or pretrain a last phase at {seq})")
     for w in warnings:
         warn(w)
     t0 = time.monotonic()

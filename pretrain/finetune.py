@@ -33,7 +33,15 @@ from data_prep.configfile import flatten
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain.config import FinetuneConfig
-from pretrain.export import CLASSIFIER_FORMAT, ExportError, check_out, load_model, resolve_model, write_model_dir
+from pretrain.export import (
+    CLASSIFIER_FORMAT,
+    ExportError,
+    check_out,
+    load_model,
+    resolve_model,
+    untrained_positions,
+    write_model_dir,
+)
 from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
 from pretrain.tasks import Rows, label_ids, label_names, read_rows, scores, stratified_split
@@ -285,11 +293,11 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
     if max_len < t.max_seq_length:
         tracker.warn(f"train.max_seq_length {t.max_seq_length} is more than the model's {model_cfg.max_position} "
                      f"positions: texts are cut at {max_len} tokens")
-    trained_len = src_config.get("max_seq_length")
-    if cfg.init == "pretrained" and trained_len and max_len > trained_len:
+    untrained = untrained_positions(src_config, max_len)
+    if cfg.init == "pretrained" and untrained:
+        trained_len = src_config["max_seq_length"]
         tracker.warn(f"train.max_seq_length {max_len} is more than the {trained_len} tokens the model was pretrained "
-                     f"on: positions {trained_len}-{max_len - 1} keep their untrained initial embeddings (pretrain "
-                     f"a last phase at {max_len}, or fine-tune at {trained_len})")
+                     f"on: {untrained} (pretrain a last phase at {max_len}, or fine-tune at {trained_len})")
     few = [f"{name!r} ({where})" for name, where in _rare_labels([x.rows for x in (train, val) if x], names)]
     if few:
         tracker.warn(f"{len(few)} of the {k} classes have a single training row (a misspelt label?): "
