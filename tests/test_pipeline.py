@@ -204,18 +204,21 @@ def test_killed_job_rerun_gives_identical_output(kill_when, tmp_path, built):
     _, _, reference, _ = built
     out = tmp_path / "ds"
     cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", num_cpus=1)  # one task at a time
-    proc = _start(cfg_file, stderr=subprocess.PIPE if kill_when.endswith("ctrl-c") else subprocess.DEVNULL)
+    said = tmp_path / "stderr.txt"
+    with said.open("w") as stderr:
+        proc = _start(cfg_file, stderr=stderr)
     marker = {"sample": lambda: any((out / ".work/sample").glob("unit-*.txt")),
               "shards": lambda: any((out / ".work/units").glob("unit-*.json"))}[kill_when.split("-")[0]]
     deadline = time.monotonic() + 120
     try:
         while not marker():
-            assert proc.poll() is None, "the job ended before it could be killed"
+            assert proc.poll() is None, f"the job ended before it could be killed: {said.read_text()[-3000:]}"
             assert time.monotonic() < deadline
             time.sleep(0.02)
         if kill_when.endswith("ctrl-c"):
             proc.send_signal(signal.SIGINT)  # (the driver only: Ray's own processes can crash on a SIGINT of theirs)
-            _, err = proc.communicate(timeout=120)
+            proc.wait(timeout=120)
+            err = said.read_text()
             # One line and 130, as for any Ctrl-C; but a task's reply still in flight can make Ray's core worker fail
             # a check (its C++ "Tried to complete task that was not pending", a Ray bug, about 1 interrupt in 7),
             # which ends the process at once, sometimes before the line: the rerun below must resume exactly anyway
