@@ -9,6 +9,7 @@ and sent when the server is back; the console says when it is unreachable and wh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -518,11 +519,19 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
     run_tags = {"dataset_id": dataset["dataset_id"]}
     if run_id is not None and not _run_exists(client, run_id):  # trained with another store: say which run it was
         run_tags["trained_in_run"], run_id = run_id, None
-    if run_id is None:  # trained without tracking (or elsewhere): a run of its own holds the files
+    if run_id is None:  # trained without tracking (or elsewhere): a run of its own holds the files, the same run
+        # each time these very files are registered (found by their digest), so registering again reuses the version
+        from pretrain.export import CHECKSUMS
+
         exp_id = experiment_id(client, training["config"]["mlflow"]["experiment"], uri)
-        run = client.create_run(exp_id, run_name=f"register-{name}", tags=run_tags)
-        run_id = run.info.run_id
-        client.set_terminated(run_id)
+        run_tags["model_digest"] = hashlib.sha256((model_dir / CHECKSUMS).read_bytes()).hexdigest()
+        held = client.search_runs([exp_id], filter_string=f"tags.model_digest = '{run_tags['model_digest']}'",
+                                  max_results=1)
+        if held:
+            run_id = held[0].info.run_id
+        else:
+            run_id = client.create_run(exp_id, run_name=f"register-{name}", tags=run_tags).info.run_id
+            client.set_terminated(run_id)
     path = registered_path(training["step"], pooling, json.loads((model_dir / "config.json").read_text()))
 
     code, model_config, signature, kind_tags = _pyfunc(model_dir, pooling)

@@ -244,6 +244,13 @@ def test_a_checkpoint_registers_into_another_store_than_it_was_trained_with(trai
     (version,) = client.search_model_versions("name='moved-bert'")
     trained_run = json.loads((tmp / "ck" / "step-00000010" / "client.json").read_text())["mlflow_run_id"]
     assert client.get_run(version.run_id).data.tags["trained_in_run"] == trained_run != version.run_id
+    # registered again (with an alias now): the same run and version, not a copy of the files
+    from pretrain.tracking import register_checkpoint
+
+    again = register_checkpoint(tmp / "ck", "moved-bert", "prod", other)
+    assert (again["version"], again["run_id"], again["reused"]) == ("1", version.run_id, True), again
+    assert len(client.search_model_versions("name='moved-bert'")) == 1
+    assert str(client.get_model_version_by_alias("moved-bert", "prod").version) == "1"
 
 
 def test_training_registers_its_best_checkpoints(tmp_path, train_dataset):
