@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 
 def run_main(cli: str) -> NoReturn:
@@ -21,8 +22,12 @@ def run_main(cli: str) -> NoReturn:
         status = module.main()
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
-        status = 0
+        if not _reader_gone():  # a pipe or socket of the command's own work: an error like any other
+            traceback.print_exc()
+            status = 1
+        else:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+            status = 0
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling (e.g. while the libraries load): one line
         print("interrupted", file=sys.stderr, flush=True)
         status = 130  # as a shell reports a process that SIGINT ended
@@ -30,6 +35,16 @@ def run_main(cli: str) -> NoReturn:
         traceback.print_exc()
         status = 1
     leave(status)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output's reader has closed its end (`| head` has read enough)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _as_module(name: str) -> NoReturn:

@@ -345,6 +345,33 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, loading, command)
     assert out.returncode == 130 and out.stderr == "interrupted\n", (out.returncode, out.stderr[-3000:])
 
 
+BROKEN_SOCKET = """
+import socket, sys, types
+
+def main():  # a command whose own connection breaks (a server that went away), its standard output intact
+    mine, theirs = socket.socketpair()
+    theirs.close()
+    while True:
+        mine.sendall(bytes(65536))
+
+sys.modules["brokencli"] = types.SimpleNamespace(main=main)
+from data_prep.entry import run_main
+
+run_main("brokencli")
+"""
+
+
+def test_a_broken_pipe_of_the_commands_own_is_an_error():
+    """Only standard output's reader going away (`| head`) ends a command quietly with 0: a connection of its own
+    that breaks is reported, and the command fails."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BROKEN_SOCKET], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "BrokenPipeError" in out.stderr, (out.returncode, out.stderr[-2000:])
+
+
 def test_the_console_scripts_are_the_python_m_commands():
     """`bert-data-prep`, `bert-pretrain` and `bert-cluster` (installed beside python) run as `python -m` does:
     their help, and an unknown key answered with its closest one (exit 2), not a traceback."""
