@@ -526,7 +526,7 @@ def _register(model_dir: Path, name: str, alias: str | None, uri: str, pooling: 
         exp_id = experiment_id(client, training["config"]["mlflow"]["experiment"], uri)
         run_tags["model_digest"] = hashlib.sha256((model_dir / CHECKSUMS).read_bytes()).hexdigest()
         held = client.search_runs([exp_id], filter_string=f"tags.model_digest = '{run_tags['model_digest']}'",
-                                  max_results=1)
+                                  order_by=["attributes.start_time ASC"], max_results=1)  # (the first, always)
         if held:
             run_id = held[0].info.run_id
         else:

@@ -244,15 +244,22 @@ def pretrain_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float 
 
 
 REFUSALS = """
-import json, os, runpy, sys
+import json, os, runpy, signal, sys, traceback
 
-import deepspeed, mlflow, torch  # noqa: F401  (loaded once, before the forks)
-import pretrain.cli, pretrain.finetune, pretrain.train  # noqa: F401
+from pretrain.engine import prepare_deepspeed
 
-for i, (cwd, argv) in enumerate(json.loads(sys.argv[1])):
-    out = os.path.join(sys.argv[2], str(i))
+prepare_deepspeed()  # (as `python -m pretrain` does before DeepSpeed loads)
+import deepspeed, mlflow, torch  # noqa: F401,E401  (loaded once, before the forks)
+import pretrain.cli, pretrain.finetune, pretrain.train  # noqa: F401,E401
+
+cases, results, each_s = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i, (cwd, argv) in enumerate(cases):
+    out = os.path.join(results, str(i))
+    sys.stdout.flush()  # (what is buffered here would be written again by every child)
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the case, in a process of its own: `python -m pretrain ARGV` with the libraries loaded
+        signal.alarm(each_s)  # (a case that hangs ends, and is reported as killed by SIGALRM)
         os.chdir(cwd)
         for fd, name in ((1, "out"), (2, "err")):
             os.dup2(os.open(f"{out}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -262,6 +269,8 @@ for i, (cwd, argv) in enumerate(json.loads(sys.argv[1])):
             runpy.run_module("pretrain", run_name="__main__", alter_sys=True)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        except BaseException:
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -271,15 +280,17 @@ for i, (cwd, argv) in enumerate(json.loads(sys.argv[1])):
 """
 
 
-def pretrain_refusals(*cases: tuple[Path, list[str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def pretrain_refusals(*cases: tuple[Path, list[str]], each_s: int = 120) -> list[subprocess.CompletedProcess]:
     """`python -m pretrain ARGV` in directory CWD for each (CWD, ARGV): command lines that stop before training (a
     refused config, model or checkpoint). Each runs in a process of its own forked from one that has loaded torch,
-    DeepSpeed and MLflow (once, instead of once a case). Each case's exit status and output, as a CompletedProcess."""
+    DeepSpeed and MLflow (once, instead of once a case), on the CPU (CUDA is not forked), for up to `each_s`
+    seconds. Each case's exit status (-14: it ran out of time) and output, as a CompletedProcess."""
     import tempfile
 
+    env = {**pretrain_env(), "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps([[str(c), a] for c, a in cases]), tmp],
-                             env=pretrain_env(), capture_output=True, text=True, timeout=timeout)
+        run = subprocess.run([sys.executable, "-c", REFUSALS, json.dumps([[str(c), a] for c, a in cases]), tmp,
+                              str(each_s)], env=env, capture_output=True, text=True, timeout=60 + each_s * len(cases))
         assert run.returncode == 0, run.stderr[-3000:]
         said = [[(Path(tmp) / f"{i}.{name}").read_text() for name in ("code", "out", "err")] for i in range(len(cases))]
     return [subprocess.CompletedProcess(argv, int(code), out, err) for (_, argv), (code, out, err) in zip(cases, said)]

@@ -75,29 +75,27 @@ def test_the_deepspeed_launcher_runs_the_same_job(tmp_path, train_dataset, one_p
         assert two[step]["loss"] == pytest.approx(one_process[step]["loss"], rel=1e-5, abs=1e-6), step
 
 
-def _trace(ck: Path) -> dict[tuple[int, int], list[str]]:
-    """Examples trained on per (rank, step); a step trained again after a resume replaces its first record.
-
-    With accumulation 1 each rank writes one record per step. (A record cut short by a kill is left out.)
-    """
+def _trace(ck: Path, after: dict[str, int] | None = None) -> dict[tuple[int, int], list[str]]:
+    """Examples trained on per (rank, step), from each rank's trace file past byte `after[name]` (a file's start by
+    default); a step recorded twice keeps its last record. With accumulation 1 each rank writes one record a step.
+    A record that does not end its line (cut short by a kill) is left out."""
     by_step: dict[tuple[int, int], list[str]] = {}
     for rank_file in sorted((ck / "trace").glob("rank-*.jsonl")):
         rank = int(rank_file.stem.split("-")[1])
-        for line in rank_file.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+        text = rank_file.read_bytes()[(after or {}).get(rank_file.name, 0):].decode()
+        for line in text.split("\n")[:-1]:  # (whole lines only)
+            rec = json.loads(line)
             by_step[(rank, rec["step"])] = rec["keys"]
     return by_step
 
 
 def test_sigkill_and_resume_is_exact(tmp_path, train_dataset):
-    """2 ranks, ZeRO-2, fp32, dropout on, dynamic masks, 80 steps (past an epoch of every stream).
+    """2 ranks, ZeRO-2, fp32, dropout on, dynamic masks, 80 steps: the 713 examples' first epoch ends in step 45.
 
-    The run is SIGKILLed (torchrun and both ranks) after its step-20 checkpoint; the rerun resumes from the newest
-    committed checkpoint. The steps it trains again, those between that checkpoint and the kill, must equal their
-    first training bit for bit (loss, accuracy, the very examples), and the run must end with every step trained.
+    The run is SIGKILLed (torchrun and both ranks) past step 47, after its step-40 checkpoint; the rerun resumes from
+    the newest committed checkpoint. The steps it trains again (from there to the kill: across the epoch's end)
+    must equal their first training bit for bit (loss, accuracy, the very examples); the run must end with every
+    step trained once, every example in it once or twice.
     """
     over = dict(train__max_steps=80, train__micro_batch_size=8, train__global_batch_size=16, train__log_every=1,
                 train__masking="dynamic", deepspeed__zero_stage=2, checkpoint__every_steps=20,
@@ -109,7 +107,7 @@ def test_sigkill_and_resume_is_exact(tmp_path, train_dataset):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 27:
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 47:
             break
         time.sleep(0.02)
     # torchrun starts its workers in their own sessions: kill the whole tree, as a lost node would.
@@ -119,25 +117,28 @@ def test_sigkill_and_resume_is_exact(tmp_path, train_dataset):
     proc.wait()
     first, first_trace = read_metrics(ck), _trace(ck)
     killed_at = max(first)
-    assert 27 <= killed_at < 80, "killed mid-run"
+    assert 47 <= killed_at < 80, "killed mid-run"
     saved = sorted(p.name for p in ck.iterdir() if p.name.startswith("step-"))
     resume_step = max(int(n.split("-")[1]) for n in saved if not n.endswith(".partial"))
-    assert killed_at - resume_step >= 3, "steps after the checkpoint are trained again"
+    assert resume_step < 46 <= killed_at, "the steps trained again cross the end of the first epoch"
+    written = {f.name: f.stat().st_size for f in (ck / "trace").iterdir()}
 
     out = run_pretrain(cut, nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"(step {resume_step}," in out.stdout
-    resumed, trace = read_metrics(ck), _trace(ck)
+    resumed, again = read_metrics(ck), _trace(ck, after=written)  # (again: what the rerun trained)
     assert sorted(resumed) == list(range(1, 81))
+    assert sorted(again) == [(rank, step) for rank in (0, 1) for step in range(resume_step + 1, 81)]
     for step in range(resume_step + 1, killed_at + 1):
         assert resumed[step]["loss"] == first[step]["loss"], step  # bit for bit (JSON floats round-trip)
         assert resumed[step]["mlm_acc"] == first[step]["mlm_acc"], step
-        for rank in (0, 1):
-            if (rank, step) in first_trace:
-                assert trace[(rank, step)] == first_trace[(rank, step)], (rank, step)
-    assert sorted(trace) == [(rank, step) for rank in (0, 1) for step in range(1, 81)]
-    counts = Counter(k for keys in trace.values() for k in keys)
-    assert sum(counts.values()) == 80 * 16 and max(counts.values()) == 2, "past one epoch"
+        for rank in (0, 1):  # (a rank may have been killed before recording the last step)
+            if step < killed_at or (rank, step) in first_trace:
+                assert again[(rank, step)] == first_trace[(rank, step)], (rank, step)
+    trained = {k: v for k, v in first_trace.items() if k[1] <= resume_step} | again
+    counts = Counter(k for keys in trained.values() for k in keys)
+    examples = json.loads((train_dataset / "manifest.json").read_text())["splits"]["train"]["examples"]
+    assert sum(counts.values()) == 80 * 16 and len(counts) == examples and set(counts.values()) == {1, 2}
 
 
 LEAVE = """

@@ -230,33 +230,41 @@ CONFIG_ERRORS = [
     ("precision=fp16", 1, "precision=fp16 needs a GPU"),
     ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
     ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
-    ("data.dataset={ds}/manifest.json", 1, "is a file, not a dataset directory; give the directory that holds it ({ds})"),
+    ("data.dataset={ds}/manifest.json", 1,
+     "is a file, not a dataset directory; give the directory that holds it ({ds})"),
     ("deepspeed.config={{zero_optimization: {{stagee: 2}}}}", 1, "DeepSpeed refused its config, into which "
      "deepspeed.config merged deepspeed.config.zero_optimization.stagee: 1 validation error"),
 ]
 
 
 @pytest.fixture(scope="module")
-def refused(tmp_path_factory, train_dataset, trained) -> dict:
-    """What the command lines of the tests below, each stopped before training, said (run in one process), and
-    the trained run's checkpoint directory before them."""
+def refused(tmp_path_factory, trained) -> dict:
+    """What the resumes of the trained run refused below said (run one after another, forked from one loaded
+    process), and its checkpoint directory's listing before them."""
     cfg, ck, _ = trained
-    cases = {("resume", o): (cfg.parent, ["train", str(cfg), o, "train.max_steps=100"]) for o, _ in RESUMES}
-    for override, _, _ in CONFIG_ERRORS:
-        fresh = write_config(tmp_path_factory.mktemp("refused"), train_dataset, train__max_steps=1,
-                             data__eval_examples=0)
-        cases[("config", override)] = (fresh.parent, ["train", str(fresh), override.format(ds=train_dataset)])
+    cases = {o: (cfg.parent, ["train", str(cfg), o, "train.max_steps=100"]) for o, _ in RESUMES}
     other = tmp_path_factory.mktemp("other")
     cases["dataset"] = (cfg.parent, ["train", str(cfg), f"data.dataset={ck}", f"checkpoint.dir={other / 'ck'}"])
-    fresh = write_config(tmp_path_factory.mktemp("must"), train_dataset)
-    cases["must"] = (fresh.parent, ["train", str(fresh), "resume=must"])
     before = sorted(p.name for p in ck.iterdir())
     return {"before": before, **dict(zip(cases, pretrain_refusals(*cases.values())))}
 
 
+@pytest.fixture(scope="module")
+def refused_configs(tmp_path_factory, train_dataset) -> dict:
+    """What the fresh runs with the config errors below, and one with resume=must, said (as `refused`)."""
+    cases = {}
+    for override, _, _ in CONFIG_ERRORS:
+        fresh = write_config(tmp_path_factory.mktemp("refused"), train_dataset, train__max_steps=1,
+                             data__eval_examples=0)
+        cases[override] = (fresh.parent, ["train", str(fresh), override.format(ds=train_dataset)])
+    fresh = write_config(tmp_path_factory.mktemp("must"), train_dataset)
+    cases["resume=must"] = (fresh.parent, ["train", str(fresh), "resume=must"])
+    return dict(zip(cases, pretrain_refusals(*cases.values())))
+
+
 @pytest.mark.parametrize("override, message", RESUMES)
 def test_incompatible_resumes_are_refused(trained, refused, override, message):
-    out = refused[("resume", override)]
+    out = refused[override]
     assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
     assert sorted(p.name for p in trained[1].iterdir()) == refused["before"], "nothing written or deleted"
 
@@ -406,8 +414,8 @@ def _positions_it_never_trained_are_warned_of(ck: Path, dataset: Path, tmp_path:
     assert "sequences are up to 64 tokens long" in told[0] and "was pretrained on 32: positions 32-63" in told[0]
 
 
-def test_resume_must_needs_a_checkpoint(refused):
-    out = refused["must"]
+def test_resume_must_needs_a_checkpoint(refused_configs):
+    out = refused_configs["resume=must"]
     assert out.returncode == 1 and "resume=must but checkpoint.dir" in out.stderr
     assert not (Path(out.args[1]).parent / "ck").exists(), "a run that never started leaves no directory behind"
 
@@ -527,8 +535,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
 
 
 @pytest.mark.parametrize("override, code, message", CONFIG_ERRORS)
-def test_config_errors_name_the_key(refused, train_dataset, override, code, message):
-    out = refused[("config", override)]
+def test_config_errors_name_the_key(refused_configs, train_dataset, override, code, message):
+    out = refused_configs[override]
     assert out.returncode == code, out.stderr[-2000:]
     assert message.format(ds=train_dataset) in out.stderr
     assert "Traceback" not in out.stderr
