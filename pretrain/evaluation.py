@@ -75,7 +75,7 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     warnings = []
     untrained = untrained_positions(config, seq)
     if untrained:
-        trained_len = config["max_seq_length"]
+        trained_len, untrained = untrained
         warnings.append(f"the dataset's sequences are up to {seq} tokens long; '{source}' was pretrained on "
                         f"{trained_len}: {untrained}, so the figures understate the model (evaluate on a dataset "
                         f"built at {trained_len}, or pretrain a last phase at {seq})")

@@ -271,13 +271,13 @@ def verify(model_dir: str | Path) -> list[str]:
     return problems
 
 
-def untrained_positions(config: dict, length: int) -> str | None:
+def untrained_positions(config: dict, length: int) -> tuple[int, str] | None:
     """What a model directory's `config` (config.json) leaves untrained for sequences of `length` tokens: the
-    positions past those it was pretrained on, said as a warning; None when it was pretrained on all of them."""
+    length it was pretrained on and the positions past it, said as a warning; None when it was pretrained on all."""
     trained = config.get("max_seq_length")
     if not trained or length <= trained:
         return None
-    return f"positions {trained}-{length - 1} keep their untrained initial embeddings"
+    return trained, f"positions {trained}-{length - 1} keep their untrained initial embeddings"
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

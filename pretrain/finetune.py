@@ -295,7 +295,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                      f"positions: texts are cut at {max_len} tokens")
     untrained = untrained_positions(src_config, max_len)
     if cfg.init == "pretrained" and untrained:
-        trained_len = src_config["max_seq_length"]
+        trained_len, untrained = untrained
         tracker.warn(f"train.max_seq_length {max_len} is more than the {trained_len} tokens the model was pretrained "
                      f"on: {untrained} (pretrain a last phase at {max_len}, or fine-tune at {trained_len})")
     few = [f"{name!r} ({where})" for name, where in _rare_labels([x.rows for x in (train, val) if x], names)]
