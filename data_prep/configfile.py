@@ -56,6 +56,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"override '{arg}' has no value: write '{body}=VALUE' or '--{body} VALUE'")
         elif "=" in arg:
             key, text = arg.split("=", 1)
+        elif arg.endswith((".yaml", ".yml")):
+            raise ConfigError(f"'{arg}' is a second config file: a command takes one (the arguments after it are "
+                              "KEY=VALUE overrides); run it once for each file")
         else:
             raise ConfigError(f"cannot read '{arg}' as an override: write KEY=VALUE, e.g. 'seed=7'")
         key = key.strip()
@@ -127,6 +130,11 @@ def load_config(schema: type[M], path: str | Path | None, overrides: list[str] |
     origin = str(path) if path else "defaults"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            inside = sorted(x.name for x in p.glob("*.y*ml"))
+            raise ConfigError(f"config file '{path}' is a directory: give one file"
+                              + (f" of it ({', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})"
+                                 if inside else ""))
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:

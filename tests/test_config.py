@@ -49,6 +49,17 @@ def test_file_plus_overrides(tmp_path):
     assert flatten(cfg)["examples.dupe_factor"] == 3
 
 
+def test_a_directory_or_a_second_file_is_named_as_such(tmp_path):
+    """A folder of configs given as the config, or two config files (a shell glob): each said for what it is, not
+    as a missing file or an unreadable override."""
+    for name in ("b.yaml", "a.yaml"):
+        (tmp_path / name).write_text("inputs: [a.txt]\noutput: out\n")
+    with pytest.raises(ConfigError, match=r"is a directory: give one file of it \(a.yaml, b.yaml\)"):
+        load_config(DataPrepConfig, tmp_path)
+    with pytest.raises(ConfigError, match=f"'{tmp_path / 'b.yaml'}' is a second config file: a command takes one"):
+        load_config(DataPrepConfig, tmp_path / "a.yaml", [str(tmp_path / "b.yaml")])
+
+
 def test_typo_names_key_source_and_closest_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("inputs: [a.txt]\noutput: out\nexamples:\n  max_seq_lenght: 256\n")
