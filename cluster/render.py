@@ -121,7 +121,8 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
     }
     head = (f"# KubeRay RayJob for job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on "
             f"{spec.resources.nodes} node pod(s).\n"
-            f"# Needs KubeRay 1.5.1 or newer (authOptions) and Ray {ray_version()} in the image. Before `kubectl apply -f`:\n"
+            f"# Needs KubeRay 1.5.1 or newer (authOptions) and Ray {ray_version()} in the image. Before "
+            f"`kubectl apply -f {file or name + '.yaml'}`:\n"
             + (f"#   credentials for {storage} in the pods (e.g. runtime_env.env_vars, or the nodes' cloud identity)\n"
                if remote else
                f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n")

@@ -141,6 +141,8 @@ def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
                               str(tmp_path / "new" / "job.sbatch"))  # its folder made
     written = (tmp_path / "new" / "job.sbatch").read_text()  # its header names the file it is in
     assert f"sbatch {tmp_path / 'new' / 'job.sbatch'}\n" in written and "sbatch bert-base-16gpu.sbatch\n" in text
+    assert "`kubectl apply -f bert-base-16gpu.yaml`" in _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "kuberay",
+                                                                "max_failures=5")
     assert written.replace(str(tmp_path / "new" / "job.sbatch"), "bert-base-16gpu.sbatch") == text
     to_dir = subprocess.run([sys.executable, "-m", "cluster", "render", f"{JOBS}/pretrain_bert_base_8gpu.yaml",
                              "--target", "slurm", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
