@@ -87,6 +87,23 @@ def head(tmp_path_factory, s3):
         shutil.rmtree(state["temp_dir"], ignore_errors=True)  # the head's logs, which `down` leaves for the user
 
 
+def _api(state: dict, job: str, what: str = "") -> dict:
+    """The Jobs API's record of a job (what="") or its logs (what="logs"), asked over HTTP with the head's token:
+    the tests wait on this, a process spared per poll, and check the CLI's own output where it matters."""
+    token = Path(state["token_path"]).read_text().strip()
+    req = urllib.request.Request(f"{state['address']}/api/jobs/{job}/{what}".rstrip("/"),
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def _wait(state: dict, job: str, done, deadline: float, what: str = "") -> dict:
+    while not done(got := _api(state, job, what)):
+        assert time.monotonic() < deadline, str(got)[-3000:]
+        time.sleep(0.5)
+    return got
+
+
 def _job(root: Path, name: str, body: dict) -> Path:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, "storage": STORAGE, **body}))
@@ -198,10 +215,8 @@ def test_pretraining_spans_two_nodes_survives_a_killed_worker_and_matches_one_pr
     first = _placement(fs, ck)
     _on_both_nodes(first)
     os.kill(first[1]["pid"], signal.SIGKILL)
-    while not any(s in (status := cluster("status", "two-1", cwd=root).stdout) for s in ("SUCCEEDED", "FAILED",
-                                                                                         "STOPPED")):
-        assert time.monotonic() < deadline + 300, status
-        time.sleep(2)
+    _wait(state, "two-1", lambda job: job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"), deadline + 300)
+    status = cluster("status", "two-1", cwd=root).stdout
     logs = cluster("logs", "two-1", cwd=root).stdout
     assert "SUCCEEDED" in status, logs[-4000:]
     assert "resuming from" in logs, logs[-3000:]
@@ -250,12 +265,9 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
     listed = cluster("list", "--address", state["address"], cwd=root).stdout
     assert listed.count("(long)") == 1 and "prep-1  SUCCEEDED" in listed
     deadline = time.monotonic() + 120
-    while "RUNNING" not in (status := cluster("status", "long-1", cwd=root).stdout):  # its driver has started
-        assert time.monotonic() < deadline and "PENDING" in status, status
-        time.sleep(0.5)
-    while "step 10/" not in (logs := cluster("logs", "long-1", cwd=root).stdout):  # training, no checkpoint yet
-        assert time.monotonic() < deadline + 120, logs[-3000:]
-        time.sleep(1)
+    _wait(state, "long-1", lambda job: job["status"] != "PENDING", deadline)
+    assert "long-1  RUNNING" in cluster("status", "long-1", cwd=root).stdout  # its driver has started
+    _wait(state, "long-1", lambda got: "step 10/" in got["logs"], deadline + 120, "logs")  # no checkpoint yet
     stopped = cluster("stop", "long-1", cwd=root)
     assert stopped.returncode == 0 and "long-1: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     logs = cluster("logs", "long-1", cwd=root).stdout
@@ -281,9 +293,7 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
     # a stopped job's name is free again: the next submission is a new job
     third = cluster("submit", str(job), "--address", state["address"], cwd=root)
     assert third.returncode == 0 and "submitted job long-2" in third.stdout
-    while "resuming from" not in (logs := cluster("logs", "long-2", cwd=root).stdout):  # from the stop's checkpoint
-        assert time.monotonic() < deadline + 300, logs[-3000:]
-        time.sleep(1)
+    _wait(state, "long-2", lambda got: "resuming from" in got["logs"], deadline + 300, "logs")  # the stop's checkpoint
     status = cluster("status", "long-2", cwd=root).stdout
     assert "long-2  RUNNING" in status and "\n  stage pretrain: " in status, status  # where it is
     other = cluster("submit", str(job), "max_failures=3", "--address", state["address"], cwd=root)
