@@ -128,7 +128,7 @@ def _load(args) -> tuple:
 def _validate(args) -> int:
     spec, _, plan = _load(args)
     r = spec.resources
-    from cluster.runner import task_problem
+    from cluster.runner import task_files_elsewhere, task_problem
 
     problem = task_problem(plan, here=True)
     if problem:
@@ -147,6 +147,11 @@ def _validate(args) -> int:
           f"rendered; "
           f"max_failures {spec.max_failures}; storage {plan['storage']}")
     print(f"  mlflow     {plan['mlflow_uri']}")
+    elsewhere = task_files_elsewhere(plan)
+    if elsewhere:
+        print(f"note: not on this machine, so not checked here: {', '.join(elsewhere)}. The job reads "
+              f"{'them' if len(elsewhere) > 1 else 'it'} where it runs; if {'they' if len(elsewhere) > 1 else 'it'} "
+              "should be here, check the path")
     return EXIT_OK
 
 

@@ -292,6 +292,20 @@ def _unanswered(uri: str) -> str | None:
         return None if isinstance(reason, ssl.SSLCertVerificationError) else str(reason)
 
 
+def task_files_elsewhere(plan: dict) -> list[str]:
+    """The fine-tuning stage's task files (as `task.SPLIT PATH`) that are paths, not URLs, and not files on this
+    machine: `cluster validate` names them (a typo, or files the cluster has and this machine lacks)."""
+    from pretrain.config import FinetuneConfig
+
+    out = []
+    for stage in plan["stages"]:
+        if stage["kind"] == "finetune":
+            task = FinetuneConfig.model_validate(stage["config"]).task
+            out += [f"task.{split} {path}" for split in ("train", "validation", "test")
+                    if (path := getattr(task, split)) and "://" not in path and not Path(path).is_file()]
+    return out
+
+
 def task_problem(plan: dict, here: bool = False) -> str | None:
     """What is wrong with the fine-tuning stage's task files, naming the file and line (None: nothing), not asked
     of a fine-tune already done. `here` (`cluster validate`, on the submitting machine): files that are not on this
@@ -303,16 +317,14 @@ def task_problem(plan: dict, here: bool = False) -> str | None:
         from pretrain.config import FinetuneConfig
 
         cfg = FinetuneConfig.model_validate(stage["config"])
-        files = [f for f in (cfg.task.train, cfg.task.validation, cfg.task.test) if f]
-        if here and any("://" not in f and not Path(f).is_file() for f in files):
+        if here and task_files_elsewhere({"stages": [stage]}):
             return None  # (on the cluster's storage, or made before the job runs)
         if not here and finished_finetune(cfg) is not None:
             return None
-        from pretrain.finetune import read_task  # (torch: only where there is a task to read)
-        from pretrain.tasks import TaskError
+        from pretrain.tasks import TaskError, read_splits  # (torch-free: validate answers in a fraction of a second)
 
         try:
-            read_task(cfg)
+            read_splits(cfg.task)
         except TaskError as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 (a bucket this machine cannot read)
@@ -426,6 +438,11 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
 
     said = f"{alias_words(v, stage['alias'])} (models:/{v['name']}/{v['version']})"
     log(f"{v['checkpoint']} is registered already: {said}" if v["reused"] else f"registered {said}")
+    if v["reused"] and v.get("alias_was") and stage["alias"]:
+        log(f"note: alias '{stage['alias']}' had been moved to version {v['alias_was']} since this job registered "
+            f"version {v['version']} (by another job or by hand); this job fine-tunes and reports its own version, "
+            f"so it moved the alias back (to move it again: the model's page in the MLflow UI, or MlflowClient()."
+            f"set_registered_model_alias('{v['name']}', '{stage['alias']}', {v['alias_was']}))")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),
             "skipped": v["reused"], "alias_was": v.get("alias_was")}
 
@@ -453,6 +470,10 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e
         raise StageError(f"fine-tuning into {out} failed: {type(cause).__name__}: {cause}") from None
+    from pretrain.finetune import summary_text
+    from pretrain.tracking import tracking_uri
+
+    log(summary_text(summary, tracking_uri(cfg.mlflow)), flush=True)  # here: the task's own last lines can be lost
     return {"skipped": False, **summary}
 
 
@@ -478,6 +499,10 @@ def finished_finetune(cfg) -> dict | None:
     wanted.pop("output", None)
     if made_by != wanted:
         return None
+    changed = _changed_task_files(summary, cfg)
+    if changed:
+        log(f"{', '.join(changed)} changed since {where} was fine-tuned from it: fine-tuning again")
+        return None
     if cfg.model.startswith("models:/") and "@" in cfg.model:  # an alias may have moved since (a new pretraining)
         from pretrain.tracking import RegistryError, resolve_model_uri, tracking_uri
 
@@ -491,6 +516,23 @@ def finished_finetune(cfg) -> dict | None:
                 f"{then.get('version')}: fine-tuning again")
             return None
     return summary
+
+
+def _changed_task_files(summary: dict, cfg) -> list[str]:
+    """The task files (as `task.SPLIT (PATH)`) whose bytes differ from those a finished fine-tune's summary records
+    (or, for a summary from before it recorded them, its model's training.json); files not on this machine, or not
+    recorded, are not compared."""
+    from pretrain.finetune import task_files
+
+    then = summary.get("task_files")
+    if then is None:
+        try:
+            then = json.loads(storage.read_text(storage.join(summary["model"], "training.json")))["task_files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+    now = task_files(cfg)
+    return [f"task.{split} ({f['path']})" for split, f in now.items()
+            if f["sha256"] and (then.get(split) or {}).get("sha256") not in (None, f["sha256"])]
 
 
 def _register_finetuned(cfg, summary: dict) -> dict:
@@ -540,11 +582,11 @@ def _finetune_task(config: dict) -> dict:
 
     cfg = FinetuneConfig.model_validate(config)
     if not storage.is_remote(cfg.output):
-        return finetune(cfg)
+        return finetune(cfg, show_summary=False)  # (the driver prints it)
     remote = cfg.output.rstrip("/")
     storage.remove(storage.join(remote, SUMMARY))
     local = storage.staging_dir(remote, "finetune").resolve()  # (absolute: the summary names it, then the URL)
-    summary = finetune(cfg.model_copy(update={"output": str(local)}))
+    summary = finetune(cfg.model_copy(update={"output": str(local)}), show_summary=False)
     summary = json.loads(json.dumps(summary).replace(str(local), remote))
     write_json_atomic(local / SUMMARY, summary)
     storage.upload_dir(local, remote, last=(SUMMARY,))
@@ -560,7 +602,8 @@ STAGES = {"data_prep": _data_prep, "pretrain": _pretrain, "register": _register,
 
 def _summary(plan: dict, o: dict) -> None:
     lines = ["", f"== job summary: {plan['name']} ==", f"storage      {plan['storage']}"]
-    skipped = [k for k, v in o.items() if isinstance(v, dict) and v.get("skipped") and not v.get("registered_now")]
+    skipped = [k for k, v in o.items() if isinstance(v, dict) and v.get("skipped") and not v.get("registered_now")
+               and not v.get("alias_was")]  # (a registration done before whose alias was moved back: not skipped)
     if "data_prep" in o:
         d = o["data_prep"]
         ex = ", ".join(f"{k} {v:,}" for k, v in d["examples"].items())

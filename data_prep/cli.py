@@ -24,6 +24,26 @@ output directory is refused unless --overwrite. Every key and its default: see d
 """
 
 
+def _positive_mb(text: str) -> float:
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = 0.0
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"give a size in MB above 0, not {text!r}")
+    return mb
+
+
+def _even_rows(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 2 or n % 2:
+        raise argparse.ArgumentTypeError(f"give an even number of rows, 2 or more (half of each class), not {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep",
@@ -49,15 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("dataset", help="dataset directory (holding manifest.json)")
     demo = sub.add_parser("demo-corpus", help="write a small corpus made from Python's own documentation")
     demo.add_argument("out", help="directory to write it to")
-    demo.add_argument("--mb", type=float, default=4.0, help="approximate size of the docstring part (MB)")
+    demo.add_argument("--mb", type=_positive_mb, default=None,
+                      help="approximate size of the docstring part in MB (default 4; at most what this Python's "
+                           "standard library holds, about 1.6 MB for Python 3.12)")
     task = sub.add_parser("demo-task", help="write a small classification task made from the demo corpus",
                           description="train.jsonl and test.jsonl of {text, label} rows: is a sentence of the demo "
                                       "corpus from a docstring or from the language reference? The task that "
                                       "configs/finetune/classify.yaml and the quickstart job fine-tune on.")
     task.add_argument("out", help="directory to write it to (e.g. data/task)")
     task.add_argument("--corpus", default="corpus/demo", help="the demo corpus (default: corpus/demo)")
-    task.add_argument("--train", type=int, default=2000, help="training rows, half of each class (default: 2000)")
-    task.add_argument("--test", type=int, default=1000, help="test rows (default: 1000)")
+    task.add_argument("--train", type=_even_rows, default=2000,
+                      help="training rows, half of each class: an even number (default: 2000)")
+    task.add_argument("--test", type=_even_rows, default=1000, help="test rows, half of each class (default: 1000)")
     task.add_argument("--seed", type=int, default=0)
     return p
 
@@ -96,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.demo_corpus import write_demo_corpus
 
             try:
-                for path in write_demo_corpus(args.out, args.mb):
+                paths = write_demo_corpus(args.out, args.mb or 4.0)
+                for path in paths:
                     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+                if args.mb and paths[0].stat().st_size < 0.9 * args.mb * 1e6:
+                    print(f"(that is every docstring of this Python's standard library: --mb {args.mb:g} asks for "
+                          "more than there is)")
             except OSError as e:
                 print(f"error: cannot write the demo corpus to '{args.out}' ({e.strerror or e}: "
                       f"{e.filename or args.out}); give a directory that can be written to", file=sys.stderr)

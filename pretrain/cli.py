@@ -231,7 +231,7 @@ def _export(args) -> int:
 
     from data_prep.storage import is_remote
     from pretrain.config import MlflowConfig
-    from pretrain.export import URI_SCHEMES, ExportError, check_out, export, publish, resolve_model
+    from pretrain.export import URI_SCHEMES, ExportError, check_model_dir, check_out, export, publish, resolve_model
     from pretrain.tracking import tracking_uri
 
     source, out = args.source, Path(args.out)
@@ -252,6 +252,7 @@ def _export(args) -> int:
 
                 export_hf(model_dir, out)
             else:
+                check_model_dir(model_dir)  # (what is copied must load: not a transformers export, not damaged)
                 tmp = out.with_name(out.name + ".partial")
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(model_dir, tmp)

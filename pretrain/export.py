@@ -280,14 +280,9 @@ def untrained_positions(config: dict, length: int) -> tuple[int, str] | None:
     return trained, f"positions {trained}-{length - 1} keep their untrained initial embeddings"
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, config.json) from a verified model directory: a `BertForPretraining` (pretrained)
-    or a `BertForSequenceClassification` (fine-tuned)."""
-    from safetensors.torch import load_file
-
-    from pretrain.model import BertForPretraining, BertForSequenceClassification
-
-    d = Path(model_dir)
+def check_model_dir(d: Path) -> None:
+    """Raise ExportError unless `d` is a complete model directory of this project (its checksums hold), saying
+    what it is instead where that is known (a transformers export)."""
     problems = verify(d)
     if problems and not (d / CHECKSUMS).is_file() and (d / "config.json").is_file() and \
             "model_type" in json.loads((d / "config.json").read_text()):
@@ -296,6 +291,17 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
                           "version it was made from")
     if problems:
         raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, config.json) from a verified model directory: a `BertForPretraining` (pretrained)
+    or a `BertForSequenceClassification` (fine-tuned)."""
+    from safetensors.torch import load_file
+
+    from pretrain.model import BertForPretraining, BertForSequenceClassification
+
+    d = Path(model_dir)
+    check_model_dir(d)
     config = json.loads((d / CONFIG_FILE).read_text())
     kind = config.get("format", {}).get("name")
     if kind == FORMAT["name"]:

@@ -44,7 +44,7 @@ from pretrain.export import (
 )
 from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
-from pretrain.tasks import Rows, label_ids, label_names, read_rows, scores, stratified_split
+from pretrain.tasks import Rows, label_ids, read_splits, scores, stratified_split
 from pretrain.text import encode
 from pretrain.tracking import RegistryError, Tracker, check_store, register, tracking_uri
 
@@ -163,21 +163,16 @@ def evaluate(forward, sp, split: Split, max_len: int, micro: int, num_labels: in
 def read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | None]:
     """(class names, train, validation, test) from the task files, checked (TaskError names the file and line)."""
     task = cfg.task
-    train_rows = read_rows(task.train, task)
-    names = label_names(train_rows)
+    names, train_rows, val_rows, test_rows = read_splits(task)
     y = label_ids(train_rows, names, task.train)
-    if task.validation:
-        val_rows = read_rows(task.validation, task, "task.validation")
+    if val_rows is not None:
         train, val = Split("train", train_rows, y), Split("validation", val_rows,
                                                            label_ids(val_rows, names, task.train))
     else:
         keep, held = stratified_split(y, task.validation_fraction, cfg.seed)
         train = Split("train", train_rows.subset(keep, task.train), y[keep])
         val = Split("validation", train_rows.subset(held, f"{task.train} (held out)"), y[held]) if held else None
-    test = None
-    if task.test:
-        test_rows = read_rows(task.test, task, "task.test")
-        test = Split("test", test_rows, label_ids(test_rows, names, task.train))
+    test = Split("test", test_rows, label_ids(test_rows, names, task.train)) if test_rows is not None else None
     return names, train, val, test
 
 
@@ -209,7 +204,7 @@ def _check_output(out: Path) -> None:
                           "an earlier fine-tune's)")
 
 
-def _task_files(cfg: FinetuneConfig) -> dict[str, dict]:
+def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
     out = {}
     for split in ("train", "validation", "test"):
         path = getattr(cfg.task, split)
@@ -222,14 +217,15 @@ def _task_files(cfg: FinetuneConfig) -> dict[str, dict]:
 SUMMARY = "summary.json"  # written last, and only by a run that finished: what made it is in its "config"
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Run the fine-tune `cfg` describes; returns the summary (also written to OUTPUT/summary.json)."""
+def finetune(cfg: FinetuneConfig, show_summary: bool = True) -> dict:
+    """Run the fine-tune `cfg` describes; returns the summary (also written to OUTPUT/summary.json), printed at the
+    end unless `show_summary` is false (a cluster job's driver prints it: a Ray task's last lines can be lost)."""
     topo = _setup(cfg)
     out = Path(cfg.output)
     with _sole_writer(out, topo):
         tracker = Tracker(topo.rank == 0, cfg.mlflow, out)
         try:
-            return _finetune(cfg, topo, tracker)
+            return _finetune(cfg, topo, tracker, show_summary)
         except BaseException as e:
             tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", timeout_s=10)
             raise
@@ -255,7 +251,7 @@ def _sole_writer(out: Path, topo: Topo):
         yield
 
 
-def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
+def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: bool) -> dict:
     started = time.time()
     out = Path(cfg.output)
     t = cfg.train
@@ -371,7 +367,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
         }, dataset=dataset, training={
             "kind": "finetune", "mlflow_run_id": tracker.run_id, "step": step, "epoch": epoch,
             "source_model": {k2: v for k2, v in src_info.items() if k2 != "pinned"}, "init": cfg.init,
-            "metrics": metrics, "task_files": _task_files(cfg), "config": cfg.model_dump(mode="json"),
+            "metrics": metrics, "task_files": task_files(cfg), "config": cfg.model_dump(mode="json"),
         })
 
     best: dict = {"score": None, "state": None, "step": 0, "epoch": 0.0, "metrics": {}}
@@ -455,7 +451,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                "source": {k2: v for k2, v in src_info.items() if k2 != "pinned"},
                "init": cfg.init, "labels": names, "steps": step, "best_step": best["step"],
                "best_epoch": best["epoch"], "seconds": time.time() - started, "mlflow_run_id": tracker.run_id,
-               "metrics": final, "registered": None, "config": cfg.model_dump(mode="json")}
+               "metrics": final, "registered": None, "config": cfg.model_dump(mode="json"),
+               "task_files": task_files(cfg)}
     tracker.close("FINISHED")
     if topo.rank == 0 and cfg.registry.name:
         try:
@@ -469,7 +466,8 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker) -> dict:
                          f"{cfg.registry.name}{alias}")
     if topo.rank == 0:
         write_json_atomic(out / SUMMARY, summary)
-        print(_summary_text(summary, tracker.uri), flush=True)
+        if show_summary:
+            print(summary_text(summary, tracker.uri), flush=True)
     return summary
 
 
@@ -495,7 +493,7 @@ def record_registration(model_dir: Path, v: dict, alias: str | None) -> bool:
     return True
 
 
-def _summary_text(s: dict, uri: str) -> str:
+def summary_text(s: dict, uri: str) -> str:
     m = s["metrics"]
     src = s["source"]
     version = f" (version {src['version']} of {src['name']})" if src.get("version") else ""

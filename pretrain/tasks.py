@@ -1,7 +1,7 @@
 """Labelled rows for fine-tuning: jsonl/csv/tsv files -> texts and label ids, the label map, the split, the metrics.
 
-Pure Python and torch: no model, no I/O beyond reading the task files. Errors name the file, the line
-and the config key to change.
+Pure Python, and torch only for the tensors (reading and checking a task, `read_splits`, does not load it): no
+model, no I/O beyond reading the task files. Errors name the file, the line and the config key to change.
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import fsspec
-import torch
 
 from data_prep.sources import zstd_reader
 from pretrain.config import TaskConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TaskError(Exception):
@@ -188,8 +192,8 @@ def label_names(train: Rows) -> list:
     return [seen[k] for k in sorted(seen, key=_order)]
 
 
-def label_ids(rows: Rows, names: list, train_source: str) -> torch.Tensor:
-    """(N,) int64 class ids; a label the training file never shows is an error naming its row."""
+def label_index(rows: Rows, names: list, train_source: str) -> list[int]:
+    """The class id of each row; a label the training file never shows is an error naming its row."""
     index = {str(v): i for i, v in enumerate(names)}
     out = []
     for label, where in zip(rows.labels, rows.where, strict=True):
@@ -197,7 +201,28 @@ def label_ids(rows: Rows, names: list, train_source: str) -> torch.Tensor:
             raise TaskError(f"{where}: label {label!r} does not occur in {train_source} "
                             f"(its labels: {', '.join(map(str, names[:20]))})")
         out.append(index[str(label)])
-    return torch.tensor(out, dtype=torch.int64)
+    return out
+
+
+def label_ids(rows: Rows, names: list, train_source: str) -> torch.Tensor:
+    """(N,) int64 class ids (`label_index` as a tensor)."""
+    import torch
+
+    return torch.tensor(label_index(rows, names, train_source), dtype=torch.int64)
+
+
+def read_splits(task: TaskConfig) -> tuple[list, Rows, Rows | None, Rows | None]:
+    """(class names, train, validation, test rows) from the task files, every label checked against the training
+    file's (TaskError names the file and line). Torch-free: `cluster validate` asks it."""
+    train = read_rows(task.train, task)
+    names = label_names(train)
+    label_index(train, names, task.train)
+    val = read_rows(task.validation, task, "task.validation") if task.validation else None
+    test = read_rows(task.test, task, "task.test") if task.test else None
+    for rows in (val, test):
+        if rows is not None:
+            label_index(rows, names, task.train)
+    return names, train, val, test
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:

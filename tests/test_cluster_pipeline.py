@@ -80,6 +80,9 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     assert f"pretraining  s3://{BUCKET}/pipeline/checkpoints/step-00000010 (step 10" in summary
     assert "registered   small-bert version 1 (models:/small-bert@champion" in summary
     assert f"fine-tuned   s3://{BUCKET}/pipeline/finetuned/model (test_accuracy" in summary
+    # the fine-tune's own result lines, printed once by the driver (a Ray task's last lines can be lost)
+    assert out.stdout.count("\ntest_accuracy ") == 1 and f"model        s3://{BUCKET}/pipeline/finetuned/model (" \
+        "labels:" in out.stdout, out.stdout[-4000:]
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in summary
     assert "skipped" not in summary
     assert (out_dir / "data/small/manifest.json").is_file()
@@ -115,16 +118,29 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     root, env, first = pipeline
     assert first.returncode == 0
     manifest = (root / "out/data/small/manifest.json").stat().st_mtime_ns
+    # Meanwhile the alias was moved to another version (by hand, or by another job registering under this name):
+    # the job moves it back to its own version, which it fine-tuned, and says so; registration is not "skipped".
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(store, registry_uri=store)
+    ours = client.get_model_version_by_alias("small-bert", "champion")
+    other = client.create_model_version("small-bert", ours.source, run_id=ours.run_id)
+    client.set_registered_model_alias("small-bert", "champion", other.version)
     again = _submit(root, env=env)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "skipped      data_prep, pretrain, register, finetune (already done with the same config)" in again.stdout
+    assert f"note: alias 'champion' had been moved to version {other.version} since this job registered version 1" \
+        in again.stdout, again.stdout[-4000:]
+    assert f"             alias 'champion' moved from version {other.version}\n" in again.stdout  # (the summary)
+    assert client.get_model_version_by_alias("small-bert", "champion").version == ours.version
+    assert "skipped      data_prep, pretrain, finetune (already done with the same config)" in again.stdout
     assert "== stage: pretrain ==\n" in again.stdout and "nothing to do" in again.stdout
     assert "RayTrainWorker" not in again.stdout  # no training worker started
     assert (root / "out/data/small/manifest.json").stat().st_mtime_ns == manifest
     assert "registered   small-bert version 1 " in again.stdout  # the same version, not a second one
     # found by the checkpoint's run and step, without downloading or exporting the checkpoint again
     assert f"s3://{BUCKET}/pipeline/checkpoints/step-00000010 is registered already: small-bert version 1 (alias " \
-        "'champion')" in again.stdout
+        f"'champion' moved from version {other.version} to 1)" in again.stdout
 
 
 def test_checkpoints_in_the_bucket_are_exported_and_registered_from_their_url(pipeline, s3, tmp_path):
@@ -231,6 +247,34 @@ def test_a_fine_tuning_task_with_a_bad_row_stops_the_job_before_its_first_stage(
                                          "'label'"):
         run(plan)
     assert not (tmp_path / "data").exists(), "data prep did not start"
+
+
+def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys):
+    """A finished fine-tune of the same config is done only while its task files have the bytes it was trained on
+    (recorded in its summary; in an older summary's model, in training.json)."""
+    from cluster.runner import finished_finetune
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune import SUMMARY, task_files
+
+    files = write_topic_task(tmp_path / "task", rows=20)
+    cfg = FinetuneConfig.model_validate({"model": str(tmp_path / "model"), "output": str(tmp_path / "ft"),
+                                         "task": {k: str(v) for k, v in files.items()}, "mlflow": {"enabled": False}})
+    (tmp_path / "ft" / "model").mkdir(parents=True)
+    summary = {"model": str(tmp_path / "ft" / "model"), "config": cfg.model_dump(mode="json"),
+               "task_files": task_files(cfg)}
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps(summary))
+    assert finished_finetune(cfg) is not None
+    with open(files["test"], "a") as f:  # one row more
+        f.write(json.dumps({"text": "a sentence more", "label": "animal"}) + "\n")
+    assert finished_finetune(cfg) is None
+    assert f"task.test ({files['test']}) changed since {tmp_path / 'ft' / SUMMARY}" in capsys.readouterr().out
+    # a summary from before task files were recorded there: its model's training.json has them
+    old = {k: v for k, v in summary.items() if k != "task_files"}
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps(old))
+    (tmp_path / "ft" / "model" / "training.json").write_text(json.dumps({"task_files": summary["task_files"]}))
+    assert finished_finetune(cfg) is None
+    (tmp_path / "ft" / "model" / "training.json").write_text(json.dumps({"task_files": task_files(cfg)}))
+    assert finished_finetune(cfg) is not None
 
 
 def test_the_final_figures_skip_a_metrics_line_cut_short(tmp_path):

@@ -291,7 +291,8 @@ from cluster.cli import main as cluster
 from pretrain.cli import main as pretrain
 codes = [pretrain(["train", "configs/pretrain/quickstart.yaml", "train.optimiser=lamb"]),
          pretrain(["finetune", "configs/finetune/classify.yaml", "init=scratch"]),
-         cluster(["validate", "configs/jobs/quickstart.yaml"])]
+         cluster(["validate", "configs/jobs/quickstart.yaml"]),  # its task files read and checked
+         cluster(["validate", "configs/jobs/quickstart.yaml", "stages.finetune.overrides.task.test=data/task/tset.jsonl"])]
 print(codes, sorted(m for m in ("torch", "deepspeed", "ray", "mlflow") if m in sys.modules))
 codes.append(pretrain(["pull", "models:/x/1", "--out", "x", "--tracking-uri", "sqlite:///no/such/mlflow.db"]))
 print(codes, sorted(m for m in ("torch", "deepspeed", "ray") if m in sys.modules))  # a pull loads no weights
@@ -299,18 +300,24 @@ print(codes, sorted(m for m in ("torch", "deepspeed", "ray") if m in sys.modules
 
 
 def test_a_config_is_checked_without_loading_torch(tmp_path):
-    """A bad override is reported at once, and a cluster job validates, without importing torch (seconds); a pull
-    needs MLflow but not torch. (In a directory of its own: where the quickstart's task files are, validate reads
-    them, and that takes torch.)"""
+    """A bad override is reported at once, and a cluster job validates (its fine-tuning task's files read and
+    checked), without importing torch (seconds); a pull needs MLflow but not torch. A task file that is not on this
+    machine is named, not checked."""
     import shutil
     import subprocess
     import sys
 
+    from conftest import write_topic_task
+
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    write_topic_task(tmp_path / "data" / "task", rows=20)
     out = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[-2:] == ["[2, 2, 0] []", "[2, 2, 0, 1] []"], out.stdout + out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["[2, 2, 0, 0] []", "[2, 2, 0, 0, 1] []"], out.stdout + out.stderr[-2000:]
+    assert out.stdout.count("note: not on this machine") == 1 and "so not checked here: task.test " \
+        f"{tmp_path / 'data/task/tset.jsonl'}. The job reads it where it runs; if it should be here, check the path" \
+        in out.stdout, out.stdout
     assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
     assert "there is no MLflow store" in out.stderr
 

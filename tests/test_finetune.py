@@ -344,6 +344,10 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
 
     with pytest.raises(ExportError, match="is a Hugging Face \\(transformers\\) model, not this project's"):
         load_model(tmp_path / "hf")
+    out = pretrain_cli("export", str(tmp_path / "hf"), "--out", str(tmp_path / "copy"), cwd=tmp)  # (native format)
+    assert out.returncode == 1 and "is a Hugging Face (transformers) model, not this project's" in out.stderr, \
+        out.stdout + out.stderr[-2000:]
+    assert not (tmp_path / "copy").exists()
     out = pretrain_cli("evaluate", str(tmp_path / "hf"), "--dataset", str(tmp / "ds"), cwd=tmp)
     assert out.returncode == 1 and "is not a model directory of this project (no dataset.json; a Hugging Face " \
         "export?)" in out.stderr, out.stderr[-2000:]

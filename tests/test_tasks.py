@@ -191,6 +191,12 @@ def test_the_demo_task_is_balanced_disjoint_and_readable(tmp_path):
                               str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "write the demo corpus first (python -m data_prep demo-corpus" in \
         missing.stderr, missing.stderr
+    for args, said in ((["demo-task", "t", "--train", "3"], "argument --train: give an even number of rows, 2 or more"),
+                       (["demo-task", "t", "--test", "0"], "argument --test: give an even number of rows"),
+                       (["demo-corpus", "c", "--mb", "-1"], "argument --mb: give a size in MB above 0, not '-1'")):
+        bad = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60)
+        assert bad.returncode == 2 and said in bad.stderr and not (tmp_path / args[1]).exists(), bad.stderr
     write_demo_corpus(tmp_path / "corpus", max_mb=0.3)
     train, test = write_demo_task(tmp_path / "corpus", tmp_path / "task", n_train=40, n_test=20, seed=3)
     cfg = TaskConfig(train=str(train))
