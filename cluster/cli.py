@@ -149,9 +149,9 @@ def _validate(args) -> int:
     print(f"  mlflow     {plan['mlflow_uri']}")
     elsewhere = task_files_elsewhere(plan)
     if elsewhere:
-        print(f"note: not on this machine, so not checked here: {', '.join(elsewhere)}. The job reads "
-              f"{'them' if len(elsewhere) > 1 else 'it'} where it runs; if {'they' if len(elsewhere) > 1 else 'it'} "
-              "should be here, check the path")
+        print(f"note: not on this machine: {', '.join(elsewhere)}; so the task's files were not checked here (the "
+              f"job checks them where it runs). If {'they' if len(elsewhere) > 1 else 'it'} should be here, check "
+              "the path")
     return EXIT_OK
 
 
@@ -187,6 +187,18 @@ def _run(args) -> int:
     return _drive(json.loads(os.environ[PLAN_ENV]))
 
 
+def _on_this_machine(address: str) -> bool:
+    """Whether a Jobs API address is a loopback one (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(address).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _submit(args) -> int:
     from cluster import client as jobs
 
@@ -195,11 +207,11 @@ def _submit(args) -> int:
         return _drive(plan, local=True)
     address = jobs.resolve_address(args.address)
     c = jobs.connect(address)
-    from urllib.parse import urlparse
+    from cluster.runner import job_stores
 
-    if plan["mlflow_uri"].startswith("sqlite:") and urlparse(address).hostname not in ("127.0.0.1", "localhost",
-                                                                                         "::1"):
-        print(f"warning: the job's MLflow store is {plan['mlflow_uri']}: a file at that path on the cluster's head, "
+    files = [uri for uri in job_stores(plan) if uri.startswith("sqlite:")]  # (a job that does not use MLflow: none)
+    if files and not _on_this_machine(address):
+        print(f"warning: the job's MLflow store is {files[0]}: a file at that path on the cluster's head, "
               "not on this machine unless the path is on a disk both share. For a store both see, run an MLflow "
               "server and set MLFLOW_TRACKING_URI (here or in the job's runtime_env.env_vars)", file=sys.stderr)
     job_id, started = jobs.submit(c, plan)
@@ -263,8 +275,8 @@ def _logs(args) -> int:
 def _stop(args) -> int:
     jobs, c = _client(args)
     args.id = jobs.resolve(c, args.id)
-    print(f"stopping job {args.id} (pretraining first commits a checkpoint at the end of its step)", flush=True)
-    print(f"job {args.id}: {jobs.stop(c, args.id)}")
+    said = f"stopping job {args.id} (pretraining first commits a checkpoint at the end of its step)"
+    print(f"job {args.id}: {jobs.stop(c, args.id, stopping=lambda: print(said, flush=True))}")
     return EXIT_OK
 
 

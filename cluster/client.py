@@ -208,12 +208,14 @@ def describe(job) -> str:
     return f"{job.submission_id}  {job.status.value}{took}" + (f"  ({name})" if name else "") + msg
 
 
-def stop(client, job_id: str, timeout_s: float = STOP_GRACE_S + 30) -> str:
+def stop(client, job_id: str, timeout_s: float = STOP_GRACE_S + 30, stopping=None) -> str:
     """Stop a pending or running job and wait until it has ended (a pretraining job first commits a checkpoint);
-    returns its final status."""
+    returns its final status. `stopping()` is called once the job is known to be still running."""
     job = info(client, job_id)
     if job.status.is_terminal():
         raise ClientError(f"job '{job_id}' already ended ({job.status.value}); nothing to stop")
+    if stopping:
+        stopping()
     _call(f"stopping job '{job_id}'", client.stop_job, job_id)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -185,17 +185,19 @@ def _resolve(path: str, job_file: Path) -> Path:
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobSpec, dict[str, Any]]:
-    """(the job spec, {stage kind: its validated config}); every error names the job file and the key."""
+    """(the job spec, {stage kind: its validated config}); every error names the job file and the key, and every
+    stage's config is checked (one message says what is wrong in each)."""
     job_file = Path(path)
     spec = load_config(JobSpec, job_file, overrides)
-    configs = {}
+    configs, errors = {}, []
     for kind, stage in spec.stage_list():
         where = f"{job_file}: {'stages.' + kind + '.' if spec.kind == 'pipeline' else ''}config"
         cfg_path = _resolve(stage.config, job_file)
         if not cfg_path.exists() and not Path(stage.config).is_absolute():
-            raise ConfigError(f"{where}: '{stage.config}' is neither under the working directory ({Path.cwd()}) nor "
-                              f"beside the job file ({job_file.parent.absolute()}): run the command where the path "
-                              "starts, or write it absolute")
+            errors.append(f"{where}: '{stage.config}' is neither under the working directory ({Path.cwd()}) nor "
+                          f"beside the job file ({job_file.parent.absolute()}): run the command where the path "
+                          "starts, or write it absolute")
+            continue
         extra = []
         if kind == "finetune" and spec.kind == "pipeline" and spec.stages.registry:  # the model just registered
             reg = spec.stages.registry
@@ -204,7 +206,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobS
             configs[kind] = load_config(_schema(kind), cfg_path, extra + list(stage.overrides),
                                         overrides_from=f"the job's {where.rsplit(': ', 1)[1].replace('config', 'overrides')}")
         except ConfigError as e:
-            raise ConfigError(f"{where} ({cfg_path}): {e}") from None
+            errors.append(f"{where} ({cfg_path}): {e}")
+    if errors:
+        raise ConfigError("\n".join(errors))
     return spec, configs
 
 

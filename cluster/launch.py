@@ -83,7 +83,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from pretrain.train import StopRequest, train
 
     cfg = PretrainConfig.model_validate(config["pretrain"])
-    stop = StopRequest()  # (no handlers: train runs in a thread of Ray Train's worker)
+    stop = StopRequest("submit the job again")  # (no handlers: train runs in a thread of Ray Train's worker)
     if config.get("stop_flag"):
         threading.Thread(target=_watch, args=(config["stop_flag"], stop), daemon=True).start()
     remote = config.get("remote_checkpoints")

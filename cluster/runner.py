@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -155,6 +156,8 @@ def connect(local: bool = False, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    if not sys.stdout.isatty():  # a job's log or a pipe: the workers' lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS") and not local:
         env = job_env(os.environ)
@@ -241,7 +244,7 @@ def _check_ahead(plan: dict) -> None:
     """Read the fine-tuning stage's task files, and ask the MLflow server the job registers in or pulls from,
     before the first stage: a mistake there would otherwise be found only after data prep and pretraining
     (hours, on a cluster)."""
-    for uri, needed in _stores(plan).items():
+    for uri, needed in job_stores(plan).items():
         silent = _unanswered(uri)
         if silent and needed:
             raise StageError(f"the MLflow server at {uri} does not answer ({silent}), and the job {needed}: start it, "
@@ -255,7 +258,7 @@ def _check_ahead(plan: dict) -> None:
         raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")
 
 
-def _stores(plan: dict) -> dict[str, str]:
+def job_stores(plan: dict) -> dict[str, str]:
     """{tracking URI: what the job needs it for ("" where only pretraining's records go there)}."""
     out: dict[str, str] = {}
     for stage in plan["stages"]:
@@ -319,7 +322,7 @@ def task_problem(plan: dict, here: bool = False) -> str | None:
         cfg = FinetuneConfig.model_validate(stage["config"])
         if here and task_files_elsewhere({"stages": [stage]}):
             return None  # (on the cluster's storage, or made before the job runs)
-        if not here and finished_finetune(cfg) is not None:
+        if not here and finished_finetune(cfg, say=lambda _: None) is not None:  # (the stage says why not)
             return None
         from pretrain.tasks import TaskError, read_splits  # (torch-free: validate answers in a fraction of a second)
 
@@ -439,10 +442,11 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
     said = f"{alias_words(v, stage['alias'])} (models:/{v['name']}/{v['version']})"
     log(f"{v['checkpoint']} is registered already: {said}" if v["reused"] else f"registered {said}")
     if v["reused"] and v.get("alias_was") and stage["alias"]:
-        log(f"note: alias '{stage['alias']}' had been moved to version {v['alias_was']} since this job registered "
-            f"version {v['version']} (by another job or by hand); this job fine-tunes and reports its own version, "
-            f"so it moved the alias back (to move it again: the model's page in the MLflow UI, or MlflowClient()."
-            f"set_registered_model_alias('{v['name']}', '{stage['alias']}', {v['alias_was']}))")
+        fine_tunes = any(s["kind"] == "finetune" for s in plan["stages"])
+        log(f"note: alias '{stage['alias']}' pointed at version {v['alias_was']}; this job points it at the version "
+            f"it registered, {v['version']}{', which it fine-tunes' if fine_tunes else ''} (to move it: the "
+            f"model's page in the MLflow UI, or MlflowClient('{plan['mlflow_uri']}').set_registered_model_alias("
+            f"'{v['name']}', '{stage['alias']}', {v['alias_was']}))")
     return {"name": v["name"], "version": v["version"], "alias": stage["alias"], "run_id": v.get("run_id"),
             "skipped": v["reused"], "alias_was": v.get("alias_was")}
 
@@ -477,11 +481,12 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     return {"skipped": False, **summary}
 
 
-def finished_finetune(cfg) -> dict | None:
+def finished_finetune(cfg, say=log) -> dict | None:
     """The summary of a finished fine-tune of this very config in `cfg.output` (None: there is none). A run
     removes an earlier run's summary before it writes anything there, and writes its own last, config included
     (where it ran does not count: an object-store output is fine-tuned in a staging directory). A summary with a
-    `register_error` is a finished fine-tune whose model is still to be registered."""
+    `register_error` is a finished fine-tune whose model is still to be registered. `say` is told why a summary
+    that is there does not count."""
     from pretrain.finetune import SUMMARY
 
     where = storage.join(cfg.output.rstrip("/"), SUMMARY)
@@ -491,7 +496,7 @@ def finished_finetune(cfg) -> dict | None:
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as e:  # cut short, or from a version that did not record its config
-        log(f"warning: {where} cannot be read as a finished fine-tune's summary ({type(e).__name__}: {e}); "
+        say(f"warning: {where} cannot be read as a finished fine-tune's summary ({type(e).__name__}: {e}); "
             "fine-tuning again")
         return None
     wanted = cfg.model_dump(mode="json")
@@ -501,7 +506,7 @@ def finished_finetune(cfg) -> dict | None:
         return None
     changed = _changed_task_files(summary, cfg)
     if changed:
-        log(f"{', '.join(changed)} changed since {where} was fine-tuned from it: fine-tuning again")
+        say(f"{', '.join(changed)} changed since {where} was fine-tuned from it: fine-tuning again")
         return None
     if cfg.model.startswith("models:/") and "@" in cfg.model:  # an alias may have moved since (a new pretraining)
         from pretrain.tracking import RegistryError, resolve_model_uri, tracking_uri
@@ -512,7 +517,7 @@ def finished_finetune(cfg) -> dict | None:
             return None  # (the fine-tune itself will say what is wrong)
         then = summary.get("source") or {}
         if (then.get("name"), then.get("version")) != (now["name"], now["version"]):
-            log(f"{cfg.model} is version {now['version']} now; {where} is a fine-tune of version "
+            say(f"{cfg.model} is version {now['version']} now; {where} is a fine-tune of version "
                 f"{then.get('version')}: fine-tuning again")
             return None
     return summary
@@ -637,7 +642,7 @@ def _summary(plan: dict, o: dict) -> None:
     if o.get("not_run"):
         lines.append(f"not run      {', '.join(o['not_run'])} (the job was stopped: submit it again to continue)")
     lines.append(f"time         {o['seconds']:.0f}s")
-    if _stores(plan):
+    if job_stores(plan):
         from pretrain.tracking import how_to_see
 
         lines.append(f"look         {how_to_see(plan['mlflow_uri'])}")

@@ -29,7 +29,7 @@ def _positive_mb(text: str) -> float:
         mb = float(text)
     except ValueError:
         mb = 0.0
-    if not mb > 0:
+    if not 0 < mb < 1e6:
         raise argparse.ArgumentTypeError(f"give a size in MB above 0, not {text!r}")
     return mb
 

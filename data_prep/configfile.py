@@ -185,6 +185,9 @@ def _explain(err: ValidationError, schema: type[BaseModel], sources: dict[str, s
                 lines.append(f"{msg} ({set_by})")
             else:
                 lines.append(f"'{key}' (in {where}): {e['msg']}")
+        elif e["type"] in ("model_type", "dict_type") and (keys := _valid_keys(schema, loc)):
+            lines.append(f"'{key}' (in {where}) is a section, not a value (got {e.get('input')!r}): set its keys, "
+                         f"e.g. {key}.{keys[0]}=VALUE (its keys: {', '.join(keys)})")
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"'{key}' (in {where}): {e['msg']}{got}")

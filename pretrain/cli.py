@@ -69,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                          "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
     ev.add_argument("--dataset", required=True, help="a dataset from python -m data_prep run (a directory or URL)")
     ev.add_argument("--split", choices=["val", "train"], default="val", help="default: val")
-    ev.add_argument("--examples", type=_positive, default=2000, help="examples to evaluate on, spread evenly over "
-                                                                     "the split (default 2000; fewer if it is smaller)")
+    ev.add_argument("--examples", type=_positive, default=None,
+                    help="examples to evaluate on, spread evenly over the split (default: as many as the model's "
+                         "pretraining run evaluated on, on its own dataset's val split, else 2000; fewer if the "
+                         "split is smaller)")
     ev.add_argument("--batch-size", type=_positive, default=32, help="sequences per forward pass (default 32)")
     ev.add_argument("--device", default="auto", help="auto (a GPU if there is one, else cpu), cpu, cuda or cuda:N")
     ev.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

@@ -28,10 +28,11 @@ class EvaluationError(Exception):
     """The model cannot be evaluated on that dataset; the message says why and what to give instead."""
 
 
-def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "val", examples: int = 2000,
+def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "val", examples: int | None = None,
                    batch_size: int = 32, device: str = "auto", precision: str = "auto", progress=print,
                    warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) -> dict:
-    """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`,
+    """Evaluate `source` (anything `resolve_model` takes) on up to `examples` examples of the dataset's `split`
+    (None: as many as its pretraining run evaluated on, where this is that run's dataset's val split, else 2000),
     with their stored masks, in `precision` (auto: bf16 autocast on a GPU that has it, else fp32):
     {"model": ..., "dataset": ..., "split", "examples", "seconds", "eval/loss", "eval/mlm_acc", ..., "warnings"}
     (what `warn` was told: figures to read with care)."""
@@ -63,11 +64,19 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
             raise EvaluationError(f"'{source}' is not a model directory of this project (no dataset.json; a "
                                   "Hugging Face export?): give a pretraining checkpoint, its export "
                                   "(python -m pretrain export) or its registered version")
-        problem = pretraining_problem(json.loads((model_dir / "config.json").read_text()),
-                                      json.loads((model_dir / "dataset.json").read_text()), manifest)
+        trained_on = json.loads((model_dir / "dataset.json").read_text())
+        problem = pretraining_problem(json.loads((model_dir / "config.json").read_text()), trained_on, manifest)
         if problem:
             raise EvaluationError(f"'{source}' {problem}")
         model, config = load_model(model_dir, dev)
+        training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").is_file() \
+            else {}
+    as_run = None  # the run's own number of evaluation examples, where this is its evaluation
+    if examples is None:
+        run_examples = ((training.get("config") or {}).get("data") or {}).get("eval_examples")
+        same_data = trained_on.get("dataset_id") == dataset.id
+        as_run = run_examples if run_examples and split == "val" and same_data else None
+        examples = as_run or DEFAULT_EXAMPLES
     seq = manifest["examples"]["max_seq_length"]
     if model.config.max_position < seq:
         raise EvaluationError(f"'{source}' has {model.config.max_position} positions; the dataset's sequences are "
@@ -84,7 +93,8 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     t0 = time.monotonic()
     n = min(examples, available)
     progress(f"evaluating {info.get('uri', source)} on {n:,} of the {available:,} {split} examples of "
-             f"{dataset.root} ({dev.type})")
+             f"{dataset.root} ({dev.type})" + (" (as its pretraining run did: data.eval_examples; --examples to "
+                                               "change)" if as_run else ""))
     batches = eval_batches(dataset, Collator(manifest), batch_size, 0, 1, n, split=split)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
@@ -94,6 +104,9 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
            "precision": "bf16" if bf16 else "fp32",
            "seconds": round(time.monotonic() - t0, 1), **metrics, "warnings": warnings}
     return out
+
+
+DEFAULT_EXAMPLES = 2000
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -205,12 +205,16 @@ def _check_output(out: Path) -> None:
 
 
 def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
+    """{split: {"path", "sha256"}} of the task's files (sha256 None where the file cannot be read from here)."""
     out = {}
     for split in ("train", "validation", "test"):
         path = getattr(cfg.task, split)
         if path:
-            local = Path(path)
-            out[split] = {"path": path, "sha256": sha256_file(local) if local.is_file() else None}
+            try:
+                digest = sha256_file(path) if "://" in path or Path(path).is_file() else None
+            except (OSError, ImportError, ValueError):  # (a bucket this machine has no credentials or driver for)
+                digest = None
+            out[split] = {"path": path, "sha256": digest}
     return out
 
 
@@ -452,7 +456,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
                "init": cfg.init, "labels": names, "steps": step, "best_step": best["step"],
                "best_epoch": best["epoch"], "seconds": time.time() - started, "mlflow_run_id": tracker.run_id,
                "metrics": final, "registered": None, "config": cfg.model_dump(mode="json"),
-               "task_files": task_files(cfg)}
+               "task_files": task_files(cfg) if topo.rank == 0 else {}}  # (only rank 0 writes the summary)
     tracker.close("FINISHED")
     if topo.rank == 0 and cfg.registry.name:
         try:

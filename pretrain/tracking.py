@@ -190,7 +190,7 @@ class Tracker:
         try:
             v = register_checkpoint(source, name, alias, self.uri, pooling)
         except Exception as e:  # noqa: BLE001 (a store that is down or refusing must not end training)
-            self.warn(f"registering {source} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            self.warn(f"registering {source} failed ({_briefly(e)}); "
                       f"complete it later: python -m pretrain register --checkpoint {source} --name {name}")
             return
         self.print(f"registered {alias_words(v, alias)}")
@@ -274,8 +274,7 @@ class Tracker:
                     continue
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    self.warn(f"MLflow at {self.uri} is unreachable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); records are kept and retried")
+                    self.warn(f"MLflow at {self.uri} is unreachable ({_briefly(e)}); records are kept and retried")
                 self._started.set()  # do not hold up the start of training
                 time.sleep(min(backoff, 2.0) if self._closing.is_set() else backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)

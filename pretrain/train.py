@@ -64,8 +64,9 @@ class StopRequest:
     decides how a job stops.
     """
 
-    def __init__(self):
+    def __init__(self, resume: str = "run the same command again"):
         self.signal: int | None = None
+        self.resume = resume  # how whoever stopped the run continues it (a cluster job: submit it again)
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -508,6 +509,9 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                   f"{max(cfg.train.max_steps - step, 0)} steps to go"
                   + (f" (the checkpoint is at step {step}, past train.max_steps={cfg.train.max_steps}: raise it to "
                      "train on)" if step > cfg.train.max_steps else ""))
+    if step < cfg.train.max_steps:
+        tracker.print(f"a line every {cfg.train.log_every} steps (train.log_every): loss and accuracies are means "
+                      "over those steps; metrics.jsonl has every step")
 
     stop = stop or StopRequest()
     consecutive = 0
@@ -615,7 +619,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                                                or (reg.when == "best" and is_best)):
                 tracker.register(path, reg.name, reg.alias, reg.pooling)
         if preempted:
-            tracker.print(f"stopped by signal at step {step}; run the same command again to resume from {path}")
+            tracker.print(f"stopped by signal at step {step}; {stop.resume} to resume from {path}")
             tracker.close("KILLED")
             stop.restore()
             if trace:

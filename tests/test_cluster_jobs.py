@@ -274,9 +274,11 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
     assert "SIGTERM: asking the pretraining workers to commit a checkpoint" in logs, logs[-3000:]
     fs.invalidate_cache()
     kept = fs.glob(f"{BUCKET}/cluster/ck-long/step-*/complete.json")
-    assert len(kept) == 1 and f"stopped by signal at step {int(kept[0].split('step-')[1][:8])}" in logs, logs[-3000:]
+    assert len(kept) == 1 and f"stopped by signal at step {int(kept[0].split('step-')[1][:8])}; submit the job " \
+        "again to resume" in logs, logs[-3000:]
     again = cluster("stop", "long-1", cwd=root)
     assert again.returncode == 1 and "already ended (STOPPED)" in again.stderr and "Traceback" not in again.stderr
+    assert "stopping job" not in again.stdout, again.stdout  # (only a job still running is said to be stopping)
     # a job that fails: its status says why, in the job's own words
     (root / "dp-bad.yaml").write_text(yaml.safe_dump({**yaml.safe_load((root / "dp.yaml").read_text()),
                                                    "inputs": ["no-such-corpus/*.txt"], "output": "bad"}))

@@ -71,6 +71,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     text = out.stdout + out.stderr
     assert text.count("Traceback") == text.count("resource request for train-"), text[-8000:]
     assert "Processing zero checkpoint" not in out.stdout  # DeepSpeed's consolidation works quietly
+    assert "(RayTrainWorker pid=" in text and "\x1b[" not in text  # workers' lines, without colour codes in a pipe
     for notice in ("Token authentication is enabled", "Creating initial MLflow database tables", "PreemptionWatcher",
                    "Downloading artifacts"):
         assert notice not in out.stdout + out.stderr, notice  # libraries' news to nobody
@@ -129,8 +130,8 @@ def test_a_resubmitted_pipeline_skips_what_is_done(pipeline):
     client.set_registered_model_alias("small-bert", "champion", other.version)
     again = _submit(root, env=env)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert f"note: alias 'champion' had been moved to version {other.version} since this job registered version 1" \
-        in again.stdout, again.stdout[-4000:]
+    assert f"note: alias 'champion' pointed at version {other.version}; this job points it at the version it " \
+        "registered, 1, which it fine-tunes" in again.stdout, again.stdout[-4000:]
     assert f"             alias 'champion' moved from version {other.version}\n" in again.stdout  # (the summary)
     assert client.get_model_version_by_alias("small-bert", "champion").version == ours.version
     assert "skipped      data_prep, pretrain, finetune (already done with the same config)" in again.stdout
@@ -275,6 +276,21 @@ def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys):
     assert finished_finetune(cfg) is None
     (tmp_path / "ft" / "model" / "training.json").write_text(json.dumps({"task_files": task_files(cfg)}))
     assert finished_finetune(cfg) is not None
+    # task files in an object store (fsspec's memory filesystem standing in for a bucket) are compared too
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({f"/task-{tmp_path.name}/{k}.jsonl": v.read_bytes() for k, v in files.items()})
+    remote = cfg.model_copy(update={"task": cfg.task.model_copy(update={
+        k: f"memory:///task-{tmp_path.name}/{k}.jsonl" for k in files})})
+    recorded = task_files(remote)
+    assert recorded["test"]["sha256"] == task_files(cfg)["test"]["sha256"] and recorded["test"]["sha256"]
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps({**summary, "config": remote.model_dump(mode="json"),
+                                                       "task_files": recorded}))
+    assert finished_finetune(remote) is not None
+    fs.pipe(f"/task-{tmp_path.name}/train.jsonl", b"")
+    assert finished_finetune(remote) is None
+    assert f"task.train (memory:///task-{tmp_path.name}/train.jsonl) changed" in capsys.readouterr().out
 
 
 def test_the_final_figures_skip_a_metrics_line_cut_short(tmp_path):

@@ -90,7 +90,7 @@ def _render(job, target, *extra):
 
 
 def test_kuberay_rayjob_carries_the_resources_and_the_resolved_plan():
-    manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "kuberay"))
+    manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_bert_base_2x8gpu.yaml", "kuberay"))
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     assert manifest["metadata"]["name"] == "bert-base-16gpu"
     spec = manifest["spec"]
@@ -136,15 +136,15 @@ def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
 
 
 def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
-    text = _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5")
-    assert "wrote" in _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "slurm", "max_failures=5", "--out",
+    text = _render(f"{JOBS}/pretrain_bert_base_2x8gpu.yaml", "slurm", "max_failures=5")
+    assert "wrote" in _render(f"{JOBS}/pretrain_bert_base_2x8gpu.yaml", "slurm", "max_failures=5", "--out",
                               str(tmp_path / "new" / "job.sbatch"))  # its folder made
     written = (tmp_path / "new" / "job.sbatch").read_text()  # its header names the file it is in
     assert f"sbatch {tmp_path / 'new' / 'job.sbatch'}\n" in written and "sbatch bert-base-16gpu.sbatch\n" in text
-    assert "`kubectl apply -f bert-base-16gpu.yaml`" in _render(f"{JOBS}/pretrain_bert_base_8gpu.yaml", "kuberay",
+    assert "`kubectl apply -f bert-base-16gpu.yaml`" in _render(f"{JOBS}/pretrain_bert_base_2x8gpu.yaml", "kuberay",
                                                                 "max_failures=5")
     assert written.replace(str(tmp_path / "new" / "job.sbatch"), "bert-base-16gpu.sbatch") == text
-    to_dir = subprocess.run([sys.executable, "-m", "cluster", "render", f"{JOBS}/pretrain_bert_base_8gpu.yaml",
+    to_dir = subprocess.run([sys.executable, "-m", "cluster", "render", f"{JOBS}/pretrain_bert_base_2x8gpu.yaml",
                              "--target", "slurm", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert to_dir.returncode == 2 and f"--out {tmp_path} is a directory" in to_dir.stderr, to_dir.stderr
@@ -156,7 +156,7 @@ def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
     assert int(directives["--cpus-per-task"]) >= 64
     assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN_PATH" in text
     assert "ray start --head" in text and '--address="$head_ip:6379"' in text
-    assert ("python -m cluster submit configs/jobs/pretrain_bert_base_8gpu.yaml max_failures=5 "
+    assert ("python -m cluster submit configs/jobs/pretrain_bert_base_2x8gpu.yaml max_failures=5 "
             '--address "http://${head_ip}:8265" --wait') in text
     assert "export MLFLOW_TRACKING_URI=http://mlflow.internal:5000" in text
 

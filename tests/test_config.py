@@ -38,6 +38,9 @@ def test_a_mapping_for_a_section_sets_the_keys_it_names(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'train.max_stepz' \(in command line\); did you mean "
                                           r"'train.max_steps'"):
         load_config(PretrainConfig, REPO / "configs/pretrain/quickstart.yaml", ["train={max_stepz: 10}"])
+    with pytest.raises(ConfigError, match=r"'train' \(in command line\) is a section, not a value \(got 3\): set its "
+                                          r"keys, e.g. train.max_steps=VALUE \(its keys: max_steps, micro_batch_size"):
+        load_config(PretrainConfig, REPO / "configs/pretrain/quickstart.yaml", ["train=3"])
 
 
 def test_file_plus_overrides(tmp_path):
@@ -315,9 +318,9 @@ def test_a_config_is_checked_without_loading_torch(tmp_path):
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-2:] == ["[2, 2, 0, 0] []", "[2, 2, 0, 0, 1] []"], out.stdout + out.stderr[-2000:]
-    assert out.stdout.count("note: not on this machine") == 1 and "so not checked here: task.test " \
-        f"{tmp_path / 'data/task/tset.jsonl'}. The job reads it where it runs; if it should be here, check the path" \
-        in out.stdout, out.stdout
+    assert out.stdout.count("note: not on this machine") == 1 and "not on this machine: task.test " \
+        f"{tmp_path / 'data/task/tset.jsonl'}; so the task's files were not checked here (the job checks them where " \
+        "it runs). If it should be here, check the path" in out.stdout, out.stdout
     assert "unknown key 'train.optimiser'" in out.stderr and "'pretrained' or 'random'" in out.stderr
     assert "there is no MLflow store" in out.stderr
 

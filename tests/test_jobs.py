@@ -28,6 +28,12 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
     with pytest.raises(ConfigError, match=r"(?s)job.yaml: stages.pretrain.config .*unknown key 'train.max_step' "
                                           r"\(in the job's stages.pretrain.overrides\); did you mean 'train.max_steps'"):
         load_job(job)
+    # every stage's mistakes at once, not one per attempt
+    with pytest.raises(ConfigError) as e:
+        load_job(job, ["stages.data_prep.config=configs/data_prep/quickstart.yml"])
+    said = str(e.value).splitlines()
+    assert said[0].startswith(f"{job}: stages.data_prep.config: 'configs/data_prep/quickstart.yml' is neither under")
+    assert any("unknown key 'train.max_step'" in line for line in said[1:]), said
 
 
 @pytest.mark.parametrize("body, message", [
@@ -169,6 +175,21 @@ def test_a_job_asks_its_mlflow_server_before_the_first_stage(capsys):
         _check_ahead({**plan, "mlflow_uri": f"http://127.0.0.1:{server.server_port}"})
     finally:
         server.shutdown()
+
+
+def test_a_file_store_is_warned_of_only_for_a_job_that_uses_mlflow_on_another_machine():
+    """Submitting to a Jobs API elsewhere with a sqlite store: the file is the head's; a data-prep job has no
+    store to warn of, and a head on this machine's loopback (any 127.x address) shares its disk."""
+    from cluster.cli import _on_this_machine
+    from cluster.runner import job_stores
+
+    assert [_on_this_machine(a) for a in ("http://127.0.0.2:8265", "http://localhost:8265", "http://[::1]:8265",
+                                          "http://10.0.0.5:8265", "http://head.internal:8265")] == \
+        [True, True, True, False, False]
+    store = "sqlite:////work/mlflow.db"
+    assert job_stores({"mlflow_uri": store, "stages": [{"kind": "data_prep", "config": {}}]}) == {}
+    assert job_stores({"mlflow_uri": store, "stages": [{"kind": "register", "name": "x", "alias": None}]}) == {
+        store: "registers its checkpoint there"}
 
 
 def test_a_job_larger_than_the_cluster_is_said():

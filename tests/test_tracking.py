@@ -38,6 +38,8 @@ def test_training_goes_on_while_the_server_is_down_and_catches_up(tmp_path, trai
     server = None
     try:
         assert _wait_for(err, "is unreachable", train, 120), err.read_text()[-2000:]
+        # in a few words: the reason, not the HTTP client's retry message cut short
+        assert "[Errno 111] Connection refused); records are kept and retried" in err.read_text(), err.read_text()
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

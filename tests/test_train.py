@@ -364,13 +364,15 @@ def test_init_from_refuses_a_source_of_another_tokenizer_or_a_classifier():
 
 
 def test_evaluate_scores_a_checkpoint_as_its_training_did(trained, tmp_path, train_dataset):
-    """`pretrain evaluate` gives the figures the run's own last evaluation logged (the same examples, the same
-    weights), and refuses a dataset whose token ids come from another tokenizer."""
+    """`pretrain evaluate` gives the figures the run's own last evaluation logged (by default on as many examples as
+    the run evaluated on: the same examples, the same weights), and refuses a dataset whose token ids come from
+    another tokenizer."""
     cfg, ck, _ = trained
     logged = read_metrics(ck)[80]
-    out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--examples", "30", "--batch-size", "8",
+    out = pretrain_cli("evaluate", str(ck), "--dataset", str(train_dataset), "--batch-size", "8",
                        "--json", str(tmp_path / "eval.json"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "(as its pretraining run did: data.eval_examples; --examples to change)" in out.stdout, out.stdout
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["examples"] == 30 and result["split"] == "val" and result["model"]["run_id"]
     for key in ("eval/mlm_loss", "eval/mlm_acc", "eval/nsp_acc"):
@@ -525,7 +527,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, train_datase
     proc.send_signal(signal.SIGTERM)
     rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    assert "stopped by signal at step" in rest
+    assert "stopped by signal at step" in rest and "; run the same command again to resume from" in rest, rest
     saved = [p for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")]
     assert len(saved) == 1 and (saved[0] / "commit.json").is_file()
     step = int(saved[0].name.split("-")[1])
