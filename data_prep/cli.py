@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("out", help="directory to write it to")
     demo.add_argument("--mb", type=_positive_mb, default=None,
                       help="approximate size of the docstring part in MB (default 4; at most what this Python's "
-                           "standard library holds, about 1.6 MB for Python 3.12)")
+                           "standard library holds: about 1.6 MB)")
     task = sub.add_parser("demo-task", help="write a small classification task made from the demo corpus",
                           description="train.jsonl and test.jsonl of {text, label} rows: is a sentence of the demo "
                                       "corpus from a docstring or from the language reference? The task that "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "bertforge-test"  # the bucket of the `s3` fixture
 
+# Started in the background by a shell without job control (`cmd &` in a script), the test processes have Ctrl-C
+# ignored, and so would every process they start: the tests that press Ctrl-C in one would see nothing happen. A
+# handler of our own is reset to the default in each process they start, which then handles Ctrl-C as a user's does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray runs its workers at niceness 15. Beside the other test process's training runs (niceness 0) on two cores,
