@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from cluster.head import free_port, kill
+from cluster.head import free_port
 from data_prep import storage
 from data_prep.ray_client import host_port, quiet_local_token_notice
 
@@ -201,7 +201,12 @@ def end_stragglers(session_dir: str, grace_s: float = 10.0) -> int:
     deadline = time.monotonic() + grace_s
     while (left := holding()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    kill(left)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
     return len(left)
 
 
