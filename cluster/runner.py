@@ -171,45 +171,6 @@ def connect(local: bool = False, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _session_dir() -> str | None:
-    """The session directory of the Ray this process started (its workers' logs are under it)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # (no public API names it)
-    return node.get_session_dir_path() if node is not None else None
-
-
-def end_stragglers(session_dir: str, grace_s: float = 10.0) -> int:
-    """After a local Ray is shut down: wait up to `grace_s` for the processes that still hold files under its
-    `session_dir` (its workers write their logs there), then kill those left; returns how many were killed. A
-    worker can hang in Ray's own exit handler and outlive its Ray (seen with Ray Train's controller, Ray 2.60,
-    about once in dozens of runs), holding its memory until the machine restarts."""
-    import psutil
-
-    prefix = session_dir.rstrip("/") + "/"
-
-    def holding() -> list:
-        out = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and any(f.path.startswith(prefix) for f in p.open_files()):
-                    out.append(p)
-            except psutil.Error:
-                pass
-        return out
-
-    deadline = time.monotonic() + grace_s
-    while (left := holding()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=5)
-    return len(left)
-
-
 def job_env(environ: Mapping[str, str], dashboard_port: int | None = None) -> dict[str, str]:
     """The environment variables this driver adds to its job's processes: WORKER_ENV (unless the job was submitted
     with it), and which Ray they belong to: the local one's dashboard (`dashboard_port`), else the GCS address
@@ -271,12 +232,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
                 interrupted, outcome["not_run"] = e, kinds[len([k for k in kinds if k in outcome]):]
     finally:
         if started:
-            session = _session_dir()
             ray.shutdown()
-            ended = end_stragglers(session) if session else 0
-            if ended:
-                log(f"note: {ended} process(es) of this job's local Ray did not exit with it (a worker hung in Ray's "
-                    "own exit handler); they were ended")
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
     if interrupted is not None:
