@@ -26,10 +26,14 @@ class TokenizerError(Exception):
 
 def sha256_file(path: str | Path) -> str:
     """The file's sha256 (hex); `path` may be an fsspec URL (s3://, gs://, ...)."""
-    import fsspec
-
     h = hashlib.sha256()
-    with fsspec.open(str(path), "rb") if "://" in str(path) else open(path, "rb") as f:
+    if "://" in str(path):
+        import fsspec
+
+        opened = fsspec.open(str(path), "rb")
+    else:
+        opened = open(path, "rb")  # (closed by the with below)
+    with opened as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -15,6 +15,7 @@ DeepSpeed ZeRO engine instead, across the processes torchrun or the deepspeed la
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from pretrain.export import (
 )
 from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
-from pretrain.tasks import Rows, label_ids, read_splits, scores, stratified_split
+from pretrain.tasks import Rows, read_splits, scores, stratified_split
 from pretrain.text import encode
 from pretrain.tracking import RegistryError, Tracker, check_store, register, tracking_uri
 
@@ -164,15 +165,12 @@ def read_task(cfg: FinetuneConfig) -> tuple[list, Split, Split | None, Split | N
     """(class names, train, validation, test) from the task files, checked (TaskError names the file and line)."""
     task = cfg.task
     names, train_rows, val_rows, test_rows = read_splits(task)
-    y = label_ids(train_rows, names, task.train)
-    if val_rows is not None:
-        train, val = Split("train", train_rows, y), Split("validation", val_rows,
-                                                           label_ids(val_rows, names, task.train))
-    else:
-        keep, held = stratified_split(y, task.validation_fraction, cfg.seed)
-        train = Split("train", train_rows.subset(keep, task.train), y[keep])
-        val = Split("validation", train_rows.subset(held, f"{task.train} (held out)"), y[held]) if held else None
-    test = Split("test", test_rows, label_ids(test_rows, names, task.train)) if test_rows is not None else None
+    if val_rows is None:
+        keep, held = stratified_split(train_rows.ids, task.validation_fraction, cfg.seed)
+        train_rows, val_rows = (train_rows.subset(keep, task.train),
+                                train_rows.subset(held, f"{task.train} (held out)") if held else None)
+    train, val, test = (Split(name, rows, torch.tensor(rows.ids, dtype=torch.int64)) if rows is not None else None
+                        for name, rows in (("train", train_rows), ("validation", val_rows), ("test", test_rows)))
     return names, train, val, test
 
 
@@ -211,11 +209,22 @@ def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
         path = getattr(cfg.task, split)
         if path:
             try:
-                digest = sha256_file(path) if "://" in path or Path(path).is_file() else None
+                if "://" in path:
+                    digest = sha256_file(path)
+                else:
+                    st = Path(path).stat()
+                    digest = _local_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
             except (OSError, ImportError, ValueError):  # (a bucket this machine has no credentials or driver for)
                 digest = None
             out[split] = {"path": path, "sha256": digest}
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _local_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """A local file's sha256, hashed once for as long as its size, modification time and inode stay (a job's driver
+    asks before it runs the fine-tune and again in its stage)."""
+    return sha256_file(path)
 
 
 SUMMARY = "summary.json"  # written last, and only by a run that finished: what made it is in its "config"
@@ -259,7 +268,9 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
     started = time.time()
     out = Path(cfg.output)
     t = cfg.train
-    # The task first: a mistake in its files is found before a model is downloaded or anything is written.
+    # The task first: a mistake in its files is found before a model is downloaded or anything is written. Their
+    # bytes are hashed once, before they are read (the model and summary record them: a rerun compares).
+    files = task_files(cfg) if topo.rank == 0 else {}
     names, train, val, test = read_task(cfg)
     k = len(names)
     source = None
@@ -371,7 +382,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
         }, dataset=dataset, training={
             "kind": "finetune", "mlflow_run_id": tracker.run_id, "step": step, "epoch": epoch,
             "source_model": {k2: v for k2, v in src_info.items() if k2 != "pinned"}, "init": cfg.init,
-            "metrics": metrics, "task_files": task_files(cfg), "config": cfg.model_dump(mode="json"),
+            "metrics": metrics, "task_files": files, "config": cfg.model_dump(mode="json"),
         })
 
     best: dict = {"score": None, "state": None, "step": 0, "epoch": 0.0, "metrics": {}}
@@ -456,7 +467,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
                "init": cfg.init, "labels": names, "steps": step, "best_step": best["step"],
                "best_epoch": best["epoch"], "seconds": time.time() - started, "mlflow_run_id": tracker.run_id,
                "metrics": final, "registered": None, "config": cfg.model_dump(mode="json"),
-               "task_files": task_files(cfg) if topo.rank == 0 else {}}  # (only rank 0 writes the summary)
+               "task_files": files}  # (only rank 0 writes the summary)
     tracker.close("FINISHED")
     if topo.rank == 0 and cfg.registry.name:
         try:

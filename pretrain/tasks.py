@@ -30,20 +30,23 @@ class TaskError(Exception):
 
 @dataclass
 class Rows:
-    """One split: `texts[i]` (and `pairs[i]` for pair tasks) with raw label `labels[i]`; `where[i]` is FILE:LINE."""
+    """One split: `texts[i]` (and `pairs[i]` for pair tasks) with raw label `labels[i]`; `where[i]` is FILE:LINE;
+    `ids[i]` is the label's class id, once `read_splits` has checked the labels."""
 
     source: str
     texts: list[str] = field(default_factory=list)
     pairs: list[str] | None = None
     labels: list = field(default_factory=list)
     where: list[str] = field(default_factory=list)
+    ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: list[int], source: str) -> Rows:
         return Rows(source, [self.texts[i] for i in idx], [self.pairs[i] for i in idx] if self.pairs else None,
-                    [self.labels[i] for i in idx], [self.where[i] for i in idx])
+                    [self.labels[i] for i in idx], [self.where[i] for i in idx],
+                    [self.ids[i] for i in idx] if self.ids is not None else None)
 
 
 def _or_none(key: str) -> str:
@@ -204,33 +207,29 @@ def label_index(rows: Rows, names: list, train_source: str) -> list[int]:
     return out
 
 
-def label_ids(rows: Rows, names: list, train_source: str) -> torch.Tensor:
-    """(N,) int64 class ids (`label_index` as a tensor)."""
-    import torch
-
-    return torch.tensor(label_index(rows, names, train_source), dtype=torch.int64)
-
-
 def read_splits(task: TaskConfig) -> tuple[list, Rows, Rows | None, Rows | None]:
     """(class names, train, validation, test rows) from the task files, every label checked against the training
-    file's (TaskError names the file and line). Torch-free: `cluster validate` asks it."""
+    file's and its class id set in `ids` (TaskError names the file and line). Torch-free: `cluster validate` asks
+    it."""
     train = read_rows(task.train, task)
     names = label_names(train)
-    label_index(train, names, task.train)
     val = read_rows(task.validation, task, "task.validation") if task.validation else None
     test = read_rows(task.test, task, "task.test") if task.test else None
-    for rows in (val, test):
+    for rows in (train, val, test):
         if rows is not None:
-            label_index(rows, names, task.train)
+            rows.ids = label_index(rows, names, task.train)
     return names, train, val, test
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, validation indices): `fraction` of each class (at least one where it has two rows)."""
     rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
     keep, held = [], []
-    for c in sorted(set(labels.tolist())):
-        idx = [i for i, y in enumerate(labels.tolist()) if y == c]
+    for c in sorted(by_class):
+        idx = by_class[c]
         rng.shuffle(idx)
         k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         held += idx[:k]

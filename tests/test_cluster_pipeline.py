@@ -5,6 +5,7 @@ stage is skipped."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,14 @@ def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys):
         f.write(json.dumps({"text": "a sentence more", "label": "animal"}) + "\n")
     assert finished_finetune(cfg) is None
     assert f"task.test ({files['test']}) changed since {tmp_path / 'ft' / SUMMARY}" in capsys.readouterr().out
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps({**summary, "task_files": task_files(cfg)}))
+    assert finished_finetune(cfg) is not None
+    # the same number of bytes, written at once to a new file that takes the old one's place (as editors save)
+    text = files["test"].read_text()
+    (tmp_path / "edited").write_text(text.replace("animal", "plants", 1))
+    os.replace(tmp_path / "edited", files["test"])
+    assert files["test"].stat().st_size == len(text) and finished_finetune(cfg) is None
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps(summary))
     # a summary from before task files were recorded there: its model's training.json has them
     old = {k: v for k, v in summary.items() if k != "task_files"}
     (tmp_path / "ft" / SUMMARY).write_text(json.dumps(old))

@@ -12,7 +12,7 @@ import torch
 from conftest import make_document
 
 from pretrain.config import TaskConfig
-from pretrain.tasks import TaskError, label_ids, label_names, read_rows, scores, stratified_split
+from pretrain.tasks import TaskError, label_index, label_names, read_rows, read_splits, scores, stratified_split
 
 
 def _jsonl(path, rows):
@@ -47,13 +47,21 @@ def test_labels_are_ordered_stably_and_unknown_ones_are_named(tmp_path):
     train = read_rows(_jsonl(tmp_path / "a.jsonl", [{"text": "t", "label": v} for v in ("10", "2", "neg", "2")]), cfg)
     names = label_names(train)
     assert names == ["2", "10", "neg"]  # integers numerically, then names
-    assert label_ids(train, names, "a.jsonl").tolist() == [1, 0, 2, 0]
+    assert label_index(train, names, "a.jsonl") == [1, 0, 2, 0]
     test = read_rows(_jsonl(tmp_path / "b.jsonl", [{"text": "t", "label": "2"}, {"text": "t", "label": "pos"}]), cfg)
     with pytest.raises(TaskError, match=r"b.jsonl:2: label 'pos' does not occur in a.jsonl"):
-        label_ids(test, names, "a.jsonl")
+        label_index(test, names, "a.jsonl")
     single = read_rows(_jsonl(tmp_path / "c.jsonl", [{"text": "t", "label": 1}] * 3), cfg)
     with pytest.raises(TaskError, match="single label"):
         label_names(single)
+    # read_splits gives every split its class ids, in the training file's numbering; a subset keeps them
+    cfg = TaskConfig(train=str(tmp_path / "a.jsonl"), validation=_jsonl(tmp_path / "v.jsonl", [
+        {"text": "t", "label": "neg"}, {"text": "t", "label": 10}]))
+    names, train, val, test = read_splits(cfg)
+    assert (names, train.ids, val.ids, test) == (["2", "10", "neg"], [1, 0, 2, 0], [2, 1], None)
+    assert train.subset([2, 3], "part").ids == [2, 0]
+    with pytest.raises(TaskError, match=r"b.jsonl:2: label 'pos' does not occur in .*a.jsonl"):
+        read_splits(cfg.model_copy(update={"test": str(tmp_path / "b.jsonl")}))
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -129,10 +137,10 @@ def test_unknown_extension_and_missing_file(tmp_path):
 
 
 def test_stratified_split_keeps_every_class_in_both_parts():
-    y = torch.tensor([0] * 20 + [1] * 5 + [2] * 2)
+    y = [0] * 20 + [1] * 5 + [2] * 2
     keep, held = stratified_split(y, 0.2, seed=1)
     assert sorted(keep + held) == list(range(27)) and not set(keep) & set(held)
-    assert [int((y[held] == c).sum()) for c in range(3)] == [4, 1, 1]
+    assert [sum(y[i] == c for i in held) for c in range(3)] == [4, 1, 1]
     assert stratified_split(y, 0.2, seed=1) == (keep, held)
 
 
