@@ -186,6 +186,18 @@ def head_processes(state: dict[str, Any]) -> list:
     return list(seen.values())
 
 
+def kill(procs: list) -> None:
+    """SIGKILL each of `procs` (psutil processes; those gone already are skipped) and wait for them to end."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
 def down(cwd: Path | None = None, grace_s: float = 5.0) -> tuple[int, dict[str, Any]]:
     """Stop the head started from `cwd` (and its nodes on this machine); returns how many processes were stopped,
     and the state the head had (its `temp_dir` keeps its logs)."""
@@ -202,11 +214,6 @@ def down(cwd: Path | None = None, grace_s: float = 5.0) -> tuple[int, dict[str, 
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    kill(alive)
     (state_dir(cwd) / STATE_FILE).unlink(missing_ok=True)
     return len(procs), state

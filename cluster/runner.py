@@ -20,9 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from cluster.head import free_port
+from cluster.head import free_port, kill
 from data_prep import storage
-from data_prep.ray_client import host_port, quiet_local_token_notice
+from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice
 
 log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
@@ -149,26 +149,62 @@ def stop_flag_name() -> str:
     return f"bertforge-stop-{ray.get_runtime_context().get_job_id()}"
 
 
-def connect(local: bool = False, num_cpus: int | None = None) -> bool:
+def connect(local: bool = False, num_cpus: int | None = None) -> str | None:
     """Join the Ray this driver belongs to (`RAY_ADDRESS`, set for Ray jobs), or start a local one (always, with
-    `local`); True when this call started Ray (and so should shut it down)."""
+    `local`); "joined" or "embedded" when this call connected (and so should disconnect), None when this process
+    was connected already."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     if not sys.stdout.isatty():  # a job's log or a pipe: the workers' lines without colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS") and not local:
         env = job_env(os.environ)
         ray.init(**kwargs, **({"runtime_env": {"env_vars": env}} if env else {}))
-    else:  # embedded: a fresh local Ray for this job, never a cluster that happens to be running. With the
-        # dashboard (loopback): Ray Train's placement-group cleaner asks its State API whether the run is alive.
-        port = free_port()
-        quiet_local_token_notice()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": job_env(os.environ, dashboard_port=port)}, **kwargs)
-    return True
+        return "joined"
+    # embedded: a fresh local Ray for this job, never a cluster that happens to be running. With the dashboard
+    # (loopback): Ray Train's placement-group cleaner asks its State API whether the run is alive.
+    port = free_port()
+    quiet_local_token_notice()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": job_env(os.environ, dashboard_port=port)}, **kwargs)
+    return "embedded"
+
+
+def _session_dir() -> str | None:
+    """The session directory of the Ray this process started (its workers' logs are under it)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # (no public API names it)
+    return node.get_session_dir_path() if node is not None else None
+
+
+def end_stragglers(session_dir: str, grace_s: float = 10.0) -> int:
+    """After a local Ray is shut down: wait up to `grace_s` for the processes that still hold files under its
+    `session_dir` (its workers write their logs there), then kill those left; returns how many were killed. A
+    worker can hang in Ray's own exit handler and outlive its Ray (seen with Ray Train's controller, Ray 2.60,
+    about once in dozens of runs), holding its memory until the machine restarts."""
+    import psutil
+
+    prefix = session_dir.rstrip("/") + "/"
+
+    def holding() -> list:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and any(f.path.startswith(prefix) for f in p.open_files()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    deadline = time.monotonic() + grace_s
+    while (left := holding()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    kill(left)
+    return len(left)
 
 
 def job_env(environ: Mapping[str, str], dashboard_port: int | None = None) -> dict[str, str]:
@@ -231,7 +267,16 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
             except KeyboardInterrupt as e:  # the stages done so far are still summed up
                 interrupted, outcome["not_run"] = e, kinds[len([k for k in kinds if k in outcome]):]
     finally:
-        if started:
+        if interrupted is None:  # the last stage's last lines (or its error's), before this driver leaves
+            drain_worker_output()
+        if started == "embedded":  # (only the Ray this job started: a cluster's processes are the cluster's)
+            session = _session_dir()
+            ray.shutdown()
+            ended = end_stragglers(session) if session else 0
+            if ended:
+                log(f"note: {ended} process(es) of this job's local Ray did not exit with it (a worker hung in Ray's "
+                    "own exit handler); they were ended")
+        elif started:
             ray.shutdown()
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
@@ -641,7 +686,8 @@ def _summary(plan: dict, o: dict) -> None:
         lines.append(f"skipped      {', '.join(skipped)} (already done with the same config)")
     if o.get("not_run"):
         lines.append(f"not run      {', '.join(o['not_run'])} (the job was stopped: submit it again to continue)")
-    lines.append(f"time         {o['seconds']:.0f}s")
+    each = [f"{k} {o[k]['seconds']:.0f}s" for k in STAGES if isinstance(o.get(k), dict) and "seconds" in o[k]]
+    lines.append(f"time         {o['seconds']:.0f}s" + (f" ({', '.join(each)})" if len(each) > 1 else ""))
     if job_stores(plan):
         from pretrain.tracking import how_to_see
 

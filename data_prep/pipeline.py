@@ -28,7 +28,7 @@ from data_prep.dataset import (
     DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
     refuse_foreign, unfinished_other, what_changed,
 )
-from data_prep.ray_client import host_port, quiet_local_token_notice, use_cluster_token
+from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
@@ -83,6 +83,7 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
         raise ConfigError(f"cannot start or reach {where}: {e}") from None
     try:
         yield
+        drain_worker_output()  # (the workers' last warnings)
     except KeyboardInterrupt:  # said before Ray shuts down: a reply still in flight can crash Ray's shutdown
         print(INTERRUPTED, file=sys.stderr, flush=True)
         raise Interrupted from None

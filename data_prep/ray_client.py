@@ -1,11 +1,13 @@
 """What a client of a Ray cluster (data prep's `ray.address`, the cluster CLI, a job's driver) needs before it
-connects: Ray's token authentication, and the host and port an address names."""
+connects: Ray's token authentication, and the host and port an address names; and, before it disconnects, the
+workers' last lines."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 
@@ -39,3 +41,27 @@ def quiet_local_token_notice() -> None:
     log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     if not any(isinstance(f, _DropNotice) for f in log.filters):
         log.addFilter(_DropNotice())
+
+
+def drain_worker_output(quiet_s: float = 1.0, most_s: float = 5.0) -> float:
+    """Wait until no worker output has reached this driver for `quiet_s` (at most `most_s`); returns the seconds
+    waited. Ray forwards the workers' stdout and stderr a moment late (file, log monitor, GCS, driver), and drops
+    what is still on its way when the driver shuts Ray down or exits: a task's last lines, often its result."""
+    try:  # where Ray hands each forwarded batch to the driver's printer
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # (moved in another Ray version: a plain pause)
+        time.sleep(quiet_s)
+        return quiet_s
+    start = last = time.monotonic()
+
+    def heard(_batch) -> None:
+        nonlocal last
+        last = time.monotonic()
+
+    dispatcher.add_handler("bertforge_drain", heard)
+    try:
+        while (now := time.monotonic()) - last < quiet_s and now - start < most_s:
+            time.sleep(0.05)
+    finally:
+        dispatcher.remove_handler("bertforge_drain")
+    return time.monotonic() - start

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
         "labels:" in out.stdout, out.stdout[-4000:]
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}" in summary
     assert "skipped" not in summary
+    assert re.search(r"^time +\d+s \(data_prep \d+s, pretrain \d+s, register \d+s, finetune \d+s\)$", summary, re.M)
     assert (out_dir / "data/small/manifest.json").is_file()
     uploaded = fs.find(f"{BUCKET}/pipeline/finetuned")  # the model and its summary (last)
     assert f"{BUCKET}/pipeline/finetuned/summary.json" in uploaded

@@ -479,3 +479,24 @@ def test_a_last_pool_of_one_document_joins_the_one_before(tmp_path, ray_local):
     report = json.loads((tmp_path / "ds" / "report.json").read_text())
     assert report["documents"] == 22 and len(report["files"]) == 2
     assert report["nsp"]["single_document_pools"] == 1, report["nsp"]  # b.txt's; a.txt's last joined its pool
+
+
+def test_a_tasks_last_lines_reach_the_driver_before_it_leaves(tmp_path):
+    """Ray drops the worker output still on its way when the driver shuts Ray down: `drain_worker_output`, which
+    data prep and a job's driver call before that, waits for it (without it, most of this burst is lost)."""
+    script = tmp_path / "burst.py"
+    script.write_text(
+        "import ray\n"
+        "from data_prep.ray_client import drain_worker_output\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=True)\n"
+        "burst = ray.remote(lambda n: [print(f'line {i}') for i in range(n)] and n)\n"
+        "ray.get(burst.remote(20000))\n"
+        "drain_worker_output()\n"
+        "ray.shutdown()\n"
+        "print('done')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_COLOR_PREFIX": "0"}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len({line.rsplit(" ", 1)[-1] for line in lines if " line " in line}) == 20000 and lines[-1] == "done"
