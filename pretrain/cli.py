@@ -301,6 +301,10 @@ def _evaluate(args) -> int:
 
 
 def _finetune(args) -> int:
+    import difflib
+
+    from pretrain.config import FinetuneConfig
+
     overrides, register, alias, i = [], None, None, 0
     rest = list(args.overrides)
     while i < len(rest):  # --register NAME and --alias ALIAS are spelled as flags; the rest are config overrides
@@ -313,6 +317,10 @@ def _finetune(args) -> int:
                     return EXIT_USAGE
                 value, i = rest[i + 1], i + 1
             register, alias = (value, alias) if flag == "--register" else (register, value)
+        elif flag.startswith("--") and "." not in flag and flag[2:] not in FinetuneConfig.model_fields and (
+                close := difflib.get_close_matches(flag, ["--register", "--alias"], n=1)):
+            print(f"error: unknown option {flag}; did you mean {close[0]}?", file=sys.stderr)
+            return EXIT_USAGE
         else:
             overrides.append(a)
         i += 1
@@ -320,7 +328,6 @@ def _finetune(args) -> int:
         overrides.append(f"registry.name={json.dumps(register)}")
     if alias:
         overrides.append(f"registry.alias={json.dumps(alias)}")
-    from pretrain.config import FinetuneConfig
 
     def job():
         from pretrain.export import ExportError

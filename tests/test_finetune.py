@@ -384,7 +384,7 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     mine = tmp_path / "proj" / "model" / "mine.txt"  # an output whose model/ is not a model: nothing is replaced
     mine.parent.mkdir(parents=True)
     mine.write_text("keep")
-    nowhere, alias, name, task, held, flags, proj = pretrain_refusals(*[(tmp, ["finetune", cfg, *a]) for a in (
+    nowhere, alias, name, task, held, flags, proj, typo = pretrain_refusals(*[(tmp, ["finetune", cfg, *a]) for a in (
         [f"model={tmp_path / 'nowhere'}"],
         ["model=models:/topic-bert@no-such-alias"],
         ["model=models:/topic-brt@champion"],
@@ -392,6 +392,7 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
         [f"model={tmp / 'ck'}", f"output={notes.parent}"],
         [f"model={tmp / 'ck'}", "--alias", "champion"],
         [f"model={tmp / 'ck'}", f"output={tmp_path / 'proj'}"],
+        [f"model={tmp / 'ck'}", "--registr", "topic-classifier"],  # the flag, not the `registry` section
     )])
     assert nowhere.returncode == 1 and "is neither a models:/ or runs:/ URI nor an existing directory" in nowhere.stderr
     assert alias.returncode == 1 and "cannot resolve models:/topic-bert@no-such-alias" in alias.stderr
@@ -408,3 +409,5 @@ def test_bad_model_and_task_files_are_clear_errors(registered, tmp_path):
     assert proj.returncode == 1 and f"output {mine.parent} holds mine.txt, not a model directory" in proj.stderr, \
         proj.stderr[-2000:]
     assert mine.read_text() == "keep" and not (tmp_path / "proj" / "source").exists()
+    assert typo.returncode == 2 and "error: unknown option --registr; did you mean --register?" in typo.stderr, \
+        typo.stderr
