@@ -186,7 +186,7 @@ def head_processes(state: dict[str, Any]) -> list:
     return list(seen.values())
 
 
-def kill(procs: list) -> None:
+def kill_and_wait(procs: list) -> None:
     """SIGKILL each of `procs` (psutil processes; those gone already are skipped) and wait for them to end."""
     import psutil
 
@@ -214,6 +214,6 @@ def down(cwd: Path | None = None, grace_s: float = 5.0) -> tuple[int, dict[str, 
         except psutil.Error:
             pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    kill(alive)
+    kill_and_wait(alive)
     (state_dir(cwd) / STATE_FILE).unlink(missing_ok=True)
     return len(procs), state

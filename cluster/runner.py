@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from cluster.head import free_port, kill
+from cluster.head import free_port, kill_and_wait
 from data_prep import storage
 from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice
 
@@ -173,37 +173,30 @@ def connect(local: bool = False, num_cpus: int | None = None) -> str | None:
     return "embedded"
 
 
-def _session_dir() -> str | None:
-    """The session directory of the Ray this process started (its workers' logs are under it)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # (no public API names it)
-    return node.get_session_dir_path() if node is not None else None
-
-
-def end_stragglers(session_dir: str, grace_s: float = 10.0) -> int:
-    """After a local Ray is shut down: wait up to `grace_s` for the processes that still hold files under its
-    `session_dir` (its workers write their logs there), then kill those left; returns how many were killed. A
-    worker can hang in Ray's own exit handler and outlive its Ray (seen with Ray Train's controller, Ray 2.60,
-    about once in dozens of runs), holding its memory until the machine restarts."""
+def descendants() -> list:
+    """This process's children and theirs (psutil processes): once `connect` has started a local Ray, its processes
+    and their workers among them."""
     import psutil
 
-    prefix = session_dir.rstrip("/") + "/"
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
 
-    def holding() -> list:
-        out = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and any(f.path.startswith(prefix) for f in p.open_files()):
-                    out.append(p)
-            except psutil.Error:
-                pass
-        return out
 
-    deadline = time.monotonic() + grace_s
-    while (left := holding()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    kill(left)
+def end_stragglers(procs: list, grace_s: float = 10.0) -> int:
+    """After a local Ray is shut down: wait up to `grace_s` for `procs` (its processes, listed before the shutdown)
+    to exit, then kill those left (at once on Ctrl-C); returns how many were killed. A worker can hang in Ray's own
+    exit handler and outlive its Ray (seen with Ray Train's controller, Ray 2.60, about once in dozens of runs),
+    holding its memory until the machine restarts."""
+    import psutil
+
+    left = procs
+    try:
+        _, left = psutil.wait_procs(procs, timeout=grace_s)
+    except KeyboardInterrupt:
+        left = [p for p in procs if p.is_running()]
+    kill_and_wait(left)
     return len(left)
 
 
@@ -237,6 +230,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     import ray
 
     t0 = time.monotonic()
+    existing = {p.pid for p in descendants()}  # (this process's own children, if any, are not the local Ray's)
     started = connect(local)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     log(f"job '{plan['name']}' ({plan['kind']}): {len(plan['stages'])} stage(s) on a Ray cluster of {len(nodes)} "
@@ -245,7 +239,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     if not storage.is_remote(plan["storage"]):
         Path(plan["storage"]).mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {}
-    interrupted = None
+    interrupted = failed = None
     try:
         _check_ahead(plan)
         with _Stopping(_stop_flag()) as stopping:
@@ -266,23 +260,37 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
                         break
             except KeyboardInterrupt as e:  # the stages done so far are still summed up
                 interrupted, outcome["not_run"] = e, kinds[len([k for k in kinds if k in outcome]):]
+    except BaseException as e:
+        failed = e
+        raise
     finally:
-        if interrupted is None:  # the last stage's last lines (or its error's), before this driver leaves
-            drain_worker_output()
-        if started == "embedded":  # (only the Ray this job started: a cluster's processes are the cluster's)
-            session = _session_dir()
-            ray.shutdown()
-            ended = end_stragglers(session) if session else 0
-            if ended:
-                log(f"note: {ended} process(es) of this job's local Ray did not exit with it (a worker hung in Ray's "
-                    "own exit handler); they were ended")
-        elif started:
-            ray.shutdown()
+        _leave(started, drain=not isinstance(interrupted or failed, KeyboardInterrupt), existing=existing)
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
     if interrupted is not None:
         raise interrupted
     return outcome
+
+
+def _leave(started: str | None, drain: bool, existing: set[int]) -> None:
+    """Disconnect from Ray as `connect` connected (`started`), the workers' last lines first (`drain`; not after a
+    Ctrl-C); the processes a local Ray started (this process's descendants, less those in `existing`, from before
+    it) that outlive its shutdown are ended. A Ctrl-C here cuts the waits short."""
+    import ray
+
+    try:
+        if drain:  # the last stage's last lines (or its error's), before this driver leaves
+            drain_worker_output()
+    except KeyboardInterrupt:
+        pass
+    if not started:
+        return
+    ours = [p for p in descendants() if p.pid not in existing] if started == "embedded" else []  # (not a cluster's)
+    ray.shutdown()
+    ended = end_stragglers(ours)
+    if ended:
+        log(f"note: {ended} process(es) of this job's local Ray did not exit with it (a worker hung in Ray's own "
+            "exit handler); they were ended")
 
 
 def _check_ahead(plan: dict) -> None:

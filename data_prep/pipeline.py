@@ -81,14 +81,19 @@ def ray_session(rc: RayConfig) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"ray.address='{rc.address}'" if rc.address else "a local Ray"
         raise ConfigError(f"cannot start or reach {where}: {e}") from None
+    interrupted = False
     try:
         yield
-        drain_worker_output()  # (the workers' last warnings)
     except KeyboardInterrupt:  # said before Ray shuts down: a reply still in flight can crash Ray's shutdown
+        interrupted = True
         print(INTERRUPTED, file=sys.stderr, flush=True)
         raise Interrupted from None
     finally:
-        ray.shutdown()
+        try:
+            if not interrupted:
+                drain_worker_output()  # (the workers' last lines: warnings, or what led to an error)
+        finally:
+            ray.shutdown()
 
 
 INTERRUPTED = "\ninterrupted: finished work is kept; run the same command again to resume"

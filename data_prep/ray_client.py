@@ -46,19 +46,24 @@ def quiet_local_token_notice() -> None:
 def drain_worker_output(quiet_s: float = 1.0, most_s: float = 5.0) -> float:
     """Wait until no worker output has reached this driver for `quiet_s` (at most `most_s`); returns the seconds
     waited. Ray forwards the workers' stdout and stderr a moment late (file, log monitor, GCS, driver), and drops
-    what is still on its way when the driver shuts Ray down or exits: a task's last lines, often its result."""
-    try:  # where Ray hands each forwarded batch to the driver's printer
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # (moved in another Ray version: a plain pause)
-        time.sleep(quiet_s)
-        return quiet_s
+    what is still on its way when the driver shuts Ray down or exits: a task's last lines, often its result. No
+    wait where nothing is forwarded (not connected, or `log_to_driver=False`)."""
     start = last = time.monotonic()
 
     def heard(_batch) -> None:
         nonlocal last
         last = time.monotonic()
 
-    dispatcher.add_handler("bertforge_drain", heard)
+    try:  # where Ray hands each forwarded batch to the driver's printer (no public API says either)
+        import ray
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        if not ray.is_initialized() or not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+            return 0.0
+        dispatcher.add_handler("bertforge_drain", heard)
+    except Exception:  # noqa: BLE001 (another Ray version's internals: a plain pause)
+        time.sleep(quiet_s)
+        return quiet_s
     try:
         while (now := time.monotonic()) - last < quiet_s and now - start < most_s:
             time.sleep(0.05)

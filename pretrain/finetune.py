@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,21 +210,29 @@ def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
         path = getattr(cfg.task, split)
         if path:
             try:
-                if "://" in path:
-                    digest = sha256_file(path)
-                else:
-                    st = Path(path).stat()
-                    digest = _local_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+                digest = sha256_file(path) if "://" in path else _local_digest(Path(path))
             except (OSError, ImportError, ValueError):  # (a bucket this machine has no credentials or driver for)
                 digest = None
             out[split] = {"path": path, "sha256": digest}
     return out
 
 
+def _local_digest(path: Path) -> str | None:
+    """A local file's sha256 (None: not a regular file), hashed once while the file stays as it was: its size,
+    modification and change times (the kernel sets the latter on every write; nothing can set it back) and inode.
+    A file changed within the last 2 s is hashed afresh each time (a write within the clock's tick of the last
+    hash leaves those times as they were)."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < 2_000_000_000:
+        return sha256_file(path)
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
 @functools.lru_cache(maxsize=64)
-def _local_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """A local file's sha256, hashed once for as long as its size, modification time and inode stay (a job's driver
-    asks before it runs the fine-tune and again in its stage)."""
+def _digest_of(path: str, *identity: int) -> str:
+    """sha256_file(path), once per `identity` (a job's driver asks before it runs the fine-tune and in its stage)."""
     return sha256_file(path)
 
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,17 @@ def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys):
     (tmp_path / "edited").write_text(text.replace("animal", "plants", 1))
     os.replace(tmp_path / "edited", files["test"])
     assert files["test"].stat().st_size == len(text) and finished_finetune(cfg) is None
+    # ... or written in place, its modification time then set back (`touch -r`, `rsync -t --inplace`): a digest
+    # kept from before is not reused (files settled for 2 s, as they are then kept)
+    (tmp_path / "ft" / SUMMARY).write_text(json.dumps({**summary, "task_files": task_files(cfg)}))
+    time.sleep(2.1)
+    assert finished_finetune(cfg) is not None
+    before = files["test"].stat()
+    with open(files["test"], "r+") as f:  # ("plants" -> "fungus": as many bytes)
+        f.write(text.replace("animal", "fungus", 1))
+    os.utime(files["test"], ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(2.1)
+    assert files["test"].stat().st_mtime_ns == before.st_mtime_ns and finished_finetune(cfg) is None
     (tmp_path / "ft" / SUMMARY).write_text(json.dumps(summary))
     # a summary from before task files were recorded there: its model's training.json has them
     old = {k: v for k, v in summary.items() if k != "task_files"}

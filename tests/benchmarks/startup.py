@@ -6,7 +6,7 @@ Each command runs in a fresh interpreter, as a user runs it, and ends before any
   train, bad key    `python -m pretrain train configs/pretrain/quickstart.yaml train.max_stepz=1` (exit 2)
   finetune, bad key the same for `python -m pretrain finetune configs/finetune/classify.yaml` (exit 2)
   cluster validate  `python -m cluster validate configs/jobs/quickstart.yaml` (every stage's config checked, and
-                    the fine-tuning task's files read: a demo task of 2,000 + 500 rows is made for it first)
+                    the fine-tuning task's files read: the quickstart's demo task is made for it first)
   cluster render    `python -m cluster render configs/jobs/quickstart.yaml --target kuberay`
   pull, no store    `python -m pretrain pull models:/x@y --tracking-uri sqlite:///<missing>` (exit 1)
   import torch      `python -c "import torch"`: what each of them would cost at least if it loaded torch
@@ -36,8 +36,7 @@ def job_dir(scratch: Path) -> Path:
     work.mkdir()
     (work / "configs").symlink_to(REPO / "configs")
     for cmd in (["demo-corpus", str(scratch / "corpus")],
-                ["demo-task", str(work / "data" / "task"), "--corpus", str(scratch / "corpus"), "--train", "2000",
-                 "--test", "500"]):
+                ["demo-task", str(work / "data" / "task"), "--corpus", str(scratch / "corpus")]):
         subprocess.run([sys.executable, "-m", "data_prep", *cmd], cwd=REPO, check=True, capture_output=True)
     return work
 
@@ -46,19 +45,18 @@ def commands(scratch: Path) -> dict[str, tuple[list[str], int, Path]]:
     """{name: (command, its exit status, where it runs)}."""
     py = [sys.executable]
     work = job_dir(scratch)
-    cmds = {
+    return {
         "train, bad key": (py + ["-m", "pretrain", "train", "configs/pretrain/quickstart.yaml", "train.max_stepz=1"],
-                           2),
+                           2, REPO),
         "finetune, bad key": (py + ["-m", "pretrain", "finetune", "configs/finetune/classify.yaml",
-                                    "train.epochz=1"], 2),
+                                    "train.epochz=1"], 2, REPO),
         "cluster validate": (py + ["-m", "cluster", "validate", "configs/jobs/quickstart.yaml"], 0, work),
         "cluster render": (py + ["-m", "cluster", "render", "configs/jobs/quickstart.yaml", "--target", "kuberay"],
-                           0),
+                           0, REPO),
         "pull, no store": (py + ["-m", "pretrain", "pull", "models:/x@y", "--out", str(scratch / "out"),
-                                 "--tracking-uri", f"sqlite:///{scratch / 'missing.db'}"], 1),
-        "import torch": (py + ["-c", "import torch"], 0),
+                                 "--tracking-uri", f"sqlite:///{scratch / 'missing.db'}"], 1, REPO),
+        "import torch": (py + ["-c", "import torch"], 0, REPO),
     }
-    return {name: (c[0], c[1], c[2] if len(c) > 2 else REPO) for name, c in cmds.items()}
 
 
 def main() -> None:
