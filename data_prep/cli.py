@@ -291,6 +291,9 @@ def _verify(args: argparse.Namespace) -> int:
     for p in problems:
         print(f"BAD  {p}")
     print(f"{'OK' if not problems else 'FAILED'}: {args.dataset} ({len(problems)} problems)")
+    if problems:  # (a rerun of the same config finds the dataset finished: it does not look at the bytes again)
+        print("to repair it, run the config that made it again with --overwrite (every shard is rebuilt, with the "
+              "same bytes: the config is in its manifest.json)")
     return EXIT_OK if not problems else EXIT_FAILED
 
 

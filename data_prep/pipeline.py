@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import random
 import shutil
 import socket
 import sys
@@ -448,40 +450,83 @@ def _recipe_of(work_config: str | Path) -> str | None:
         return ""
 
 
+# The first sampling pass asks each unit for this much more than its share of the corpus's bytes: a unit whose
+# bytes under-state its sentences by less than that needs no second read (its extra is left out at random).
+OVERSAMPLE = 1.25
+
+
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:
+    """Train the tokenizer on tokenizer.sample_sentences sentences drawn across the corpus, each unit giving its
+    share of the corpus's sentences. Shares are first guessed from bytes on disk, which compressed files and
+    skipped lines under-state: a unit whose sample falls short of its share, counted once every unit has been
+    read, is sampled again for exactly that (every sentence, when the corpus has fewer than the budget)."""
     sample_dir = work / "sample"
+    budget = cfg.tokenizer.sample_sentences
+
+    def path(u: Unit) -> Path:
+        return sample_dir / f"unit-{u.index:06d}.txt"
 
     def save(unit: Unit, sample: dict) -> None:
-        path = sample_dir / f"unit-{unit.index:06d}.txt"
         if sample["empty"]:  # why its files gave no sentence (the error's words if none of the corpus's did)
-            write_json_atomic(path.with_suffix(".empty.json"), sample["empty"])
-        tmp = path.with_name(path.name + ".partial")
+            write_json_atomic(path(unit).with_suffix(".empty.json"), sample["empty"])
+        tmp = path(unit).with_name(path(unit).name + ".partial")
         tmp.write_text("".join(s.replace("\n", " ") + "\n" for s in sample["sentences"]), encoding="utf-8")
-        os.replace(tmp, path)
+        os.replace(tmp, path(unit))
+        # last: the counts say the unit is sampled (a run stopped before them samples it again)
+        write_json_atomic(path(unit).with_suffix(".json"), {"seen": sample["seen"], "kept": len(sample["sentences"])})
 
-    todo = [u for u in units if not (sample_dir / f"unit-{u.index:06d}.txt").is_file()]
-    _run_units(sample_unit, todo, (cfg, total), cfg.ray, save, "sample")
-    if not any((sample_dir / f"unit-{u.index:06d}.txt").stat().st_size for u in units):
+    def counts(u: Unit) -> dict:
+        return json.loads(path(u).with_suffix(".json").read_text())
+
+    todo = [u for u in units if not path(u).with_suffix(".json").is_file()]
+    guess = {u.index: max(1, math.ceil(OVERSAMPLE * budget * u.bytes / max(1, total))) for u in todo}
+    _run_units(sample_unit, todo, (cfg, guess), cfg.ray, save, "sample")
+    if not any(path(u).stat().st_size for u in units):
         why = [w for f in sorted(sample_dir.glob("*.empty.json")) for w in json.loads(f.read_text())]
         files = sum(len(u.sources) for u in units)
         raise NoText(f"no text was read from the {files} input file(s):\n  " + "\n  ".join(why[:10])
                        + (f"\n  ... and {len(why) - 10} more" if len(why) > 10 else "")
                        + f"\nCheck the inputs' format and text_field (now '{cfg.text_field}').")
+    share = _sample_shares({u.index: counts(u)["seen"] for u in units}, budget)
+    short = [u for u in units if counts(u)["kept"] < share[u.index]]
+    if short:
+        log(f"[tokenizer] {len(short)} of {len(units)} work units hold more sentences than their bytes suggested "
+            "(compressed files, or skipped lines): sampling them again for their share", flush=True)
+        _run_units(sample_unit, short, (cfg, {u.index: share[u.index] for u in short}), cfg.ray, save, "sample")
 
     def sentences() -> Iterator[str]:
         for u in units:
-            with open(sample_dir / f"unit-{u.index:06d}.txt", encoding="utf-8") as f:
-                for line in f:
-                    yield line.rstrip("\n")
+            with open(path(u), encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+            if len(lines) > share[u.index]:  # (the first pass's extra, left out at random)
+                keep = random.Random(f"{cfg.seed}-{u.index}").sample(range(len(lines)), share[u.index])
+                lines = [lines[i] for i in sorted(keep)]
+            yield from lines
 
     t = time.monotonic()
-    log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}", flush=True)
-    seen = train(sentences(), cfg.tokenizer, tok)
+    corpus = sum(counts(u)["seen"] for u in units)
+    log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}, on "
+        f"{sum(share.values()):,} of the corpus's {corpus:,} sentences", flush=True)
+    seen = train(sentences(), cfg.tokenizer, tok, corpus_sentences=corpus)
     log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
     if seen["too_long"] > 0.01 * seen["sentences"]:
         print(f"warning: {seen['too_long']:,} of the {seen['sentences']:,} sampled sentences are longer than "
               f"{MAX_TRAINING_SENTENCE_BYTES} bytes and did not train the tokenizer: if the corpus's lines are "
               "paragraphs, set read.split_sentences=always", file=sys.stderr)
+
+
+def _sample_shares(seen: dict[int, int], budget: int) -> dict[int, int]:
+    """How many sentences each unit gives the tokenizer's sample: all of them when the corpus has no more than
+    `budget`, else shares of `budget` in proportion to the units' sentences (largest remainders rounded up, so
+    that they add up to `budget`)."""
+    corpus = sum(seen.values())
+    if corpus <= budget:
+        return dict(seen)
+    exact = {i: budget * n / corpus for i, n in seen.items()}
+    share = {i: math.floor(x) for i, x in exact.items()}
+    for i in sorted(exact, key=lambda i: (share[i] - exact[i], i))[:budget - sum(share.values())]:
+        share[i] += 1
+    return share
 
 
 def _discard(root: Path, remote: str | None) -> None:

@@ -39,9 +39,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> dict[str, int]:
-    """Train on `sentences` (already a sample of the corpus) and write the model to `out_path` atomically;
-    returns {"sentences": how many, "too_long": how many of them sentencepiece left out for their length}."""
+def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path,
+          corpus_sentences: int | None = None) -> dict[str, int]:
+    """Train on `sentences` (already a sample of the corpus's `corpus_sentences`, where known) and write the model
+    to `out_path` atomically; returns {"sentences": how many, "too_long": how many of them sentencepiece left out
+    for their length}."""
     buf = io.BytesIO()
     seen = {"sentences": 0, "too_long": 0}
 
@@ -71,14 +73,15 @@ def train(sentences: Iterable[str], cfg: TokenizerConfig, out_path: Path) -> dic
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise TokenizerError(_explain_training_error(str(e), cfg, **seen)) from None
+        raise TokenizerError(_explain_training_error(str(e), cfg, corpus_sentences=corpus_sentences, **seen)) from None
     from data_prep.shards import write_whole
 
     write_whole(out_path, lambda tmp: tmp.write_bytes(buf.getvalue()))  # (on disk before the records that follow)
     return seen
 
 
-def _explain_training_error(msg: str, cfg: TokenizerConfig, sentences: int = 0, too_long: int = 0) -> str:
+def _explain_training_error(msg: str, cfg: TokenizerConfig, sentences: int = 0, too_long: int = 0,
+                            corpus_sentences: int | None = None) -> str:
     if sentences and too_long == sentences:
         return (f"every one of the {sentences:,} sampled sentences is longer than {MAX_TRAINING_SENTENCE_BYTES} "
                 "bytes, which sentencepiece does not train on: the corpus's lines are paragraphs or whole "
@@ -91,13 +94,14 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, sentences: int = 0, 
             "hold 30,000 or so), or lower tokenizer.character_coverage to leave rare characters to [UNK]."
         )
     m = re.search(r"value <= (\d+)", msg)
+    whole = sentences >= corpus_sentences if corpus_sentences is not None else sentences < cfg.sample_sentences
     if m:
         return (
             f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus: sentencepiece can learn at most "
             f"{m.group(1)} pieces from the sampled text. Set tokenizer.vocab_size={m.group(1)} or lower, or add text"
-            + (f", or raise tokenizer.sample_sentences (now {cfg.sample_sentences:,}: the sample holds every sentence "
-               "it allows)." if sentences >= cfg.sample_sentences else
-               f" (the sample already holds all {sentences:,} sentences of the corpus).")
+            + (f" (the sample already holds all {sentences:,} sentences of the corpus)." if whole else
+               f", or raise tokenizer.sample_sentences (now {cfg.sample_sentences:,}: the sample holds every sentence "
+               "it allows" + (f" of the corpus's {corpus_sentences:,})." if corpus_sentences else ")."))
         )
     return f"sentencepiece could not train a tokenizer: {msg.strip()} (check the tokenizer.* settings)"
 

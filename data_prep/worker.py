@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -73,10 +73,11 @@ def read_unit(unit: Unit, cfg: DataPrepConfig) -> tuple[Iterator[list[str]], lis
     return (doc for r in readers for doc in r), [r.report for r in readers]
 
 
-def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> dict:
-    """A reservoir sample of this unit's sentences, sized by its share of the corpus bytes (tokenizer training):
-    {"sentences": [...], "empty": why each file that gave no sentence gave none}."""
-    quota = max(1, math.ceil(cfg.tokenizer.sample_sentences * unit.bytes / max(1, total_bytes)))
+def sample_unit(unit: Unit, cfg: DataPrepConfig, quotas: Mapping[int, int]) -> dict:
+    """A reservoir sample of up to `quotas[unit.index]` of this unit's sentences (tokenizer training):
+    {"sentences": [...], "seen": how many sentences the unit has, "empty": why each file that gave no sentence
+    gave none}."""
+    quota = quotas[unit.index]
     rng = doc_rng(cfg.seed, unit.index, -1, -1)
     reservoir: list[str] = []
     seen = 0
@@ -90,7 +91,7 @@ def sample_unit(unit: Unit, cfg: DataPrepConfig, total_bytes: int) -> dict:
                 j = int(rng.random() * seen)
                 if j < quota:
                     reservoir[j] = sentence
-    return {"sentences": reservoir, "empty": [why_empty(r) for r in reports if not r.sentences]}
+    return {"sentences": reservoir, "seen": seen, "empty": [why_empty(r) for r in reports if not r.sentences]}
 
 
 def why_empty(report: FileReport) -> str:

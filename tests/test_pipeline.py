@@ -182,7 +182,8 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
     r = run_cli("verify", str(out))
-    assert r.returncode == 1 and shard.name in r.stdout
+    assert r.returncode == 1 and shard.name in r.stdout and "to repair it, run the config that made it again with " \
+        "--overwrite" in r.stdout, r.stdout
     r = run_cli("run", str(cfg_file), "seed=5")
     assert r.returncode == 2 and "--overwrite" in r.stderr
     r = run_cli("run", str(cfg_file), "seed=5", "--overwrite")
@@ -500,3 +501,43 @@ def test_a_tasks_last_lines_reach_the_driver_before_it_leaves(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     assert len({line.rsplit(" ", 1)[-1] for line in lines if " line " in line}) == 20000 and lines[-1] == "done"
+
+
+def test_sample_shares_follow_sentences_and_add_up_to_the_budget():
+    from data_prep.pipeline import _sample_shares
+
+    assert _sample_shares({0: 10, 1: 30}, 100) == {0: 10, 1: 30}  # a corpus under the budget: all of it
+    assert _sample_shares({0: 10, 1: 30}, 20) == {0: 5, 1: 15}
+    shares = _sample_shares({0: 1, 1: 1, 2: 1, 3: 0}, 2)
+    assert sum(shares.values()) == 2 and shares[3] == 0 and max(shares.values()) == 1
+    seen = {i: 7 + i for i in range(50)}
+    shares = _sample_shares(seen, 333)
+    assert sum(shares.values()) == 333 and all(abs(shares[i] - 333 * seen[i] / sum(seen.values())) < 1 for i in seen)
+
+
+def test_the_tokenizer_sample_is_shared_by_sentences_not_bytes_on_disk(tmp_path, ray_local, capsys):
+    """A gzip file holds far more sentences than its bytes on disk suggest, and a file whose bytes are mostly one
+    skipped line far fewer: each unit still gives the sample its share of the corpus's sentences (all of them,
+    when the corpus has fewer than tokenizer.sample_sentences)."""
+    import gzip
+    import random
+
+    from conftest import make_document
+
+    from data_prep.pipeline import run
+
+    rng = random.Random(3)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with gzip.open(corpus / "a.txt.gz", "wt", encoding="utf-8") as f:  # ~1,200 sentences in few bytes
+        f.write("\n\n".join("\n".join(make_document(rng, 12)) for _ in range(100)) + "\n")
+    (corpus / "b.txt").write_text("x" * 600_000 + "\n\n" + "\n".join(make_document(rng, 40)) + "\n")
+    cfg = small_config(corpus, tmp_path / "all", read__max_line_bytes=10_000, shards__group_bytes=1)
+    run(cfg)
+    said = capsys.readouterr().out
+    n = int(re.search(r"on ([\d,]+) of the corpus's \1 sentences", said).group(1).replace(",", ""))
+    assert n > 1_000 and "sampling them again for their share" in said  # everything, the gzip file's after a reread
+    run(small_config(corpus, tmp_path / "part", read__max_line_bytes=10_000, shards__group_bytes=1,
+                     tokenizer__sample_sentences=500))
+    said = capsys.readouterr().out
+    assert re.search(rf"on 500 of the corpus's {n:,} sentences", said) and "sampling them again" in said, said
