@@ -95,8 +95,11 @@ class TrainConfig(Section):
             raise ValueError("train.varlen_attention=true runs attention on the packed real tokens: it needs "
                              "train.unpad=true")
         if self.global_batch_size % self.micro_batch_size:
+            below = self.global_batch_size - self.global_batch_size % self.micro_batch_size
+            nearest = " or ".join(str(n) for n in (below, below + self.micro_batch_size) if n > 0)
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
-                             f"train.micro_batch_size ({self.micro_batch_size})")
+                             f"train.micro_batch_size ({self.micro_batch_size}): set it to {nearest}, or change "
+                             "train.micro_batch_size")
         return self
 
 

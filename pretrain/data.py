@@ -166,6 +166,15 @@ class _Hashing(io.RawIOBase):
 CHECK_IT = "check the dataset with `python -m data_prep verify`, and rebuild it with data_prep run"
 
 
+def _exists(url: str) -> bool:
+    """Whether the file at `url` (a path or fsspec URL) can be seen from here (False where it cannot be asked)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.isfile(path)
+    except Exception:  # noqa: BLE001 (credentials, a driver missing: no hint then)
+        return False
+
+
 def open_dataset(location: str) -> Dataset:
     """Read the manifest of the dataset at `location` (directory or URL); a clear error when it is not one."""
     root = location.rstrip("/")
@@ -176,8 +185,11 @@ def open_dataset(location: str) -> Dataset:
         hint = f"; give the directory that holds it ({Path(root).parent})" if root.endswith(MANIFEST) else ""
         raise DatasetError(f"data.dataset: '{location}' is a file, not a dataset directory{hint}") from None
     except FileNotFoundError:
+        parent = root.rsplit("/", 1)[0] if "/" in root else ""
+        inside = parent and _exists(f"{parent}/{MANIFEST}")  # (its train/ or val/ folder given, say)
         raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
-                           "build one with `python -m data_prep run CONFIG`") from None
+                           + (f"give the dataset directory that holds it: data.dataset={parent}" if inside else
+                              "build one with `python -m data_prep run CONFIG`")) from None
     except Exception as e:  # noqa: BLE001 (permissions; an object store's credentials, endpoint, bucket)
         raise DatasetError(f"data.dataset: {storage.unreadable(f'{root}/{MANIFEST}', e)}") from None
     try:

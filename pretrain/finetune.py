@@ -296,6 +296,9 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
                 source = resolve_model(cfg.model, out / "source", tracker.uri)
                 # An earlier run's summary would vouch for what this run is about to replace: it goes first (once
                 # the source is found: a typo in model= leaves an earlier run whole).
+                if (out / SUMMARY).is_file() or (out / "model").is_dir():
+                    tracker.print(f"note: {out} holds an earlier fine-tune; this run replaces it (its summary now, "
+                                  "its model when this run saves one)")
                 (out / SUMMARY).unlink(missing_ok=True)
             except ExportError as e:
                 source = ("error", f"model={cfg.model}: {e}")

@@ -158,8 +158,12 @@ def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
         for field, setting in ((cfg.text_field, "task.text_field"), (cfg.text_pair_field, "task.text_pair_field"),
                                (cfg.label_field, "task.label_field")):
             if field and field not in rec:
+                fix = f"set {setting} to the right name"
+                if setting == "task.label_field" and key != "task.train":  # (a file of unlabelled rows, likely)
+                    fix = (f"{key}'s rows are scored against their labels: give each its label in '{field}', as the "
+                           f"training rows have (or, if the field is named otherwise, {fix}){_or_none(key)}")
                 raise TaskError(f"{where}: no field '{field}' (the row has: {', '.join(map(str, rec)) or 'nothing'}); "
-                                f"set {setting} to the right name")
+                                + fix)
         for field in wanted:
             if not isinstance(rec[field], str):
                 raise TaskError(f"{where}: field '{field}' is {type(rec[field]).__name__}, not text")

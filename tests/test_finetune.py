@@ -191,8 +191,9 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     assert fresh.returncode == 1 and not (tmp_path / "fresh").exists(), fresh.stderr[-2000:]
 
     second = config(epochs=500)
+    said = open(tmp_path / "second.out", "w")  # (closed once the run has ended)
     proc = subprocess.Popen([sys.executable, "-m", "pretrain", "finetune", str(tmp_path / "ft.yaml")], cwd=tmp_path,
-                            env=pretrain_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=pretrain_env(), stdout=said, stderr=subprocess.PIPE, text=True)
     effective, record = tmp_path / "out" / "config.yaml", tmp_path / "out" / "model" / "training.json"
     deadline = time.monotonic() + 120
     while "epochs: 500" not in effective.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -207,6 +208,9 @@ def test_only_a_finished_run_leaves_a_summary_and_a_job_skips_only_its_config(re
     proc.send_signal(signal.SIGINT)  # Ctrl-C: one line that says what is left, no traceback
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
+    said.close()
+    assert f"note: {tmp_path / 'out'} holds an earlier fine-tune; this run replaces it" in \
+        (tmp_path / "second.out").read_text()
     step = json.loads(record.read_text())["step"]
     assert f"interrupted: {tmp_path / 'out'}/model holds this run's best model so far (of step {step})" in err, err
     assert "Traceback" not in err, err

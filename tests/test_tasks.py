@@ -89,6 +89,17 @@ def test_bad_rows_name_the_file_and_line(tmp_path, name, content, message):
         read_rows(str(tmp_path / name), TaskConfig(train="x"))
 
 
+def test_a_test_file_without_labels_is_told_its_rows_need_them(tmp_path):
+    (tmp_path / "t.csv").write_text("text\nhello there\n")
+    cfg = TaskConfig(train="x", label_field="language")
+    with pytest.raises(TaskError, match=r"t.csv:2: no field 'language' \(the row has: text\); task.test's rows are "
+                                        r"scored against their labels: give each its label in 'language', as the "
+                                        r"training rows have .*, or task.test=null for none$"):
+        read_rows(str(tmp_path / "t.csv"), cfg, "task.test")
+    with pytest.raises(TaskError, match=r"t.csv:2: no field 'language' .*; set task.label_field to the right name$"):
+        read_rows(str(tmp_path / "t.csv"), cfg)  # (the training file: the field's name, most likely)
+
+
 def test_an_empty_task_file_is_named_by_its_key(tmp_path):
     """An empty validation file names its config key and how to go without one (the train file has no such way)."""
     (tmp_path / "val.jsonl").write_text("\n")

@@ -228,7 +228,9 @@ CONFIG_ERRORS = [
     ("train.optimizer=lamb", 2, "train.optimizer=lamb cannot run under ZeRO"),
     ("train.global_batch_size=20", 2, "is not a multiple of train.micro_batch_size"),
     ("precision=fp16", 1, "precision=fp16 needs a GPU"),
-    ("data.dataset=/nonexistent", 1, "is not a finished dataset"),
+    ("data.dataset=/nonexistent", 1, "is not a finished dataset (manifest.json is missing); build one with"),
+    ("data.dataset={ds}/train", 1, "is not a finished dataset (manifest.json is missing); give the dataset "
+                                   "directory that holds it: data.dataset={ds}"),
     ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
     ("data.dataset={ds}/manifest.json", 1,
      "is a file, not a dataset directory; give the directory that holds it ({ds})"),
