@@ -292,8 +292,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"BAD  {p}")
     print(f"{'OK' if not problems else 'FAILED'}: {args.dataset} ({len(problems)} problems)")
     if problems:  # (a rerun of the same config finds the dataset finished: it does not look at the bytes again)
-        print("to repair it, run the config that made it again with --overwrite (every shard is rebuilt, with the "
-              "same bytes: the config is in its manifest.json)")
+        print("to repair it: delete the files the manifest does not name; for a damaged or missing shard or "
+              "tokenizer, copy the dataset again if this is a copy, else build it again with the config that made "
+              "it (in its manifest.json) and --overwrite")
     return EXIT_OK if not problems else EXIT_FAILED
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import socket
 import sys
@@ -30,6 +29,7 @@ from data_prep.dataset import (
     DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
     refuse_foreign, unfinished_other, what_changed,
 )
+from data_prep.examples import doc_rng
 from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, Source, expand_inputs
@@ -457,9 +457,10 @@ OVERSAMPLE = 1.25
 
 def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: Path, tok: Path) -> None:
     """Train the tokenizer on tokenizer.sample_sentences sentences drawn across the corpus, each unit giving its
-    share of the corpus's sentences. Shares are first guessed from bytes on disk, which compressed files and
-    skipped lines under-state: a unit whose sample falls short of its share, counted once every unit has been
-    read, is sampled again for exactly that (every sentence, when the corpus has fewer than the budget)."""
+    share of the corpus's sentences. Shares are first guessed from bytes on disk, which compressed files
+    under-state (and skipped long lines over-state): a unit whose sample falls short of its share, counted once
+    every unit has been read, is sampled again for exactly that (every sentence, when the corpus has fewer than
+    the budget)."""
     sample_dir = work / "sample"
     budget = cfg.tokenizer.sample_sentences
 
@@ -469,14 +470,10 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
     def save(unit: Unit, sample: dict) -> None:
         if sample["empty"]:  # why its files gave no sentence (the error's words if none of the corpus's did)
             write_json_atomic(path(unit).with_suffix(".empty.json"), sample["empty"])
-        tmp = path(unit).with_name(path(unit).name + ".partial")
-        tmp.write_text("".join(s.replace("\n", " ") + "\n" for s in sample["sentences"]), encoding="utf-8")
-        os.replace(tmp, path(unit))
+        text = "".join(s.replace("\n", " ").replace("\r", " ") + "\n" for s in sample["sentences"])  # a line each
+        write_whole(path(unit), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         # last: the counts say the unit is sampled (a run stopped before them samples it again)
         write_json_atomic(path(unit).with_suffix(".json"), {"seen": sample["seen"], "kept": len(sample["sentences"])})
-
-    def counts(u: Unit) -> dict:
-        return json.loads(path(u).with_suffix(".json").read_text())
 
     todo = [u for u in units if not path(u).with_suffix(".json").is_file()]
     guess = {u.index: max(1, math.ceil(OVERSAMPLE * budget * u.bytes / max(1, total))) for u in todo}
@@ -487,28 +484,29 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
         raise NoText(f"no text was read from the {files} input file(s):\n  " + "\n  ".join(why[:10])
                        + (f"\n  ... and {len(why) - 10} more" if len(why) > 10 else "")
                        + f"\nCheck the inputs' format and text_field (now '{cfg.text_field}').")
-    share = _sample_shares({u.index: counts(u)["seen"] for u in units}, budget)
-    short = [u for u in units if counts(u)["kept"] < share[u.index]]
+    counts = {u.index: json.loads(path(u).with_suffix(".json").read_text()) for u in units}
+    share = _sample_shares({i: c["seen"] for i, c in counts.items()}, budget)
+    short = [u for u in units if counts[u.index]["kept"] < share[u.index]]
     if short:
         log(f"[tokenizer] {len(short)} of {len(units)} work units hold more sentences than their bytes suggested "
-            "(compressed files, or skipped lines): sampling them again for their share", flush=True)
+            "(compressed files, say): sampling them again for their share", flush=True)
         _run_units(sample_unit, short, (cfg, {u.index: share[u.index] for u in short}), cfg.ray, save, "sample")
+        counts.update({u.index: json.loads(path(u).with_suffix(".json").read_text()) for u in short})
 
     def sentences() -> Iterator[str]:
         for u in units:
-            with open(path(u), encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            if len(lines) > share[u.index]:  # (the first pass's extra, left out at random)
-                keep = random.Random(f"{cfg.seed}-{u.index}").sample(range(len(lines)), share[u.index])
-                lines = [lines[i] for i in sorted(keep)]
-            yield from lines
+            kept, want = counts[u.index]["kept"], share[u.index]
+            # (the first pass's extra left out at random, as a pure function of the seed and the unit)
+            keep = set(doc_rng(cfg.seed, u.index, -2, -1).sample(range(kept), want)) if kept > want else None
+            with open(path(u), encoding="utf-8", newline="\n") as f:
+                yield from (line.rstrip("\n") for i, line in enumerate(f) if keep is None or i in keep)
 
     t = time.monotonic()
-    corpus = sum(counts(u)["seen"] for u in units)
-    log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}, on "
-        f"{sum(share.values()):,} of the corpus's {corpus:,} sentences", flush=True)
+    corpus = sum(c["seen"] for c in counts.values())
+    log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}", flush=True)
     seen = train(sentences(), cfg.tokenizer, tok, corpus_sentences=corpus)
-    log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, sha256 {sha256_file(tok)[:12]}", flush=True)
+    log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, on {seen['sentences']:,} of the corpus's {corpus:,} "
+        f"sentences; sha256 {sha256_file(tok)[:12]}", flush=True)
     if seen["too_long"] > 0.01 * seen["sentences"]:
         print(f"warning: {seen['too_long']:,} of the {seen['sentences']:,} sampled sentences are longer than "
               f"{MAX_TRAINING_SENTENCE_BYTES} bytes and did not train the tokenizer: if the corpus's lines are "
@@ -522,9 +520,10 @@ def _sample_shares(seen: dict[int, int], budget: int) -> dict[int, int]:
     corpus = sum(seen.values())
     if corpus <= budget:
         return dict(seen)
-    exact = {i: budget * n / corpus for i, n in seen.items()}
-    share = {i: math.floor(x) for i, x in exact.items()}
-    for i in sorted(exact, key=lambda i: (share[i] - exact[i], i))[:budget - sum(share.values())]:
+    share, left = {}, {}
+    for i, n in seen.items():
+        share[i], left[i] = divmod(budget * n, corpus)
+    for i in sorted(left, key=lambda i: (-left[i], i))[:budget - sum(share.values())]:
         share[i] += 1
     return share
 

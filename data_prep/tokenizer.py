@@ -100,8 +100,8 @@ def _explain_training_error(msg: str, cfg: TokenizerConfig, sentences: int = 0, 
             f"tokenizer.vocab_size={cfg.vocab_size} is too large for this corpus: sentencepiece can learn at most "
             f"{m.group(1)} pieces from the sampled text. Set tokenizer.vocab_size={m.group(1)} or lower, or add text"
             + (f" (the sample already holds all {sentences:,} sentences of the corpus)." if whole else
-               f", or raise tokenizer.sample_sentences (now {cfg.sample_sentences:,}: the sample holds every sentence "
-               "it allows" + (f" of the corpus's {corpus_sentences:,})." if corpus_sentences else ")."))
+               f", or raise tokenizer.sample_sentences (now {cfg.sample_sentences:,}; the sample holds {sentences:,}"
+               + (f" of the corpus's {corpus_sentences:,} sentences)." if corpus_sentences else " sentences)."))
         )
     return f"sentencepiece could not train a tokenizer: {msg.strip()} (check the tokenizer.* settings)"
 

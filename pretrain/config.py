@@ -98,7 +98,8 @@ class TrainConfig(Section):
             below = self.global_batch_size - self.global_batch_size % self.micro_batch_size
             nearest = " or ".join(str(n) for n in (below, below + self.micro_batch_size) if n > 0)
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
-                             f"train.micro_batch_size ({self.micro_batch_size}): set it to {nearest}, or change "
+                             f"train.micro_batch_size ({self.micro_batch_size}): set it to {nearest} (on one "
+                             "process; with several, a multiple of micro_batch_size x their number), or change "
                              "train.micro_batch_size")
         return self
 

@@ -186,7 +186,7 @@ def open_dataset(location: str) -> Dataset:
         raise DatasetError(f"data.dataset: '{location}' is a file, not a dataset directory{hint}") from None
     except FileNotFoundError:
         parent = root.rsplit("/", 1)[0] if "/" in root else ""
-        inside = parent and _exists(f"{parent}/{MANIFEST}")  # (its train/ or val/ folder given, say)
+        inside = parent and not parent.endswith(":/") and _exists(f"{parent}/{MANIFEST}")  # (its train/, say)
         raise DatasetError(f"data.dataset: '{location}' is not a finished dataset ({MANIFEST} is missing); "
                            + (f"give the dataset directory that holds it: data.dataset={parent}" if inside else
                               "build one with `python -m data_prep run CONFIG`")) from None

@@ -160,8 +160,8 @@ def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
             if field and field not in rec:
                 fix = f"set {setting} to the right name"
                 if setting == "task.label_field" and key != "task.train":  # (a file of unlabelled rows, likely)
-                    fix = (f"{key}'s rows are scored against their labels: give each its label in '{field}', as the "
-                           f"training rows have (or, if the field is named otherwise, {fix}){_or_none(key)}")
+                    fix = (f"{key}'s rows are scored against their labels: give each its label in a field "
+                           f"'{field}' (task.label_field, as in the training file){_or_none(key)}")
                 raise TaskError(f"{where}: no field '{field}' (the row has: {', '.join(map(str, rec)) or 'nothing'}); "
                                 + fix)
         for field in wanted:

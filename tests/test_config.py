@@ -233,8 +233,8 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
         load_config(PretrainConfig, f, ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"])
     # a check across keys names each one and where its value came from
     with pytest.raises(ConfigError, match=r"\n  train.global_batch_size \(20\) is not a multiple of "
-                                          r"train.micro_batch_size \(8\): set it to 16 or 24, or change "
-                                          r"train.micro_batch_size.*\(train.global_batch_size: command line; "
+                                          r"train.micro_batch_size \(8\): set it to 16 or 24 \(on one process; "
+                                          r".*\(train.global_batch_size: command line; "
                                           rf"train.micro_batch_size: {f}\)$"):
         load_config(PretrainConfig, f, ["train.global_batch_size=20"])
     with pytest.raises(ConfigError, match=r"model.hidden_size \(256\) is not a multiple of model.num_heads \(5\) "

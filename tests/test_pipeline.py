@@ -182,8 +182,8 @@ def test_cli_run_inspect_verify(small_corpus, tmp_path):
     data[1000] ^= 0xFF
     shard.write_bytes(bytes(data))
     r = run_cli("verify", str(out))
-    assert r.returncode == 1 and shard.name in r.stdout and "to repair it, run the config that made it again with " \
-        "--overwrite" in r.stdout, r.stdout
+    assert r.returncode == 1 and shard.name in r.stdout and "else build it again with the config that made it (in " \
+        "its manifest.json) and --overwrite" in r.stdout, r.stdout
     r = run_cli("run", str(cfg_file), "seed=5")
     assert r.returncode == 2 and "--overwrite" in r.stderr
     r = run_cli("run", str(cfg_file), "seed=5", "--overwrite")
@@ -532,11 +532,13 @@ def test_the_tokenizer_sample_is_shared_by_sentences_not_bytes_on_disk(tmp_path,
     with gzip.open(corpus / "a.txt.gz", "wt", encoding="utf-8") as f:  # ~1,200 sentences in few bytes
         f.write("\n\n".join("\n".join(make_document(rng, 12)) for _ in range(100)) + "\n")
     (corpus / "b.txt").write_text("x" * 600_000 + "\n\n" + "\n".join(make_document(rng, 40)) + "\n")
+    (corpus / "c.jsonl").write_text(json.dumps({"text": "A carriage\rreturn inside a sentence."}) + "\n")
     cfg = small_config(corpus, tmp_path / "all", read__max_line_bytes=10_000, shards__group_bytes=1)
     run(cfg)
     said = capsys.readouterr().out
     n = int(re.search(r"on ([\d,]+) of the corpus's \1 sentences", said).group(1).replace(",", ""))
-    assert n > 1_000 and "sampling them again for their share" in said  # everything, the gzip file's after a reread
+    # everything (the count trained on is the corpus's), the gzip file's after a second read
+    assert n > 1_000 and "sampling them again for their share" in said
     run(small_config(corpus, tmp_path / "part", read__max_line_bytes=10_000, shards__group_bytes=1,
                      tokenizer__sample_sentences=500))
     said = capsys.readouterr().out

@@ -93,8 +93,8 @@ def test_a_test_file_without_labels_is_told_its_rows_need_them(tmp_path):
     (tmp_path / "t.csv").write_text("text\nhello there\n")
     cfg = TaskConfig(train="x", label_field="language")
     with pytest.raises(TaskError, match=r"t.csv:2: no field 'language' \(the row has: text\); task.test's rows are "
-                                        r"scored against their labels: give each its label in 'language', as the "
-                                        r"training rows have .*, or task.test=null for none$"):
+                                        r"scored against their labels: give each its label in a field 'language' "
+                                        r"\(task.label_field, as in the training file\), or task.test=null for none$"):
         read_rows(str(tmp_path / "t.csv"), cfg, "task.test")
     with pytest.raises(TaskError, match=r"t.csv:2: no field 'language' .*; set task.label_field to the right name$"):
         read_rows(str(tmp_path / "t.csv"), cfg)  # (the training file: the field's name, most likely)

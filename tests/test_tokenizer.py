@@ -93,6 +93,15 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_said_in_the_configs_words(tmp_pa
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
+def test_a_sample_short_of_the_corpus_says_to_raise_it(tmp_path):
+    from data_prep.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"or add text, or raise tokenizer.sample_sentences \(now 1,000,000; the "
+                                             r"sample holds 300 of the corpus's 2,000 sentences\)\.$"):
+        train(sentences(300), TokenizerConfig(vocab_size=5000, threads=1), tmp_path / "x.model",
+              corpus_sentences=2000)
+
+
 def test_sentences_too_long_to_train_on_are_counted_and_named():
     """sentencepiece leaves out sentences over its byte limit: one line of a paragraph per document trains on
     nothing, and the error says to split sentences (no tokenizer.* setting helps)."""
