@@ -231,7 +231,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
 
     t0 = time.monotonic()
     existing = {p.pid for p in descendants()}  # (this process's own children, if any, are not the local Ray's)
-    started = connect(local)
+    connected = connect(local)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     log(f"job '{plan['name']}' ({plan['kind']}): {len(plan['stages'])} stage(s) on a Ray cluster of {len(nodes)} "
         f"node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs; "
@@ -264,7 +264,7 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
         failed = e
         raise
     finally:
-        _leave(started, drain=not isinstance(interrupted or failed, KeyboardInterrupt), existing=existing)
+        _leave(connected, drain=not isinstance(interrupted or failed, KeyboardInterrupt), existing=existing)
     outcome["seconds"] = round(time.monotonic() - t0, 1)
     _summary(plan, outcome)
     if interrupted is not None:
@@ -272,8 +272,8 @@ def run(plan: dict[str, Any], local: bool = False) -> dict[str, Any]:
     return outcome
 
 
-def _leave(started: str | None, drain: bool, existing: set[int]) -> None:
-    """Disconnect from Ray as `connect` connected (`started`), the workers' last lines first (`drain`; not after a
+def _leave(connected: str | None, drain: bool, existing: set[int]) -> None:
+    """Disconnect from Ray as `connect` connected (`connected`), the workers' last lines first (`drain`; not after a
     Ctrl-C); the processes a local Ray started (this process's descendants, less those in `existing`, from before
     it) that outlive its shutdown are ended. A Ctrl-C here cuts the waits short."""
     import ray
@@ -283,9 +283,9 @@ def _leave(started: str | None, drain: bool, existing: set[int]) -> None:
             drain_worker_output()
     except KeyboardInterrupt:
         pass
-    if not started:
+    if not connected:
         return
-    ours = [p for p in descendants() if p.pid not in existing] if started == "embedded" else []  # (not a cluster's)
+    ours = [p for p in descendants() if p.pid not in existing] if connected == "embedded" else []  # (not a cluster's)
     ray.shutdown()
     ended = end_stragglers(ours)
     if ended:

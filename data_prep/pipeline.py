@@ -504,11 +504,11 @@ def _train_tokenizer(cfg: DataPrepConfig, units: list[Unit], total: int, work: P
     t = time.monotonic()
     corpus = sum(c["seen"] for c in counts.values())
     log(f"[tokenizer] training a {cfg.tokenizer.model_type} model, vocab {cfg.tokenizer.vocab_size}", flush=True)
-    seen = train(sentences(), cfg.tokenizer, tok, corpus_sentences=corpus)
-    log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, on {seen['sentences']:,} of the corpus's {corpus:,} "
+    trained = train(sentences(), cfg.tokenizer, tok, corpus_sentences=corpus)
+    log(f"[tokenizer] done in {time.monotonic() - t:.1f}s, on {trained['sentences']:,} of the corpus's {corpus:,} "
         f"sentences; sha256 {sha256_file(tok)[:12]}", flush=True)
-    if seen["too_long"] > 0.01 * seen["sentences"]:
-        print(f"warning: {seen['too_long']:,} of the {seen['sentences']:,} sampled sentences are longer than "
+    if trained["too_long"] > 0.01 * trained["sentences"]:
+        print(f"warning: {trained['too_long']:,} of the {trained['sentences']:,} sampled sentences are longer than "
               f"{MAX_TRAINING_SENTENCE_BYTES} bytes and did not train the tokenizer: if the corpus's lines are "
               "paragraphs, set read.split_sentences=always", file=sys.stderr)
 

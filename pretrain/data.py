@@ -169,8 +169,7 @@ CHECK_IT = "check the dataset with `python -m data_prep verify`, and rebuild it 
 def _exists(url: str) -> bool:
     """Whether the file at `url` (a path or fsspec URL) can be seen from here (False where it cannot be asked)."""
     try:
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.isfile(path)
+        return storage.exists(url)
     except Exception:  # noqa: BLE001 (credentials, a driver missing: no hint then)
         return False
 

@@ -217,6 +217,9 @@ def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
     return out
 
 
+SETTLED_NS = 2_000_000_000  # a task file changed more recently than this is hashed afresh each time it is asked
+
+
 def _local_digest(path: Path) -> str | None:
     """A local file's sha256 (None: not a regular file), hashed once while the file stays as it was: its size,
     modification and change times (the kernel sets the latter on every write; nothing can set it back) and inode.
@@ -225,7 +228,7 @@ def _local_digest(path: Path) -> str | None:
     st = path.stat()
     if not stat.S_ISREG(st.st_mode):
         return None
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < 2_000_000_000:
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED_NS:
         return sha256_file(path)
     return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 

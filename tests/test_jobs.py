@@ -194,9 +194,8 @@ def test_a_file_store_is_warned_of_only_for_a_job_that_uses_mlflow_on_another_ma
 
 def test_a_local_rays_processes_that_outlive_it_are_ended():
     """A Ray worker that hangs in Ray's own exit handler outlives the local Ray a job started (a Ray bug seen about
-    once in dozens of runs, which cannot be caused on demand): stand-in child processes. One that exits within the
-    grace period is left to exit; one that hangs is killed; a process that is not this one's descendant (a user's,
-    the machine's) is not among those waited for."""
+    once in dozens of runs, which cannot be caused on demand): stand-in child processes, found among this process's
+    descendants. One that exits within the grace period is left to exit; one that hangs is killed."""
     import time
 
     import psutil
@@ -206,9 +205,8 @@ def test_a_local_rays_processes_that_outlive_it_are_ended():
     before = {p.pid for p in descendants()}
     procs = [subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({wait})"]) for wait in (1, 600)]
     try:
-        ours = [p for p in descendants() if p.pid not in before]
-        assert sorted(p.pid for p in ours) == sorted(p.pid for p in procs)
-        assert os.getppid() not in {p.pid for p in descendants()}
+        assert {p.pid for p in procs} <= {p.pid for p in descendants() if p.pid not in before}
+        ours = [psutil.Process(p.pid) for p in procs]
         t0 = time.monotonic()
         assert end_stragglers(ours, grace_s=3) == 1
         assert time.monotonic() - t0 >= 3

@@ -492,7 +492,7 @@ def test_a_tasks_last_lines_reach_the_driver_before_it_leaves(tmp_path):
         "ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=True)\n"
         "burst = ray.remote(lambda n: [print(f'line {i}') for i in range(n)] and n)\n"
         "ray.get(burst.remote(20000))\n"
-        "drain_worker_output(quiet_s=2, most_s=120)\n"
+        "drain_worker_output(quiet_s=3, most_s=120)\n"
         "ray.shutdown()\n"
         "print('done')\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_COLOR_PREFIX": "0"}

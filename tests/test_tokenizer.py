@@ -96,9 +96,9 @@ def test_a_vocabulary_the_corpus_cannot_fill_is_said_in_the_configs_words(tmp_pa
 def test_a_sample_short_of_the_corpus_says_to_raise_it(tmp_path):
     from data_prep.tokenizer import TokenizerError
 
-    with pytest.raises(TokenizerError, match=r"or add text, or raise tokenizer.sample_sentences \(now 1,000,000; the "
+    with pytest.raises(TokenizerError, match=r"or add text, or raise tokenizer.sample_sentences \(now 300; the "
                                              r"sample holds 300 of the corpus's 2,000 sentences\)\.$"):
-        train(sentences(300), TokenizerConfig(vocab_size=5000, threads=1), tmp_path / "x.model",
+        train(sentences(300), TokenizerConfig(vocab_size=5000, threads=1, sample_sentences=300), tmp_path / "x.model",
               corpus_sentences=2000)
 
 

@@ -9,7 +9,7 @@ README's first command runs after `pip install`:
   python -m cluster submit configs/jobs/quickstart.yaml
 and prints each command's wall time, the job summary's time line (each stage's seconds) and the total. The job
 starts its own local Ray and writes a local MLflow store, as a new user's does; with `--keep DIR` the scratch
-directory is DIR and stays (for `quickstart_quality.py`), else it is removed.
+directory is DIR and stays (run `quickstart_quality.py --corpus DIR/corpus/demo` from DIR), else it is removed.
 """
 
 from __future__ import annotations
