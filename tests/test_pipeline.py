@@ -515,23 +515,52 @@ def test_sample_shares_follow_sentences_and_add_up_to_the_budget():
     assert sum(shares.values()) == 333 and all(abs(shares[i] - 333 * seen[i] / sum(seen.values())) < 1 for i in seen)
 
 
-def test_the_tokenizer_sample_is_shared_by_sentences_not_bytes_on_disk(tmp_path, ray_local, capsys):
-    """A gzip file holds far more sentences than its bytes on disk suggest, and a file whose bytes are mostly one
-    skipped line far fewer: each unit still gives the sample its share of the corpus's sentences (all of them,
-    when the corpus has fewer than tokenizer.sample_sentences)."""
+def _skewed_corpus(corpus: Path) -> Path:
+    """A gzip file of ~1,200 sentences, small on disk, and a plain file whose bytes are mostly one long line."""
     import gzip
     import random
 
     from conftest import make_document
 
-    from data_prep.pipeline import run
-
     rng = random.Random(3)
-    corpus = tmp_path / "corpus"
     corpus.mkdir()
-    with gzip.open(corpus / "a.txt.gz", "wt", encoding="utf-8") as f:  # ~1,200 sentences in few bytes
+    with gzip.open(corpus / "a.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n\n".join("\n".join(make_document(rng, 12)) for _ in range(100)) + "\n")
     (corpus / "b.txt").write_text("x" * 600_000 + "\n\n" + "\n".join(make_document(rng, 40)) + "\n")
+    return corpus
+
+
+def test_a_tokenizer_sample_stopped_between_its_passes_resumes_to_the_same_tokenizer(tmp_path, ray_local):
+    """A run stopped in the second sampling pass (a short unit's new sample written, its counts not yet; or neither)
+    trains the same tokenizer, byte for byte, as one that was not stopped."""
+    from data_prep.pipeline import _train_tokenizer
+    from data_prep.sources import expand_inputs
+    from data_prep.worker import plan_units
+
+    corpus = _skewed_corpus(tmp_path / "corpus")
+    cfg = small_config(corpus, tmp_path / "ds", read__max_line_bytes=10_000, tokenizer__sample_sentences=500)
+    units = plan_units(expand_inputs(cfg.inputs), 1)
+    total, work = sum(u.bytes for u in units), tmp_path / "work"
+    (work / "sample").mkdir(parents=True)
+    _train_tokenizer(cfg, units, total, work, tmp_path / "whole.model")
+    gz = work / "sample" / "unit-000000.json"  # the gzip file's unit, sampled twice
+    counts = json.loads(gz.read_text())
+    assert counts["kept"] == len((work / "sample" / "unit-000000.txt").read_text().splitlines()) < counts["seen"]
+    gz.write_text(json.dumps({**counts, "kept": 3}))  # the first pass's counts beside the second pass's sample
+    _train_tokenizer(cfg, units, total, work, tmp_path / "resumed.model")
+    gz.unlink()  # stopped before its counts were written at all
+    _train_tokenizer(cfg, units, total, work, tmp_path / "again.model")
+    whole = (tmp_path / "whole.model").read_bytes()
+    assert (tmp_path / "resumed.model").read_bytes() == whole == (tmp_path / "again.model").read_bytes()
+
+
+def test_the_tokenizer_sample_is_shared_by_sentences_not_bytes_on_disk(tmp_path, ray_local, capsys):
+    """A gzip file holds far more sentences than its bytes on disk suggest, and a file whose bytes are mostly one
+    skipped line far fewer: each unit still gives the sample its share of the corpus's sentences (all of them,
+    when the corpus has fewer than tokenizer.sample_sentences)."""
+    from data_prep.pipeline import run
+
+    corpus = _skewed_corpus(tmp_path / "corpus")
     (corpus / "c.jsonl").write_text(json.dumps({"text": "A carriage\rreturn inside a sentence."}) + "\n")
     cfg = small_config(corpus, tmp_path / "all", read__max_line_bytes=10_000, shards__group_bytes=1)
     run(cfg)
