@@ -15,7 +15,6 @@ DeepSpeed ZeRO engine instead, across the processes torchrun or the deepspeed la
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -217,26 +216,9 @@ def task_files(cfg: FinetuneConfig) -> dict[str, dict]:
     return out
 
 
-SETTLED_NS = 2_000_000_000  # a task file changed more recently than this is hashed afresh each time it is asked
-
-
 def _local_digest(path: Path) -> str | None:
-    """A local file's sha256 (None: not a regular file), hashed once while the file stays as it was: its size,
-    modification and change times (the kernel sets the latter on every write; nothing can set it back) and inode.
-    A file changed within the last 2 s is hashed afresh each time (a write within the clock's tick of the last
-    hash leaves those times as they were)."""
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED_NS:
-        return sha256_file(path)
-    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest_of(path: str, *identity: int) -> str:
-    """sha256_file(path), once per `identity` (a job's driver asks before it runs the fine-tune and in its stage)."""
-    return sha256_file(path)
+    """A local file's sha256 (None: not a regular file, e.g. a FIFO, which hashing would drain)."""
+    return sha256_file(path) if stat.S_ISREG(path.stat().st_mode) else None
 
 
 SUMMARY = "summary.json"  # written last, and only by a run that finished: what made it is in its "config"

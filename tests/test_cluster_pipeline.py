@@ -254,7 +254,7 @@ def test_a_fine_tuning_task_with_a_bad_row_stops_the_job_before_its_first_stage(
     assert not (tmp_path / "data").exists(), "data prep did not start"
 
 
-def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys, monkeypatch):
+def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys):
     """A finished fine-tune of the same config is done only while its task files have the bytes it was trained on
     (recorded in its summary; in an older summary's model, in training.json)."""
     from cluster.runner import finished_finetune
@@ -280,17 +280,13 @@ def test_a_changed_task_file_is_fine_tuned_again(tmp_path, capsys, monkeypatch):
     (tmp_path / "edited").write_text(text.replace("animal", "plants", 1))
     os.replace(tmp_path / "edited", files["test"])
     assert files["test"].stat().st_size == len(text) and finished_finetune(cfg) is None
-    # ... or written in place, its modification time then set back (`touch -r`, `rsync -t --inplace`): a digest
-    # kept from before is not reused (the files settled, as digests are then kept: for 0.2 s here, not 2 s)
-    monkeypatch.setattr("pretrain.finetune.SETTLED_NS", 200_000_000)
+    # ... or written in place, its modification time then set back (`touch -r`, `rsync -t --inplace`)
     (tmp_path / "ft" / SUMMARY).write_text(json.dumps({**summary, "task_files": task_files(cfg)}))
-    time.sleep(0.3)
     assert finished_finetune(cfg) is not None
     before = files["test"].stat()
     with open(files["test"], "r+") as f:  # ("plants" -> "fungus": as many bytes)
         f.write(text.replace("animal", "fungus", 1))
     os.utime(files["test"], ns=(before.st_atime_ns, before.st_mtime_ns))
-    time.sleep(0.3)
     assert files["test"].stat().st_mtime_ns == before.st_mtime_ns and finished_finetune(cfg) is None
     (tmp_path / "ft" / SUMMARY).write_text(json.dumps(summary))
     # a summary from before task files were recorded there: its model's training.json has them
