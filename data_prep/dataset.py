@@ -27,6 +27,11 @@ WORK = ".work"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_MODEL = "spm.model"
 FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension": SAMPLE_EXT}
+# How this code turns a corpus into examples: the tokenizer's sample, sentence splitting, pairing and masking. Raise
+# it with every change that makes other bytes from the same config and inputs, so that a dataset is neither resumed
+# nor called complete across that change (its shards would mix both). Manifests without it were made at 1.
+# 2: a Latin word right after a CJK character is a whole word of its own; the tokenizer's sample follows sentences.
+RECIPE_VERSION = 2
 # What a dataset consists of: files at the top, and in its folders the files of these names only.
 OWNED_FILES = (MANIFEST, REPORT)
 OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),
@@ -109,9 +114,11 @@ def read_manifest(root: str | Path) -> dict:
 
 
 def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str | None) -> str:
-    """Identity of what a run will produce: the content config, the exact input files (path and size) and,
-    when one is given, the tokenizer's bytes. Resume and "already complete" both require it to match."""
+    """Identity of what a run will produce: the content config, the exact input files (path and size), the
+    version of the code that makes examples and, when one is given, the tokenizer's bytes. Resume and "already
+    complete" both require it to match."""
     return config_hash({
+        "recipe_version": RECIPE_VERSION,
         "config": cfg.content(),
         "sources": [[s.url, s.size] for s in sources],
         "tokenizer": tokenizer_sha,
@@ -122,6 +129,10 @@ def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> 
     """How this run's recipe differs from the finished dataset's `manifest`: changed config keys (old -> new) and
     input files added, removed or of another size; empty when it cannot tell (e.g. only a given tokenizer's bytes)."""
     said = config_changes(manifest.get("config") or {}, cfg.content())
+    version = manifest.get("recipe_version", 1)
+    if version != RECIPE_VERSION:
+        said.insert(0, f"made by {'an older' if version < RECIPE_VERSION else 'a newer'} data_prep, whose examples "
+                       f"differ: recipe version {version}, this one makes {RECIPE_VERSION}")
     before = {s["path"]: s["bytes"] for s in manifest.get("sources") or []}
     now = {s.url: s.size for s in sources}
     added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
@@ -134,9 +145,9 @@ def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> 
 
 def unfinished_other(output: str | Path) -> DatasetError:
     """The refusal of an output that holds another run's unfinished dataset, with shards written already."""
-    return DatasetError(f"'{output}' holds an unfinished dataset made with a different config or different input "
-                        "files, with shards already written. Pass --overwrite to discard it, or rerun it as it was "
-                        "started.", UNFINISHED)
+    return DatasetError(f"'{output}' holds an unfinished dataset made with a different config, different input "
+                        "files or another version of data_prep, with shards already written. Pass --overwrite to "
+                        "discard it, or rerun it as it was started.", UNFINISHED)
 
 
 def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> str:
@@ -281,6 +292,7 @@ def build_manifest(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: st
         "dataset_id": identity[:16],
         "config_hash": cfg.content_hash(),
         "recipe_hash": recipe,
+        "recipe_version": RECIPE_VERSION,
         # Every key that shapes the bytes; `output` and `ray.*` are not part of a dataset's identity.
         "config": cfg.content(),
         "sources": [{"path": s.url, "bytes": s.size} for s in sources],

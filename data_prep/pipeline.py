@@ -25,8 +25,8 @@ from data_prep import storage
 from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
-    DELETE_IT, MANIFEST, NOT_A_DATASET, OWNED_FILES, OWNED_IN, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL, WORK,
-    DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
+    DELETE_IT, MANIFEST, NOT_A_DATASET, OWNED_FILES, OWNED_IN, RECIPE_VERSION, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL,
+    WORK, DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
     refuse_foreign, unfinished_other, what_changed,
 )
 from data_prep.examples import doc_rng
@@ -248,7 +248,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             (work / "sample").mkdir(exist_ok=True)
             if state == "fresh":
                 write_json_atomic(work / "config.json",
-                                  {"recipe_hash": recipe, "config": cfg.model_dump(mode="json")})
+                                  {"recipe_hash": recipe, "recipe_version": RECIPE_VERSION,
+                                   "config": cfg.model_dump(mode="json")})
         except OSError as e:
             raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
         if state == "fresh" and remote:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_document, run_cli, small_config, write_txt
 from data_prep.configfile import ConfigError
-from data_prep.dataset import DatasetError, prepare_output, recipe_hash, verify
+from data_prep.dataset import RECIPE_VERSION, DatasetError, prepare_output, recipe_hash, verify
 from data_prep.shards import ShardWriter
 from data_prep.sources import DocumentReader, Source, expand_inputs
 from data_prep.worker import plan_units
@@ -41,6 +41,12 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert any(s["path"].endswith("aaa_new.txt") for s in m["sources"])
     assert verify(tmp_path / "ds") == []
+    # a dataset an older data_prep made (other examples from the same config and files) is not "complete"
+    m.update(recipe_version=1, recipe_hash="older")
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=r"different dataset \(made by an older data_prep, whose examples differ: "
+                                           rf"recipe version 1, this one makes {RECIPE_VERSION}\)"):
+        run(cfg)
 
 
 def test_an_output_inside_an_input_directory_does_not_read_its_own_files(small_corpus, ray_local, capsys):
@@ -78,7 +84,7 @@ def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):
     (root / ".work/units").mkdir(parents=True)
     (root / ".work/config.json").write_text(json.dumps({"recipe_hash": "old"}))
     (root / ".work/units/unit-000000.json").write_text("{}")
-    with pytest.raises(DatasetError, match="different config or different input files"):
+    with pytest.raises(DatasetError, match="different config, different input files or another version of data_prep"):
         prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False)
     # Without finished units, a restart clears everything the old attempt wrote, stray shards included.
     (root / ".work/units/unit-000000.json").unlink()

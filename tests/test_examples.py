@@ -260,3 +260,38 @@ def test_tiny_examples_never_break(n):
     ex = Example(0, n - 1, n - 1, 1, False, False)
     _, batch = _mask(pool, [ex], p, random.Random(0))
     assert 1 <= int(batch.counts[0]) <= 2
+
+
+# The examples a fixed token stream makes, per data_prep.dataset.RECIPE_VERSION. A dataset is resumed and called
+# complete only at the same version, so a change to pairing, masking or shuffling must raise that version (and
+# record its digest here); otherwise a resumed dataset would hold examples of both kinds.
+RECIPE_DIGESTS = {2: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"}}
+
+
+@pytest.mark.parametrize("nsp", [True, False])
+def test_a_change_to_the_examples_raises_the_recipe_version(nsp, tmp_path):
+    import hashlib
+
+    from conftest import small_config
+    from data_prep.dataset import RECIPE_VERSION
+    from data_prep.worker import Unit, UnitStats, _write_window
+
+    class Collect:  # stands in for a ShardWriter: the examples' bytes, in the order written
+        def __init__(self):
+            self.digest = hashlib.sha256()
+
+        def add_many(self, payloads, lengths):
+            for payload, n in zip(payloads, lengths):
+                self.digest.update(n.to_bytes(4, "little") + payload)
+
+    cfg = small_config(tmp_path, tmp_path / "out", examples__dupe_factor=3, seed=7)
+    p = params(nsp=nsp, whole_word_mask=True, short_seq_prob=0.3)
+    word_start = bytes(int(i % 3 != 1) for i in range(VOCAB))
+    out = Collect()
+    for window in range(2):
+        _write_window(make_pool(9, seed=window), list(range(9)), window, Unit(5, ()), cfg, p, word_start, out,
+                      UnitStats(p.max_seq_length), "train")
+    digest = out.digest.hexdigest()[:16]
+    assert digest == RECIPE_DIGESTS[RECIPE_VERSION][nsp], (
+        "these examples differ from the ones recipe version "
+        f"{RECIPE_VERSION} makes: raise RECIPE_VERSION in data_prep/dataset.py and record the new digests here")
