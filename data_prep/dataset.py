@@ -126,13 +126,15 @@ def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str |
 
 
 def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> str:
-    """How this run's recipe differs from the finished dataset's `manifest`: changed config keys (old -> new) and
-    input files added, removed or of another size; empty when it cannot tell (e.g. only a given tokenizer's bytes)."""
+    """How this run's recipe differs from the finished dataset's `manifest`: another version of the code that makes
+    examples, changed config keys (old -> new), input files added, removed or of another size; empty when it cannot
+    tell (e.g. only a given tokenizer's bytes)."""
     said = config_changes(manifest.get("config") or {}, cfg.content())
     version = manifest.get("recipe_version", 1)
     if version != RECIPE_VERSION:
-        said.insert(0, f"made by {'an older' if version < RECIPE_VERSION else 'a newer'} data_prep, whose examples "
-                       f"differ: recipe version {version}, this one makes {RECIPE_VERSION}")
+        which = "another" if not isinstance(version, int) else "an older" if version < RECIPE_VERSION else "a newer"
+        said.insert(0, f"made by {which} data_prep, whose examples differ: recipe version {version}, this one makes "
+                       f"{RECIPE_VERSION}")
     before = {s["path"]: s["bytes"] for s in manifest.get("sources") or []}
     now = {s.url: s.size for s in sources}
     added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
