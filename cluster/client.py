@@ -97,13 +97,27 @@ def jobs_named(client, name: str) -> list:
     return [j for j in _call("listing jobs", client.list_jobs) if (j.metadata or {}).get(NAME_KEY) == name]
 
 
+def submission_env(plan: dict[str, Any]) -> dict[str, str]:
+    """The env_vars of the driver's runtime environment: the job's own, the plan, and Ray's grace for a stopped
+    driver (the time pretraining's workers need to commit a checkpoint)."""
+    return {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **plan["spec"]["runtime_env"]["env_vars"],
+            PLAN_ENV: json.dumps(plan)}
+
+
+def submission_metadata(plan: dict[str, Any]) -> dict[str, str]:
+    """The job's metadata, by which `status`, `list` and the next submission find it: its name, its kind and a
+    digest of its plan (what runs, not how the job file's path was typed)."""
+    from data_prep.configfile import config_hash
+
+    digest = config_hash({k: v for k, v in plan.items() if k != "job_file"})[:16]
+    return {NAME_KEY: plan["name"], "bertforge_kind": plan["kind"], PLAN_KEY: digest}
+
+
 def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
     """Submit the plan's driver; returns (submission id, True) or, when a job of that name is pending or running,
     (its id, False)."""
-    from data_prep.configfile import config_hash
-
-    # (what runs, not how the job file's path was typed)
-    name, digest = plan["name"], config_hash({k: v for k, v in plan.items() if k != "job_file"})[:16]
+    metadata = submission_metadata(plan)
+    name, digest = plan["name"], metadata[PLAN_KEY]
     for _ in range(3):
         mine = jobs_named(client, name)
         active = [j for j in mine if not j.status.is_terminal()]
@@ -117,17 +131,14 @@ def submit(client, plan: dict[str, Any]) -> tuple[str, bool]:
         numbers = [int(m.group(1)) for j in mine if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)", j.submission_id))]
         # past every listed one (a deleted job is not listed: the newest one's number comes back)
         sid = f"{name}-{max(numbers, default=len(mine)) + 1}"
-        spec = plan["spec"]["runtime_env"]
-        # (Ray's grace for a stopped driver: the time pretraining's workers need to commit a checkpoint)
-        runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S),
-                                                    **spec["env_vars"], PLAN_ENV: json.dumps(plan)}}
-        if spec["pip"]:
-            runtime_env["pip"] = list(spec["pip"])
+        runtime_env: dict[str, Any] = {"env_vars": submission_env(plan)}
+        if plan["spec"]["runtime_env"]["pip"]:
+            runtime_env["pip"] = list(plan["spec"]["runtime_env"]["pip"])
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:
                 client.submit_job(entrypoint="python -m cluster run", submission_id=sid, runtime_env=runtime_env,
-                                  metadata={NAME_KEY: name, "bertforge_kind": plan["kind"], PLAN_KEY: digest})
+                                  metadata=metadata)
                 return sid, True
             except RuntimeError as e:
                 if "No available agent" in str(e) and time.monotonic() < deadline:

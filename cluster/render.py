@@ -10,20 +10,23 @@ job file from a directory every node shares.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shlex
 from pathlib import Path
 
 import yaml
 
-from cluster.client import PLAN_ENV
+from cluster.client import submission_env, submission_metadata
 from cluster.jobs import JobSpec, job_name, resolve
-from cluster.runner import WORKER_ENV
 from data_prep.configfile import ConfigError
 from data_prep.storage import is_remote
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
+# Where a job asks for memory, a node's Ray is told exactly what it has for the workers (Ray's own guess is the
+# machine's memory less 30% for its object store, which falls short of what the workers ask for), and its
+# object store is a fixed size: the jobs pass only small records through it. The node's memory also holds Ray's
+# own processes: HEADROOM_GB.
+OBJECT_STORE_GB, HEADROOM_GB = 4, 8
 
 
 def ray_version() -> str:
@@ -42,6 +45,22 @@ def _node_resources(spec: JobSpec) -> dict[str, float]:
     if r.memory_gb_per_worker:
         out["memory_gb"] = r.memory_gb_per_worker * r.workers_per_node
     return out
+
+
+def _memory(res: dict[str, float]) -> dict[str, str]:
+    """`ray start`'s memory flags for a node of `res` (none when the job asks for no memory)."""
+    if not res.get("memory_gb"):
+        return {}
+    return {"memory": str(int(res["memory_gb"] * 2**30)), "object-store-memory": str(OBJECT_STORE_GB * 2**30)}
+
+
+def _flags(params: dict[str, str]) -> str:
+    return "".join(f" --{k}={v}" for k, v in params.items())
+
+
+def _node_memory_gb(res: dict[str, float]) -> float | None:
+    """What a node (pod, Slurm allocation) must hold: the workers' memory, Ray's object store and its processes."""
+    return res["memory_gb"] + OBJECT_STORE_GB + HEADROOM_GB if res.get("memory_gb") else None
 
 
 def _labels(spec: JobSpec) -> str:
@@ -93,9 +112,10 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
         "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name},
         "spec": {
             "entrypoint": "python -m cluster run",
+            "metadata": submission_metadata(plan),  # (so `python -m cluster status/list NAME` find it)
             "runtimeEnvYAML": _Literal(yaml.safe_dump(
                 {**({"pip": spec.runtime_env.pip} if spec.runtime_env.pip else {}),
-                 "env_vars": {**WORKER_ENV, **env, PLAN_ENV: json.dumps(plan)}}, width=10**6)),
+                 "env_vars": submission_env(plan)}, width=10**6)),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "rayClusterSpec": {
@@ -110,10 +130,10 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
                 },
                 "workerGroupSpecs": [{
                     "groupName": "workers", "replicas": spec.resources.nodes, "minReplicas": spec.resources.nodes,
-                    "maxReplicas": spec.resources.nodes, "rayStartParams": {},
+                    "maxReplicas": spec.resources.nodes, "rayStartParams": _memory(res),
                     **({"labels": dict(spec.resources.node_labels)} if spec.resources.node_labels else {}),
                     "template": {"spec": {"containers": [container("worker", res["cpus"], res["gpus"],
-                                                                   res.get("memory_gb"))],
+                                                                   _node_memory_gb(res))],
                                           "volumes": copy.deepcopy(volumes)}},
                 }],
             },
@@ -135,41 +155,53 @@ def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: st
     res = _node_resources(spec)
     nodes = spec.resources.nodes
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --cpus-per-task={int(res['cpus']) + 1}"]  # one more CPU for Ray's own processes
+             f"#SBATCH --cpus-per-task={int(res['cpus']) + 1}",  # one more CPU for Ray's own processes
+             "#SBATCH --exclusive"]  # (Ray's ports are fixed: one Ray node per machine)
     if res["gpus"]:
         lines.append(f"#SBATCH --gpus-per-node={int(res['gpus'])}")
     if res.get("memory_gb"):
-        lines.append(f"#SBATCH --mem={int(res['memory_gb']) + 8}G")
+        lines.append(f"#SBATCH --mem={math.ceil(_node_memory_gb(res))}G")
     lines.append("#SBATCH --output=%x-%j.out")
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.runtime_env.env_vars.items())
-    labels = f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""
     pip = f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}\n" if spec.runtime_env.pip else ""
-    gpus = f" --num-gpus={int(res['gpus'])}" if res["gpus"] else ""
+    node = (f"--num-cpus={int(res['cpus'])}" + (f" --num-gpus={int(res['gpus'])}" if res["gpus"] else "")
+            + _flags(_memory(res))
+            + (f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""))
     body = f"""
 # Job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on {nodes} node(s). Submit from the project
 # directory on a filesystem every node mounts: sbatch {file or name + '.sbatch'}
 set -euo pipefail
 cd "${{SLURM_SUBMIT_DIR:-.}}"
+# (since Slurm 22.05, srun does not take --cpus-per-task from the allocation: Ray would get one CPU)
+export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 {env}{pip}# Ray's token authentication: a fresh token for this allocation, on the shared filesystem, readable by you only.
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 mkdir -p .bertforge && umask 077
 export RAY_AUTH_TOKEN_PATH="$PWD/.bertforge/slurm-$SLURM_JOB_ID.token"
+pids=()
+trap 'kill ${{pids[@]+"${{pids[@]}}"}} 2>/dev/null || true; rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT
 python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"
 
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-head_ip=$(srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" hostname --ip-address | awk '{{print $1}}')
+# the first node's first IPv4 address (hostname --ip-address may list IPv6 ones too)
+head_ip=$(srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" hostname --ip-address \\
+          | awk '{{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/) {{print $i; exit}}}}')
+if [ -z "$head_ip" ]; then
+  echo "error: ${{hosts[0]}} has no IPv4 address (hostname --ip-address) for the Ray head" >&2
+  exit 1
+fi
 srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" --export=ALL \\
     ray start --head --block --node-ip-address="$head_ip" --port={RAY_PORT} --dashboard-host="$head_ip" \\
-    --dashboard-port={DASHBOARD_PORT} --num-cpus={int(res['cpus'])}{gpus}{labels} --disable-usage-stats &
-pids=($!)
+    --dashboard-port={DASHBOARD_PORT} --disable-usage-stats \\
+    {node} &
+pids+=($!)
 sleep 10
 for host in "${{hosts[@]:1}}"; do
   srun --nodes=1 --ntasks=1 -w "$host" --export=ALL \\
-      ray start --block --address="$head_ip:{RAY_PORT}" --num-cpus={int(res['cpus'])}{gpus}{labels} \\
-      --disable-usage-stats &
+      ray start --block --address="$head_ip:{RAY_PORT}" --disable-usage-stats \\
+      {node} &
   pids+=($!)
 done
-trap 'kill "${{pids[@]}}" 2>/dev/null; rm -f "$RAY_AUTH_TOKEN_PATH"' EXIT
 
 # Wait until all {nodes} node(s) have joined, then run the job through the Jobs API and wait for its result.
 for _ in $(seq 120); do
@@ -204,6 +236,8 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: s
         "idle_timeout_minutes": 10,
         "auth": {"ssh_user": "USER"},
         "file_mounts": {"~/bertforge": ".", "~/.ray/auth_token": ".bertforge/auth_token"},
+        # (not the local virtualenv, git history or tokens: the nodes install the project themselves)
+        "rsync_exclude": [".venv", ".git", "__pycache__", "*.egg-info", ".bertforge"],
         "setup_commands": ["pip install -e ~/bertforge"]
         + ([f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}"] if spec.runtime_env.pip else []),
         "head_start_ray_commands": ["ray stop",
@@ -212,16 +246,23 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: s
                                     "--disable-usage-stats"],
         "worker_start_ray_commands": ["ray stop",
                                       f"{auth} ray start --address=$RAY_HEAD_IP:{RAY_PORT} "
-                                      f"--num-cpus={int(res['cpus'])}{gpus}{labels} --disable-usage-stats"],
+                                      f"--num-cpus={int(res['cpus'])}{gpus}{_flags(_memory(res))}{labels} "
+                                      "--disable-usage-stats"],
     }
+    # The job is submitted on the head, from the project as the nodes have it: its relative paths are resolved
+    # there (and storage looked at), not on the machine that runs `ray up`.
+    submit = f"cd ~/bertforge && RAY_AUTH_MODE=token {_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}"
     head = (f"# Ray cluster launcher config for job '{name}' ({spec.kind}): {nodes} worker node(s) of "
             f"{res['cpus']:g} CPUs" + (f", {res['gpus']:g} GPUs" if res["gpus"] else "") + ".\n"
             "# Fill in HEAD_IP / WORKER_IP_n / USER (or a cloud provider), then, from the project directory:\n"
             "#   mkdir -p .bertforge && (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' "
             "> .bertforge/auth_token)\n"
-            f"#   ray up {file} -y && ray dashboard {file} &   # forwards the Jobs API to localhost\n"
-            f"#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=.bertforge/auth_token "
-            f"{_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}\n"
+            f"#   ray up {file} -y\n"
+            f"#   ray exec {file} {shlex.quote(submit)}\n"
+            "# The job goes on if that connection drops; `status` (also logs, stop, list) follows it:\n"
+            f"#   ray exec {file} 'RAY_AUTH_MODE=token python -m cluster status {name} --address "
+            f"http://127.0.0.1:{DASHBOARD_PORT}'\n"
+            "# The head must reach the workers over SSH as USER (set auth.ssh_private_key to give it a key).\n"
             "# Storage (spec.storage): a filesystem every machine mounts at the same path, or an object-store URL\n"
             "# with credentials on every machine.\n")
     env = spec.runtime_env.env_vars

@@ -98,7 +98,9 @@ def test_kuberay_rayjob_carries_the_resources_and_the_resolved_plan():
     group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 16 workers, 8 per node
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits == {"cpu": "64", "memory": "384Gi", "nvidia.com/gpu": 8}
+    # Ray is told the workers' 8 x 48 GiB and a 4 GiB object store; the pod holds both and Ray's own processes
+    assert limits == {"cpu": "64", "memory": "396Gi", "nvidia.com/gpu": 8}
+    assert group["rayStartParams"] == {"memory": str(384 * 2**30), "object-store-memory": str(4 * 2**30)}
     # token auth through the operator (KubeRay 1.5.1+), which also hands the token to the job's submitter
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"} and cluster["rayVersion"] == version("ray")
@@ -108,8 +110,14 @@ def test_kuberay_rayjob_carries_the_resources_and_the_resolved_plan():
     assert head["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     runtime = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    assert runtime["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "300"  # a stop leaves the workers time to checkpoint
     plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
     assert plan["stages"][0]["config"]["checkpoint"]["dir"] == "/shared/bertforge/checkpoints/bert_base"
+    # the metadata `python -m cluster status/list NAME` and the next submission find a job by
+    assert spec["metadata"]["bertforge_name"] == "bert-base-16gpu" and spec["metadata"]["bertforge_kind"] == "pretrain"
+    from cluster.client import submission_metadata
+
+    assert spec["metadata"] == submission_metadata(plan)
     assert plan["spec"]["resources"]["num_workers"] == 16 and plan["spec"]["max_failures"] == 3
 
 
@@ -152,8 +160,9 @@ def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], capture_output=True).returncode == 0
     directives = dict(line[len("#SBATCH "):].split("=", 1) for line in text.splitlines()
                       if line.startswith("#SBATCH --") and "=" in line)
-    assert directives["--nodes"] == "2" and directives["--gpus-per-node"] == "8"
-    assert int(directives["--cpus-per-task"]) >= 64
+    assert directives["--nodes"] == "2" and directives["--gpus-per-node"] == "8" and directives["--mem"] == "396G"
+    assert int(directives["--cpus-per-task"]) >= 64 and "#SBATCH --exclusive\n" in text
+    assert text.count(f"--memory={384 * 2**30} --object-store-memory={4 * 2**30}") == 2  # the head node, the other
     assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN_PATH" in text
     assert "ray start --head" in text and '--address="$head_ip:6379"' in text
     assert ("python -m cluster submit configs/jobs/pretrain_bert_base_2x8gpu.yaml max_failures=5 "
@@ -237,3 +246,54 @@ def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp
     assert "#SBATCH --gpus-per-node=1" in text and "--num-gpus=1" in text and "--num-cpus=1" in text, text
     manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "kuberay", *half))
     assert '"nvidia.com/gpu": 1' in json.dumps(manifest), manifest
+
+
+STUBS = {  # Slurm's and the project's commands as the script calls them, logging what they were asked
+    "scontrol": 'echo node1; echo node2\n',
+    "srun": '''case "$*" in
+  *"hostname --ip-address"*) echo "$HOST_ADDRESSES" ;;
+  *"ray start"*) echo "srun cpus=$SRUN_CPUS_PER_TASK $*" >> "$LOG"; [ -n "$NODES_DIE" ] || exec /bin/sleep 60 ;;
+esac
+''',
+    "python": '''case "$1" in
+  -) cat > /dev/null ;;  # the wait for the nodes: all joined
+  -m) echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"; exit 3 ;;
+  *) exec "$REAL_PYTHON" "$@" ;;
+esac
+''',
+    "sleep": "",
+}
+
+
+@pytest.mark.parametrize("nodes_die", [False, True])
+def test_the_slurm_script_runs_the_job_and_ends_with_its_status(tmp_path, nodes_die):
+    """The script itself, run by bash with Slurm's commands stubbed: srun steps get the allocation's CPUs, the head
+    is the first node's IPv4 address, the job's exit status is the script's, and on the way out the Ray nodes are
+    stopped and the token removed (also when the nodes had died already)."""
+    text = _render(f"{JOBS}/pretrain_bert_base_2x8gpu.yaml", "slurm")
+    (tmp_path / "job.sbatch").write_text(text)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "REAL_PYTHON": sys.executable,
+           "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_CPUS_PER_TASK": "65", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "node[1-2]", "HOST_ADDRESSES": "fe80::1 10.1.2.3 192.168.0.9",
+           "NODES_DIE": "1" if nodes_die else ""}
+    run = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3, run.stderr  # the job's own status
+    said = log.read_text().splitlines()
+    said[:2] = sorted(said[:2])  # (the nodes start in the background, in either order)
+    assert len(said) == 3 and all(line.startswith("srun cpus=65 ") for line in said[:2]), said
+    assert "-w node1 --export=ALL ray start --head --block --node-ip-address=10.1.2.3 " in said[0], said[0]
+    assert "-w node2 --export=ALL ray start --block --address=10.1.2.3:6379 " in said[1], said[1]
+    assert said[2] == ("submit -m cluster submit configs/jobs/pretrain_bert_base_2x8gpu.yaml --address "
+                       "http://10.1.2.3:8265 --wait token=yes"), said[2]
+    assert not (tmp_path / ".bertforge" / "slurm-77.token").exists()
+    assert subprocess.run(["pgrep", "-f", "^/bin/sleep 60$"], capture_output=True).returncode == 1  # none left
+    no_ipv4 = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env={**env, "HOST_ADDRESSES": "fe80::1"},
+                             capture_output=True, text=True, timeout=60)
+    assert no_ipv4.returncode == 1 and "node1 has no IPv4 address" in no_ipv4.stderr, no_ipv4.stderr
+    assert not (tmp_path / ".bertforge" / "slurm-77.token").exists()
