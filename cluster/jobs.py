@@ -167,6 +167,10 @@ class JobSpec(Section):
         if self.kind == "data_prep" and self.resources.num_workers > 1:
             raise ValueError("kind: data_prep spreads its tasks over the cluster by itself; leave "
                              "resources.num_workers at 1 (the driver)")
+        if self.kind in ("pretrain", "pipeline") and self.resources.use_gpu and self.resources.gpus != 1:
+            raise ValueError(f"resources.gpus_per_worker is {self.resources.gpus:g}, and pretraining runs one process "
+                             "per GPU (NCCL refuses two on one GPU; a second GPU would sit idle): leave it out, or set "
+                             "it to 1")
         return self
 
     def stage_list(self) -> list[tuple[str, Stage]]:

@@ -28,8 +28,11 @@ log = print
 # In every Ray worker of a job: Ray Train's print patch would send each line of pretrain's console output twice
 # (to its logger and, as our stdout is wrapped, to stdout as well). Its preemption watcher, an actor that only logs
 # node drains, is off: creating it printed a core-worker error line in every job. (A worker whose node goes away
-# is restarted from the last checkpoint, up to max_failures; a stop of the job is `_Stopping`'s.)
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# is restarted from the last checkpoint, up to max_failures; a stop of the job is `_Stopping`'s.) A process Ray
+# gives no GPU sees none (CUDA_VISIBLE_DEVICES=""): since Ray 2.60 it would see all of the machine's, and a CPU job
+# on a GPU machine would train on GPUs Ray never assigned it (or fail: "invalid device ordinal").
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 
 # How long Ray waits for a stopped job's driver before killing it (Ray's own default is 3 s): time for the

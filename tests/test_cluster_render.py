@@ -240,11 +240,12 @@ def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp
                                env={**os.environ, "PYTHONPATH": str(REPO)})  # (its config: relative to the repository)
     assert elsewhere.returncode == 2 and "'configs/pretrain/quickstart.yaml' is neither under the working " \
         f"directory ({tmp_path}) nor beside the job file ({REPO / JOBS})" in elsewhere.stderr, elsewhere.stderr
-    half = ("resources.use_gpu=true", "resources.gpus_per_worker=0.5", "resources.workers_per_node=1",
-            "resources.num_workers=2", "resources.cpus_per_worker=0.5")
-    text = _render(f"{JOBS}/pretrain_quickstart.yaml", "slurm", *half)
+    half = tmp_path / "finetune.yaml"  # (a fine-tune: pretraining takes whole GPUs, one per process)
+    half.write_text("kind: finetune\nconfig: configs/finetune/classify.yaml\n"
+                    "resources: {use_gpu: true, gpus_per_worker: 0.5, cpus_per_worker: 0.5}\n")
+    text = _render(str(half), "slurm")
     assert "#SBATCH --gpus-per-node=1" in text and "--num-gpus=1" in text and "--num-cpus=1" in text, text
-    manifest = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "kuberay", *half))
+    manifest = yaml.safe_load(_render(str(half), "kuberay"))
     assert '"nvidia.com/gpu": 1' in json.dumps(manifest), manifest
 
 

@@ -45,6 +45,8 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
      "spreads its tasks"),
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nresources: {gpus_per_worker: 1}\n",
      "use_gpu is false"),
+    ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nresources: {use_gpu: true, gpus_per_worker: 0.5}\n",
+     "gpus_per_worker is 0.5, and pretraining runs one process per GPU"),
     ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "KubeRay.s rule for a job"),
     ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "is neither under the working directory"),
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: ''\n", "storage is empty"),
@@ -125,6 +127,20 @@ def test_a_jobs_processes_are_told_which_ray_they_belong_to():
     submitted = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.1.2.3:6379"}}}
     assert job_env({**driver, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(submitted)}) == {}
     assert job_env({**driver, "RAY_ADDRESS": "ray://head:10001"}) == {}  # Ray Client: not a GCS address
+
+
+def test_a_jobs_processes_given_no_gpu_see_none(ray_local):
+    """A CPU job on a GPU machine: its processes must not see the machine's GPUs (Ray 2.60 stopped hiding them from
+    a process given none; the job's environment asks for that back)."""
+    import ray
+
+    from cluster.runner import job_env
+
+    @ray.remote(num_gpus=0)
+    def visible():
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert ray.get(visible.options(runtime_env={"env_vars": job_env({}, dashboard_port=8300)}).remote()) == ""
 
 
 def test_a_running_jobs_stage_and_progress_and_a_failure_without_a_log():
