@@ -136,9 +136,20 @@ def batching(cfg: PretrainConfig, world: int) -> Batching:
     return Batching(t.micro_batch_size, t.global_batch_size // per_step, world)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively (GPUs since Ampere). Older ones (V100, T4) only emulate it, far
+    slower than their fp16 tensor cores."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(cfg: AnyConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        if native_bf16(device):
+            return "bf16"
+        uses_deepspeed = getattr(cfg.deepspeed, "enabled", True)  # (pretraining always does; fine-tuning may not)
+        return "fp16" if uses_deepspeed else "fp32"  # (fp16 needs DeepSpeed's loss scaling)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise SetupError("precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use precision=bf16 or fp32")
     return cfg.precision

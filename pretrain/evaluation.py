@@ -21,6 +21,7 @@ import torch
 
 from data_prep.dataset import DatasetError
 from pretrain.data import eval_batches, open_dataset
+from pretrain.engine import native_bf16
 from pretrain.export import ExportError, load_model, pretraining_problem, resolve_model, untrained_positions
 
 
@@ -57,7 +58,7 @@ def evaluate_model(source: str, dataset_location: str, uri: str, split: str = "v
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EvaluationError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
                               "leave --device at auto, or give cpu")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(dev))
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         model_dir, info = resolve_model(source, Path(scratch) / "model", uri)
         if not (model_dir / "dataset.json").is_file():

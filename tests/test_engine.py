@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -151,3 +153,23 @@ def test_deepspeed_is_prepared_before_it_starts(monkeypatch):
 
         assert os.environ.get("DS_ACCELERATOR") == "cpu"
         assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_gpus_that_have_it(monkeypatch, native):
+    """On V100s and T4s torch only emulates bf16 (it says "supported" unless asked without emulation): `auto` takes
+    fp16 there, through DeepSpeed's loss scaling, and fp32 for a fine-tune without DeepSpeed. (No GPU here: torch's
+    answer is stood in for.)"""
+    import torch
+
+    from pretrain.config import FinetuneConfig, PretrainConfig
+    from pretrain.engine import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    pretrain = PretrainConfig.model_validate({"data": {"dataset": "ds"}})
+    finetune = FinetuneConfig.model_validate({"model": "m", "task": {"train": "t.jsonl"}})
+    with_ds = finetune.model_copy(update={"deepspeed": finetune.deepspeed.model_copy(update={"enabled": True})})
+    assert [resolve_precision(c, gpu) for c in (pretrain, finetune, with_ds)] == (
+        ["bf16"] * 3 if native else ["fp16", "fp32", "fp16"])
+    assert {resolve_precision(c, cpu) for c in (pretrain, finetune, with_ds)} == {"fp32"}
