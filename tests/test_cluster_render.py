@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 
 import pytest
@@ -253,7 +254,8 @@ STUBS = {  # Slurm's and the project's commands as the script calls them, loggin
     "scontrol": 'echo node1; echo node2\n',
     "srun": '''case "$*" in
   *"hostname --ip-address"*) echo "$HOST_ADDRESSES" ;;
-  *"ray start"*) echo "srun cpus=$SRUN_CPUS_PER_TASK $*" >> "$LOG"; [ -n "$NODES_DIE" ] || exec /bin/sleep 60 ;;
+  *"ray start"*) echo "srun cpus=$SRUN_CPUS_PER_TASK $*" >> "$LOG"; echo $$ >> "$LOG.pids"
+                 [ -n "$NODES_DIE" ] || exec /bin/sleep 60 ;;
 esac
 ''',
     "python": '''case "$1" in
@@ -264,6 +266,15 @@ esac
 ''',
     "sleep": "",
 }
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("nodes_die", [False, True])
@@ -293,7 +304,11 @@ def test_the_slurm_script_runs_the_job_and_ends_with_its_status(tmp_path, nodes_
     assert said[2] == ("submit -m cluster submit configs/jobs/pretrain_bert_base_2x8gpu.yaml --address "
                        "http://10.1.2.3:8265 --wait token=yes"), said[2]
     assert not (tmp_path / ".bertforge" / "slurm-77.token").exists()
-    assert subprocess.run(["pgrep", "-f", "^/bin/sleep 60$"], capture_output=True).returncode == 1  # none left
+    nodes = [int(pid) for pid in (tmp_path / "log.pids").read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in nodes), "the Ray nodes' steps outlived the script"
     no_ipv4 = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env={**env, "HOST_ADDRESSES": "fe80::1"},
                              capture_output=True, text=True, timeout=60)
     assert no_ipv4.returncode == 1 and "node1 has no IPv4 address" in no_ipv4.stderr, no_ipv4.stderr
