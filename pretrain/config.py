@@ -203,9 +203,9 @@ class PretrainConfig(Section):
     model: ModelSection = ModelSection()
     train: TrainConfig = TrainConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it (Ampere and newer), fp16 on older ones, fp32 on CPU "
-                            "(where bf16 matmuls are slow without AMX); bf16: fp32 weights and optimizer, bf16 compute "
-                            "under autocast; fp16: fp16 weights, loss scaling"
+        "auto", description="auto: bf16 on GPUs that have it (Ampere and newer), else fp32 (on CPU, bf16 matmuls "
+                            "are slow without AMX); bf16: fp32 weights and optimizer, bf16 compute under autocast; "
+                            "fp16: fp16 weights, loss scaling (V100, T4: their fast tensor-core type)"
     )
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -300,8 +300,8 @@ class FinetuneConfig(Section):
     task: TaskConfig
     train: FinetuneTrainConfig = FinetuneTrainConfig()
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it (Ampere and newer), else fp16 with deepspeed.enabled "
-                            "and fp32 without; fp32 on CPU. fp16 needs deepspeed.enabled")
+        "auto", description="auto: bf16 on GPUs that have it (Ampere and newer), else fp32. fp16 needs "
+                            "deepspeed.enabled")
     deepspeed: FinetuneDeepSpeed = FinetuneDeepSpeed()
     output: Location = Field("finetune/run", description="directory for the best model, metrics.jsonl and the summary")
     mlflow: FinetuneMlflow = FinetuneMlflow()

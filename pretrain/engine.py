@@ -143,13 +143,11 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(cfg: AnyConfig, device: torch.device) -> str:
+    # auto: bf16 where the GPU computes in it, else fp32. Both keep fp32 weights and optimizer state, so a run moved
+    # between GPU kinds resumes as it was; fp16 (faster on V100/T4 tensor cores) changes the checkpoint's layout and
+    # needs loss scaling, so it is asked for, not guessed.
     if cfg.precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        if native_bf16(device):
-            return "bf16"
-        uses_deepspeed = getattr(cfg.deepspeed, "enabled", True)  # (pretraining always does; fine-tuning may not)
-        return "fp16" if uses_deepspeed else "fp32"  # (fp16 needs DeepSpeed's loss scaling)
+        return "bf16" if native_bf16(device) else "fp32"
     if cfg.precision == "fp16" and device.type != "cuda":
         raise SetupError("precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use precision=bf16 or fp32")
     return cfg.precision
