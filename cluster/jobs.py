@@ -18,6 +18,7 @@ pretrain: {config, overrides}, registry: {name, alias}, finetune: {config, overr
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,11 @@ class Resources(Section):
     @property
     def nodes(self) -> int:
         return -(-self.num_workers // self.workers_per_node)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """What each worker asks Ray for (whole bytes: a node offers workers_per_node times this, exactly)."""
+        return math.ceil(self.memory_gb_per_worker * 2**30) if self.memory_gb_per_worker else None
 
     @model_validator(mode="after")
     def _consistent(self) -> Resources:

@@ -204,8 +204,8 @@ def pretrain_on_ray(cfg, spec: JobSpec, run_name: str, storage_path: str | None 
     per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
     if r.gpus:
         per_worker["GPU"] = r.gpus
-    if r.memory_gb_per_worker:
-        per_worker["memory"] = r.memory_gb_per_worker * 2**30
+    if r.memory_bytes:
+        per_worker["memory"] = r.memory_bytes
     scaling = dict(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=per_worker)
     if r.node_labels:
         scaling["label_selector"] = dict(r.node_labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from data_prep.configfile import ConfigError
 from data_prep.storage import is_remote
 
 RAY_PORT, DASHBOARD_PORT = 6379, 8265
-# Where a job asks for memory, a node's Ray is told exactly what it has for the workers (Ray's own guess is the
-# machine's memory less 30% for its object store, which falls short of what the workers ask for), and its
-# object store is a fixed size: the jobs pass only small records through it. The node's memory also holds Ray's
-# own processes: HEADROOM_GB.
+# Where a job asks for memory, a node's Ray is told exactly what the workers ask for, and a fixed object store (the
+# jobs pass only small records through it). By itself Ray takes 30% of the machine's memory (or of the pod's) for
+# the store: out of what the workers need, or on top of the pod's limit. The node (pod, Slurm allocation) holds
+# both and Ray's own processes: HEADROOM_GB.
 OBJECT_STORE_GB, HEADROOM_GB = 4, 8
 
 
@@ -42,16 +43,17 @@ def _node_resources(spec: JobSpec) -> dict[str, float]:
     # (rounded up: a node, a pod and Ray's --num-cpus/--num-gpus count whole CPUs and GPUs; workers of 0.5 GPU
     # each share one)
     out = {"cpus": math.ceil(r.cpus_per_worker * r.workers_per_node), "gpus": math.ceil(r.gpus * r.workers_per_node)}
-    if r.memory_gb_per_worker:
+    if r.memory_bytes:
         out["memory_gb"] = r.memory_gb_per_worker * r.workers_per_node
+        out["memory_bytes"] = r.memory_bytes * r.workers_per_node  # (what Ray is told: exactly the workers' asks)
     return out
 
 
 def _memory(res: dict[str, float]) -> dict[str, str]:
     """`ray start`'s memory flags for a node of `res` (none when the job asks for no memory)."""
-    if not res.get("memory_gb"):
+    if not res.get("memory_bytes"):
         return {}
-    return {"memory": str(int(res["memory_gb"] * 2**30)), "object-store-memory": str(OBJECT_STORE_GB * 2**30)}
+    return {"memory": str(res["memory_bytes"]), "object-store-memory": str(OBJECT_STORE_GB * 2**30)}
 
 
 def _flags(params: dict[str, str]) -> str:
@@ -183,9 +185,9 @@ trap 'kill ${{pids[@]+"${{pids[@]}}"}} 2>/dev/null || true; rm -f "$RAY_AUTH_TOK
 python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"
 
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-# the first node's first IPv4 address (hostname --ip-address may list IPv6 ones too)
+# the first node's first IPv4 address, not a loopback one (hostname --ip-address may list IPv6 ones too)
 head_ip=$(srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" hostname --ip-address \\
-          | awk '{{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/) {{print $i; exit}}}}')
+          | awk '{{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/ && $i !~ /^127\\./) {{print $i; exit}}}}')
 if [ -z "$head_ip" ]; then
   echo "error: ${{hosts[0]}} has no IPv4 address (hostname --ip-address) for the Ray head" >&2
   exit 1
@@ -204,14 +206,19 @@ for host in "${{hosts[@]:1}}"; do
 done
 
 # Wait until all {nodes} node(s) have joined, then run the job through the Jobs API and wait for its result.
+joined=
 for _ in $(seq 120); do
-  python - "$head_ip:{RAY_PORT}" {nodes} <<'PY' && break
+  python - "$head_ip:{RAY_PORT}" {nodes} <<'PY' && {{ joined=1; break; }}
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 sys.exit(0 if sum(n["Alive"] for n in ray.nodes()) >= int(sys.argv[2]) else 1)
 PY
   sleep 5
 done
+if [ -z "$joined" ]; then
+  echo "error: not all {nodes} node(s) joined the Ray head at $head_ip within 10 minutes (see their lines above)" >&2
+  exit 1
+fi
 {_command(job, overrides, 'http://${head_ip}:' + str(DASHBOARD_PORT))}
 """
     return "\n".join(lines) + "\n" + body
@@ -251,7 +258,12 @@ def ray_up(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: s
     }
     # The job is submitted on the head, from the project as the nodes have it: its relative paths are resolved
     # there (and storage looked at), not on the machine that runs `ray up`.
-    submit = f"cd ~/bertforge && RAY_AUTH_MODE=token {_command(job, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}"
+    there = os.path.relpath(Path(job).resolve(), Path.cwd().resolve())
+    if there.startswith(".."):
+        raise ConfigError(f"{job}: for ray-up the job file must be under the working directory, which `ray up` "
+                          "syncs to the head as ~/bertforge, where the job is submitted: render (and run `ray up`) "
+                          "from a directory that holds it")
+    submit = f"cd ~/bertforge && RAY_AUTH_MODE=token {_command(there, overrides, f'http://127.0.0.1:{DASHBOARD_PORT}')}"
     head = (f"# Ray cluster launcher config for job '{name}' ({spec.kind}): {nodes} worker node(s) of "
             f"{res['cpus']:g} CPUs" + (f", {res['gpus']:g} GPUs" if res["gpus"] else "") + ".\n"
             "# Fill in HEAD_IP / WORKER_IP_n / USER (or a cloud provider), then, from the project directory:\n"

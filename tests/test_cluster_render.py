@@ -83,9 +83,9 @@ def test_object_store_storage_puts_outputs_under_its_url_and_renders_without_a_v
     assert json.loads(env["BERTFORGE_JOB_PLAN"])["storage"] == "s3://b/x"
 
 
-def _render(job, target, *extra):
+def _render(job, target, *extra, cwd=REPO):
     out = subprocess.run([sys.executable, "-m", "cluster", "render", str(job), "--target", target, *extra],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -190,6 +190,15 @@ def test_ray_up_config_carries_the_node_resources(tmp_path):
     assert conf["file_mounts"]["~/.ray/auth_token"] == ".bertforge/auth_token"
     for cmd in conf["setup_commands"] + conf["head_start_ray_commands"] + conf["worker_start_ray_commands"]:
         assert subprocess.run(["bash", "-n", "-c", cmd], capture_output=True).returncode == 0, cmd
+    # submitted on the head, from the synced project: the job file's path is the project's, however it was given
+    assert "ray exec pretrain-quickstart.yaml 'cd ~/bertforge && RAY_AUTH_MODE=token python -m cluster submit " \
+        "configs/jobs/pretrain_quickstart.yaml --address" in _render(str(REPO / JOBS / "pretrain_quickstart.yaml"),
+                                                                     "ray-up")
+    outside = tmp_path / "job.yaml"
+    outside.write_text(f"kind: pretrain\nconfig: {REPO}/configs/pretrain/quickstart.yaml\n")
+    out = subprocess.run([sys.executable, "-m", "cluster", "render", str(outside), "--target", "ray-up"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "the job file must be under the working directory" in out.stderr, out.stderr
 
 
 def test_render_validates_the_job_first():
@@ -211,13 +220,13 @@ def test_client_commands_explain_a_missing_or_unreachable_cluster(tmp_path):
 
 def test_node_labels_reach_every_renderer(tmp_path):
     job = tmp_path / "labelled.yaml"
-    job.write_text("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\n"
+    job.write_text(f"kind: pretrain\nconfig: {REPO}/configs/pretrain/quickstart.yaml\n"
                    "resources: {num_workers: 2, node_labels: {pool: a100}}\n")
     manifest = yaml.safe_load(_render(str(job), "kuberay"))
     group = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["labels"] == {"pool": "a100"} and group["rayStartParams"] == {}  # (KubeRay refuses labels there)
     assert "--labels=pool=a100" in _render(str(job), "slurm")
-    conf = yaml.safe_load(_render(str(job), "ray-up"))
+    conf = yaml.safe_load(_render(str(job), "ray-up", cwd=tmp_path))  # (from where the job is: see ray-up's test)
     assert "--labels=pool=a100" in conf["worker_start_ray_commands"][1]
 
 
@@ -246,6 +255,15 @@ def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp
                     "resources: {use_gpu: true, gpus_per_worker: 0.5, cpus_per_worker: 0.5}\n")
     text = _render(str(half), "slurm")
     assert "#SBATCH --gpus-per-node=1" in text and "--num-gpus=1" in text and "--num-cpus=1" in text, text
+    # memory in fractions of a GiB: a node offers exactly what its workers ask Ray for, in whole bytes
+    import math
+
+    spec, _ = load_job(REPO / JOBS / "pretrain_quickstart.yaml", ["resources.memory_gb_per_worker=12.3",
+                                                                  "resources.workers_per_node=2"])
+    assert spec.resources.memory_bytes == math.ceil(12.3 * 2**30)
+    text = _render(f"{JOBS}/pretrain_quickstart.yaml", "slurm", "resources.memory_gb_per_worker=12.3",
+                   "resources.workers_per_node=2")
+    assert f" --memory={2 * spec.resources.memory_bytes} " in text and "#SBATCH --mem=37G\n" in text, text
     manifest = yaml.safe_load(_render(str(half), "kuberay"))
     assert '"nvidia.com/gpu": 1' in json.dumps(manifest), manifest
 
@@ -259,12 +277,13 @@ STUBS = {  # Slurm's and the project's commands as the script calls them, loggin
 esac
 ''',
     "python": '''case "$1" in
-  -) cat > /dev/null ;;  # the wait for the nodes: all joined
+  -) cat > /dev/null; [ -z "$NEVER_JOIN" ] ;;  # the wait for the nodes: all joined (or never)
   -m) echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"; exit 3 ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
 ''',
     "sleep": "",
+    "seq": 'echo 1; echo 2\n',  # (the wait for the nodes tries twice, not 120 times)
 }
 
 
@@ -292,12 +311,11 @@ def test_the_slurm_script_runs_the_job_and_ends_with_its_status(tmp_path, nodes_
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "REAL_PYTHON": sys.executable,
            "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_CPUS_PER_TASK": "65", "SLURM_JOB_ID": "77",
-           "SLURM_JOB_NODELIST": "node[1-2]", "HOST_ADDRESSES": "fe80::1 10.1.2.3 192.168.0.9",
+           "SLURM_JOB_NODELIST": "node[1-2]", "HOST_ADDRESSES": "fe80::1 127.0.1.1 10.1.2.3 192.168.0.9",
            "NODES_DIE": "1" if nodes_die else ""}
     run = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 3, run.stderr  # the job's own status
-    said = log.read_text().splitlines()
-    said[:2] = sorted(said[:2])  # (the nodes start in the background, in either order)
+    said = sorted(log.read_text().splitlines())  # (the nodes start in the background: in any order)
     assert len(said) == 3 and all(line.startswith("srun cpus=65 ") for line in said[:2]), said
     assert "-w node1 --export=ALL ray start --head --block --node-ip-address=10.1.2.3 " in said[0], said[0]
     assert "-w node2 --export=ALL ray start --block --address=10.1.2.3:6379 " in said[1], said[1]
@@ -313,3 +331,8 @@ def test_the_slurm_script_runs_the_job_and_ends_with_its_status(tmp_path, nodes_
                              capture_output=True, text=True, timeout=60)
     assert no_ipv4.returncode == 1 and "node1 has no IPv4 address" in no_ipv4.stderr, no_ipv4.stderr
     assert not (tmp_path / ".bertforge" / "slurm-77.token").exists()
+    log.unlink()
+    missing = subprocess.run(["bash", "job.sbatch"], cwd=tmp_path, env={**env, "NEVER_JOIN": "1"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "not all 2 node(s) joined the Ray head at 10.1.2.3" in missing.stderr
+    assert "submit" not in log.read_text() and not (tmp_path / ".bertforge" / "slurm-77.token").exists()
