@@ -28,9 +28,10 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_MODEL = "spm.model"
 FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension": SAMPLE_EXT}
 # How this code turns a corpus into examples: the tokenizer's sample, sentence splitting, pairing and masking. Raise
-# it with every change that makes other bytes from the same config and inputs, so that a dataset is neither resumed
-# nor called complete across that change (its shards would mix both). Manifests without it were made at 1.
-# 2: a Latin word right after a CJK character is a whole word of its own; the tokenizer's sample follows sentences.
+# it with every change that makes other bytes from the same config and inputs: an unfinished dataset is not resumed
+# across that change (its shards would mix both kinds); a finished one stays as it is, with a note. Manifests and
+# work configs without it were made at 1. 2: a Latin word right after a CJK character is a whole word of its own;
+# the tokenizer's sample follows sentences.
 RECIPE_VERSION = 2
 # What a dataset consists of: files at the top, and in its folders the files of these names only.
 OWNED_FILES = (MANIFEST, REPORT)
@@ -53,8 +54,8 @@ class DatasetError(Exception):
 # What a cluster job can do where data prep's command line would pass --overwrite
 DELETE_IT = "a job has no --overwrite: delete {output} to replace it, or give the data_prep config another output"
 NOT_A_DATASET = "choose an empty or new output for the data_prep config (its files are not a dataset's)"
-UNFINISHED = ("submit the job as it was when this dataset was started to finish it, or delete {output} to start "
-              "over (a job has no --overwrite)")
+UNFINISHED = ("submit the job as it was when this dataset was started (the same config, inputs and data_prep "
+              "version) to finish it, or delete {output} to start over (a job has no --overwrite)")
 
 
 # What readers of a manifest rely on (pretraining, export, verify, inspect): checked once, where it is read.
@@ -114,11 +115,10 @@ def read_manifest(root: str | Path) -> dict:
 
 
 def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str | None) -> str:
-    """Identity of what a run will produce: the content config, the exact input files (path and size), the
-    version of the code that makes examples and, when one is given, the tokenizer's bytes. Resume and "already
+    """Identity of what a run will produce: the content config, the exact input files (path and size) and,
+    when one is given, the tokenizer's bytes. Resume (with the same RECIPE_VERSION, `work_recipe`) and "already
     complete" both require it to match."""
     return config_hash({
-        "recipe_version": RECIPE_VERSION,
         "config": cfg.content(),
         "sources": [[s.url, s.size] for s in sources],
         "tokenizer": tokenizer_sha,
@@ -126,15 +126,9 @@ def recipe_hash(cfg: DataPrepConfig, sources: list[Source], tokenizer_sha: str |
 
 
 def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> str:
-    """How this run's recipe differs from the finished dataset's `manifest`: another version of the code that makes
-    examples, changed config keys (old -> new), input files added, removed or of another size; empty when it cannot
-    tell (e.g. only a given tokenizer's bytes)."""
+    """How this run's recipe differs from the finished dataset's `manifest`: changed config keys (old -> new) and
+    input files added, removed or of another size; empty when it cannot tell (e.g. only a given tokenizer's bytes)."""
     said = config_changes(manifest.get("config") or {}, cfg.content())
-    version = manifest.get("recipe_version", 1)
-    if version != RECIPE_VERSION:
-        which = "another" if not isinstance(version, int) else "an older" if version < RECIPE_VERSION else "a newer"
-        said.insert(0, f"made by {which} data_prep, whose examples differ: recipe version {version}, this one makes "
-                       f"{RECIPE_VERSION}")
     before = {s["path"]: s["bytes"] for s in manifest.get("sources") or []}
     now = {s.url: s.size for s in sources}
     added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
@@ -143,6 +137,25 @@ def what_changed(manifest: dict, cfg: DataPrepConfig, sources: list[Source]) -> 
         if names:
             said.append(f"{what}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}")
     return "; ".join(said[:6]) + ("; ..." if len(said) > 6 else "")
+
+
+def work_recipe(work_config: object) -> str:
+    """The recipe an unfinished dataset's work config (parsed) can be resumed as: its recipe hash when this code
+    makes its kind of examples (RECIPE_VERSION), else one no run matches ('' when it is damaged)."""
+    if not isinstance(work_config, dict):
+        return ""
+    recipe, version = str(work_config.get("recipe_hash") or ""), work_config.get("recipe_version", 1)
+    return recipe if version == RECIPE_VERSION else f"{recipe} (recipe version {version})"
+
+
+def older_recipe(manifest: dict) -> str | None:
+    """A note for a finished dataset made by a data_prep whose examples differ from this one's (None: the same)."""
+    version = manifest.get("recipe_version", 1)
+    if version == RECIPE_VERSION:
+        return None
+    return (f"note: this dataset was made by a data_prep of recipe version {version}, this one makes "
+            f"{RECIPE_VERSION}: from the same config and files its examples would differ a little. It is kept as it "
+            "is; --overwrite (in a job: deleting it) makes it again")
 
 
 def unfinished_other(output: str | Path) -> DatasetError:
@@ -171,8 +184,8 @@ def prepare_output(root: Path, recipe: str, overwrite: bool, changed=None) -> st
                            "--overwrite to replace it.", DELETE_IT)
     elif work_cfg.is_file():
         try:
-            same = json.loads(work_cfg.read_text(encoding="utf-8")).get("recipe_hash") == recipe
-        except (ValueError, AttributeError):  # damaged: as good as another run's
+            same = work_recipe(json.loads(work_cfg.read_text(encoding="utf-8"))) == recipe
+        except ValueError:  # damaged: as good as another run's
             same = False
         if same and not overwrite:
             return "resume"

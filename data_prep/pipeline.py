@@ -26,8 +26,8 @@ from data_prep.config import DataPrepConfig, RayConfig
 from data_prep.configfile import ConfigError
 from data_prep.dataset import (
     DELETE_IT, MANIFEST, NOT_A_DATASET, OWNED_FILES, OWNED_IN, RECIPE_VERSION, REPORT, TOKENIZER_DIR, TOKENIZER_MODEL,
-    WORK, DatasetError, build_manifest, build_report, parse_manifest, prepare_output, read_manifest, recipe_hash,
-    refuse_foreign, unfinished_other, what_changed,
+    WORK, DatasetError, build_manifest, build_report, older_recipe, parse_manifest, prepare_output, read_manifest,
+    recipe_hash, refuse_foreign, unfinished_other, what_changed, work_recipe,
 )
 from data_prep.examples import doc_rng
 from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice, use_cluster_token
@@ -229,11 +229,15 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     if state == "complete":
         log(f"'{cfg.output}' already holds this dataset (same config, same input file paths and sizes); nothing to "
             "do.")
+        if remote:
+            root.mkdir(parents=True, exist_ok=True)
+            for name in (MANIFEST, REPORT):
+                (root / name).write_text(storage.read_text(storage.join(remote, name)), encoding="utf-8")
+        note = older_recipe(read_manifest(root))
+        if note:
+            print(note, file=sys.stderr)
         if not remote:
             return summarize(root, time.monotonic() - t0, sources_bytes=None)
-        root.mkdir(parents=True, exist_ok=True)
-        for name in (MANIFEST, REPORT):
-            (root / name).write_text(storage.read_text(storage.join(remote, name)), encoding="utf-8")
         summary = summarize(root, time.monotonic() - t0, sources_bytes=None, shown=remote)
         storage.clear_local(root)
         return summary
@@ -446,8 +450,8 @@ def _recipe_of(work_config: str | Path) -> str | None:
     except Exception as e:  # noqa: BLE001 (credentials, endpoint: listed, yet not readable; said, not a traceback)
         raise DatasetError(f"output: {storage.unreadable(str(work_config), e)}") from None
     try:
-        return str(json.loads(text).get("recipe_hash") or "")
-    except (ValueError, AttributeError):
+        return work_recipe(json.loads(text))
+    except ValueError:
         return ""
 
 

@@ -17,7 +17,7 @@ from data_prep.sources import DocumentReader, Source, expand_inputs
 from data_prep.worker import plan_units
 
 
-def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray_local):
+def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray_local, capsys):
     from data_prep.pipeline import run
 
     cfg = small_config(small_corpus, tmp_path / "ds")
@@ -41,12 +41,13 @@ def test_changed_input_files_are_a_different_dataset(small_corpus, tmp_path, ray
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     assert any(s["path"].endswith("aaa_new.txt") for s in m["sources"])
     assert verify(tmp_path / "ds") == []
-    # a dataset an older data_prep made (other examples from the same config and files) is not "complete"
-    m.update(recipe_version=1, recipe_hash="older")
+    # a dataset an older data_prep made (other examples from the same config and files) is kept, with a note
+    capsys.readouterr()
+    m["recipe_version"] = RECIPE_VERSION - 1
     (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
-    with pytest.raises(DatasetError, match=r"different dataset \(made by an older data_prep, whose examples differ: "
-                                           rf"recipe version 1, this one makes {RECIPE_VERSION}\)"):
-        run(cfg)
+    assert run(cfg)["seconds"] < 5
+    assert f"note: this dataset was made by a data_prep of recipe version {RECIPE_VERSION - 1}, this one makes " \
+        f"{RECIPE_VERSION}" in capsys.readouterr().err
 
 
 def test_an_output_inside_an_input_directory_does_not_read_its_own_files(small_corpus, ray_local, capsys):
@@ -85,6 +86,13 @@ def test_unfinished_work_of_other_inputs_is_not_reused(small_corpus, tmp_path):
     (root / ".work/config.json").write_text(json.dumps({"recipe_hash": "old"}))
     (root / ".work/units/unit-000000.json").write_text("{}")
     with pytest.raises(DatasetError, match="different config, different input files or another version of data_prep"):
+        prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False)
+    # the same config and inputs, started by a data_prep whose examples differ: not resumed (mixed shards)
+    same = {"recipe_hash": recipe_hash(cfg, sources, None), "recipe_version": RECIPE_VERSION}
+    (root / ".work/config.json").write_text(json.dumps(same))
+    assert prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False) == "resume"
+    (root / ".work/config.json").write_text(json.dumps({**same, "recipe_version": RECIPE_VERSION - 1}))
+    with pytest.raises(DatasetError, match="another version of data_prep"):
         prepare_output(root, recipe_hash(cfg, sources, None), overwrite=False)
     # Without finished units, a restart clears everything the old attempt wrote, stray shards included.
     (root / ".work/units/unit-000000.json").unlink()
@@ -176,7 +184,7 @@ def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never
 
     staging = tmp_path / "staging"
     (staging / ".work" / "units").mkdir(parents=True)
-    (staging / ".work" / "config.json").write_text(json.dumps({"recipe_hash": "ours"}))
+    (staging / ".work" / "config.json").write_text(json.dumps({"recipe_hash": "ours", "recipe_version": RECIPE_VERSION}))
     (staging / ".work" / "units" / "unit-000000.json").write_text("{}")
     assert _prepare_remote(url, staging, "ours", overwrite=False) == "resume"
     assert (staging / ".work" / "units" / "unit-000000.json").is_file()
@@ -189,7 +197,7 @@ def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never
     def denied(where: str) -> str:  # (a bucket whose listing is allowed and whose reading is not)
         raise PermissionError("Access Denied")
 
-    fs.pipe(f"{url}/.work/config.json", json.dumps({"recipe_hash": "ours"}).encode())
+    fs.pipe(f"{url}/.work/config.json", json.dumps({"recipe_hash": "ours", "recipe_version": RECIPE_VERSION}).encode())
     monkeypatch.setattr(storage, "read_text", denied)
     with pytest.raises(DatasetError, match=r"^output: cannot read 'memory://resume-state/out/.work/config.json' "
                                            r"\(PermissionError: Access Denied\); check the storage's credentials"):

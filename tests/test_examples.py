@@ -262,9 +262,10 @@ def test_tiny_examples_never_break(n):
     assert 1 <= int(batch.counts[0]) <= 2
 
 
-# The examples a fixed token stream makes, per data_prep.dataset.RECIPE_VERSION. A dataset is resumed and called
-# complete only at the same version, so a change to pairing, masking or shuffling must raise that version (and
-# record its digest here); otherwise a resumed dataset would hold examples of both kinds.
+# The examples a fixed token stream makes, per data_prep.dataset.RECIPE_VERSION. An unfinished dataset is resumed
+# only at the same version, so a change to pairing, masking or shuffling must raise that version (and record its
+# digest here); otherwise a resumed dataset would hold examples of both kinds. (This guards the example-making code
+# only: a change to sentence splitting, the tokenizer's sample or the word-start table must raise it too.)
 RECIPE_DIGESTS = {2: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"}}
 
 
