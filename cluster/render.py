@@ -187,7 +187,8 @@ python -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 # the first node's first IPv4 address, not a loopback one (hostname --ip-address may list IPv6 ones too)
 head_ip=$(srun --nodes=1 --ntasks=1 -w "${{hosts[0]}}" hostname --ip-address \\
-          | awk '{{for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/ && $i !~ /^127\\./) {{print $i; exit}}}}')
+          | awk '{{for (i = 1; i <= NF; i++)
+                     if ($i ~ /^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$/ && $i !~ /^127\\./) {{print $i; exit}}}}')
 if [ -z "$head_ip" ]; then
   echo "error: ${{hosts[0]}} has no IPv4 address (hostname --ip-address) for the Ray head" >&2
   exit 1
