@@ -307,6 +307,6 @@ def test_one_copy_per_name_stop_and_list(dataset, s3):
                                                       "RAY_AUTH_TOKEN_PATH": state["token_path"]},
                              capture_output=True, text=True, timeout=120)
     assert deleted.returncode == 0, deleted.stderr[-2000:]
-    fourth = cluster("submit", str(job), "--address", state["address"], cwd=root)
-    assert fourth.returncode == 0 and "submitted job long-3" in fourth.stdout, fourth.stdout + fourth.stderr
-    assert cluster("stop", "long-3", cwd=root).returncode == 0
+    over_at_once = _job(root, "long", {"kind": "data_prep", "config": "dp-bad.yaml"})  # (the same name)
+    fourth = cluster("submit", str(over_at_once), "--address", state["address"], "--wait", cwd=root)
+    assert fourth.returncode != 0 and "submitted job long-3" in fourth.stdout, fourth.stdout + fourth.stderr
