@@ -277,7 +277,9 @@ STUBS = {  # Slurm's and the project's commands as the script calls them, loggin
 esac
 ''',
     "python": '''case "$1" in
-  -) cat > /dev/null; [ -z "$NEVER_JOIN" ] ;;  # the wait for the nodes: all joined (or never)
+  -) cat > /dev/null  # the wait for the nodes: until both have started (then all joined, or never)
+     for _ in $(/usr/bin/seq 100); do [ "$(grep -c "ray start" "$LOG")" -ge 2 ] && break; /bin/sleep 0.05; done
+     [ -z "$NEVER_JOIN" ] ;;
   -m) echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"; exit 3 ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
