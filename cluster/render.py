@@ -44,7 +44,6 @@ def _node_resources(spec: JobSpec) -> dict[str, float]:
     # each share one)
     out = {"cpus": math.ceil(r.cpus_per_worker * r.workers_per_node), "gpus": math.ceil(r.gpus * r.workers_per_node)}
     if r.memory_bytes:
-        out["memory_gb"] = r.memory_gb_per_worker * r.workers_per_node
         out["memory_bytes"] = r.memory_bytes * r.workers_per_node  # (what Ray is told: exactly the workers' asks)
     return out
 
@@ -62,7 +61,7 @@ def _flags(params: dict[str, str]) -> str:
 
 def _node_memory_gb(res: dict[str, float]) -> float | None:
     """What a node (pod, Slurm allocation) must hold: the workers' memory, Ray's object store and its processes."""
-    return res["memory_gb"] + OBJECT_STORE_GB + HEADROOM_GB if res.get("memory_gb") else None
+    return res["memory_bytes"] / 2**30 + OBJECT_STORE_GB + HEADROOM_GB if res.get("memory_bytes") else None
 
 
 def _labels(spec: JobSpec) -> str:
@@ -109,7 +108,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
     volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
     # The head runs the driver (2 CPUs of its own); for data prep its tasks too, so its pod gets what it offers.
     head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]
-    head_memory = 8 + ((res.get("memory_gb") or 0) if spec.kind == "data_prep" else 0)
+    head_memory = 8 + (res.get("memory_bytes", 0) / 2**30 if spec.kind == "data_prep" else 0)
     manifest = {
         "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name},
         "spec": {
@@ -161,7 +160,7 @@ def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: st
              "#SBATCH --exclusive"]  # (Ray's ports are fixed: one Ray node per machine)
     if res["gpus"]:
         lines.append(f"#SBATCH --gpus-per-node={int(res['gpus'])}")
-    if res.get("memory_gb"):
+    if res.get("memory_bytes"):
         lines.append(f"#SBATCH --mem={math.ceil(_node_memory_gb(res))}G")
     lines.append("#SBATCH --output=%x-%j.out")
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.runtime_env.env_vars.items())

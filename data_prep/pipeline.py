@@ -229,15 +229,11 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     if state == "complete":
         log(f"'{cfg.output}' already holds this dataset (same config, same input file paths and sizes); nothing to "
             "do.")
-        if remote:
-            root.mkdir(parents=True, exist_ok=True)
-            for name in (MANIFEST, REPORT):
-                (root / name).write_text(storage.read_text(storage.join(remote, name)), encoding="utf-8")
-        note = older_recipe(read_manifest(root))
-        if note:
-            print(note, file=sys.stderr)
         if not remote:
             return summarize(root, time.monotonic() - t0, sources_bytes=None)
+        root.mkdir(parents=True, exist_ok=True)
+        for name in (MANIFEST, REPORT):
+            (root / name).write_text(storage.read_text(storage.join(remote, name)), encoding="utf-8")
         summary = summarize(root, time.monotonic() - t0, sources_bytes=None, shown=remote)
         storage.clear_local(root)
         return summary
@@ -565,6 +561,9 @@ def _finish(root: Path, cfg: DataPrepConfig, sources, tok: Path, records: list[d
 def summarize(root: Path, seconds: float, sources_bytes: int | None, shown: str | None = None) -> dict:
     """Print and return the end-of-job summary of the dataset in `root` (published at `shown`, if given)."""
     manifest = read_manifest(root)
+    note = older_recipe(manifest)  # (a finished dataset found as it was, made by an older data_prep)
+    if note:
+        print(note, file=sys.stderr)
     report = json.loads((root / REPORT).read_text(encoding="utf-8"))
     splits = manifest["splits"]
     summary = {

@@ -188,6 +188,7 @@ def test_ray_up_config_carries_the_node_resources(tmp_path):
     assert all("RAY_AUTH_MODE=token" in c for c in conf["head_start_ray_commands"][1:] +
                conf["worker_start_ray_commands"][1:])
     assert conf["file_mounts"]["~/.ray/auth_token"] == ".bertforge/auth_token"
+    assert {".venv", ".git", ".bertforge"} <= set(conf["rsync_exclude"])  # (the nodes install the project themselves)
     for cmd in conf["setup_commands"] + conf["head_start_ray_commands"] + conf["worker_start_ray_commands"]:
         assert subprocess.run(["bash", "-n", "-c", cmd], capture_output=True).returncode == 0, cmd
     # submitted on the head, from the synced project: the job file's path is the project's, however it was given
