@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import sentencepiece as spm
 import torch
 
-from data_prep.config import CLS_ID, PAD_ID, SEP_ID
+from data_prep.config import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
 from pretrain.model import BertForPretraining
+
+# A special piece spelt out in a text ("premise [SEP] hypothesis") is that token, as transformers' tokenizers read
+# it; sentencepiece alone would read it as characters.
+_SPECIAL = re.compile("(" + "|".join(re.escape(p) for p in SPECIAL_PIECES) + ")")
 
 
 def as_texts(values, what: str = "input") -> list[str]:
@@ -23,28 +29,46 @@ def as_texts(values, what: str = "input") -> list[str]:
 
 def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_len: int,
            pairs: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_len` (longest side first), padded.
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated to `max_len`, padded: the ids, segment ids and
+    masks of the exported transformers tokenizer (`hf_compat.fast_tokenizer`), truncation included.
 
     Returns (input_ids, token_type_ids, attention_mask), each (B, L) with L the longest row.
     """
-    a = sp.encode(list(texts))
-    b = sp.encode(list(pairs)) if pairs is not None else [None] * len(a)
+    a = _pieces(sp, texts)
+    b = _pieces(sp, pairs) if pairs is not None else [None] * len(a)
     rows, types = [], []
     for x, y in zip(a, b, strict=True):
-        x, y = list(x), list(y) if y is not None else None
         room = max_len - (3 if y is not None else 2)
-        while len(x) + len(y or []) > room:
-            (x if y is None or len(x) >= len(y) else y).pop()
+        if y is None:
+            x = x[:room]
+        elif len(x) + len(y) > room:
+            # transformers' "longest_first": the shorter side (the first, at equal lengths) keeps up to half the
+            # room, the other side the rest
+            half = min(len(x), len(y), room // 2)
+            x, y = (x[:half], y[:room - half]) if len(x) <= len(y) else (x[:room - half], y[:half])
         ids = [CLS_ID, *x, SEP_ID] + ([*y, SEP_ID] if y is not None else [])
         rows.append(ids)
         types.append([0] * (len(x) + 2) + [1] * (len(ids) - len(x) - 2))
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), PAD_ID, np.int64)
     tt = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)  # (by length: a "[PAD]" in a text is a real token)
     for i, (r, t) in enumerate(zip(rows, types, strict=True)):
-        ids[i, :len(r)], tt[i, :len(t)] = r, t
-    ids_t = torch.from_numpy(ids)
-    return ids_t, torch.from_numpy(tt), (ids_t != PAD_ID).long()
+        ids[i, :len(r)], tt[i, :len(t)], mask[i, :len(r)] = r, t, 1
+    return torch.from_numpy(ids), torch.from_numpy(tt), torch.from_numpy(mask)
+
+
+def _pieces(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[list[int]]:
+    texts = list(texts)
+    if not any("[" in t for t in texts):
+        return [list(ids) for ids in sp.encode(texts)]  # (the common case, in one call)
+    out = []
+    for t in texts:
+        ids: list[int] = []
+        for i, part in enumerate(_SPECIAL.split(t)):
+            ids.extend([SPECIAL_PIECES.index(part)] if i % 2 else sp.encode(part))
+        out.append(ids)
+    return out
 
 
 @torch.no_grad()

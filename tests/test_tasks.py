@@ -187,13 +187,24 @@ def test_the_transformers_tokenizer_gives_our_ids(tmp_path, model_type):
 
     hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
     texts = sentences[:100] + ["  leading and   inner  spaces  ", "tabs\tand\nnewlines", "Digits 2024 and 3.14",
-                               "ünïcödé Ｆｕｌｌ ﬁ", "emoji 🙂 and 日本語", "", "x"]
+                               "ünïcödé Ｆｕｌｌ ﬁ", "emoji 🙂 and 日本語", "", "x",
+                               # a special piece spelt out is that token for both (as transformers reads it)
+                               "premise [SEP] hypothesis", "[CLS]x[MASK] y [PAD]  [UNK]", "[SEP]", "[ SEP] [sep]"]
     for t in texts:
         assert hf(t)["input_ids"] == encode(sp, [t], 512)[0][0].tolist(), repr(t)
     ids, types, mask = encode(sp, texts[:40], 512, texts[40:80])
     enc = hf(texts[:40], texts[40:80], padding=True, return_tensors="pt")
     assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
     assert torch.equal(enc["attention_mask"], mask)
+    # truncation of single texts and of pairs of every relation of lengths (equal ones too), odd and even room
+    a, b = texts[:100], texts[1:101] + texts[:3]
+    for max_len in (7, 8, 16, 25):
+        ids, types, mask = encode(sp, a, max_len, b[:100])
+        enc = hf(a, b[:100], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types), max_len
+        assert torch.equal(enc["attention_mask"], mask)
+        single = hf(a, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        assert torch.equal(single["input_ids"], encode(sp, a, max_len)[0])
 
 
 def test_the_demo_task_is_balanced_disjoint_and_readable(tmp_path):
