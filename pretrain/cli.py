@@ -246,6 +246,7 @@ def _export(args) -> int:
             training = json.loads((out / "training.json").read_text())
             print(f"exported step {training['step']} of {training['checkpoint']} to {out}")
             return EXIT_OK
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="export-", dir=out.resolve().parent) as scratch:
             model_dir, _ = resolve_model(source, Path(scratch) / "model", tracking_uri(MlflowConfig(
                 tracking_uri=args.tracking_uri)))

@@ -152,8 +152,9 @@ class MlflowConfig(Section):
 
 def registry_name_problem(name: str | None, alias: str | None) -> str | None:
     """What MLflow would refuse in a registered model's name or alias (checked here, before any training), or None."""
-    if name is not None and (not name.strip() or "/" in name or ":" in name):
-        return f"registered model name {name!r}: MLflow names are not empty and hold no '/' or ':'"
+    if name is not None and (not name.strip() or any(c in name for c in "/:'\"")):
+        # (quotes: MLflow's searches by name, which registering a version needs, cannot hold them)
+        return f"registered model name {name!r}: MLflow names are not empty and hold no '/', ':' or quotes"
     if alias is None:
         return None
     if alias.lower() == "latest":

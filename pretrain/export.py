@@ -284,13 +284,17 @@ def check_model_dir(d: Path) -> None:
     """Raise ExportError unless `d` is a complete model directory of this project (its checksums hold), saying
     what it is instead where that is known (a transformers export)."""
     problems = verify(d)
-    if problems and not (d / CHECKSUMS).is_file() and (d / "config.json").is_file() and \
+    if problems:
+        _refuse_transformers_dir(d)
+        raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
+
+
+def _refuse_transformers_dir(d: Path) -> None:
+    if not (d / CHECKSUMS).is_file() and (d / "config.json").is_file() and \
             "model_type" in json.loads((d / "config.json").read_text()):
         raise ExportError(f"{d} is a Hugging Face (transformers) model, not this project's model directory: give "
                           "the pretraining checkpoint, its export (python -m pretrain export) or its registered "
                           "version it was made from")
-    if problems:
-        raise ExportError(f"model directory {d} is damaged: {'; '.join(problems[:3])}")
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -335,6 +339,7 @@ def resolve_model(source: str, scratch: Path, uri: str) -> tuple[Path, dict]:
             if not path.exists():
                 raise ExportError(f"model '{source}' is neither a models:/ or runs:/ URI nor an existing directory")
             d, where = model_files(path), str(path.resolve())
+            _refuse_transformers_dir(d)  # (before a fine-tune replaces anything for a source it cannot load)
             if not (d / CONFIG_FILE).is_file():  # a checkpoint (or checkpoint.dir) from `pretrain train`
                 d = export(path, scratch)
         training = json.loads((d / "training.json").read_text()) if (d / "training.json").is_file() else {}

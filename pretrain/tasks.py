@@ -188,7 +188,7 @@ def read_rows(path: str, cfg: TaskConfig, key: str = "task.train") -> Rows:
 def _order(label) -> tuple:
     """Integers (and integer strings, as csv gives them) in numeric order, then names alphabetically."""
     text = str(label)
-    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+    return (0, int(text), "") if text.lstrip("-").isdecimal() else (1, 0, text)
 
 
 def label_names(train: Rows) -> list:

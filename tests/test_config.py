@@ -247,7 +247,8 @@ def test_pretrain_config_errors_name_the_key(tmp_path: Path):
     # MLflow's other rules, before any training rather than at registration after it
     for over, said in {"registry.alias=v9": r"'v9' is reserved by MLflow \(models:/NAME@v9 means version 9\)",
                        "registry.alias=a b": "aliases hold letters, digits, '_' and '-' only",
-                       "registry.name=team/bert": "names are not empty and hold no '/' or ':'"}.items():
+                       "registry.name=team/bert": "names are not empty and hold no '/', ':' or quotes",
+                       "registry.name=o'brien": "names are not empty and hold no '/', ':' or quotes"}.items():
         with pytest.raises(ConfigError, match=said):
             load_config(PretrainConfig, f, ["registry.name=m", over])
     assert load_config(PretrainConfig, f, ["registry.name=m", "registry.alias=prod_v2-b"]).registry.alias == "prod_v2-b"
@@ -277,7 +278,7 @@ def test_registry_names_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
     r = subprocess.run([sys.executable, "-m", "cluster", "validate", "configs/jobs/quickstart.yaml",
                         "stages.registry.name=team/bert"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "'team/bert': MLflow names are not empty and hold no '/' or ':'" in r.stderr, r.stderr
+    assert r.returncode == 2 and "'team/bert': MLflow names are not empty and hold no '/', ':' or quotes" in r.stderr, r.stderr
 
 
 def test_data_prep_run_takes_overwrite_before_or_after_the_config():

@@ -335,26 +335,29 @@ def test_transformers_loads_the_hf_export(registered, tmp_path):
     torch.testing.assert_close(nsp, ours_nsp, atol=1e-5, rtol=1e-5)
 
     clf_dir = _classifier(tmp, tmp_path)  # a fine-tuned model: BertForSequenceClassification with its labels
-    out = pretrain_cli("export", str(clf_dir), "--format", "hf", "--out", str(tmp_path / "hf-clf"), cwd=tmp)
+    hf_clf_dir = tmp_path / "exports" / "hf-clf"  # (--out's parent is made too)
+    out = pretrain_cli("export", str(clf_dir), "--format", "hf", "--out", str(hf_clf_dir), cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"transformers.AutoModelForSequenceClassification.from_pretrained('{tmp_path / 'hf-clf'}')" in out.stdout
+    assert f"transformers.AutoModelForSequenceClassification.from_pretrained('{hf_clf_dir}')" in out.stdout
     clf, _ = load_model(clf_dir)
-    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-clf").eval()
+    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_clf_dir).eval()
     assert hf_clf.config.id2label == {0: "animal", 1: "tool"}
     with torch.no_grad():
         torch.testing.assert_close(hf_clf(**enc).logits, clf(ids, types, mask), atol=1e-5, rtol=1e-5)
     # the export is transformers' to read, not this project's: said so where one is given back to it
-    from pretrain.export import ExportError
+    from pretrain.export import ExportError, resolve_model
 
     with pytest.raises(ExportError, match="is a Hugging Face \\(transformers\\) model, not this project's"):
         load_model(tmp_path / "hf")
+    with pytest.raises(ExportError, match="is a Hugging Face \\(transformers\\) model"):  # (before a fine-tune
+        resolve_model(str(tmp_path / "hf"), tmp_path / "scratch", "")  # replaces an earlier one's summary)
     out = pretrain_cli("export", str(tmp_path / "hf"), "--out", str(tmp_path / "copy"), cwd=tmp)  # (native format)
     assert out.returncode == 1 and "is a Hugging Face (transformers) model, not this project's" in out.stderr, \
         out.stdout + out.stderr[-2000:]
     assert not (tmp_path / "copy").exists()
     out = pretrain_cli("evaluate", str(tmp_path / "hf"), "--dataset", str(tmp / "ds"), cwd=tmp)
-    assert out.returncode == 1 and "is not a model directory of this project (no dataset.json; a Hugging Face " \
-        "export?)" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 1 and "is a Hugging Face (transformers) model, not this project's" in out.stderr, \
+        out.stderr[-2000:]
     out = pretrain_cli("evaluate", str(tmp / "ck"), "--dataset", str(tmp / "ds"), "--json",
                        str(tmp_path / "nodir" / "x.json"), cwd=tmp)
     assert out.returncode == 2 and f"the directory {tmp_path / 'nodir'} does not exist" in out.stderr

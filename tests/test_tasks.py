@@ -48,6 +48,8 @@ def test_labels_are_ordered_stably_and_unknown_ones_are_named(tmp_path):
     names = label_names(train)
     assert names == ["2", "10", "neg"]  # integers numerically, then names
     assert label_index(train, names, "a.jsonl") == [1, 0, 2, 0]
+    odd = read_rows(_jsonl(tmp_path / "d.jsonl", [{"text": "t", "label": v} for v in ("²", "3", "-1")]), cfg)
+    assert label_names(odd) == ["-1", "3", "²"]  # (a superscript digit is a name, not a number)
     test = read_rows(_jsonl(tmp_path / "b.jsonl", [{"text": "t", "label": "2"}, {"text": "t", "label": "pos"}]), cfg)
     with pytest.raises(TaskError, match=r"b.jsonl:2: label 'pos' does not occur in a.jsonl"):
         label_index(test, names, "a.jsonl")
