@@ -36,7 +36,8 @@ RECIPE_VERSION = 2
 # What a dataset consists of: files at the top, and in its folders the files of these names only.
 OWNED_FILES = (MANIFEST, REPORT)
 OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),
-            **{split: re.compile(r"shard-\d{6}-\d{5}\.tar(\.partial)?") for split in SPLITS}}
+            # (6 and 5 digits at least: wider past a million units or 100,000 shards of one unit)
+            **{split: re.compile(r"shard-\d{6,}-\d{5,}\.tar(\.partial)?") for split in SPLITS}}
 
 
 class DatasetError(Exception):

@@ -208,12 +208,19 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     sources = _outside(expand_inputs(cfg.inputs, others), cfg.output)  # input problems surface before Ray starts
     others = [p for p in others if not _inside(p, cfg.output)]
     if others:
-        print(f"note: {len(others)} files in the input directories are not {'/'.join(FORMATS)} files (optionally "
-              f"compressed) and are not read, e.g. {', '.join(others[:3])}", file=sys.stderr)
-    given_tok = None
+        print(f"note: {len(others)} files in the input directories or globs are not {'/'.join(FORMATS)} files "
+              f"(optionally compressed) and are not read, e.g. {', '.join(others[:3])}", file=sys.stderr)
+    given_tok = tok_file = None
     if cfg.tokenizer.path:
-        load_tokenizer(cfg.tokenizer.path)
-        given_tok = sha256_file(cfg.tokenizer.path)
+        tok_file = cfg.tokenizer.path
+        if storage.is_remote(tok_file):  # (read here, in this process, as a local copy)
+            try:
+                tok_file = storage.local_copy(tok_file)
+            except Exception as e:  # noqa: BLE001 (not there, credentials, endpoint: say where)
+                raise ConfigError(f"tokenizer.path: {storage.unreadable(cfg.tokenizer.path, e)}") from None
+        load_tokenizer(tok_file, key=f"tokenizer.path ({cfg.tokenizer.path})" if tok_file != cfg.tokenizer.path
+                       else "tokenizer.path")
+        given_tok = sha256_file(tok_file)
         unused = sorted(f"tokenizer.{k}" for k in cfg.tokenizer.model_fields_set - {"path", "threads"})
         if unused:
             print(f"warning: {', '.join(unused)} train a tokenizer, and tokenizer.path gives one: they are not used "
@@ -269,8 +276,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
         with ray_session(cfg.ray):
             stages["start"] = time.monotonic() - t0
             if not tok.is_file():
-                if cfg.tokenizer.path:
-                    _copy_durably(Path(cfg.tokenizer.path), tok)
+                if tok_file:
+                    _copy_durably(Path(tok_file), tok)
                 else:
                     try:
                         _train_tokenizer(cfg, units, total, work, tok)
@@ -282,7 +289,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
             todo = [u for u in units if not (work / "units" / f"unit-{u.index:06d}.json").is_file()]
             if len(todo) < len(units):
                 log(f"{len(units) - len(todo)} of {len(units)} units already written; skipping them")
-            worker_tok, out = str(tok), str(root)
+            # (absolute: workers run in the directory their Ray node was started in, not in this one)
+            worker_tok, out = str(tok.resolve()), str(root.resolve())
             if remote:  # workers on any node read the tokenizer from, and write shards to, the object store
                 worker_tok, out = storage.join(remote, WORK, TOKENIZER_MODEL), remote
                 storage.upload(tok, worker_tok)

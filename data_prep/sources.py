@@ -121,16 +121,15 @@ def _expand(key: str, spec: str, fs, path: str, skipped: list[str]) -> Iterator[
     def url(p: str) -> str:
         return p if local else fs.unstrip_protocol(p)
 
-    if _GLOB_CHARS & set(path):
-        matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
-        explicit = True
-    elif fs.isdir(path):
-        every = sorted(fs.find(path))
+    if _GLOB_CHARS & set(path) or fs.isdir(path):  # (a glob, like a directory, leaves other files out)
+        globbed = bool(_GLOB_CHARS & set(path))
+        every = sorted(p for p in fs.glob(path) if not fs.isdir(p)) if globbed else sorted(fs.find(path))
         matches = [p for p in every if detect_format(p)]
         skipped += [url(p) for p in every if not detect_format(p)]
         explicit = False
-        if not matches:
-            raise ConfigError(f"{key} '{spec}': the directory holds no {_supported_list()} files")
+        if not matches and (every or not globbed):
+            raise ConfigError(f"{key} '{spec}': the {'files it matches are' if globbed else 'directory holds'} "
+                              f"no {_supported_list()} files")
     elif fs.exists(path):
         matches, explicit = [path], True
     else:

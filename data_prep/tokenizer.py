@@ -122,11 +122,17 @@ def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProc
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"{key}: '{path}' is not a sentencepiece model ({e})") from None
     found = [sp.IdToPiece(i) if i < sp.GetPieceSize() else None for i in range(len(SPECIAL_PIECES))]
-    if found != list(SPECIAL_PIECES):
+    # [CLS], [SEP] and [MASK] as control pieces: sentencepiece never makes them from text (as user-defined pieces
+    # it would, and a corpus's "[SEP]" would become a separator, or a masking target's answer)
+    kinds = [found[0] and sp.IsControl(0), found[1] and sp.IsUnknown(1), *(
+        found[i] and sp.IsControl(i) for i in range(2, len(found)))]
+    if found != list(SPECIAL_PIECES) or not all(kinds):
         want = ", ".join(f"{s}={i}" for i, s in enumerate(SPECIAL_PIECES))
+        what = (f"pieces {found}" if found != list(SPECIAL_PIECES) else
+                f"{', '.join(p for p, ok in zip(found, kinds, strict=True) if not ok)} as ordinary pieces")
         raise ConfigError(
-            f"{key}: '{path}' has pieces {found} at ids 0-4; this system needs {want}. Train one with "
-            "pad_id=0 unk_id=1 bos_id=-1 eos_id=-1 pad_piece=[PAD] unk_piece=[UNK] "
+            f"{key}: '{path}' has {what} at ids 0-4; this system needs {want}, the last three as control "
+            "symbols. Train one with pad_id=0 unk_id=1 bos_id=-1 eos_id=-1 pad_piece=[PAD] unk_piece=[UNK] "
             "control_symbols=[CLS],[SEP],[MASK], or leave tokenizer.path empty to train one."
         )
     return sp

@@ -82,6 +82,15 @@ def test_inputs_matching_nothing_exit_2(tmp_path, pattern, words):
 def test_second_input_matching_nothing_is_named(tmp_path, small_corpus, monkeypatch):
     with pytest.raises(ConfigError, match=r"inputs\[1\] '.*\*\.jsonl' matched no files$"):
         expand_inputs([str(small_corpus), str(tmp_path / "none" / "*.jsonl")])
+    # a glob, like a directory, leaves out the files that are not corpora (and says which); none at all is an error
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("text\n")
+    (tmp_path / "c" / "README.md").write_text("notes\n")
+    skipped: list[str] = []
+    assert [s.url for s in expand_inputs([str(tmp_path / "c" / "*")], skipped)] == [str(tmp_path / "c" / "a.txt")]
+    assert skipped == [str(tmp_path / "c" / "README.md")]
+    with pytest.raises(ConfigError, match=r"inputs\[0\] '.*R\*': the files it matches are no \.txt"):
+        expand_inputs([str(tmp_path / "c" / "R*")])
     monkeypatch.chdir(tmp_path)  # a relative path: where it was looked for
     with pytest.raises(ConfigError, match=rf"inputs\[0\] 'corpus/demo': no such file or directory \(relative to the "
                                           rf"working directory {tmp_path}\)"):

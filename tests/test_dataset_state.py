@@ -66,7 +66,7 @@ def test_an_output_inside_an_input_directory_does_not_read_its_own_files(small_c
     err = capsys.readouterr().err
     assert f"note: 1 files of the dataset at '{out}' (its folders, its work in progress) are not read" in err, err
     # files of other kinds in an input directory are named, not read silently or skipped silently
-    assert (f"note: 2 files in the input directories are not .txt/.jsonl/.parquet files (optionally compressed) and "
+    assert (f"note: 2 files in the input directories or globs are not .txt/.jsonl/.parquet files (optionally compressed) and "
             f"are not read, e.g. {small_corpus / 'README.md'}, {small_corpus / 'data.json'}") in err, err
     read = [s["path"] for s in json.loads((out / "manifest.json").read_text())["sources"]]
     assert str(out / "raw" / "notes.txt") in read and not [p for p in read if "/.work/" in p]
@@ -126,7 +126,7 @@ def test_overwrite_removes_only_what_a_dataset_consists_of(small_corpus, tmp_pat
     root = tmp_path / "proj"
     recipe = recipe_hash(cfg, expand_inputs(cfg.inputs), None)
     for name, text in {"notes.md": "mine", "manifest.json": "{}", "train/shard-000000-00000.tar": "old",
-                       "train/my_script.py": "mine", "tokenizer/spm.model": "old", "tokenizer/vocab.txt": "mine",
+                       "train/shard-1000000-100000.tar": "old", "train/my_script.py": "mine", "tokenizer/spm.model": "old", "tokenizer/vocab.txt": "mine",
                        "val/sub/x.tar": "mine"}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -297,12 +297,16 @@ def test_readme_snippet_rebuilds_google_features(built, tmp_path, monkeypatch):
 
 def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local, capsys):
     """`tokenizer.path` skips training (its sha256 is recorded; the settings for training one are said to be
-    unused); inputs may be fsspec URLs."""
+    unused); inputs and the tokenizer may be fsspec URLs."""
+    import fsspec
+
     from data_prep.pipeline import run
 
     cfg, corpus, root, _ = built
     model = root / "tokenizer/spm.model"
-    other = small_config(corpus, tmp_path / "ds", tokenizer__path=str(model), inputs=[f"file://{corpus}/*.txt"],
+    url = f"memory://tok-{tmp_path.name}/spm.model"  # (an object store's stand-in: read by this process only)
+    fsspec.filesystem("memory").pipe(url, model.read_bytes())
+    other = small_config(corpus, tmp_path / "ds", tokenizer__path=url, inputs=[f"file://{corpus}/*.txt"],
                          tokenizer__model_type="bpe")  # (a setting for training one: the given model's type counts)
     summary = run(other)
     assert "warning: tokenizer.model_type, tokenizer.sample_sentences, tokenizer.vocab_size train a tokenizer, and " \
@@ -405,13 +409,14 @@ def ray_head():
 
 
 def test_job_on_a_ray_head_given_by_address(built, ray_head, tmp_path):
-    """`ray.address` sends the tasks to a running cluster (token auth as Ray sets it up); same bytes."""
+    """`ray.address` sends the tasks to a running cluster (token auth as Ray sets it up); same bytes. The output
+    is relative to the command's directory, not the one the head (and so its workers) started in."""
     _, _, reference, _ = built
     out = tmp_path / "ds"
-    cfg_file = config_file(reference, out, tmp_path / "cfg.yaml", address=ray_head)
-    r = run_cli("run", str(cfg_file))
+    cfg_file = config_file(reference, Path("ds"), tmp_path / "cfg.yaml", address=ray_head)
+    r = run_cli("run", str(cfg_file), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert tree_digest(out) == tree_digest(reference)
+    assert tree_digest(out) == tree_digest(reference) and not (REPO / "ds").exists()
 
 
 def test_inspect_the_val_split(built):

@@ -65,6 +65,13 @@ def test_foreign_model_is_refused_with_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(f"{prefix}.model")
     assert "tokenizer.path" in str(e.value) and "[PAD]=0" in str(e.value)
+    # the right names at the right ids, but [CLS]/[SEP]/[MASK] user-defined: text would make them
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences()), model_prefix=str(tmp_path / "ud"),
+                                   vocab_size=100, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]",
+                                   unk_piece="[UNK]", user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+                                   minloglevel=2)
+    with pytest.raises(ConfigError, match=r"has \[CLS\], \[SEP\], \[MASK\] as ordinary pieces at ids 0-4"):
+        load(tmp_path / "ud.model")
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="tokenizer.path.*not a sentencepiece model"):
         load(tmp_path / "junk.model")
