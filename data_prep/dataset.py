@@ -31,8 +31,9 @@ FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension
 # it with every change that makes other bytes from the same config and inputs: an unfinished dataset is not resumed
 # across that change (its shards would mix both kinds); a finished one stays as it is, with a note. Manifests and
 # work configs without it were made at 1. 2: a Latin word right after a CJK character is a whole word of its own;
-# the tokenizer's sample follows sentences.
-RECIPE_VERSION = 2
+# the tokenizer's sample follows sentences. 3: a document over sources.MAX_DOCUMENT_CHARS is cut into documents, and
+# a pool is also full at worker.MAX_POOL_CHARS.
+RECIPE_VERSION = 3
 # What a dataset consists of: files at the top, and in its folders the files of these names only.
 OWNED_FILES = (MANIFEST, REPORT)
 OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),

@@ -32,7 +32,7 @@ from data_prep.dataset import (
 from data_prep.examples import doc_rng
 from data_prep.ray_client import drain_worker_output, host_port, quiet_local_token_notice, use_cluster_token
 from data_prep.shards import write_whole
-from data_prep.sources import FORMATS, Source, expand_inputs
+from data_prep.sources import FORMATS, MAX_DOCUMENT_CHARS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
 from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, TokenizerError, sha256_file, train
@@ -614,8 +614,14 @@ def advice(config: dict, report: dict) -> list[str]:
     if missing:
         out.append(f"{missing:,} records have no '{config['text_field']}' field and were skipped (their files are "
                    "named in report.json): set text_field to the field that holds their text")
+    cut = bad.get("long_document", 0)
+    if cut:
+        out.append(f"{cut:,} parts of {MAX_DOCUMENT_CHARS:,} characters were cut from longer documents (a .txt "
+                   "document runs to the next blank line; report.json names the files): if those files hold many "
+                   "documents, separate them with blank lines or give them as .jsonl records")
     single = bad.get("single_sentence_document", 0)
-    if config["examples"].get("nsp", True) and docs and single > 0.3 * docs and             config["read"]["split_sentences"] != "always":
+    if config["examples"].get("nsp", True) and docs and single > 0.3 * docs and \
+            config["read"]["split_sentences"] != "always":
         out.append(f"{single:,} of {docs:,} documents are a single sentence, which gives no NSP pair of its own; "
                    "if they are running text (e.g. .txt files of one document each, its sentences on shared lines), "
                    "set read.split_sentences=always")

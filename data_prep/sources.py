@@ -31,6 +31,10 @@ _INVISIBLE = re.compile(r"[\ufeff\u200b\ufffd]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _HEAD_BYTES = 8192
 MAX_ISSUE_SAMPLES = 5
+# A longer document is cut into parts of this many characters or a sentence more (each part a document of its own,
+# counted as long_document): a .txt file without blank lines is one document, and a worker holds a pool of whole
+# documents, about 20 bytes of memory per character once encoded.
+MAX_DOCUMENT_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,18 @@ def _decode_lines(raws: list[bytes], max_bytes: int, first: int, report: FileRep
         return [_to_str(raw, first + i + 1, report) if len(raw) <= max_bytes else "" for i, raw in enumerate(raws)]
 
 
+def _cut(sentences: list[str]) -> tuple[list[list[str]], list[str]]:
+    """A long document's whole parts (each the shortest run of its sentences that reaches MAX_DOCUMENT_CHARS) and
+    what is left after them: the same parts whether cut at once or as the document grows."""
+    parts, begin, chars = [], 0, 0
+    for i, sentence in enumerate(sentences):
+        chars += len(sentence)
+        if chars >= MAX_DOCUMENT_CHARS:
+            parts.append(sentences[begin:i + 1])
+            begin, chars = i + 1, 0
+    return parts, sentences[begin:]
+
+
 class DocumentReader:
     """Streams one source as documents; every problem becomes a count in `report`, never an exception."""
 
@@ -303,18 +319,23 @@ class DocumentReader:
         if rep.documents == 0 and not rep.issues:
             rep.flag("empty_file")
 
-    def _emit(self, sentences: list[str], lineno: int) -> list[str] | None:
+    def _emit(self, sentences: list[str], lineno: int) -> Iterator[list[str]]:
+        """The document of these sentences (a long one in parts), counted; none where no sentence is kept."""
         kept = [s for s in sentences if len(s) >= self.min_chars]
         if not kept:
             self.report.flag("empty_document", lineno, "no text" if not sentences else
                              f"no sentence of read.min_sentence_chars={self.min_chars} characters or more")
-            return None
-        sentences = kept
-        self.report.documents += 1
-        self.report.sentences += len(sentences)
-        if len(sentences) == 1:
-            self.report.flag("single_sentence_document", lineno)
-        return sentences
+            return
+        parts, rest = _cut(kept) if sum(map(len, kept)) >= MAX_DOCUMENT_CHARS else ([], kept)
+        for _ in parts:
+            self.report.flag("long_document", lineno, f"a part of {MAX_DOCUMENT_CHARS:,} characters (or a sentence "
+                                                      "more) cut off as a document of its own")
+        for part in parts + ([rest] if rest else []):
+            self.report.documents += 1
+            self.report.sentences += len(part)
+            if len(part) == 1:
+                self.report.flag("single_sentence_document", lineno)
+            yield part
 
     def _sentences(self, text: str) -> list[str]:
         if not self.segment:
@@ -323,6 +344,7 @@ class DocumentReader:
 
     def _txt(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
         doc: list[str] = []
+        chars = 0  # in `doc`: a long one is cut as it grows, so that reading it takes bounded memory too
         start = 1
         for first, lines in _line_blocks(f, self.max_line_bytes, self.report, self._at):
             joined = "" if self.segment or None in lines else "".join(lines)
@@ -335,15 +357,17 @@ class DocumentReader:
                         start = first + prev
                     doc.extend(texts[prev:blank])
                     if doc:
-                        out = self._emit(doc, start)
-                        if out:
+                        for out in self._emit(doc, start):
                             yield first + blank, out
-                        doc = []
+                        doc, chars = [], 0
                     prev = blank + 1
                 if prev < len(texts):
                     if not doc:
                         start = first + prev
                     doc.extend(texts[prev:])
+                    chars += sum(map(len, texts[prev:]))
+                    if chars >= MAX_DOCUMENT_CHARS:
+                        doc, chars, start = yield from self._grown(doc, start, first + len(texts) - 1)
                 continue
             for i, line in enumerate(lines):
                 if line is None:
@@ -354,16 +378,26 @@ class DocumentReader:
                 if text:
                     if not doc:
                         start = lineno
-                    doc.extend(self._sentences(text))
+                    sentences = self._sentences(text)
+                    doc.extend(sentences)
+                    chars += sum(map(len, sentences))
+                    if chars >= MAX_DOCUMENT_CHARS:
+                        doc, chars, start = yield from self._grown(doc, start, lineno)
                 elif doc:
-                    out = self._emit(doc, start)
-                    if out:
+                    for out in self._emit(doc, start):
                         yield lineno, out
-                    doc = []
+                    doc, chars = [], 0
         if doc:
-            out = self._emit(doc, start)
-            if out:
+            for out in self._emit(doc, start):
                 yield start, out
+
+    def _grown(self, doc: list[str], start: int, lineno: int):
+        """The whole parts of a document still being read, emitted; returns what is left, its size and line."""
+        parts, rest = _cut(doc)
+        for part in parts:
+            for out in self._emit(part, start):
+                yield lineno, out
+        return rest, sum(map(len, rest)), lineno
 
     def _jsonl(self, f: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
         for lineno, line in _lines(f, self.max_line_bytes, self.report, self._at):
@@ -391,8 +425,7 @@ class DocumentReader:
             if not isinstance(text, str):
                 self.report.flag("not_text", lineno, f"'{self.text_field}' is a {type(text).__name__}")
                 continue
-            out = self._emit(self._paragraphs(_clean(text, lineno, self.report)), lineno)
-            if out:
+            for out in self._emit(self._paragraphs(_clean(text, lineno, self.report)), lineno):
                 yield lineno, out
 
     def _paragraphs(self, text: str) -> list[str]:
@@ -426,9 +459,7 @@ class DocumentReader:
                     if not isinstance(text, str):
                         self.report.flag("not_text", row, f"a {type(text).__name__}")
                         continue
-                    out = self._emit(self._paragraphs(_clean(text, row, self.report)), row)
-                    if out:
-                        yield out
+                    yield from self._emit(self._paragraphs(_clean(text, row, self.report)), row)
 
 
 def zstd():

@@ -25,11 +25,14 @@ from data_prep.config import DataPrepConfig
 from data_prep.examples import Example, ExampleParams, Pool, create_pairs, create_segments, doc_rng, unit_fraction
 from data_prep.masking import mask_batch, noise_bytes
 from data_prep.shards import POSITION_DTYPE, ShardWriter, encode_sample, token_dtype, write_whole
-from data_prep.sources import DocumentReader, FileReport, Source
+from data_prep.sources import MAX_DOCUMENT_CHARS, DocumentReader, FileReport, Source
 from data_prep.tokenizer import cached as cached_tokenizer
 
 SPLITS = ("train", "val")
 HISTOGRAM_BINS = 16
+# A pool is also full at this many characters of text (about 20 bytes each once encoded and made into examples; a
+# worker holds two pools of each split): pools of a corpus of long documents stay bounded, not only in count.
+MAX_POOL_CHARS = 16 * MAX_DOCUMENT_CHARS
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start
     stats = UnitStats(cfg.examples.max_seq_length)
     docs, reports = read_unit(unit, cfg)
     pools: dict[str, list] = {s: [] for s in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)  # in each split's pool
     held: dict[str, list] = {s: [] for s in SPLITS}  # each split's last full pool, written once the next one is
     window = 0
 
@@ -191,9 +195,10 @@ def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start
         stats.counts["sentences"] += len(doc)
         split = "val" if unit_fraction(cfg.seed, "split", unit.index, doc_index) < cfg.val_fraction else "train"
         pools[split].append((doc_index, doc))
-        if len(pools[split]) >= cfg.examples.pool_documents:
+        chars[split] += sum(map(len, doc))
+        if len(pools[split]) >= cfg.examples.pool_documents or chars[split] >= MAX_POOL_CHARS:
             write(split, held[split])
-            held[split], pools[split] = pools[split], []
+            held[split], pools[split], chars[split] = pools[split], [], 0
     for split in SPLITS:
         # A last pool of one document joins the full one before it: its "random next" segments need other
         # documents to come from (Google draws them from the whole corpus)

@@ -339,6 +339,35 @@ def test_single_sentence_document_counted_and_used(tmp_path):
     assert rep.documents == 3 and rep.sentences == 5
 
 
+@pytest.mark.parametrize("block", [1 << 20, 97])
+def test_a_long_document_is_cut_into_documents_alike_by_every_reader(tmp_path, monkeypatch, block):
+    """A document of more than MAX_DOCUMENT_CHARS (a .txt file without blank lines) becomes documents: each the
+    shortest run of sentences that reaches the limit, the rest last. The same parts from the .txt fast path
+    (clean blocks), its slow path (a control character in the text), any read size, and a .jsonl record."""
+    from data_prep import sources
+
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_CHARS", 300)
+    monkeypatch.setattr(sources, "_BLOCK", block)
+    long, short = make_document(random.Random(5), 60), ["Short one.", "Two."]
+    expected, part = [], []
+    for sentence in long:
+        part.append(sentence)
+        if sum(map(len, part)) >= 300:
+            expected.append(part)
+            part = []
+    expected += [part, short] if part else [short]
+    assert len(expected) >= 8
+    dirty = [long[0], long[1].replace(" ", "\x07", 1), *long[2:]]  # (replaced by a space: the same lengths)
+    for path in (write_txt(tmp_path / "a.txt", [long, short]), write_txt(tmp_path / "b.txt", [dirty, short]),
+                 tmp_path / "c.jsonl"):
+        if path.suffix == ".jsonl":  # (a record's lines are its sentences where split_sentences=never)
+            path.write_text("".join(json.dumps({"text": "\n".join(d)}) + "\n" for d in (long, short)))
+        docs, rep = read(path, split="never")
+        assert docs == expected, path.name
+        assert rep.documents == len(expected) and rep.sentences == len(long) + 2
+        assert rep.issues["long_document"] == sum(sum(map(len, d)) >= 300 for d in expected), path.name
+
+
 # compressed variants and parquet ----------------------------------------------------------------------------------
 
 def _zstd(data: bytes) -> bytes:

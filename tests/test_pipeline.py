@@ -118,6 +118,27 @@ def test_other_config_into_same_dir_is_refused(built):
     assert tree_digest(root) == before
 
 
+def test_a_pool_is_also_full_at_its_size_in_characters(built, tmp_path, monkeypatch):
+    """Pools hold examples.pool_documents documents, or fewer where their text reaches MAX_POOL_CHARS (memory stays
+    bounded for long documents); every document is still written."""
+    from data_prep import worker
+    from data_prep.sources import expand_inputs
+
+    cfg, corpus, root, _ = built
+    unit = worker.plan_units(expand_inputs(cfg.inputs), cfg.shards.group_bytes)[0]
+    docs, _ = worker.read_unit(unit, cfg)
+    chars = [sum(map(len, d)) for d in docs]
+    real, pools = worker._write_window, []
+    monkeypatch.setattr(worker, "_write_window", lambda tokens, ids, *rest: (pools.append(len(ids)),
+                                                                             real(tokens, ids, *rest)))
+    worker.write_unit(unit, cfg, str(root / "tokenizer/spm.model"), str(tmp_path / "a"))
+    by_count, pools[:] = list(pools), []
+    monkeypatch.setattr(worker, "MAX_POOL_CHARS", 4 * max(chars))
+    worker.write_unit(unit, cfg, str(root / "tokenizer/spm.model"), str(tmp_path / "b"))
+    assert max(by_count) == cfg.examples.pool_documents and max(pools) < cfg.examples.pool_documents, pools
+    assert len(pools) > len(by_count) and sum(pools) == sum(by_count) == len(chars)
+
+
 def test_same_bytes_whatever_the_task_split(built, tmp_path):
     """Units run serially in reverse order in this process give the bytes Ray's parallel tasks gave."""
     from data_prep.dataset import build_manifest, build_report
