@@ -23,7 +23,8 @@ from data_prep.storage import unreadable
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = set("*?[")
-# C0/C1 control characters except tab, newline and carriage return: counted and replaced by a space.
+# C0/C1 control characters except tab, newline and carriage return: counted and replaced by a space. (This class and
+# the next are in pretrain/hf_compat.py's tokenizer too.)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # Invisible marks that carry no text (BOM, zero-width space, U+FFFD left by a bad decode): dropped.
 _INVISIBLE = re.compile(r"[\ufeff\u200b\ufffd]")
@@ -171,6 +172,14 @@ def _clean(text: str, lineno: int, report: FileReport) -> str:
     if _INVISIBLE.search(text):
         text = _INVISIBLE.sub("", text)
     return text.strip()
+
+
+def plain_text(text: str) -> str:
+    """`text` cleaned as a corpus's text is, without counting: what fine-tuning and inference give the tokenizer, so
+    that a model sees text as it was pretrained on it."""
+    if text.isprintable() and "\ufffd" not in text:
+        return text
+    return _INVISIBLE.sub("", _CONTROL.sub(" ", _SURROGATE.sub("", text)))
 
 
 _BLOCK = 1 << 20

@@ -100,6 +100,10 @@ def fast_tokenizer(spm_file: Path, max_len: int):
     norm = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
     if proto.normalizer_spec.precompiled_charsmap:
         norm.insert(0, normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+    # First, the cleaning pretraining's corpus had (`data_prep.sources.plain_text`: its two character classes, in
+    # the syntax of tokenizers' regexes, Oniguruma's, where "\x85" would be a byte)
+    norm[:0] = [normalizers.Replace(Regex(r"[\x{0}-\x{8}\x{b}\x{c}\x{e}-\x{1f}\x{7f}-\x{9f}]"), " "),
+                normalizers.Replace(Regex(r"[\x{feff}\x{200b}\x{fffd}]"), "")]
     tok.normalizer = normalizers.Sequence(norm)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)

@@ -9,6 +9,7 @@ import sentencepiece as spm
 import torch
 
 from data_prep.config import CLS_ID, PAD_ID, SEP_ID, SPECIAL_PIECES
+from data_prep.sources import plain_text
 from pretrain.model import BertForPretraining
 
 # A special piece spelt out in a text ("premise [SEP] hypothesis") is that token, as transformers' tokenizers read
@@ -59,14 +60,15 @@ def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_len: int,
 
 
 def _pieces(sp: spm.SentencePieceProcessor, texts: list[str]) -> list[list[int]]:
+    """Each text's pieces, its text cleaned as pretraining's corpus was (`plain_text`)."""
     texts = list(texts)
     if not any("[" in t for t in texts):
-        return [list(ids) for ids in sp.encode(texts)]  # (the common case, in one call)
+        return [list(ids) for ids in sp.encode(list(map(plain_text, texts)))]  # (the common case, in one call)
     out = []
     for t in texts:
         ids: list[int] = []
         for i, part in enumerate(_SPECIAL.split(t)):
-            ids.extend([SPECIAL_PIECES.index(part)] if i % 2 else sp.encode(part))
+            ids.extend([SPECIAL_PIECES.index(part)] if i % 2 else sp.encode(plain_text(part)))
         out.append(ids)
     return out
 

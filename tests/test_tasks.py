@@ -191,9 +191,13 @@ def test_the_transformers_tokenizer_gives_our_ids(tmp_path, model_type):
     texts = sentences[:100] + ["  leading and   inner  spaces  ", "tabs\tand\nnewlines", "Digits 2024 and 3.14",
                                "ünïcödé Ｆｕｌｌ ﬁ", "emoji 🙂 and 日本語", "", "x",
                                # a special piece spelt out is that token for both (as transformers reads it)
-                               "premise [SEP] hypothesis", "[CLS]x[MASK] y [PAD]  [UNK]", "[SEP]", "[ SEP] [sep]"]
+                               "premise [SEP] hypothesis", "[CLS]x[MASK] y [PAD]  [UNK]", "[SEP]", "[ SEP] [sep]",
+                               # cleaned as pretraining's corpus was: control characters are spaces, marks go
+                               "bell\x07inside", "zero\u200bwidth\ufeff and\x7f\x85 more", "\x00"]
     for t in texts:
         assert hf(t)["input_ids"] == encode(sp, [t], 512)[0][0].tolist(), repr(t)
+    assert encode(sp, ["bell\x07inside", "zero\u200bwidth"], 512)[0].tolist() == \
+        encode(sp, ["bell inside", "zerowidth"], 512)[0].tolist()
     ids, types, mask = encode(sp, texts[:40], 512, texts[40:80])
     enc = hf(texts[:40], texts[40:80], padding=True, return_tensors="pt")
     assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["token_type_ids"], types)
