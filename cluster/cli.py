@@ -115,13 +115,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load(args) -> tuple:
+def _load(args, here: bool = False) -> tuple:
+    """(spec, configs, plan) of the job file. `here`: the job runs from this process (a local submit, `run JOB`):
+    its runtime_env.env_vars are set here first, as a cluster sets them for a submitted job's processes (a local
+    Ray started afterwards hands them to its workers)."""
     from cluster.jobs import load_job, resolve
 
     overrides = list(args.overrides or ())
     if getattr(args, "name", None):
         overrides.append(f"name={json.dumps(args.name)}")
     spec, configs = load_job(args.job, overrides)
+    if here:
+        os.environ.update(spec.runtime_env.env_vars)
+        if spec.runtime_env.pip:
+            print(f"warning: runtime_env.pip ({', '.join(spec.runtime_env.pip)}) is installed for jobs submitted to "
+                  "a cluster (--address); this run uses the packages of this environment", file=sys.stderr)
     return spec, configs, resolve(spec, configs, args.job)
 
 
@@ -181,7 +189,7 @@ def _run(args) -> int:
     from cluster.client import PLAN_ENV
 
     if args.job:
-        return _drive(_load(args)[2])
+        return _drive(_load(args, here=True)[2])
     if PLAN_ENV not in os.environ:
         raise ConfigError(f"give a job spec (python -m cluster run JOB), or submit one (${PLAN_ENV} is not set)")
     return _drive(json.loads(os.environ[PLAN_ENV]))
@@ -202,7 +210,7 @@ def _on_this_machine(address: str) -> bool:
 def _submit(args) -> int:
     from cluster import client as jobs
 
-    _, _, plan = _load(args)
+    _, _, plan = _load(args, here=not args.address)
     if not args.address:
         return _drive(plan, local=True)
     address = jobs.resolve_address(args.address)
@@ -276,7 +284,12 @@ def _stop(args) -> int:
     jobs, c = _client(args)
     args.id = jobs.resolve(c, args.id)
     said = f"stopping job {args.id} (pretraining first commits a checkpoint at the end of its step)"
-    print(f"job {args.id}: {jobs.stop(c, args.id, stopping=lambda: print(said, flush=True))}")
+    status = jobs.stop(c, args.id, stopping=lambda: print(said, flush=True))
+    print(f"job {args.id}: {status}")
+    if status in ("PENDING", "RUNNING"):  # (Ray kills a job's processes STOP_GRACE_S after asking them to stop)
+        print(f"error: job {args.id} is still {status} after the stop's grace period; see python -m cluster status "
+              f"{args.id}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -79,15 +79,18 @@ class Resources(Section):
 
 
 # KubeRay takes a RayJob's name as a DNS-1035 label of at most 47 characters (its RayCluster's name adds a suffix)
-NAME = re.compile(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?")
-NAME_RULE = "lowercase letters, digits and '-', starting with a letter, at most 47 (KubeRay's rule for a job)"
+# and not ending in -NUMBER: a job's submissions are NAME-1, NAME-2, ..., which no other job's name may be (`cluster
+# stop bert-2` would stop the second submission of `bert` where a job were named `bert-2`)
+NAME = re.compile(r"(?!.*-[0-9]+$)[a-z]([-a-z0-9]{0,45}[a-z0-9])?")
+NAME_RULE = ("lowercase letters, digits and '-', starting with a letter, at most 47 (KubeRay's rule for a job), and "
+             "not ending in -NUMBER (its submissions are numbered so)")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class RuntimeEnv(Section):
     pip: list[str] = Field(default_factory=list, description="extra pip packages on every node")
     env_vars: dict[str, str] = Field(default_factory=dict)
-    image: str | None = Field(None, description="container image for KubeRay (default: rayproject/ray with Python)")
+    image: str | None = Field(None, description="container image for KubeRay (default: bertforge:latest)")
 
     @field_validator("env_vars")
     @classmethod
@@ -111,6 +114,7 @@ class Stage(Section):
 
 class RegisterStage(RegistrySection):
     name: str
+    pooling: Literal["cls", "mean"] = Field("cls", description="sentence embedding of the registered pyfunc")
 
 
 class PipelineStages(Section):
@@ -303,7 +307,7 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
         stages.append({"kind": kind, "config": _schema(kind).model_validate(tree).model_dump(mode="json")})
         if kind == "pretrain" and spec.kind == "pipeline" and spec.stages.registry:
             reg = spec.stages.registry
-            stages.append({"kind": "register", "name": reg.name, "alias": reg.alias})
+            stages.append({"kind": "register", "name": reg.name, "alias": reg.alias, "pooling": reg.pooling})
     return {"name": job_name(spec, job_file), "kind": spec.kind,
             "job_file": str(job_file), "storage": storage, "mlflow_uri": uri, "stages": stages,
             "spec": spec.model_dump(mode="json")}

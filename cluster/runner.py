@@ -490,7 +490,7 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
 
     where = outcome["pretrain"]["checkpoint"]  # an uploaded checkpoint is registered from a downloaded copy
     try:
-        v = register_checkpoint(where, stage["name"], stage["alias"], plan["mlflow_uri"])
+        v = register_checkpoint(where, stage["name"], stage["alias"], plan["mlflow_uri"], stage.get("pooling", "cls"))
     except (RegistryError, ExportError) as e:
         raise StageError(f"registering {where} as '{stage['name']}': {e}") from None
     from pretrain.tracking import alias_words
@@ -510,7 +510,11 @@ def _register(stage: dict, plan: dict, outcome: dict) -> dict:
 def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     from pretrain.config import FinetuneConfig
 
-    cfg = FinetuneConfig.model_validate(stage["config"])
+    config, reg = stage["config"], outcome.get("register")
+    if reg and not reg["alias"] and config["model"] == f"models:/{reg['name']}/latest":
+        # the version this job's register stage registered or found, not whichever is newest by then
+        config = {**config, "model": f"models:/{reg['name']}/{reg['version']}"}
+    cfg = FinetuneConfig.model_validate(config)
     out = cfg.output.rstrip("/")
     done = finished_finetune(cfg)  # (asked again: this job's register stage may have moved the alias since)
     if done is not None and done.get("register_error"):
@@ -526,7 +530,7 @@ def _finetune(stage: dict, plan: dict, outcome: dict) -> dict:
     r = JobSpec.model_validate(plan["spec"]).resources
     task = ray.remote(_finetune_task).options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus, max_retries=0)
     try:
-        summary = ray.get(task.remote(stage["config"]))
+        summary = ray.get(task.remote(config))
     except ray.exceptions.RayError as e:
         cause = getattr(e, "cause", None) or e
         raise StageError(f"fine-tuning into {out} failed: {type(cause).__name__}: {cause}") from None

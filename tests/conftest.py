@@ -336,7 +336,8 @@ def write_pipeline_job(root: Path, storage: str, resources: dict | None = None, 
     (root / "job.yaml").write_text(yaml.safe_dump({
         "kind": "pipeline", "name": "small", "storage": storage, **({"resources": resources} if resources else {}),
         "stages": {"data_prep": {"config": "dp.yaml"}, "pretrain": {"config": "pt.yaml"},
-                   "registry": {"name": "small-bert", "alias": "champion"}, "finetune": {"config": "ft.yaml"}}}))
+                   "registry": {"name": "small-bert", "alias": "champion", "pooling": "mean"},
+                   "finetune": {"config": "ft.yaml"}}}))
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,7 @@ def test_the_pipeline_runs_every_stage_and_ends_with_a_summary(pipeline, s3):
     store = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(store, registry_uri=store)  # (not the registry an earlier test set process-wide)
     version = client.get_model_version_by_alias("small-bert", "champion")
-    assert str(version.version) == "1"
+    assert str(version.version) == "1" and version.tags["pooling"] == "mean"  # (the registry stage's pooling)
     pretrain_run = client.get_run(version.run_id)
     # created by the Ray Train worker, whose working directory is Ray's: its artifacts still live beside the store
     experiment = client.get_experiment(pretrain_run.info.experiment_id)

@@ -48,6 +48,8 @@ def test_a_pipeline_stage_config_error_names_the_job_file_and_the_key(tmp_path, 
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nresources: {use_gpu: true, gpus_per_worker: 0.5}\n",
      "gpus_per_worker is 0.5, and pretraining runs one process per GPU"),
     ("kind: pretrain\nname: My_Job\nconfig: configs/pretrain/quickstart.yaml\n", "KubeRay.s rule for a job"),
+    ("kind: pretrain\nname: bert-2\nconfig: configs/pretrain/quickstart.yaml\n",  # (the second submission of bert)
+     r"not ending in -NUMBER \(its submissions are numbered so\)"),
     ("kind: pretrain\nconfig: configs/pretrain/missing.yaml\n", "is neither under the working directory"),
     ("kind: pretrain\nconfig: configs/pretrain/quickstart.yaml\nstorage: ''\n", "storage is empty"),
     ("kind: pipeline\nstages: {pretraining: {config: x.yaml}}\n",  # (a section that may be left out)
@@ -60,16 +62,57 @@ def test_bad_job_specs(tmp_path, monkeypatch, body, message):
         load_job(tmp_path / "job.yaml")
 
 
+def _quickstart_pipeline(root, registry: str):
+    (root / "task.yaml").write_text("task: {train: t.jsonl}\n")
+    (root / "job.yaml").write_text(
+        "kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+        f"  pretrain: {{config: configs/pretrain/quickstart.yaml}}\n  registry: {registry}\n"
+        "  finetune: {config: task.yaml}\n")
+    return load_job(root / "job.yaml")
+
+
 def test_a_pipeline_fine_tunes_the_model_it_registered(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    (tmp_path / "task.yaml").write_text("task: {train: t.jsonl}\n")
-    (tmp_path / "job.yaml").write_text(
-        "kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
-        "  pretrain: {config: configs/pretrain/quickstart.yaml}\n  registry: {name: qb, alias: champion}\n"
-        "  finetune: {config: task.yaml}\n")
-    spec, configs = load_job(tmp_path / "job.yaml")
+    spec, configs = _quickstart_pipeline(tmp_path, "{name: qb, alias: champion}")
     assert configs["finetune"].model == "models:/qb@champion"
     assert [k for k, _ in spec.stage_list()] == ["data_prep", "pretrain", "finetune"]
+
+
+def test_a_job_run_from_here_sets_its_environment_here(tmp_path, monkeypatch, capsys):
+    """A local submit (or `run JOB`) sets the job's runtime_env.env_vars in its own process, as a cluster does for a
+    submitted job (a local Ray started afterwards hands them on); pip is said to be for cluster jobs only."""
+    import argparse
+
+    from cluster.cli import _load
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("BERTFORGE_JOB_ENV_CHECK", "before")
+    (tmp_path / "job.yaml").write_text(
+        "kind: data_prep\nconfig: configs/data_prep/quickstart.yaml\n"
+        "runtime_env: {pip: [example-package], env_vars: {BERTFORGE_JOB_ENV_CHECK: from-the-job}}\n")
+    args = argparse.Namespace(job=str(tmp_path / "job.yaml"), overrides=[], name=None)
+    _load(args)  # (a submit to a cluster: the cluster sets them)
+    assert os.environ["BERTFORGE_JOB_ENV_CHECK"] == "before" and not capsys.readouterr().err
+    _load(args, here=True)
+    assert os.environ["BERTFORGE_JOB_ENV_CHECK"] == "from-the-job"
+    assert "runtime_env.pip (example-package) is installed for jobs submitted to a cluster" in capsys.readouterr().err
+
+
+def test_a_pipeline_without_an_alias_fine_tunes_the_version_it_registered(tmp_path, monkeypatch):
+    """Without an alias the fine-tune's model is the version the register stage gave (registered or found), not
+    `latest`, which another pipeline may have moved past it. (A finished fine-tune stands in for the run.)"""
+    from cluster import runner
+
+    monkeypatch.chdir(REPO)
+    _, configs = _quickstart_pipeline(tmp_path, "{name: qb}")
+    assert configs["finetune"].model == "models:/qb/latest"
+    asked = []
+    monkeypatch.setattr(runner, "finished_finetune", lambda cfg: asked.append(cfg.model) or {"model": "m"})
+    stage = {"kind": "finetune", "config": configs["finetune"].model_dump(mode="json")}
+    register = {"name": "qb", "version": "3", "alias": None}
+    assert runner._finetune(stage, {}, {"register": register})["skipped"]
+    assert runner._finetune(stage, {}, {"register": {**register, "alias": "champion"}})["skipped"]  # (as given)
+    assert asked == ["models:/qb/3", "models:/qb/latest"]
 
 
 def test_the_readme_job_example_is_a_valid_job(tmp_path, monkeypatch):
@@ -286,3 +329,18 @@ def test_a_job_whose_fine_tune_did_not_register_fails_after_its_summary(monkeypa
     assert "registered now as clf version 2" in said and "skipped" not in said, said
     runner._summary(plan, {"finetune": {"model": "/out/model", "register_error": "refused"}, "seconds": 3})
     assert "not registered: the registration failed (above); submit the job again" in capsys.readouterr().out
+
+
+def test_a_stop_that_leaves_the_job_running_fails(monkeypatch, capsys):
+    """`cluster stop` ends with 0 only for a job that ended. (Ray's Jobs API client stands in: a job that outlives
+    its stop cannot be made on purpose.)"""
+    from cluster import cli, client
+
+    monkeypatch.setattr(cli, "_client", lambda args: (client, None))
+    monkeypatch.setattr(client, "resolve", lambda c, ident: f"{ident}-1")
+    for status, code in (("STOPPED", 0), ("RUNNING", 1)):
+        monkeypatch.setattr(client, "stop", lambda c, job_id, stopping: status)
+        assert cli.main(["stop", "bert"]) == code
+        out, err = capsys.readouterr()
+        assert f"job bert-1: {status}" in out
+        assert ("error: job bert-1 is still RUNNING after the stop's grace period" in err) == (code == 1), err
