@@ -63,6 +63,9 @@ def experiment_id(client, name: str, uri: str) -> str:
     experiment's artifacts go to `mlruns/<name>` beside the file: MLflow's default, ./mlruns, is relative to the
     process that creates the experiment, which for training under Ray is a worker in Ray's session directory."""
     exp = client.get_experiment_by_name(name)
+    if exp and exp.lifecycle_stage == "deleted":  # (MLflow finds a deleted one by name, and refuses runs in it)
+        raise DeletedExperiment(f"experiment '{name}' in {uri} is deleted: restore it (mlflow experiments restore "
+                                f"--experiment-id {exp.experiment_id}) or set mlflow.experiment to another name")
     if exp:
         return exp.experiment_id
     db = _sqlite_file(uri)
@@ -127,6 +130,7 @@ class Tracker:
         self._closing = threading.Event()
         self._down_since: float | None = None
         self._started = threading.Event()
+        self._untracked = False  # MLflow refused to start a run: nothing more is sent
         self._whole: list[tuple[str, Any]] = []
         self._metrics_file = None  # opened at the first record: a run whose setup fails leaves no directory behind
 
@@ -213,7 +217,7 @@ class Tracker:
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         self._started.wait(wait_s)
-        if self.run_id is None:
+        if self.run_id is None and not self._untracked:
             self.warn(f"MLflow at {self.uri} did not answer within {wait_s:.0f} s; training goes on "
                       "and its records are kept until the server answers")
 
@@ -229,7 +233,7 @@ class Tracker:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._metrics().write(json.dumps({"step": step, **clean}) + "\n")
-        if self.cfg.enabled:
+        if self.cfg.enabled and not self._untracked:
             self._queue.put(("metrics", (step, int(time.time() * 1000), clean)))
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
@@ -270,7 +274,8 @@ class Tracker:
                 done = self._send(client, Metric, Param, RunTag)
             except Exception as e:  # the server is down, slow or refusing: keep the records, try again
                 if getattr(e, "error_code", None) in PERMANENT:  # an answer, not an outage: retrying cannot help
-                    self._refused(e)
+                    if self._refused(e):
+                        return
                     continue
                 if self._down_since is None:
                     self._down_since = time.monotonic()
@@ -288,16 +293,26 @@ class Tracker:
                 return
             self._closing.wait(FLUSH_EVERY_S)  # returns at once when the run ends
 
-    def _refused(self, e: Exception) -> None:
+    def _refused(self, e: Exception) -> bool:
+        """Skip the record MLflow refused (or, for a run it cannot continue, start a new one); True when tracking
+        ends here: no run could be started, or the refused record was the run's end."""
         kind = self._pending[0][0]
-        first = str(e).splitlines()[0][:200] if str(e) else ""
+        first = _said(e)[:300]
         if kind == "run" and self.run_id is not None:
             self.warn(f"MLflow cannot continue run {self.run_id} ({first}); recording to a new run")
             self.run_id = None
             self._pending[1:1] = self._whole  # (the config and inputs a new run starts with)
-        else:
-            self.warn(f"MLflow refused a {kind} record ({first}); it is skipped (metrics.jsonl has it)")
-            self._pending.pop(0)
+            return False
+        if kind == "run":  # no run to record into: every later record would be refused too
+            self.warn(f"MLflow refused to start a run: {first}. This run is not recorded in MLflow; metrics.jsonl has "
+                      "every record")
+            self._pending.clear()
+            self._untracked = True
+            self._started.set()
+            return True
+        self.warn(f"MLflow refused a {kind} record ({first}); it is skipped (metrics.jsonl has it)")
+        self._pending.pop(0)
+        return kind == "end"
 
     def _send(self, client, Metric, Param, RunTag) -> bool:  # noqa: N803 (MLflow's classes, imported late)
         """Send the pending records in order; returns True once the run has been ended."""
@@ -353,6 +368,12 @@ PROJECT_PACKAGES = ("pretrain", "data_prep")
 
 class RegistryError(Exception):
     """A registration or pull that cannot be done; the message says what to do."""
+
+
+class DeletedExperiment(RegistryError):
+    """The experiment a run or registration needs is deleted: an answer, not an outage (retrying cannot help)."""
+
+    error_code = "INVALID_STATE"
 
 
 def _said(e: BaseException) -> str:

@@ -91,6 +91,31 @@ def test_an_artifact_removed_before_it_is_sent_is_skipped_not_retried(tmp_path, 
     assert f"{tmp_path / 'gone.yaml'} was removed before MLflow took it" in capsys.readouterr().err
 
 
+def test_a_deleted_experiment_is_said_once_and_training_is_not_held_up(tmp_path, capsys):
+    """MLflow finds a deleted experiment by name and refuses runs in it: an answer, not an outage. The tracker says
+    so once and stops (no retries, no wait at the start or the end); registering into it says what to do."""
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.config import MlflowConfig
+    from pretrain.tracking import RegistryError, Tracker, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(experiment_id(client, "bert-pretraining", uri))
+    tracker = Tracker(True, MlflowConfig(tracking_uri=uri), tmp_path / "ck")
+    t0 = time.monotonic()
+    tracker.start(None, {"train.lr": 0.001}, {}, {})
+    tracker.log(1, {"loss": 2.5})
+    tracker.close(timeout_s=30)
+    assert time.monotonic() - t0 < 10 and tracker.run_id is None
+    err = capsys.readouterr().err
+    assert err.count("MLflow refused to start a run: experiment 'bert-pretraining' in") == 1, err
+    assert "is deleted: restore it (mlflow experiments restore --experiment-id" in err and "unreachable" not in err
+    assert (tmp_path / "ck" / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 2.5}'
+    with pytest.raises(RegistryError, match="experiment 'bert-pretraining' in .* is deleted: restore it"):
+        experiment_id(client, "bert-pretraining", uri)
+
+
 def test_the_summary_names_how_to_see_the_store():
     """`mlflow ui` serves a store it can open itself; a tracking server shows its own UI at its address."""
     from pretrain.tracking import how_to_see
