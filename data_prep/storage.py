@@ -62,7 +62,7 @@ def filesystem(url: str):
     except ImportError as e:
         scheme = url.split("://", 1)[0]
         raise ImportError(f"'{url}': the {scheme}:// filesystem needs a package that is not installed ({e}); "
-                          f"for s3:// install s3fs (pip install 'bertforge[s3]'), for gs:// gcsfs") from None
+                          f"for s3:// install s3fs (pip install -e '.[s3]' in the project), for gs:// gcsfs") from None
 
 
 def exists(url: str) -> bool:

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "into a model directory (model.safetensors, config.json, tokenizer/, dataset.json, "
                                     "training.json, checksums.json). --format hf: a directory transformers loads with "
                                     "AutoModel / BertForPreTraining (fine-tuned: BertForSequenceClassification) and "
-                                    "AutoTokenizer .from_pretrained(DIR); needs pip install 'bertforge[hf]'.")
+                                    "AutoTokenizer .from_pretrained(DIR); needs transformers: pip install -e '.[hf]'.")
     ex.add_argument("source", metavar="SOURCE",
                     help="a committed checkpoint or checkpoint.dir (its newest; also the object-store URL a "
                          "cluster job uploads them to), a model directory, models:/NAME@ALIAS, models:/NAME/VERSION "
@@ -144,6 +144,8 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_drop_launcher_args(sys.argv[1:] if argv is None else argv))
+    if {"-h", "--help"} & set(getattr(args, "overrides", None) or ()):  # (after CONFIG, where REMAINDER took it)
+        _parser().parse_args([args.command, "--help"])
     if args.command == "export":
         return _export(args)
     if args.command == "evaluate":

@@ -133,7 +133,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     try:
         import transformers
     except ImportError:
-        raise ImportError("--format hf needs transformers: pip install 'bertforge[hf]'") from None
+        raise ImportError("--format hf needs transformers: pip install -e '.[hf]' in the project") from None
     from pretrain.export import CLASSIFIER_FORMAT, load_model, publish
 
     d = Path(model_dir)

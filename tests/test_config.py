@@ -290,6 +290,16 @@ def test_data_prep_run_takes_overwrite_before_or_after_the_config():
     assert not after.overwrite and after.overrides == ["output=x", "--overwrite"]  # (_run reads it from there)
 
 
+@pytest.mark.parametrize("argv", [["train", "c.yaml", "train.lr=1e-4", "--help"], ["finetune", "c.yaml", "-h"]])
+def test_help_after_the_config_is_the_commands_help(argv, capsys):
+    """(REMAINDER takes what follows CONFIG as overrides: --help there is help, not an override without a value.)"""
+    from pretrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and f"usage: python -m pretrain {argv[0]} [-h] config" in capsys.readouterr().out
+
+
 CHECK_WITHOUT_TORCH = """
 import sys
 from cluster.cli import main as cluster
