@@ -232,14 +232,20 @@ def _submit(args) -> int:
     if not args.wait:
         return EXIT_OK
     status = _following(jobs, c, job_id)
-    print(f"job {job_id}: {status}")
     return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
 
 
 def _following(jobs, c, job_id: str) -> str:
-    """Follow a job's log to its end; Ctrl-C leaves the job running and says so."""
+    """Follow a job's log to its end and say how it ended (for a job that failed without a log line, e.g. its
+    runtime_env's pip install, Ray's reason); Ctrl-C leaves the job running and says so."""
     try:
-        return jobs.follow(c, job_id, sys.stdout)
+        status = jobs.follow(c, job_id, sys.stdout)
+        print(f"job {job_id}: {status}")
+        if status == "FAILED" and not jobs._call(f"reading the logs of '{job_id}'", c.get_job_logs, job_id).strip():
+            why = jobs.message_tail(jobs.info(c, job_id).message)
+            if why:
+                print(f"  {why}")
+        return status
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job_id} goes on. Follow it again: python -m cluster logs {job_id} --follow; "
               f"stop it: python -m cluster stop {job_id}", file=sys.stderr)
@@ -272,7 +278,6 @@ def _logs(args) -> int:
     args.id = jobs.resolve(c, args.id)
     if args.follow:
         status = _following(jobs, c, args.id)
-        print(f"job {args.id}: {status}")
         return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
     else:
         jobs.info(c, args.id)

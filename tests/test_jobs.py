@@ -344,3 +344,24 @@ def test_a_stop_that_leaves_the_job_running_fails(monkeypatch, capsys):
         out, err = capsys.readouterr()
         assert f"job bert-1: {status}" in out
         assert ("error: job bert-1 is still RUNNING after the stop's grace period" in err) == (code == 1), err
+
+
+def test_a_followed_job_that_failed_without_a_log_says_why(monkeypatch, capsys):
+    """`logs --follow` (and `submit --wait`) end with the job's status; one that failed before its driver wrote a
+    line (its runtime_env's pip install) also gets Ray's reason. (A stand-in client: the status line is tested.)"""
+    import types
+
+    from cluster import cli, client
+
+    message = ("Job failed due to an application error.\nruntime_env setup failed: pip install\n"
+               "ERROR: No matching distribution found for nosuchpackage")
+    fake = types.SimpleNamespace(get_job_logs=lambda job_id: "")
+    monkeypatch.setattr(cli, "_client", lambda args: (client, fake))
+    monkeypatch.setattr(client, "resolve", lambda c, ident: ident)
+    monkeypatch.setattr(client, "follow", lambda c, job_id, out: "FAILED")
+    monkeypatch.setattr(client, "info", lambda c, job_id: types.SimpleNamespace(message=message))
+    assert cli.main(["logs", "bad-1", "--follow"]) == 1
+    assert capsys.readouterr().out == ("job bad-1: FAILED\n  runtime_env setup failed: pip install | ERROR: No "
+                                       "matching distribution found for nosuchpackage\n")
+    fake.get_job_logs = lambda job_id: "error: inputs[0] matched no files\n"  # (its log says why already)
+    assert cli.main(["logs", "bad-1", "--follow"]) == 1 and capsys.readouterr().out == "job bad-1: FAILED\n"
