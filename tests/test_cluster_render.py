@@ -40,7 +40,7 @@ def test_a_pipeline_plan_puts_outputs_under_storage_and_wires_its_stages(tmp_pat
     assert dp["inputs"] == [str(tmp_path / "corpus/demo")]  # nothing under storage yet: the submitting directory
     assert pt["data"]["dataset"] == dp["output"]  # the dataset the pipeline builds, whatever the config said
     assert pt["checkpoint"]["dir"] == str(storage / "checkpoints/quickstart")
-    assert reg == {"kind": "register", "name": "qb", "alias": "champion"}
+    assert reg == {"kind": "register", "name": "qb", "alias": "champion", "pooling": "cls"}
     assert ft["model"] == "models:/qb@champion" and ft["output"] == str(storage / "ft")
     assert ft["task"]["train"] == str(tmp_path / "t.jsonl")
     # MLflow: the submitting directory's store unless MLFLOW_TRACKING_URI (the job's env first) says otherwise
