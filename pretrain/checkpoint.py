@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -116,8 +117,8 @@ def save(engine, directory: str | Path, step: int, client: dict, keep: int) -> P
                 raise OSError("; ".join(errors[:3]))
             _commit(partial, final, client, step, world, {k: v for got in shares for k, v in got.items()})
             prune(root, keep, step)
-        except OSError as e:  # every rank must hear of it, or the others would wait at the next collective
-            failure = [f"committing checkpoint {final} failed: {e}"]
+        except Exception as e:  # noqa: BLE001 (every rank must hear of it, or the others would wait at the next
+            failure = [f"committing checkpoint {final} failed: {type(e).__name__}: {e}"]  # collective)
     dist.broadcast_object_list(failure, src=0)
     if failure[0]:
         raise CheckpointError(failure[0])
@@ -149,12 +150,17 @@ def _commit(partial: Path, final: Path, client: dict, step: int, world: int, dig
     fsync_dir(final.parent)
 
 
+def is_tag(name: str) -> bool:
+    """A checkpoint's own name (`tag`), not a copy's beside it (`step-00000500.bak`, `step-00000500-good`)."""
+    return re.fullmatch(rf"{PREFIX}[0-9]{{8,}}", name) is not None
+
+
 def committed(root: Path) -> list[Path]:
     """Committed checkpoint directories, newest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    found = [p for p in root.iterdir() if p.is_dir() and is_tag(p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
 def prune(root: Path, keep: int, current: int) -> None:
@@ -255,7 +261,8 @@ def uploaded(remote: str) -> list[str]:
         found = fs.glob(f"{path.rstrip('/')}/{PREFIX}*/{COMPLETE}")
     except FileNotFoundError:
         return []
-    return sorted((f.rstrip("/").split("/")[-2] for f in found), reverse=True)
+    tags = [t for t in (f.rstrip("/").split("/")[-2] for f in found) if is_tag(t)]
+    return sorted(tags, key=lambda t: int(t[len(PREFIX):]), reverse=True)
 
 
 def fetch(url: str, local: Path) -> Path:

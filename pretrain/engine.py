@@ -349,8 +349,9 @@ def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
     t = cfg.train
     sched = engine.lr_scheduler
     opt = engine.optimizer
-    if isinstance(opt, GuardedAdamW):
-        opt.max_norm = t.grad_clip
+    guarded = next((o for o in (opt, getattr(opt, "optimizer", None)) if isinstance(o, GuardedAdamW)), None)
+    if guarded is not None:  # (alone, or inside DeepSpeed's fp16/bf16 wrapper at ZeRO-0, whose own clipping stays 0)
+        guarded.max_norm = t.grad_clip
     elif hasattr(opt, "clip_grad"):  # DeepSpeed's ZeRO and bf16 optimizers
         opt.clip_grad = t.grad_clip
     groups = opt.param_groups

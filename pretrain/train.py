@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -282,6 +283,10 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     if (Path(cfg.checkpoint.dir) / checkpoint.COMMIT).is_file():
         raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} is one checkpoint of a run; give the run's directory "
                          f"({Path(cfg.checkpoint.dir).parent}) to resume it, or a new one")
+    unwritable = _unwritable(Path(cfg.checkpoint.dir))
+    if unwritable:
+        raise SetupError(f"checkpoint.dir {cfg.checkpoint.dir} cannot be written: {unwritable}; give a directory this "
+                         "user can write")
     _check_tracking(cfg.mlflow)
     topo = init_distributed()
     tracker = Tracker(topo.is_main, cfg.mlflow, cfg.checkpoint.dir)
@@ -292,6 +297,19 @@ def train(cfg: PretrainConfig, on_checkpoint: Callable[[Path, int], None] | None
     except BaseException:
         tracker.close("FAILED", timeout_s=10)
         raise
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a directory could not be made or written at `path` (None: it can), found before anything loads and
+    without making it (a run that fails to set up leaves nothing behind)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"this user may not write in {p}"
+    return None
 
 
 def model_problem(cfg: PretrainConfig, manifest: dict) -> str | None:
@@ -389,7 +407,13 @@ def _kept_streams(cfg: PretrainConfig, candidates: list[str], readers: int) -> i
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             kept = [int(checkpoint.read_client(Path(cfg.checkpoint.dir) / candidates[0])["cursor"]["streams"])]
     dist.broadcast_object_list(kept, src=0)
-    return kept[0] if kept[0] and kept[0] % readers == 0 else None
+    if kept[0] and kept[0] % readers:
+        world = dist.get_world_size()
+        fits = [w for w in range(1, 17) if kept[0] % (world * w) == 0]
+        raise SetupError(f"the newest checkpoint read its data in {kept[0]} streams, which ranks x data.num_workers "
+                         f"({world} x {readers // world}) does not divide: to resume in the same data order, set "
+                         f"data.num_workers to {' or '.join(map(str, fits[:4]))}")
+    return kept[0]
 
 
 def _shown(path: Path, checkpoint_url: str | None) -> str:
@@ -477,7 +501,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     trace = None
     if cfg.debug.trace_examples:
         (ckdir / "trace").mkdir(parents=True, exist_ok=True)
-        trace = open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1)
+        trace = cleanup.enter_context(open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1))
 
     shown_precision = _shown_precision(cfg, precision)
     params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
@@ -514,6 +538,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                       "over those steps; metrics.jsonl has every step")
 
     stop = stop or StopRequest()
+    cleanup.callback(stop.restore)  # (however the run ends: a caller's own Ctrl-C works again afterwards)
     consecutive = 0
     last = {}
     window = Window()
@@ -621,9 +646,6 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         if preempted:
             tracker.print(f"stopped by signal at step {step}; {stop.resume} to resume from {path}")
             tracker.close("KILLED")
-            stop.restore()
-            if trace:
-                trace.close()
             return {"step": step, "preempted": True, "checkpoint": str(path), **last}
 
     if cfg.debug.dump_weights:
@@ -636,9 +658,6 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                else None, **last}
     tracker.print(_summary(summary, (step - first_step) * b.global_batch, tracker, cfg.registry))
     tracker.close("FINISHED")
-    stop.restore()
-    if trace:
-        trace.close()
     return summary
 
 

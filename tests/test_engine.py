@@ -85,6 +85,14 @@ want = torch.cat([p.grad.flatten() for p in ref.parameters()])
 out["masked"] = [int(x["labels"].numel()), 2]
 for mode, got in grads.items():
     out[mode] = float((got - want).norm() / want.norm())
+# a resume's clipping under ZeRO-0 with DeepSpeed's bf16 mode (GuardedAdamW inside DeepSpeed's wrapper, as fp16)
+from pretrain.config import PretrainConfig
+from pretrain.engine import apply_hyperparameters
+g.OURS["ds-bf16-0"] = (True, False, False, 0, g.DS_BF16)
+engine = g.engine_for(c, "ds-bf16-0", 4, "bf16", device)
+apply_hyperparameters(engine, PretrainConfig(data={{"dataset": "-"}}, train={{"grad_clip": 0.5, "micro_batch_size": 4,
+                                                                            "global_batch_size": 4}}))
+out["resumed_clip"] = [engine.optimizer.clip_grad, engine.optimizer.optimizer.max_norm]
 print("RESULT " + json.dumps(out))
 """
 
@@ -130,6 +138,12 @@ def test_the_global_mlm_mean_weighs_every_masked_token_the_same_through_accumula
     assert got["masked"][0] > 5 * got["masked"][1], got["masked"]
     assert got["global_mean"] < 1e-5, got
     assert got["micro_batch_mean"] > 0.05, got
+
+
+def test_a_resumed_zero0_run_clips_once_with_its_config_norm():
+    """At ZeRO-0, GuardedAdamW clips (after its inf/NaN check) and DeepSpeed's wrapper (fp16, or its bf16 mode) is
+    told not to; a resume's config clipping norm goes to GuardedAdamW, not to the wrapper (which clipped twice)."""
+    assert probe()["resumed_clip"] == [0.0, 0.5]
 
 
 def test_deepspeed_is_prepared_before_it_starts(monkeypatch):

@@ -92,6 +92,19 @@ def test_checkpoints_are_committed_and_pruned(trained):
     assert all((ck / "step-00000080" / f).stat().st_size == n for f, n in commit["files"].items())
 
 
+def test_copies_beside_the_checkpoints_are_neither_resumed_from_nor_pruned(tmp_path):
+    """A user's copy of a checkpoint (`step-00000040.bak`, `step-00000040-good`) is not a checkpoint: not listed,
+    so not resumed from, and left alone when the run prunes (a name that does not parse once stopped the save)."""
+    from pretrain.checkpoint import committed, prune
+
+    for name in ("step-00000040", "step-00000060", "step-00000040.bak", "step-00000040-good", "step-00000080.partial",
+                 "step-100000000"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in committed(tmp_path)] == ["step-100000000", "step-00000060", "step-00000040"]
+    prune(tmp_path, 1, 60)  # (100000000 is past the step this run is at: a skipped, damaged one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000040-good", "step-00000040.bak", "step-00000060"]
+
+
 def test_the_run_is_tracked_in_mlflow(trained, train_dataset):
     from mlflow.tracking import MlflowClient
 
@@ -219,6 +232,8 @@ def test_a_fresh_run_reads_from_eight_streams_by_default(tmp_path, train_dataset
 RESUMES = [
     ("model.num_layers=3", "different model (num_layers changed)"),
     ("data.streams=4", "different data order (streams changed: streams 2 -> 4)"),
+    ("data={streams: null, num_workers: 3}", "the newest checkpoint read its data in 2 streams, which ranks x "
+     "data.num_workers (1 x 3) does not divide: to resume in the same data order, set data.num_workers to 1 or 2"),
     ("resume=never", "holds checkpoints of an earlier run and resume=never"),
     ("checkpoint.dir=ck/step-00000080", "checkpoint.dir ck/step-00000080 is one checkpoint of a run; give the run's "
                                         "directory (ck) to resume it"),
@@ -232,6 +247,8 @@ CONFIG_ERRORS = [
     ("data.dataset={ds}/train", 1, "is not a finished dataset (manifest.json is missing); give the dataset "
                                    "directory that holds it: data.dataset={ds}"),
     ("checkpoint.dir={ds}/manifest.json", 1, "checkpoint.dir {ds}/manifest.json is a file; give a directory"),
+    ("checkpoint.dir={ds}/manifest.json/ck", 1, "checkpoint.dir {ds}/manifest.json/ck cannot be written: "
+                                              "{ds}/manifest.json is a file; give a directory this user can write"),
     ("data.dataset={ds}/manifest.json", 1,
      "is a file, not a dataset directory; give the directory that holds it ({ds})"),
     ("deepspeed.config={{zero_optimization: {{stagee: 2}}}}", 1, "DeepSpeed refused its config, into which "
