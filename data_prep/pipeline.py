@@ -181,7 +181,12 @@ def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
     One run at a time writes an output (on this machine: a second is refused while the first runs).
     """
     with sole_writer(cfg.output):
-        return _run(cfg, overwrite)
+        try:
+            return _run(cfg, overwrite)
+        except OSError as e:  # a full disk, a permission, an upload refused: said in a line, not a traceback
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise JobError(f"{type(e).__name__}: {e.strerror or e}{where}; finished work is kept: fix the cause "
+                           "and run the same command again to resume") from None
 
 
 @contextmanager
@@ -258,6 +263,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
                                   {"recipe_hash": recipe, "recipe_version": RECIPE_VERSION,
                                    "config": cfg.model_dump(mode="json")})
         except OSError as e:
+            if state == "fresh":  # (a half-made .work would make the rerun take the output for someone else's)
+                shutil.rmtree(work, ignore_errors=True)
             raise DatasetError(f"cannot write to output '{root}': {e.strerror or e}") from None
         if state == "fresh" and remote:
             try:
@@ -400,6 +407,8 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
     if strangers and not overwrite:
         raise DatasetError(f"'{remote}' is not empty and is not a dataset (holds {', '.join(strangers[:5])}). "
                            "Choose an empty or new output, or pass --overwrite.", NOT_A_DATASET)
+    if not overwrite:  # (as a local output: the dataset's folders hold its own files only)
+        refuse_foreign(remote, list(found))
     if overwrite:
         refuse_foreign(remote, list(found))  # past it, the dataset's folders hold nothing else
         for name in (*OWNED_FILES, *OWNED_IN, WORK):  # the manifest first: the old dataset stops existing at once
@@ -414,17 +423,14 @@ def _prepare_remote(remote: str, staging: Path, recipe: str, overwrite: bool, ch
         refuse_foreign(remote, list(found))  # (the dataset's folders there may hold files of the user's own)
         for name in (*OWNED_IN, WORK):  # nothing finished yet: start over, stray shards too
             storage.remove(storage.join(remote, name))
-    if theirs is not None and _recipe_of(staging / WORK_CONFIG) not in (None, theirs):
-        storage.clear_local(staging)  # another run's copy, not the one the URL knows
+    if theirs is None or _recipe_of(staging / WORK_CONFIG) not in (None, theirs):
+        # Another run's copy, not the one the URL knows; or the URL holds no unfinished state (it was deleted, or
+        # never got past the work config): records or a manifest here would name shards that are not there.
+        storage.clear_local(staging)
     try:
         state = prepare_output(staging, recipe, overwrite)
     except DatasetError as e:  # (the conflict is in the staging copy on this machine, not at the URL)
         raise DatasetError(str(e), e.in_a_job and e.in_a_job.replace("{output}", str(staging))) from None
-    if theirs is None and state == "resume":  # a run that kept its state on this machine only: the URL gets it too
-        for path in sorted((staging / WORK).rglob("*")):
-            rel = path.relative_to(staging).as_posix()
-            if path.is_file() and _resume_state(rel):
-                storage.upload(path, storage.join(remote, rel))
     if theirs == recipe and state != "complete":  # what the URL has and this machine lacks (tokenizer, records)
         for name in found:
             if _resume_state(name) and not (staging / name).exists():

@@ -190,10 +190,14 @@ def write_whole(path: Path, write) -> None:
     """Put a file at `path` whole or not at all: `write(tmp)` fills PATH.partial, which is synced, renamed into
     place, and the rename synced."""
     tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk: nothing half-written is left beside the file)
+        raise
     fsync_dir(path.parent)
 
 

@@ -164,9 +164,9 @@ def test_overwrite_in_an_object_store_removes_only_what_a_dataset_consists_of(sm
 
 def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never_removed(tmp_path, monkeypatch):
     """Resume state at an output URL: another run's unfinished start is cleared, but never with files of the user's
-    own in the dataset's folders; a run that kept its state on one machine only (as before the URL kept it too)
-    resumes from it there, and the URL gets a copy; another run's state on that machine is still refused; state
-    that cannot be read is said, not a traceback."""
+    own in the dataset's folders (nor are they written beside); the URL's state is the one that counts: a copy on
+    this machine of state the URL no longer holds (deleted to start over) is dropped, never uploaded (its records
+    and manifest name shards that are gone); state that cannot be read is said, not a traceback."""
     import fsspec
 
     from data_prep import storage
@@ -180,19 +180,22 @@ def test_an_object_stores_unfinished_state_is_kept_and_its_users_files_are_never
     with pytest.raises(DatasetError, match=r"\(train/README.txt\); nothing was removed"):
         _prepare_remote(url, tmp_path / "staging", "ours", overwrite=False)
     assert fs.cat_file(f"{url}/train/README.txt") == b"mine"
+    fs.rm(f"{url}/.work", recursive=True)  # (no state at all: the user's file still keeps the folder)
+    with pytest.raises(DatasetError, match=r"\(train/README.txt\); nothing was removed"):
+        _prepare_remote(url, tmp_path / "staging", "ours", overwrite=False)
     fs.rm(url, recursive=True)
 
     staging = tmp_path / "staging"
-    (staging / ".work" / "units").mkdir(parents=True)
-    (staging / ".work" / "config.json").write_text(json.dumps({"recipe_hash": "ours", "recipe_version": RECIPE_VERSION}))
-    (staging / ".work" / "units" / "unit-000000.json").write_text("{}")
-    assert _prepare_remote(url, staging, "ours", overwrite=False) == "resume"
-    assert (staging / ".work" / "units" / "unit-000000.json").is_file()
-    assert fs.exists(f"{url}/.work/units/unit-000000.json") and fs.exists(f"{url}/.work/config.json")
-    fs.rm(url, recursive=True)
-    with pytest.raises(DatasetError, match="holds an unfinished dataset made with a different config"):
-        _prepare_remote(url, staging, "another", overwrite=False)
-    assert (staging / ".work" / "units" / "unit-000000.json").is_file()
+    for finished in (False, True):
+        (staging / ".work" / "units").mkdir(parents=True)
+        (staging / ".work" / "config.json").write_text(json.dumps({"recipe_hash": "ours",
+                                                                   "recipe_version": RECIPE_VERSION}))
+        (staging / ".work" / "units" / "unit-000000.json").write_text("{}")
+        if finished:  # (finished here, its upload not yet made)
+            (staging / "manifest.json").write_text(json.dumps({"recipe_hash": "ours"}))
+        assert _prepare_remote(url, staging, "ours", overwrite=False) == "fresh"
+        assert not (staging / ".work" / "units").exists() and not (staging / "manifest.json").exists()
+        assert not fs.exists(url)
 
     def denied(where: str) -> str:  # (a bucket whose listing is allowed and whose reading is not)
         raise PermissionError("Access Denied")
@@ -269,6 +272,25 @@ def test_aborted_writer_leaves_only_finished_shards(tmp_path):
     w.abort()
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
     assert names == ["shard-000000-00000.tar"]
+
+
+def test_a_full_disk_leaves_no_partial_file_and_is_said_in_a_line(tmp_path, small_corpus, monkeypatch):
+    """(A full disk cannot be made here on purpose: the write that fails stands in for it.)"""
+    from data_prep import pipeline
+    from data_prep.shards import write_whole
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        write_whole(tmp_path / "out" / "report.json", full)
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(pipeline, "_run", lambda cfg, overwrite: full(tmp_path / "out" / "x.partial"))
+    with pytest.raises(pipeline.JobError, match=r"^OSError: No space left on device \(.*/out/x.partial\); finished "
+                                                r"work is kept: fix the cause and run the same command again"):
+        pipeline.run(small_config(small_corpus, tmp_path / "ds"))
 
 
 def test_a_killed_workers_scratch_directory_is_removed_by_the_next_one(tmp_path, monkeypatch):
