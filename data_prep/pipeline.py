@@ -158,6 +158,7 @@ def _run_units(fn: Callable, units: list[Unit], args: tuple, rc: RayConfig, on_d
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as e:
+                _keep_finished(pending, on_done)  # (units already done are not redone by the rerun)
                 cause = getattr(e, "cause", None) or e
                 files = ", ".join(s.url for s in unit.sources[:3]) + (" ..." if len(unit.sources) > 3 else "")
                 raise JobError(
@@ -171,6 +172,20 @@ def _run_units(fn: Callable, units: list[Unit], args: tuple, rc: RayConfig, on_d
         progress.close()
         for ref in pending:
             ray.cancel(ref, force=True)
+
+
+def _keep_finished(pending: dict, on_done: Callable) -> None:
+    """Hand `on_done` the results of the tasks of `pending` that have finished (taking them out of it)."""
+    import ray
+
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+    for ref in done:
+        unit = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError:
+            continue
+        on_done(unit, result)
 
 
 def run(cfg: DataPrepConfig, overwrite: bool = False) -> dict:
