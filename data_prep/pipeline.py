@@ -269,6 +269,7 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     total = sum(u.bytes for u in units)
     stages: dict[str, float] = {}
     records = []
+    made = 0  # input bytes this run made shards of (a resumed run's rate counts only those)
     if state != "published":
         try:
             (work / "units").mkdir(parents=True, exist_ok=True)
@@ -323,6 +324,7 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
                 if remote:  # (after its shards, which its worker uploaded)
                     storage.upload(path, storage.join(remote, WORK, "units", path.name))
 
+            made = sum(u.bytes for u in todo)
             _run_units(write_unit, todo, (cfg, worker_tok, out), cfg.ray, unit_done, "shards")
             stages["shards"] = time.monotonic() - t0 - sum(stages.values())
         records = [json.loads((work / "units" / f"unit-{u.index:06d}.json").read_text()) for u in units]
@@ -330,7 +332,7 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
     if remote:
         storage.upload_dir(root, remote, last=(MANIFEST,))
         storage.remove(storage.join(remote, WORK))
-    summary = summarize(root, time.monotonic() - t0, sources_bytes=total, shown=remote)
+    summary = summarize(root, time.monotonic() - t0, sources_bytes=made, shown=remote)
     summary["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}
     summary["task_seconds"] = round(sum(r.get("seconds", 0.0) for r in records), 2)
     if remote:
@@ -618,8 +620,9 @@ def summarize(root: Path, seconds: float, sources_bytes: int | None, shown: str 
             f"truncated {summary['truncation_rate']:.1%}")
     bad = ", ".join(f"{k} {v}" for k, v in summary["bad_input"].items()) or "none"
     log(f"bad input    {bad}  (per file in {storage.join(shown, REPORT) if shown else root / REPORT})")
-    if sources_bytes:
-        log(f"time         {seconds:.1f}s, {sources_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s")
+    if sources_bytes is not None:  # (None: a finished dataset found, not made)
+        rate = f", {sources_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s" if sources_bytes else ""
+        log(f"time         {seconds:.1f}s{rate}")
     for line in advice(manifest["config"], report):
         print(f"warning: {line}", file=sys.stderr)
     log(f"next         python -m data_prep inspect {summary['dataset']} -n 2")

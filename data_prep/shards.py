@@ -180,9 +180,14 @@ class ShardWriter:
 
 
 def _commit(f: BinaryIO, partial: Path, final: Path) -> None:
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(partial, final)
+    try:
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(partial, final)
+    except BaseException:  # (a full disk: the shard is not finished, and no half of it stays)
+        f.close()
+        partial.unlink(missing_ok=True)
+        raise
     fsync_dir(final.parent)
 
 

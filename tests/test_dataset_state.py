@@ -315,6 +315,20 @@ def test_a_full_disk_leaves_no_partial_file_and_is_said_in_a_line(tmp_path, smal
         pipeline.run(small_config(small_corpus, tmp_path / "ds"))
 
 
+def test_a_shard_whose_commit_fails_leaves_no_partial_file(tmp_path, monkeypatch):
+    """(The failing fsync stands in for a full disk.)"""
+    from data_prep import shards
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.os, "fsync", full)
+    w = ShardWriter(tmp_path, "train", 0, per_shard=3)
+    w.add_many([b"x" * 10] * 4, [5] * 4)  # the first shard's commit fails in the background; one more is open
+    w.abort()
+    assert list((tmp_path / "train").iterdir()) == []
+
+
 def test_a_killed_workers_scratch_directory_is_removed_by_the_next_one(tmp_path, monkeypatch):
     """A force-cancelled Ray task never runs its cleanup: the shards it staged for upload stay on the disk. The
     next scratch directory made on the machine removes them, but never one whose process is alive."""
