@@ -283,7 +283,7 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
     storage = spec.storage if store.is_remote(spec.storage) else str((cwd / spec.storage).resolve())
     uri = _mlflow_uri("", spec, cwd, environ)
     stages: list[dict[str, Any]] = []
-    dataset = None
+    dataset = registered_at = None
     for kind, _ in spec.stage_list():
         tree = configs[kind].model_dump(mode="json")
         if kind == "data_prep":
@@ -303,11 +303,20 @@ def resolve(spec: JobSpec, configs: dict[str, Any], job_file: str | Path, cwd: P
             if not tree["model"].startswith(("models:/", "runs:/")):
                 tree["model"] = _input(tree["model"], storage, cwd)
             tree["output"] = _output(tree["output"], storage)
-            tree["mlflow"]["tracking_uri"] = _mlflow_uri(tree["mlflow"]["tracking_uri"], spec, cwd, environ)
+            given = tree["mlflow"]["tracking_uri"]
+            tree["mlflow"]["tracking_uri"] = _mlflow_uri(given, spec, cwd, environ)
+            if registered_at and tree["mlflow"]["tracking_uri"] != registered_at:
+                if given:  # the model it starts from is registered in the pretraining's store, not in this one
+                    raise ConfigError(f"{job_file}: stages.finetune config: mlflow.tracking_uri is {given}, but the "
+                                      f"registry stage registers the model it fine-tunes in {registered_at} (the "
+                                      "pretrain config's store): remove the key from the fine-tune config, or give "
+                                      "both configs the same store")
+                tree["mlflow"]["tracking_uri"] = registered_at  # (one pipeline, one store)
         stages.append({"kind": kind, "config": _schema(kind).model_validate(tree).model_dump(mode="json")})
         if kind == "pretrain" and spec.kind == "pipeline" and spec.stages.registry:
             reg = spec.stages.registry
             stages.append({"kind": "register", "name": reg.name, "alias": reg.alias, "pooling": reg.pooling})
+            registered_at = uri
     return {"name": job_name(spec, job_file), "kind": spec.kind,
             "job_file": str(job_file), "storage": storage, "mlflow_uri": uri, "stages": stages,
             "spec": spec.model_dump(mode="json")}

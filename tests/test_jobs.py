@@ -78,6 +78,32 @@ def test_a_pipeline_fine_tunes_the_model_it_registered(tmp_path, monkeypatch):
     assert [k for k, _ in spec.stage_list()] == ["data_prep", "pretrain", "finetune"]
 
 
+def test_a_pipelines_fine_tune_looks_for_its_model_in_the_store_it_was_registered_in(tmp_path, monkeypatch):
+    """The registry stage registers in the pretrain config's store: a fine-tune config that names none uses that one,
+    and one that names another is refused before the job starts (it would look for the model where it is not)."""
+    from cluster.jobs import resolve
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'team.db'}"
+    (tmp_path / "task.yaml").write_text("task: {train: t.jsonl}\n")
+    (tmp_path / "job.yaml").write_text(
+        "kind: pipeline\nstages:\n  data_prep: {config: configs/data_prep/quickstart.yaml}\n"
+        f"  pretrain: {{config: configs/pretrain/quickstart.yaml, overrides: [mlflow.tracking_uri={store}]}}\n"
+        "  registry: {name: qb}\n  finetune: {config: task.yaml}\n")
+    spec, configs = load_job(tmp_path / "job.yaml")
+    plan = resolve(spec, configs, tmp_path / "job.yaml", cwd=tmp_path, environ={})
+    assert plan["mlflow_uri"] == store
+    uris = [s["config"]["mlflow"]["tracking_uri"] for s in plan["stages"] if s["kind"] in ("pretrain", "finetune")]
+    assert uris == [store, store]
+    other = f"sqlite:///{tmp_path / 'x.db'}"
+    (tmp_path / "task.yaml").write_text(f"task: {{train: t.jsonl}}\nmlflow: {{tracking_uri: '{other}'}}\n")
+    spec, configs = load_job(tmp_path / "job.yaml")
+    with pytest.raises(ConfigError, match=r"stages.finetune config: mlflow.tracking_uri is sqlite:///.*x.db, but the "
+                                          r"registry stage registers the model it fine-tunes in sqlite:///.*team.db"):
+        resolve(spec, configs, tmp_path / "job.yaml", cwd=tmp_path, environ={})
+
+
 def test_a_job_run_from_here_sets_its_environment_here(tmp_path, monkeypatch, capsys):
     """A local submit (or `run JOB`) sets the job's runtime_env.env_vars in its own process, as a cluster does for a
     submitted job (a local Ray started afterwards hands them on); pip is said to be for cluster jobs only."""
