@@ -32,8 +32,10 @@ FORMAT = {"name": "bert-pretraining-webdataset", "version": 1, "sample_extension
 # across that change (its shards would mix both kinds); a finished one stays as it is, with a note. Manifests and
 # work configs without it were made at 1. 2: a Latin word right after a CJK character is a whole word of its own;
 # the tokenizer's sample follows sentences. 3: a document over sources.MAX_DOCUMENT_CHARS is cut into documents, and
-# a pool is also full at worker.MAX_POOL_CHARS.
-RECIPE_VERSION = 3
+# a pool is also full at worker.MAX_POOL_CHARS. 4: whole words keep their combining marks and part at punctuation
+# on both sides; with NSP a sentence longer than an example is cut into parts; a random next segment never comes
+# from a document without tokens.
+RECIPE_VERSION = 4
 # What a dataset consists of: files at the top, and in its folders the files of these names only.
 OWNED_FILES = (MANIFEST, REPORT)
 OWNED_IN = {TOKENIZER_DIR: re.compile(r"spm\.(model|vocab)(\.partial)?"),
@@ -276,6 +278,8 @@ def build_report(records: list[dict]) -> dict:
             if counts["nsp_examples"] else None,
             # pools of a single document (a unit's split that holds one): their random next segments are its own
             "single_document_pools": counts["single_document_pools"],
+            # sentences longer than an example, cut into parts that pair with each other
+            "long_sentences_cut": counts["long_sentences_cut"],
         },
         "truncation_rate": round(counts["truncated_examples"] / examples, 4) if examples else 0.0,
         "length_histogram": {

@@ -74,23 +74,39 @@ class Example:
 class Pool:
     """Tokenized documents held together: one flat token array and each document's sentence offsets."""
 
-    def __init__(self, sentences: Sequence[Sequence[int]], sentences_per_doc: Sequence[int]):
+    def __init__(self, sentences: Sequence[Sequence[int]], sentences_per_doc: Sequence[int],
+                 longest: int | None = None):
         """`sentences`: every document's sentences in order, as sentencepiece returns them; document d
-        has `sentences_per_doc[d]` of them. Empty sentences are dropped."""
+        has `sentences_per_doc[d]` of them. Empty sentences are dropped. A sentence of more than `longest`
+        tokens (NSP: longer than a whole example) is cut into near-equal parts of at most half that, which
+        pair with each other; uncut, all but half an example of it would be truncated away."""
         lens = list(map(len, sentences))
         self.flat = np.fromiter(chain.from_iterable(sentences), np.int32, sum(lens))
         # bounds[d] = [o0, o1, ..., on]: sentence i of document d is flat[bounds[d][i]:bounds[d][i + 1]]
         self.bounds: list[list[int]] = []
+        self.cut = 0  # sentences cut into parts
+        half = max(1, (longest or 0) // 2)
         first = offset = 0
         for n in sentences_per_doc:
-            b = list(accumulate(filter(None, lens[first:first + n]), initial=offset))
+            b = [offset]
+            for m in lens[first:first + n]:
+                if longest and m > longest:
+                    parts = -(-m // half)
+                    b += [offset + m * k // parts for k in range(1, parts)]
+                    self.cut += 1
+                if m:
+                    offset += m
+                    b.append(offset)
             self.bounds.append(b)
-            first, offset = first + n, b[-1]
+            first += n
+        # the documents a random next segment can come from: those with a token (a document of invisible
+        # characters encodes to none)
+        self.drawable = [d for d, b in enumerate(self.bounds) if len(b) > 1]
 
     @classmethod
-    def of(cls, docs: Sequence[Sequence[Sequence[int]]]) -> "Pool":
+    def of(cls, docs: Sequence[Sequence[Sequence[int]]], longest: int | None = None) -> "Pool":
         """A pool from documents given as lists of tokenized sentences."""
-        return cls([s for d in docs for s in d], [len(d) for d in docs])
+        return cls([s for d in docs for s in d], [len(d) for d in docs], longest)
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -160,7 +176,7 @@ def create_pairs(pool: Pool, doc_index: int, p: ExampleParams, rng: random.Rando
                 is_random = True
                 # Ten tries at another document, as Google does; a pool of one falls back to itself.
                 for _ in range(10):
-                    other = int(rnd() * len(pool))
+                    other = pool.drawable[int(rnd() * len(pool.drawable))]
                     if other != doc_index:
                         break
                 ob = pool.bounds[other]

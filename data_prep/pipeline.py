@@ -35,7 +35,7 @@ from data_prep.shards import write_whole
 from data_prep.sources import FORMATS, MAX_DOCUMENT_CHARS, Source, expand_inputs
 from data_prep.tokenizer import load as load_tokenizer
 from data_prep.tokenizer import model_type as tokenizer_model_type
-from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, TokenizerError, sha256_file, train
+from data_prep.tokenizer import MAX_TRAINING_SENTENCE_BYTES, TokenizerError, refuse_extra_control, sha256_file, train
 from data_prep.worker import Unit, plan_units, sample_unit, write_json_atomic, write_unit
 
 log = print  # progress and summaries go to stdout; warnings to stderr
@@ -238,8 +238,8 @@ def _run(cfg: DataPrepConfig, overwrite: bool) -> dict:
                 tok_file = storage.local_copy(tok_file)
             except Exception as e:  # noqa: BLE001 (not there, credentials, endpoint: say where)
                 raise ConfigError(f"tokenizer.path: {storage.unreadable(cfg.tokenizer.path, e)}") from None
-        load_tokenizer(tok_file, key=f"tokenizer.path ({cfg.tokenizer.path})" if tok_file != cfg.tokenizer.path
-                       else "tokenizer.path")
+        key = f"tokenizer.path ({cfg.tokenizer.path})" if tok_file != cfg.tokenizer.path else "tokenizer.path"
+        refuse_extra_control(load_tokenizer(tok_file, key=key), tok_file, key)
         given_tok = sha256_file(tok_file)
         unused = sorted(f"tokenizer.{k}" for k in cfg.tokenizer.model_fields_set - {"path", "threads"})
         if unused:

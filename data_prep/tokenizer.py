@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -138,6 +139,18 @@ def load(path: str | Path, key: str = "tokenizer.path") -> spm.SentencePieceProc
     return sp
 
 
+def refuse_extra_control(sp: spm.SentencePieceProcessor, path: str | Path, key: str = "tokenizer.path") -> None:
+    """Refuse a model with control or unused pieces past ids 0-4 (`<s>`, language tags): masking's random
+    replacements are drawn from ids 5 and up, and would put them into the text."""
+    extra = [i for i in range(len(SPECIAL_PIECES), sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnused(i)]
+    if extra:
+        named = ", ".join(f"{sp.IdToPiece(i)}={i}" for i in extra[:5]) + (", ..." if len(extra) > 5 else "")
+        raise ConfigError(f"{key}: '{path}' has {len(extra)} control or unused pieces besides ids 0-4 ({named}); "
+                          "masking's random replacements would put them into examples. Train it with "
+                          "control_symbols=[CLS],[SEP],[MASK] only (user_defined_symbols for pieces that stand in the "
+                          "text), or leave tokenizer.path empty to train one.")
+
+
 def model_type(path: str | Path) -> str:
     """The algorithm a model file was trained with ("unigram", "bpe", ...), read from the file itself."""
     from sentencepiece import sentencepiece_model_pb2 as pb  # (protobuf: installed with Ray and MLflow)
@@ -172,21 +185,29 @@ def unspaced(ch: str) -> bool:
     return any(lo <= code <= hi for lo, hi in UNSPACED)
 
 
+def punctuation(ch: str) -> bool:
+    """Whether `ch` is a punctuation mark or a symbol (Unicode categories P* and S*): a word of its own."""
+    return unicodedata.category(ch)[0] in "PS"
+
+
 def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:
     """`table[id] & WORD_START` when piece `id` begins a word, `table[id] & NEXT_STARTS` when the piece after it
     does (for whole-word masking; the bits are `data_prep.masking`'s).
 
-    A piece begins a word when it carries sentencepiece's space marker, starts with punctuation, or starts with a
-    CJK or kana character, so `"▁word" "."` are two words and so are `"中" "国"`, as BERT's basic tokenizer would
-    have them (without the last, a sentence of Chinese is one "word", too long to mask). A piece that ends with
-    such a character ends its word: in `"国" "abc"` the Latin word is one of its own, as BERT's basic tokenizer
-    (a space around every CJK character) has it.
+    A piece begins a word when it carries sentencepiece's space marker, starts with a punctuation mark or symbol,
+    or starts with a CJK or kana character, so `"▁word" "."` are two words and so are `"中" "国"`, as BERT's basic
+    tokenizer would have them (without the last, a sentence of Chinese is one "word", too long to mask). A piece
+    that ends with such a character ends its word: in `"国" "abc"` and `"▁(" "bar"` the Latin word is one of its
+    own, as BERT's basic tokenizer (a space around every CJK character and punctuation mark) has it. A piece that
+    starts with a combining mark (a vowel sign or virama of an Indic script, a Thai tone mark, an Arabic or Hebrew
+    diacritic) or an invisible joiner goes on its word.
     """
     table = bytearray(sp.GetPieceSize())
     for i in range(sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
-        first = piece[:1]
-        begins = (piece.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i) or not first.isalnum()
-                  or unspaced(first))
-        table[i] = (WORD_START if begins else 0) | (NEXT_STARTS if piece and unspaced(piece[-1]) else 0)
+        first, special = piece[:1], sp.IsControl(i) or sp.IsUnknown(i)  # ([UNK] may stand inside a word)
+        last = piece.rstrip("\u2581")[-1:]  # (the marker, a symbol itself, only begins the word after it)
+        begins = special or not first or first == "\u2581" or punctuation(first) or unspaced(first)
+        ends = not special and bool(last) and (punctuation(last) or unspaced(last))
+        table[i] = (WORD_START if begins else 0) | (NEXT_STARTS if ends else 0)
     return bytes(table)

@@ -182,8 +182,9 @@ def _fill(unit: Unit, cfg: DataPrepConfig, sp, params: ExampleParams, word_start
         if pool:
             # One batched encode per pool: ~2x the per-document call rate of sentencepiece.
             encoded = sp.Encode([s for _, d in pool for s in d], num_threads=1)
-            tokens = Pool(encoded, [len(d) for _, d in pool])
+            tokens = Pool(encoded, [len(d) for _, d in pool], params.max_seq_length - 3 if params.nsp else None)
             stats.counts["document_tokens"] += len(tokens.flat)
+            stats.counts["long_sentences_cut"] += tokens.cut
             if len(pool) == 1 and params.nsp:  # its random next segments can only come from itself
                 stats.counts["single_document_pools"] += 1
             _write_window(tokens, [i for i, _ in pool], window, unit, cfg, params, word_start, writers[split],

@@ -83,6 +83,40 @@ def test_random_next_is_about_half_and_from_other_documents():
     assert foreign / labels[True] > 0.95
 
 
+def test_a_sentence_longer_than_an_example_is_cut_into_parts_that_pair():
+    """A 600-token "sentence" (an unsplit paragraph, a table) between ordinary ones: cut into parts of at most half
+    an example, nearly all of its tokens reach the document's examples, which stay within the length."""
+    long, p = list(range(NUM_SPECIAL, NUM_SPECIAL + 600)), params(short_seq_prob=0.0)
+    docs = [[[900] * 20, long, [901] * 20], [[902] * 30] * 5]
+
+    def kept(pool: Pool) -> float:
+        seen = set()
+        for copy in range(3):
+            for ex in create_pairs(pool, 0, p, doc_rng(1, 0, 0, copy)):
+                assert ex.length <= p.max_seq_length
+                spans = [(ex.a0, ex.la)] + ([] if ex.is_random_next else [(ex.b0, ex.lb)])
+                seen.update(t for a0, n in spans for t in pool.flat[a0:a0 + n].tolist() if t < 900)
+        return len(seen) / len(long)
+
+    cut = Pool.of(docs, longest=p.max_seq_length - 3)
+    assert cut.cut == 1 and max(np.diff(cut.bounds[0])) <= (p.max_seq_length - 3) // 2
+    assert cut.flat.tolist() == Pool.of(docs).flat.tolist()  # (the same tokens, in parts)
+    assert kept(cut) > 0.9 and kept(Pool.of(docs)) < 0.2
+
+
+def test_a_random_next_segment_never_comes_from_a_document_without_tokens():
+    """A document of invisible characters encodes to no tokens: a random next segment drawn from it would be empty
+    and its example lost; it is not drawn."""
+    docs = [[[NUM_SPECIAL + s] * 12 for s in range(8)], [[], []], [[], []], [[700 + s] * 12 for s in range(8)]]
+    pool, full = Pool.of(docs), Pool.of([docs[0], docs[3]])
+    assert pool.drawable == [0, 3]
+    for seed in range(20):
+        made = create_pairs(pool, 0, params(), doc_rng(seed, 0, 0, 0))
+        assert [(e.la, e.lb, e.is_random_next) for e in made] == \
+            [(e.la, e.lb, e.is_random_next) for e in create_pairs(full, 0, params(), doc_rng(seed, 0, 0, 0))]
+        assert all(pool.flat[e.b0] >= 700 for e in made if e.is_random_next)
+
+
 def test_short_seq_prob_gives_short_targets():
     pool = make_pool(30)
     mean = {}
@@ -267,7 +301,8 @@ def test_tiny_examples_never_break(n):
 # digest here); otherwise a resumed dataset would hold examples of both kinds. (This guards the example-making code
 # only: a change to sentence splitting, the tokenizer's sample or the word-start table must raise it too.)
 RECIPE_DIGESTS = {2: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"},
-                  3: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"}}  # (3 cuts documents, not a pool's examples)
+                  3: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"},  # (3 cuts documents, not a pool's examples)
+                  4: {True: "35147fa39e083381", False: "e2d6ae6d27109e0b"}}  # (4: the word-start table; sentences cut)
 
 
 @pytest.mark.parametrize("nsp", [True, False])

@@ -338,6 +338,19 @@ def test_existing_tokenizer_and_url_inputs(built, tmp_path, ray_local, capsys):
     assert [s["path"] for s in m["sources"]] == [str(corpus / f"part{i}.txt") for i in range(3)]  # local URLs: paths
     assert summary["documents"] == 90
     assert "tokenizer" not in summary["stage_seconds"] or summary["stage_seconds"]["tokenizer"] < 5
+    # a model with a control piece of its own (a language tag): masking's random replacements would put it in text
+    import sentencepiece as spm
+
+    from data_prep.configfile import ConfigError
+
+    spm.SentencePieceTrainer.train(input=str(corpus / "part0.txt"), model_prefix=str(tmp_path / "tagged"),
+                                   vocab_size=120, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]",
+                                   unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]", "<en>"],
+                                   minloglevel=2)
+    with pytest.raises(ConfigError, match=r"tokenizer.path: '.*tagged.model' has 1 control or unused pieces besides "
+                                          r"ids 0-4 \(<en>=5\); masking's random replacements"):
+        run(small_config(corpus, tmp_path / "tagged-ds", tokenizer__path=str(tmp_path / "tagged.model")))
+    assert not (tmp_path / "tagged-ds").exists()
 
 
 def test_the_dataset_id_names_the_bytes_not_the_spelling_of_the_inputs(built):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import shutil
+import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -13,7 +16,7 @@ from conftest import make_document
 from data_prep.config import SPECIAL_PIECES, TokenizerConfig
 from data_prep.configfile import ConfigError
 from data_prep.masking import NEXT_STARTS, WORD_START
-from data_prep.tokenizer import load, sha256_file, train, unspaced, word_start_table
+from data_prep.tokenizer import load, punctuation, sha256_file, train, unspaced, word_start_table
 
 
 def sentences(n: int = 3000) -> list[str]:
@@ -45,17 +48,43 @@ def test_word_start_table_marks_word_initial_pieces(tmp_path):
     for i in range(5, sp.GetPieceSize()):
         piece = sp.IdToPiece(i)
         first = piece.lstrip("\u2581")[:1]
-        ends_cjk = unspaced(piece[-1])  # (the piece after it begins a word)
-        assert bool(table[i] & NEXT_STARTS) == ends_cjk, piece
+        last = piece.rstrip("\u2581")[-1:]
+        ends_word = bool(last) and (unspaced(last) or punctuation(last))  # (the piece after it begins a word)
+        assert bool(table[i] & NEXT_STARTS) == ends_word, piece
         if "\u3040" <= first <= "\u9fff":  # CJK and kana: every character starts a word, as BERT's basic tokenizer
             assert table[i] & WORD_START, piece
         else:
             spaced += 1
-            assert bool(table[i] & WORD_START) == (piece.startswith("\u2581") or not piece[:1].isalnum()), piece
+            assert bool(table[i] & WORD_START) == (piece.startswith("\u2581") or punctuation(piece[0])), piece
     assert spaced > 100
     # a Chinese sentence is words of a character or a few, not one word of the whole sentence
     ids = sp.Encode("我们今天学习自然语言处理。")
     assert sum(table[i] & WORD_START for i in ids) >= len(ids) - 1, [sp.IdToPiece(i) for i in ids]
+
+
+def test_whole_words_keep_their_combining_marks_and_part_at_punctuation(tmp_path):
+    """Hindi words are the text between spaces, their vowel signs and viramas on them (each piece that starts with
+    a mark goes on its word); a parenthesis or quotation mark is a word of its own on either side, as in BERT's
+    basic tokenizer."""
+    from data_prep.masking import words
+
+    hindi = ["लड़कों ने बच्चियों को किताबें दीं।", "बच्चियों ने लड़कों को चिट्ठियाँ लिखीं।",
+             "हमने किताबें पढ़ीं और चिट्ठियाँ भेजीं।"]
+    marked = ['Call foo(bar) with "quoted" values (see below) now.', 'Say "yes" (or no) to foo(baz) twice.']
+    train(sentences(1200) + hindi * 40 + marked * 20, TokenizerConfig(vocab_size=170, threads=1), tmp_path / "m.model")
+    sp = load(tmp_path / "m.model")
+    table = word_start_table(sp)
+    for text in hindi + marked:
+        pieces = sp.EncodeAsPieces(text)
+        ids = [sp.PieceToId(x) for x in pieces]
+        got = ["".join(pieces[i] for i in w) for w in words(ids, np.ones(len(ids), bool), table)]
+        want = []  # the words of BERT's basic tokenizer, a space marker on the first of each run between spaces
+        for run in text.split(" "):
+            marks = "".join(filter(punctuation, run))
+            parts = [x for x in re.split(f"([{re.escape(marks)}])", run) if x] if marks else [run]
+            want += ["\u2581" + parts[0], *parts[1:]]
+        assert got == want, (text, pieces)
+    assert any(unicodedata.category(x[0])[0] == "M" for x in sp.EncodeAsPieces(" ".join(hindi)))  # (marks start pieces)
 
 
 def test_foreign_model_is_refused_with_the_key(tmp_path):
