@@ -193,12 +193,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW that clips by global norm and skips a step whose gradients hold inf/NaN.
+class StepGuard:
+    """An optimizer (as the first base of a subclass) that clips by global norm and skips a step whose gradients
+    hold inf/NaN.
 
-    DeepSpeed's ZeRO optimizers check and clip gradients themselves. Without ZeRO (stage 0) the engine
-    calls the optimizer directly, so this does both and reports through the two attributes the engine
-    reads: `overflow` (counts the skip and holds the LR schedule) and `_global_grad_norm`.
+    DeepSpeed's ZeRO optimizers and its fp16 wrapper check and clip gradients themselves. Without ZeRO (stage 0)
+    in fp32 or bf16 the engine calls the optimizer directly, so this does both and reports through the two
+    attributes the engine reads: `overflow` (counts the skip and holds the LR schedule) and `_global_grad_norm`.
     """
 
     def __init__(self, params, max_norm: float = 0.0, **kwargs):
@@ -221,6 +222,19 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.max_norm > 0 and self._global_grad_norm > self.max_norm:
             torch._foreach_mul_(grads, self.max_norm / (self._global_grad_norm + 1e-6))
         return super().step(closure)
+
+
+class GuardedAdamW(StepGuard, torch.optim.AdamW):
+    """torch's AdamW, guarded."""
+
+
+def guarded_lamb(groups: list[dict], params: dict, max_norm: float) -> torch.optim.Optimizer:
+    """DeepSpeed's fused LAMB (CUDA), guarded, built from the DeepSpeed config's optimizer params as DeepSpeed
+    would build it."""
+    from deepspeed.ops.lamb import FusedLamb
+
+    params = {**params, **({"betas": tuple(params["betas"])} if "betas" in params else {})}
+    return type("GuardedLamb", (StepGuard, FusedLamb), {})(groups, max_norm=max_norm, **params)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -280,6 +294,10 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         config["gradient_clipping"] = 0.0  # GuardedAdamW clips, after its check
         optimizer = GuardedAdamW(groups, max_norm=t.grad_clip, lr=t.lr, betas=t.betas, eps=t.eps,
                                  fused=True)
+    elif t.optimizer == "lamb" and precision != "fp16":  # (ZeRO-0: LAMB runs under no ZeRO; fp16's wrapper checks)
+        params = config.pop("optimizer")["params"]
+        config["gradient_clipping"] = 0.0  # (as above)
+        optimizer = guarded_lamb(groups, params, t.grad_clip)
     elif "optimizer" not in config:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     sched = schedule or Schedule.of(t.model_dump())
@@ -349,7 +367,7 @@ def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
     t = cfg.train
     sched = engine.lr_scheduler
     opt = engine.optimizer
-    guarded = next((o for o in (opt, getattr(opt, "optimizer", None)) if isinstance(o, GuardedAdamW)), None)
+    guarded = next((o for o in (opt, getattr(opt, "optimizer", None)) if isinstance(o, StepGuard)), None)
     if guarded is not None:  # (alone, or inside DeepSpeed's fp16/bf16 wrapper at ZeRO-0, whose own clipping stays 0)
         guarded.max_norm = t.grad_clip
     elif hasattr(opt, "clip_grad"):  # DeepSpeed's ZeRO and bf16 optimizers

@@ -274,8 +274,8 @@ def pretraining_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, nsp_log
     With `masked_total` (the masked tokens of the whole global batch: every micro batch of the step, every rank),
     the MLM loss is this micro batch's part of the global token mean, times `shares` (micro batches x ranks,
     which gradient accumulation and the data-parallel average divide by): each masked token weighs the same."""
-    if masked_total is None:
-        mlm = F.cross_entropy(mlm_logits.float(), mlm_labels)
+    if masked_total is None:  # (a micro batch without a masked token has no MLM loss: 0, not NaN)
+        mlm = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") / max(mlm_labels.numel(), 1)
     else:
         mlm = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") * shares / masked_total.clamp_min(1)
     if nsp_logits is None or nsp_labels is None:

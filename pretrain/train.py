@@ -46,7 +46,9 @@ from pretrain.tracking import (
     tracking_uri,
 )
 
-# Dense bf16 peak per GPU used for MFU (the project's convention: 790 TFLOP/s for H100 and H200).
+# The bf16 peak per GPU that MFU divides by: for H100 and H200 a dense bf16 matmul's measured rate, about 790 TFLOP/s
+# (below the datasheet's 989 for SXM parts, which large matmuls do not reach in practice: MFU against 989 is 0.8x
+# these figures; tests/benchmarks/gpu_throughput.py measures the device's own); for A100 its datasheet 312.
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job stopped early, with a checkpoint to resume from
 

@@ -146,6 +146,25 @@ def test_a_resumed_zero0_run_clips_once_with_its_config_norm():
     assert probe()["resumed_clip"] == [0.0, 0.5]
 
 
+def test_the_step_guard_skips_a_non_finite_step_and_clips_whatever_the_optimizer():
+    """The guard is a base any optimizer class takes (AdamW; LAMB on GPUs, which DeepSpeed runs unchecked):
+    gradients holding NaN leave the weights and the optimizer's state as they were; finite ones are clipped to
+    max_norm by their global norm."""
+    import torch
+
+    from pretrain.engine import StepGuard
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = type("GuardedSGD", (StepGuard, torch.optim.SGD), {})([w], max_norm=1.0, lr=1.0, momentum=0.9)
+    w.grad = torch.tensor([float("nan"), 1.0])
+    opt.step()
+    assert opt.overflow and w.tolist() == [1.0, 2.0] and w.grad is None and not opt.state[w]
+    w.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped to 1
+    opt.step()
+    assert not opt.overflow and opt._global_grad_norm == 5.0
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.6, 2.0 - 0.8]), atol=1e-5)
+
+
 def test_deepspeed_is_prepared_before_it_starts(monkeypatch):
     """DeepSpeed builds ops (ZeRO-Offload's CPU Adam, LAMB) with the `ninja` on PATH: this environment's own
     (pip installs it with DeepSpeed), also when the environment is used without activating it. The op only its

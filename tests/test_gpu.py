@@ -30,6 +30,21 @@ def test_training_on_gpu(tmp_path, train_dataset, precision, stage):
         assert m[40]["loss_scale"] > 0
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_nan_step_under_lamb_is_skipped_and_counted(tmp_path, train_dataset, precision):
+    """LAMB (ZeRO-0, CUDA only) in bf16 or fp32: DeepSpeed's fused LAMB has no inf/NaN check of its own; ours
+    skips the step, as for AdamW."""
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump(pretrain_config(
+        train_dataset, tmp_path / "ck", precision=precision, deepspeed__zero_stage=0, train__optimizer="lamb",
+        train__max_steps=6, debug__nan_at_step=3, mlflow__enabled=False)))
+    out = run_pretrain(cfg)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 3: non-finite loss or gradient; the update was skipped (1 skipped so far)" in out.stderr
+    m = read_metrics(tmp_path / "ck")
+    assert m[3]["skipped_steps"] == 1 and all(m[s]["loss"] == m[s]["loss"] for s in (4, 5, 6))
+
+
 def test_export_refuses_fp16_weights_without_zero(tmp_path, train_dataset):
     """DeepSpeed's fp16 mode without ZeRO keeps fp16 weights in the module (the fp32 ones in its optimizer
     wrapper): export says so and what to train with, rather than writing half-precision weights."""

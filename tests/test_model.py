@@ -45,8 +45,14 @@ def test_forward_shapes_and_padding_does_not_leak(pre_ln):
     assert torch.allclose(mlm, mlm2, atol=1e-6) and torch.allclose(nsp, nsp2, atol=1e-6)
     total, m, n = pretraining_loss(mlm, ids.view(-1)[masked], nsp, torch.tensor([0, 1, 0]))
     assert torch.isclose(total, m + n) and total.requires_grad
+    assert torch.isclose(m, torch.nn.functional.cross_entropy(mlm, ids.view(-1)[masked]))  # (the token mean)
     total.backward()
     assert model.bert.embeddings.word.weight.grad is not None
+    # a micro batch without a masked token (whole-word masking skipped every word): no MLM loss, not NaN
+    none = mlm[:0]
+    for masked_total in (None, torch.tensor(0)):
+        total, m, _ = pretraining_loss(none, ids.view(-1)[:0], nsp, torch.tensor([0, 1, 0]), masked_total)
+        assert m.item() == 0.0 and torch.isfinite(total), masked_total
 
 
 def test_equals_transformers_bert_for_pretraining():

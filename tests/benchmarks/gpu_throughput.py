@@ -21,7 +21,8 @@ For each config (PRESET:SEQ, optionally :B1/B2/... batch sizes, else --batches) 
 batch size (an out-of-memory one is skipped) and keeps the best; rounds alternate between variants and each keeps its best round. Batches are synthetic,
 shaped like pretraining data (lengths --min-fill..100% of the sequence, 15% of real tokens masked). Reported:
 sequences/s, real (non-padding) tokens/s, MFU = model FLOPs on real tokens (pretrain.model.training_flops)
-/ time / 790 TFLOP/s (the bf16 peak used for H100 and H200), and peak GPU memory. With --dataset (a dataset
+/ time / the device's bf16 matmul peak (measured at the start: about 790 TFLOP/s on H100 and H200; --peak-tflops
+sets it), and peak GPU memory. With --dataset (a dataset
 of that sequence length, e.g. built by `python -m data_prep run configs/data_prep/quickstart.yaml
 examples.max_seq_length=128 output=data/bench128`) the default variant also trains from pretrain's own
 loader (--workers processes, pinned memory) and the share of time spent waiting for data is reported.
@@ -52,7 +53,25 @@ from pretrain.presets import preset  # noqa: E402
 from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 from torch.profiler import profile as torch_profile  # noqa: E402
 
-PEAK = 790e12
+PEAK = 790e12  # FLOP/s that MFU divides by: on a GPU, replaced by the bf16 matmul rate measured at the start
+
+
+def matmul_peak(n: int = 8192, reps: int = 10, rounds: int = 5) -> float:
+    """The device's dense bf16 matmul rate in FLOP/s: the best round of `reps` products of two n x n matrices."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    del a, b
+    torch.cuda.empty_cache()
+    return best
 VARIANTS = ("ours", "ours-eager", "ours-padded", "transformers")
 # DeepSpeed's bf16 mode (bf16 weights, fp32 master copies), the default before bf16 went through autocast
 DS_BF16 = {"bf16": {"enabled": True, "check_grad_overflow": True}, "torch_autocast": {"enabled": False}}
@@ -312,11 +331,21 @@ def main() -> None:
     ap.add_argument("--count-ops", action="store_true",
                     help="instead of timing: count each variant's host-side work per optimizer step (host ms, "
                          "kernel-launching ops, host syncs per phase) at each config's first batch size")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the bf16 peak MFU divides by (default: measured at the start with 8192^3 matmuls; "
+                         "790 on CPU)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
+    global PEAK
     topo = init_distributed()
     device = topo.device
+    if args.peak_tflops:
+        PEAK = args.peak_tflops * 1e12
+    elif device.type == "cuda" and not args.count_ops:
+        PEAK = matmul_peak()
+    print(f"MFU against a bf16 peak of {PEAK / 1e12:.0f} TFLOP/s"
+          + (" (measured here)" if device.type == "cuda" and not args.peak_tflops else ""), flush=True)
     rows = []
     dataset_seq = None
     if args.dataset:
@@ -382,7 +411,7 @@ def step_cost(measured: list[dict]) -> dict | None:
 
 def meta(device, precision: str = "bf16") -> dict:
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+            "peak_tflops": round(PEAK / 1e12, 1), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def report(rows: list[dict], meta: dict, json_path: str | None, quiet: bool = False) -> None:
