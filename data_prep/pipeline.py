@@ -658,6 +658,13 @@ def advice(config: dict, report: dict) -> list[str]:
                    f"keep {min(1.0, made / max(report['tokens'], 1)):.0%} of the text; truncated "
                    f"{report['truncation_rate']:.0%}). If the lines are paragraphs or whole documents, set "
                    "read.split_sentences=always")
+    elif sum(report["examples"].values()):
+        mean = sum(report["example_tokens"].values()) / sum(report["examples"].values())
+        if mean < length / 2:
+            out.append(f"examples average {mean:,.0f} tokens of examples.max_seq_length={length}: the documents are "
+                       "short, and an example never spans two. With train.unpad (the default) their padding costs "
+                       "no compute, but a step holds fewer tokens than its batch size suggests: raise "
+                       "train.global_batch_size to match, or lower examples.max_seq_length")
     if not report["examples"].get("train"):
         out.append(f"the train split is empty: there is nothing to pretrain on; lower val_fraction (now "
                    f"{config['val_fraction']:g}) or add documents")

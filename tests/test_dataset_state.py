@@ -387,15 +387,15 @@ def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(small
 
 def test_a_finished_datasets_figures_name_the_key_to_change():
     """The summary's warnings: a text field most records lack, documents of one sentence (sentences not split),
-    sentences as long as an example (lines that are paragraphs), an empty val or train split; and, before a run, a
-    prediction cap below masked_lm_prob."""
+    sentences as long as an example (lines that are paragraphs), examples far shorter (short documents), an empty val
+    or train split; and, before a run, a prediction cap below masked_lm_prob."""
     from data_prep.config import DataPrepConfig
     from data_prep.pipeline import advice, masking_cap
 
     config = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "text_field": "body",
                                             "val_fraction": 0.01}).content()
     report = {"documents": 40, "sentences": 400, "tokens": 8000, "examples": {"train": 300, "val": 0},
-              "example_tokens": {"train": 15000, "val": 0}, "truncation_rate": 0.05,
+              "example_tokens": {"train": 30000, "val": 0}, "truncation_rate": 0.05,
               "bad_input": {"missing_field": 120, "single_sentence_document": 30}}
     said = advice(config, report)
     assert len(said) == 3
@@ -405,14 +405,21 @@ def test_a_finished_datasets_figures_name_the_key_to_change():
         "40 documents are too few to spare some" in said[2]
     report.update(documents=400, bad_input={})
     assert "raise it to 0.05 or more" in advice(config, report)[0]
-    report.update(examples={"train": 300, "val": 12}, example_tokens={"train": 15000, "val": 600})
+    report.update(examples={"train": 300, "val": 12}, example_tokens={"train": 30000, "val": 1200})
     assert advice(config, report) == []
+    # short documents: examples of 50 tokens where 128 fit
+    report.update(example_tokens={"train": 15000, "val": 600})
+    assert advice(config, report) == ["examples average 50 tokens of examples.max_seq_length=128: the documents are "
+                                      "short, and an example never spans two. With train.unpad (the default) their "
+                                      "padding costs no compute, but a step holds fewer tokens than its batch size "
+                                      "suggests: raise train.global_batch_size to match, or lower "
+                                      "examples.max_seq_length"]
     # one paragraph per line: 60 documents of 200-token "sentences", examples of 128 tokens keep a third of the text
     report.update(sentences=60, tokens=12000, example_tokens={"train": 3800, "val": 200}, truncation_rate=1.0)
     (said,) = advice(config, report)
     assert said.startswith("the corpus's sentences average 200 tokens, over half of examples.max_seq_length=128") \
         and "keep 33% of the text; truncated 100%" in said and "set read.split_sentences=always" in said
-    report.update(sentences=400, examples={"train": 0, "val": 300})
+    report.update(sentences=400, examples={"train": 0, "val": 300}, example_tokens={"train": 0, "val": 30000})
     assert advice(config, report) == ["the train split is empty: there is nothing to pretrain on; lower val_fraction "
                                       "(now 0.01) or add documents"]
     long = DataPrepConfig.model_validate({"inputs": ["x"], "output": "y", "examples": {"max_seq_length": 512}})
