@@ -155,19 +155,20 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         tracker.print("resuming with changed settings: " + "; ".join(changed))
 
 
-def _rate_change(before: dict, cfg: PretrainConfig, step: int) -> str | None:
+def _rate_change(before: dict, cfg: PretrainConfig, step: int, at: int | None = None) -> str | None:
     """The learning rate's jump at a resume whose schedule settings changed (a raised train.max_steps stretches the
     decay to the new end, so the rate goes back up), with the rates either side; None when the next step's rate is
-    within 1% of what the checkpoint's schedule gave it."""
+    within 1% of what the checkpoint's schedule gave it. `at` is the schedule's own position (`step` less the
+    skipped steps, which hold it), where given."""
     from pretrain.engine import Schedule
 
-    t = cfg.train
+    t, at = cfg.train, step if at is None else at
     try:
         old = Schedule.of(before)
-        last, planned = before["lr"] * old(max(0, step - 1)), before["lr"] * old(step)
+        last, planned = before["lr"] * old(max(0, at - 1)), before["lr"] * old(at)
     except (KeyError, TypeError):
         return None
-    new = t.lr * Schedule.of(t.model_dump())(step)
+    new = t.lr * Schedule.of(t.model_dump())(at)
     if abs(new - planned) <= 0.01 * abs(planned):
         return None
     return (f"the learning rate goes from {last:.3g} (step {step}) to {new:.3g} (step {step + 1}): the schedule "
@@ -253,7 +254,8 @@ def _restore(engine, candidates: list[str], model_cfg: dict, dataset_id: str, la
                 f"written, so {kept} to resume from the one before it, or rerun once the cause is fixed")
         tracker.print(f"resuming from {path} (step {client['step']}, {client['samples']:,} samples seen)")
         apply_hyperparameters(engine, cfg)
-        jump = _rate_change(client["config"].get("train", {}), cfg, client["step"])
+        jump = _rate_change(client["config"].get("train", {}), cfg, client["step"],
+                            getattr(engine.lr_scheduler, "last_epoch", None))
         if jump:
             tracker.print(jump)
         return client

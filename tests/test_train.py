@@ -196,6 +196,22 @@ def test_a_resume_into_another_store_records_the_whole_run_there(trained, tmp_pa
     assert run_checkpoint_dir(run.info.run_id, other) == str(conf.parent / "ck")
 
 
+def test_the_learning_rate_jump_is_said_where_the_schedule_stands():
+    """Skipped steps hold the schedule: at a resume after 10 of them the rates either side of the jump are the
+    schedule's at step 70, not at the checkpoint's 80."""
+    from pretrain.config import PretrainConfig
+    from pretrain.train import _rate_change
+
+    before = {"lr": 1e-3, "schedule": "linear", "warmup_steps": 0, "max_steps": 100}
+    cfg = PretrainConfig(data={"dataset": "-"}, train={"lr": 1e-3, "schedule": "linear", "warmup_steps": 0,
+                                                       "max_steps": 200})
+    said = _rate_change(before, cfg, 80, at=70)
+    assert said.startswith(f"the learning rate goes from {1e-3 * 31 / 100:.3g} (step 80) to {1e-3 * 130 / 200:.3g} "
+                           "(step 81)"), said
+    assert _rate_change(before, cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 100})}),
+                        80, at=70) is None
+
+
 def test_a_resume_takes_a_new_batch_size_and_learning_rate(trained, tmp_path):
     """The data cursor advances by what each step consumed; the config's LR, weight decay and gradient clipping
     win over the saved optimizer's (the checkpoint written after the resume holds what the steps used)."""
