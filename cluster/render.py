@@ -163,14 +163,20 @@ def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: st
     if res.get("memory_bytes"):
         lines.append(f"#SBATCH --mem={math.ceil(_node_memory_gb(res))}G")
     lines.append("#SBATCH --output=%x-%j.out")
+    # ten minutes before the time limit (the partition's, or sbatch --time), USR1 to this script: it stops the job as
+    # `python -m cluster stop` does, so pretraining commits a checkpoint before Slurm ends every process
+    lines.append("#SBATCH --signal=B:USR1@600")
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.runtime_env.env_vars.items())
     pip = f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}\n" if spec.runtime_env.pip else ""
     node = (f"--num-cpus={int(res['cpus'])}" + (f" --num-gpus={int(res['gpus'])}" if res["gpus"] else "")
             + _flags(_memory(res))
             + (f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""))
+    api = "http://${head_ip}:" + str(DASHBOARD_PORT)
     body = f"""
 # Job '{name}' ({spec.kind}): {spec.resources.num_workers} worker(s) on {nodes} node(s). Submit from the project
 # directory on a filesystem every node mounts: sbatch {file or name + '.sbatch'}
+# To stop it keeping its progress (pretraining commits a checkpoint; submitting again resumes), signal this script:
+#   scancel --batch --signal=USR1 JOBID      (a plain scancel or a preemption ends every process at once)
 set -euo pipefail
 cd "${{SLURM_SUBMIT_DIR:-.}}"
 # (since Slurm 22.05, srun does not take --cpus-per-task from the allocation: Ray would get one CPU)
@@ -219,7 +225,15 @@ if [ -z "$joined" ]; then
   echo "error: not all {nodes} node(s) joined the Ray head at $head_ip within 10 minutes (see their lines above)" >&2
   exit 1
 fi
-{_command(job, overrides, 'http://${head_ip}:' + str(DASHBOARD_PORT))}
+{_command(job, overrides, api)} &
+submit=$!
+trap 'echo "signalled: stopping job {name}" >&2; python -m cluster stop {shlex.quote(name)} --address "{api}" || true' \\
+    USR1 TERM
+while :; do  # (a signal ends the wait early: wait again, for the job's own end and status)
+  wait "$submit" && status=0 || status=$?
+  kill -0 "$submit" 2>/dev/null || break
+done
+exit "$status"
 """
     return "\n".join(lines) + "\n" + body
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -281,7 +282,12 @@ esac
   -) cat > /dev/null  # the wait for the nodes: until both have started (then all joined, or never)
      for _ in $(/usr/bin/seq 100); do [ "$(grep -c "ray start" "$LOG")" -ge 2 ] && break; /bin/sleep 0.05; done
      [ -z "$NEVER_JOIN" ] ;;
-  -m) echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"; exit 3 ;;
+  -m) if [ "$3" = stop ]; then echo "stop $*" >> "$LOG"; touch "$LOG.stopped"; exit 0; fi
+      echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"
+      if [ -n "$SUBMIT_WAITS" ]; then  # (a job that runs until it is stopped)
+        for _ in $(/usr/bin/seq 400); do [ -e "$LOG.stopped" ] && break; /bin/sleep 0.05; done
+      fi
+      exit 3 ;;
   *) exec "$REAL_PYTHON" "$@" ;;
 esac
 ''',
@@ -339,3 +345,17 @@ def test_the_slurm_script_runs_the_job_and_ends_with_its_status(tmp_path, nodes_
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "not all 2 node(s) joined the Ray head at 10.1.2.3" in missing.stderr
     assert "submit" not in log.read_text() and not (tmp_path / ".bertforge" / "slurm-77.token").exists()
+    # USR1 (Slurm's --signal before the time limit, or scancel --batch --signal=USR1): the job is stopped through
+    # the Jobs API, as `python -m cluster stop` does, and the script ends with its status once it has ended
+    log.unlink()
+    script = subprocess.Popen(["bash", "job.sbatch"], cwd=tmp_path, env={**env, "SUBMIT_WAITS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "submit" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # (its trap is set right after the submission starts)
+    script.send_signal(signal.SIGUSR1)
+    _, err = script.communicate(timeout=60)
+    assert script.returncode == 3 and "signalled: stopping job bert-base-16gpu" in err, err
+    assert "stop -m cluster stop bert-base-16gpu --address http://10.1.2.3:8265" in log.read_text()
+    assert not (tmp_path / ".bertforge" / "slurm-77.token").exists()
