@@ -3,7 +3,8 @@
 Layout under `checkpoint.dir`:
 
     step-00000500/              a committed checkpoint (only complete ones carry this name)
-        <DeepSpeed's files>     model, optimizer and LR-schedule state (ZeRO partitions per rank)
+        <DeepSpeed's files>     model, optimizer and LR-schedule state (ZeRO partitions per rank; pickles, loaded
+                                weights-only: tensors, plain values and three DeepSpeed classes, never code)
         rank-00000.pt ...       each rank's RNG states (tensors and ints: loaded with weights_only=True)
         client.json             step, data cursor, config, dataset id, MLflow run id
         commit.json             every file of the checkpoint with its size and sha256, written last
@@ -246,8 +247,11 @@ def load(engine, path: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    from pretrain.engine import weights_only_loading
+
+    with weights_only_loading(path):
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {path}")
     rank_file = path / f"rank-{dist.get_rank():05d}.pt"

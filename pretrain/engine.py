@@ -20,6 +20,7 @@ import functools
 import io
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -321,6 +322,8 @@ def build_engine(model: torch.nn.Module, cfg: AnyConfig, b: Batching, precision:
         for key in (k for k in cfg.deepspeed.config if k not in config.read):
             warn(f"deepspeed.config.{key}: DeepSpeed {deepspeed.__version__} has no such setting and ignores it; "
                  "check its spelling against DeepSpeed's config documentation")
+    if getattr(engine, "config", None) is config:  # (saved in every checkpoint: a plain dict loads weights-only)
+        engine.config = dict(config)
     return engine
 
 
@@ -388,13 +391,53 @@ def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
             g["eps"] = t.eps
 
 
+TRUST_ENV = "BERTFORGE_TRUST_CHECKPOINTS"
+
+
+@contextlib.contextmanager
+def weights_only_loading(what: str | Path) -> Iterator[None]:
+    """Every `torch.load` in the block, DeepSpeed's own included (which ask for full unpickling), reads tensors and
+    plain containers only, plus the few DeepSpeed classes its checkpoints hold: a checkpoint from elsewhere (a shared
+    bucket, a colleague's directory) cannot run code as it loads. A file that needs more is refused, naming `what`
+    and the way to load it in full where it is trusted ($BERTFORGE_TRUST_CHECKPOINTS=1)."""
+    import pickle
+
+    if os.environ.get(TRUST_ENV, "").lower() in ("1", "true", "yes"):
+        yield
+        return
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    except pickle.UnpicklingError as e:
+        from pretrain.checkpoint import CheckpointError
+
+        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
+        why = f" (it asks for {found.group(1) or found.group(2)})" if found else ""
+        raise CheckpointError(
+            f"{what} holds more than tensors and plain values{why}, and loading it in "
+            "full would run whatever code it holds: checkpoints written before this version of bertforge do, and so "
+            f"does an altered one. If it comes from you or someone you trust, set {TRUST_ENV}=1 to load it") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full weights stored in a DeepSpeed checkpoint directory, whatever its ZeRO stage (fp32, except
     fp16 weights without ZeRO, whose fp32 masters sit in the optimizer wrapper's state).
 
     ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer states; DeepSpeed's
     consolidation merges them. Without ZeRO the model-states file holds the module's own weights.
-    Both are DeepSpeed's pickled files: read only checkpoints you wrote.
+    Both are DeepSpeed's pickled files, read weights-only (`weights_only_loading`).
     """
     prepare_deepspeed()  # (a ZeRO-0 checkpoint's pickle imports DeepSpeed too)
     if zero_stage >= 1:
@@ -402,13 +445,16 @@ def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tenso
 
         said = io.StringIO()  # its progress lines and bars, shown only if it fails
         try:
-            with _output_of(sys.modules[get_fp32_state_dict_from_zero_checkpoint.__module__], said):
+            with weights_only_loading(step_dir), \
+                    _output_of(sys.modules[get_fp32_state_dict_from_zero_checkpoint.__module__], said):
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         except BaseException:
             sys.stderr.write(said.getvalue())
             raise
     else:
-        weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        with weights_only_loading(step_dir):
+            weights = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                                 weights_only=False)["module"]  # (unless trusted, the block makes it weights-only)
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 

@@ -56,6 +56,36 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
     assert mlm.shape == (2, model.bert.embeddings.word.weight.shape[0]) and nsp.shape == (1, 2)
 
 
+class _Payload:
+    """What an altered checkpoint could hold: unpickling it runs code (here: it makes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, monkeypatch):
+    """DeepSpeed's checkpoint files are pickles, and DeepSpeed loads them in full: ours are loaded weights-only, so
+    one from elsewhere cannot run code; the trusted can be loaded in full on request."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.engine import checkpoint_weights
+
+    step = tmp_path / "step-00000006"
+    step.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"step-00000006 holds more than tensors and plain values \(it asks "
+                                              r"for .*\).*set BERTFORGE_TRUST_CHECKPOINTS=1 to load it"):
+        checkpoint_weights(step, 0)
+    assert not marker.exists()
+    monkeypatch.setenv("BERTFORGE_TRUST_CHECKPOINTS", "1")
+    assert checkpoint_weights(step, 0)["w"].tolist() == [1.0, 1.0] and marker.exists()
+
+
 def _consolidation_keeps_other_threads_output(step_dir, stage, capsys):
     """DeepSpeed's consolidation chatter is held back; what another thread prints meanwhile (the tracker's lines,
     when training registers a checkpoint) is not; DeepSpeed's module is left as it was."""
