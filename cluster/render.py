@@ -36,6 +36,27 @@ def ray_version() -> str:
 
     return version("ray")
 MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
+# The ReadWriteMany volume every job's pods mount (at MOUNT, or at an absolute storage): one for all jobs, so a job
+# reads what an earlier one wrote under the same storage
+CLAIM = "bertforge-storage"
+# How long a finished job's Ray cluster (its dashboard) is kept before the operator deletes it, GPUs and all
+TTL_AFTER_FINISHED_S = 120
+
+
+def _inputs(plan: dict) -> list[str]:
+    """The files and folders a plan's stages read that no earlier stage writes (what a volume must hold first)."""
+    out = []
+    for stage in plan["stages"]:
+        c = stage.get("config", {})
+        if stage["kind"] == "data_prep":
+            out += c["inputs"] + ([c["tokenizer"]["path"]] if c["tokenizer"]["path"] else [])
+        elif stage["kind"] == "pretrain" and not any(s["kind"] == "data_prep" for s in plan["stages"]):
+            out.append(c["data"]["dataset"])
+        elif stage["kind"] == "finetune":
+            out += [c["task"][split] for split in ("train", "validation", "test") if c["task"][split]]
+            if not c["model"].startswith(("models:/", "runs:/")):
+                out.append(c["model"])
+    return out
 
 
 def _node_resources(spec: JobSpec) -> dict[str, float]:
@@ -85,6 +106,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
     name = job_name(spec, job)
     remote = is_remote(spec.storage)  # an object store: no shared volume, every pod reads and writes the bucket
     storage = spec.storage if remote or Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
+    mount = storage if Path(spec.storage).is_absolute() else MOUNT
     env = dict(spec.runtime_env.env_vars)
     if remote and "MLFLOW_TRACKING_URI" not in env:
         raise ConfigError(f"storage {storage} is an object store, so there is no shared volume for a local MLflow "
@@ -103,9 +125,9 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
         if gpus:
             limits["nvidia.com/gpu"] = int(gpus)
         return {"name": f"ray-{role}", "image": image, "resources": {"limits": limits, "requests": dict(limits)},
-                "volumeMounts": [] if remote else [{"name": "storage", "mountPath": storage}]}
+                "volumeMounts": [] if remote else [{"name": "storage", "mountPath": mount}]}
 
-    volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": f"{name}-storage"}}]
+    volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": CLAIM}}]
     # The head runs the driver (2 CPUs of its own); for data prep its tasks too, so its pod gets what it offers.
     head_cpus = 0 if spec.kind != "data_prep" else res["cpus"]
     head_memory = 8 + (res.get("memory_bytes", 0) / 2**30 if spec.kind == "data_prep" else 0)
@@ -118,7 +140,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
                 {**({"pip": spec.runtime_env.pip} if spec.runtime_env.pip else {}),
                  "env_vars": submission_env(plan)}, width=10**6)),
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 3600,
+            "ttlSecondsAfterFinished": TTL_AFTER_FINISHED_S,
             "rayClusterSpec": {
                 # Ray's token authentication, kept by the operator: it makes the token's Secret and gives it to
                 # every Ray container and to the job submitter.
@@ -146,7 +168,8 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
             f"`kubectl apply -f {file or name + '.yaml'}`:\n"
             + (f"#   credentials for {storage} in the pods (e.g. runtime_env.env_vars, or the nodes' cloud identity)\n"
                if remote else
-               f"#   a PersistentVolumeClaim '{name}-storage' (ReadWriteMany) mounted at {storage}, holding the inputs\n")
+               f"#   the PersistentVolumeClaim '{CLAIM}' (ReadWriteMany; every job's pods mount it at {mount}), "
+               f"holding {', '.join(_inputs(plan)) or 'nothing yet'}\n")
             + f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n")
     return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
 

@@ -133,16 +133,29 @@ def test_kuberay_head_of_a_data_prep_job_has_the_cpus_it_offers():
 
 
 def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
-    manifest = yaml.safe_load(_render(f"{JOBS}/quickstart.yaml", "kuberay"))
+    """Every job's pods mount one volume, its storage a folder in it: a pretraining job reads the dataset a data-prep
+    job wrote there. The header names what the volume must hold first; a finished job's cluster goes soon."""
+    text = _render(f"{JOBS}/quickstart.yaml", "kuberay")
+    manifest = yaml.safe_load(text)
     head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    mount = head["containers"][0]["volumeMounts"][0]["mountPath"]
-    assert mount == "/mnt/bertforge/outputs/quickstart"
+    assert head["containers"][0]["volumeMounts"][0]["mountPath"] == "/mnt/bertforge"
+    assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "bertforge-storage"
+    assert manifest["spec"]["ttlSecondsAfterFinished"] <= 300
+    mount = "/mnt/bertforge/outputs/quickstart"
+    assert f"holding {mount}/corpus/demo, {mount}/data/task/train.jsonl" in text
     runtime = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
     assert runtime["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{mount}/mlflow.db"
     plan = json.loads(runtime["env_vars"]["BERTFORGE_JOB_PLAN"])
     assert [s["kind"] for s in plan["stages"]] == ["data_prep", "pretrain", "register", "finetune"]
     assert plan["stages"][3]["config"]["task"]["train"] == f"{mount}/data/task/train.jsonl"  # (as the corpus is)
     assert plan["stages"][0]["config"]["output"].startswith(mount)
+    plans = []
+    for job in ("data_prep_quickstart", "pretrain_quickstart"):
+        m = yaml.safe_load(_render(f"{JOBS}/{job}.yaml", "kuberay"))
+        worker = m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+        assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "bertforge-storage"
+        plans.append(json.loads(yaml.safe_load(m["spec"]["runtimeEnvYAML"])["env_vars"]["BERTFORGE_JOB_PLAN"]))
+    assert plans[1]["stages"][0]["config"]["data"]["dataset"] == plans[0]["stages"][0]["config"]["output"]
 
 
 def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
