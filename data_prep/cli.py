@@ -234,7 +234,8 @@ def _inspect_local(args: argparse.Namespace, dataset: str, shown: str | None = N
         return EXIT_OK
     left = args.n
     for url in shards:  # one at a time, so that a shard that cannot be read is named
-        samples = iter(wds.WebDataset([url], shardshuffle=False, empty_check=False).decode())
+        # (the `.mp` member only: a bare decode() would unpickle `.pyd` and `.pth` members too)
+        samples = iter(wds.WebDataset([url], shardshuffle=False, empty_check=False).decode(only=["mp"]))
         while left > 0:
             try:
                 sample = next(samples, None)

@@ -82,6 +82,9 @@ def manifest_problems(manifest: object) -> list[str]:
     missing = [f"key {k} is missing" for k in MANIFEST_KEYS if dotted(manifest, k) is None]
     if missing:
         return missing
+    # (names a reader joins onto a directory: only the dataset's own, never a path that leads elsewhere)
+    if manifest["tokenizer"]["file"] != f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}":
+        return [f"tokenizer.file is {manifest['tokenizer']['file']!r}, not {TOKENIZER_DIR}/{TOKENIZER_MODEL}"]
     for split in SPLITS:
         shards = manifest["splits"][split]["shards"]
         if not isinstance(shards, list):
@@ -90,6 +93,9 @@ def manifest_problems(manifest: object) -> list[str]:
             lacks = [k for k in SHARD_KEYS if not isinstance(shard, dict) or k not in shard]
             if lacks:
                 return [f"splits.{split}.shards[{i}] lacks {', '.join(lacks)}"]
+            folder, _, name = str(shard["name"]).partition("/")
+            if folder != split or not OWNED_IN[split].fullmatch(name) or name.endswith(".partial"):
+                return [f"splits.{split}.shards[{i}].name {shard['name']!r} is not a shard of {split}/"]
     return []
 
 

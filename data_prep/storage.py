@@ -121,8 +121,12 @@ def upload_dir(local: str | Path, url: str, last: tuple[str, ...] = ()) -> list[
 def download_dir(url: str, local: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every file under `url` into `local` (a file lands whole: written beside, then renamed)."""
     names = [n for n in listing(url) if n not in skip]
+    root = Path(local).resolve()
     for name in names:
-        download(join(url, name), Path(local) / name)
+        target = (root / name).resolve()
+        if not target.is_relative_to(root) or target == root:  # (a key with `..` in it, which buckets allow)
+            raise OSError(f"{join(url, name)}: its name would place it outside {local}; refusing to copy it")
+        download(join(url, name), target)
     return names
 
 

@@ -426,3 +426,22 @@ def test_a_finished_datasets_figures_name_the_key_to_change():
     assert "examples.max_predictions_per_seq=20 caps full-length examples at 3.9% of their tokens predicted" in \
         masking_cap(long) and "set it to 77" in masking_cap(long)
     assert masking_cap(DataPrepConfig.model_validate({"inputs": ["x"], "output": "y"})) is None
+
+
+def test_a_bucket_key_that_leads_out_of_the_download_folder_is_refused(tmp_path):
+    """Object stores allow keys with `..` in them: copying a folder from a bucket never writes outside the local
+    folder it is copied into (a checkpoint or a resumed dataset from a shared bucket)."""
+    import fsspec
+
+    from data_prep import storage
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket-keys/ck/step-00000001/ok.json", b"{}")
+    assert storage.download_dir("memory:///bucket-keys/ck", tmp_path / "a") == ["step-00000001/ok.json"]
+    assert (tmp_path / "a" / "step-00000001" / "ok.json").read_bytes() == b"{}"
+    fs.pipe("/bucket-keys/ck/step-00000001/../../../victim.txt", b"x")
+    if not any(".." in n for n in storage.listing("memory:///bucket-keys/ck")):
+        pytest.skip("this fsspec's memory filesystem normalizes `..` in keys")
+    with pytest.raises(OSError, match=r"its name would place it outside .*; refusing to copy it"):
+        storage.download_dir("memory:///bucket-keys/ck", tmp_path / "b" / "c")
+    assert not (tmp_path / "victim.txt").exists() and not (tmp_path / "b" / "victim.txt").exists()

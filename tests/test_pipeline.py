@@ -79,7 +79,7 @@ def test_stock_webdataset_reads_every_example(built):
     n = 0
     keys = set()
     dtype = m["examples"]["token_dtype"]
-    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode(only=["mp"]):
         s = sample["mp"]
         keys.add(sample["__key__"])
         ids = np.frombuffer(s["input_ids"], dtype)
@@ -499,6 +499,41 @@ def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
     (copy / "manifest.json").write_text(json.dumps(m))
     assert main(["inspect", str(copy)]) == 2
     assert "key examples.token_dtype is missing" in capsys.readouterr().err
+    # a manifest from elsewhere whose names lead out of the dataset: refused before anything is read or fetched
+    m = json.loads((root / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["name"] = "../../home/someone/.bashrc"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(copy)]) == 2
+    assert "splits.train.shards[0].name '../../home/someone/.bashrc' is not a shard of train/" in \
+        capsys.readouterr().err
+    # a shard from elsewhere with a pickled member beside an example's: the example is shown, the pickle not loaded
+    import io
+    import pickle
+    import tarfile
+
+    m = json.loads((root / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with tarfile.open(root / first) as tar:
+        member = next(x for x in tar if x.name.endswith(".mp"))
+        payload = tar.extractfile(member).read()
+    marker = tmp_path / "ran"
+    with tarfile.open(copy / first, "w") as tar:
+        for name, data in ((member.name, payload), (member.name[:-3] + ".pyd", pickle.dumps(_Touch(marker)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main(["inspect", str(copy), "-n", "1"]) == 0, capsys.readouterr().err
+    assert member.name[:-3] in capsys.readouterr().out and not marker.exists()
+
+
+class _Touch:
+    """A pickle that runs code as it loads (it makes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
 
 
 def test_a_last_pool_of_one_document_joins_the_one_before(tmp_path, ray_local):
