@@ -159,8 +159,9 @@ def export(source: str | Path, out: str | Path) -> Path:
 
 
 def export_step(step_dir: Path, where: str, out: Path) -> Path:
-    """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`."""
-    why = checkpoint.problems(step_dir)
+    """`export` of the local checkpoint directory `step_dir`, recorded as the checkpoint at `where`; its files'
+    bytes are checked against the sha256s its commit recorded (a file changed in place is not published)."""
+    why = checkpoint.problems(step_dir) or checkpoint.altered(step_dir)
     if why:
         raise ExportError(f"checkpoint {step_dir} is incomplete or damaged: {'; '.join(why[:3])}")
     root, client = step_dir.parent, checkpoint.read_client(step_dir)

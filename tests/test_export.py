@@ -51,6 +51,17 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
     assert (model_dir / tok).read_bytes() == (train_dataset / tok).read_bytes()
     if stage == 3:
         _consolidation_keeps_other_threads_output(tmp_path / "ck" / "step-00000006", stage, capsys)
+    if stage == 2:  # a file changed in place (same size): its sha256 differs, and nothing is published
+        import shutil
+
+        shutil.copytree(tmp_path / "ck", tmp_path / "rot")
+        states = next((tmp_path / "rot" / "step-00000006").glob("*optim_states.pt"))
+        data = bytearray(states.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        states.write_bytes(bytes(data))
+        with pytest.raises(ExportError, match=f"incomplete or damaged: {states.name} differs from its sha256"):
+            export(tmp_path / "rot", tmp_path / "rotten-model")
+        assert not (tmp_path / "rotten-model").exists()
     ids = torch.tensor([[2, 10, 11, 3, 12, 3]])
     mlm, nsp = model(ids, torch.tensor([[0, 0, 0, 0, 1, 1]]), torch.ones_like(ids), torch.tensor([1, 4]))
     assert mlm.shape == (2, model.bert.embeddings.word.weight.shape[0]) and nsp.shape == (1, 2)
