@@ -93,6 +93,7 @@ def _records(path: str, key: str = "task.train"):
                 # tsv: no quoting (a quote is part of the text, as tab-separated files from most tools mean it);
                 # csv: quoted fields may hold commas and line breaks
                 tsv = name.endswith(".tsv")
+                csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))  # (128 KiB by default: long documents)
                 reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
                 header = next(reader, None)
                 for fields in reader:
@@ -107,6 +108,9 @@ def _records(path: str, key: str = "task.train"):
             else:
                 raise TaskError(f"{path}: unknown format; task files end in .jsonl, .json, .csv or .tsv "
                                 "(optionally .gz, .bz2, .xz or .zst)")
+    except csv.Error as e:  # (an unclosed quote runs to the end of the file, into a field past the size limit)
+        raise TaskError(f"{path}, after line {n}: {e}: a quoted field runs on from there (its closing quote "
+                        "missing?), or a field holds more than 16 MB") from None
     except UnicodeDecodeError as e:
         where = _first_bad_line(path) or (f"{path}, after line {n}" if n else path)
         raise TaskError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") \

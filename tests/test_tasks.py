@@ -40,6 +40,12 @@ def test_rows_from_jsonl_csv_tsv_and_gzip(tmp_path):
     (tmp_path / "cut.jsonl.zst").write_bytes((tmp_path / "t.jsonl.zst").read_bytes()[:-8])
     with pytest.raises(TaskError, match="cut.jsonl.zst"):  # a truncated file is an error, not fewer rows
         read_rows(str(tmp_path / "cut.jsonl.zst"), cfg)
+    long = "word " * 100_000  # a long document (500 kB: past csv's default 128 KiB field limit)
+    (tmp_path / "long.csv").write_text(f'text,b,label\n"{long}",x,yes\n')
+    assert read_rows(str(tmp_path / "long.csv"), cfg).texts == [long]
+    (tmp_path / "open.csv").write_text('text,b,label\nfine,x,yes\n"never closed,x,no\n' + long * 40)
+    with pytest.raises(TaskError, match=r"open.csv, after line 2: field larger than field limit .*closing quote"):
+        read_rows(str(tmp_path / "open.csv"), cfg)
 
 
 def test_labels_are_ordered_stably_and_unknown_ones_are_named(tmp_path):
