@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -143,7 +144,21 @@ def staging_dir(url: str, kind: str) -> Path:
 
 
 def _staging_base() -> Path:
-    return Path(os.environ.get("BERTFORGE_STAGING") or Path(tempfile.gettempdir()) / "bertforge-staging")
+    """$BERTFORGE_STAGING, else a folder of this user's own in the system's temporary directory, readable by no one
+    else: staged checkpoints and tokenizers there are loaded as they are, and lock files written, so a shared
+    folder would let another local user plant files or links in it."""
+    given = os.environ.get("BERTFORGE_STAGING")
+    if given:
+        return Path(given)
+    base = Path(tempfile.gettempdir()) / f"bertforge-staging-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise OSError(f"{base} is not a private folder of yours (a link, a file, another user's, or open to "
+                          "others): remove it, or set BERTFORGE_STAGING to a folder of your own") from None
+    return base
 
 
 def local_copy(url: str) -> str:

@@ -445,3 +445,25 @@ def test_a_bucket_key_that_leads_out_of_the_download_folder_is_refused(tmp_path)
     with pytest.raises(OSError, match=r"its name would place it outside .*; refusing to copy it"):
         storage.download_dir("memory:///bucket-keys/ck", tmp_path / "b" / "c")
     assert not (tmp_path / "victim.txt").exists() and not (tmp_path / "b" / "victim.txt").exists()
+
+
+def test_the_default_staging_area_is_private_to_its_user(tmp_path, monkeypatch):
+    """Staged checkpoints and tokenizers are loaded as found, and lock files written: the default staging area is
+    the user's own folder, readable by no one else; one that is not (open to others, or a link) is refused."""
+    import tempfile
+
+    from data_prep import storage
+
+    monkeypatch.delenv("BERTFORGE_STAGING", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    made = storage.staging_dir("s3://b/x", "ck")
+    base = tmp_path / f"bertforge-staging-{os.getuid()}"
+    assert made.parent == base and base.stat().st_mode & 0o777 == 0o700
+    base.chmod(0o777)
+    with pytest.raises(OSError, match=f"{base} is not a private folder of yours .*set BERTFORGE_STAGING"):
+        storage.staging_dir("s3://b/x", "ck")
+    base.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    base.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError, match="is not a private folder of yours"):
+        storage.staging_dir("s3://b/x", "ck")
