@@ -28,6 +28,7 @@ import math
 import os
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -295,8 +296,29 @@ class StreamPlan:
             epoch += 1
 
 
+READ_TRIES = 3  # a shard's read, where the storage fails on its own (a dropped connection, a throttled request)
+
+
 def read_piece(p: Piece) -> list[dict]:
-    """The samples of one piece, as {"__key__", "mp": raw bytes}, read with webdataset's tar reader."""
+    """The samples of one piece, as {"__key__", "mp": raw bytes}, read with webdataset's tar reader; a storage
+    error is tried again (READ_TRIES in all), a missing shard or a refused read named at once."""
+    for attempt in range(READ_TRIES):
+        try:
+            return _read_piece(p)
+        except FileNotFoundError:
+            raise DatasetError(f"{p.url}: not found: the dataset lost this shard after it was written; {CHECK_IT}") \
+                from None
+        except PermissionError as e:
+            raise DatasetError(f"{p.url}: cannot be read ({e}); check the storage's credentials") from None
+        except OSError as e:
+            if attempt == READ_TRIES - 1:
+                raise DatasetError(f"{p.url}: cannot be read after {READ_TRIES} tries ({type(e).__name__}: {e})") \
+                    from None
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_piece(p: Piece) -> list[dict]:
     out = []
     try:
         for i, s in enumerate(tar_samples(p.url, p.sha256)):

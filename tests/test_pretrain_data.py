@@ -177,6 +177,33 @@ def test_a_changed_shard_is_detected(ds, tmp_path):
         next(plan.examples(0))
 
 
+def test_a_shard_that_cannot_be_read_is_named_and_a_failing_read_tried_again(tmp_path, monkeypatch):
+    """A remote dataset is not listed shard by shard before a run: a shard gone since is named when a stream reaches
+    it, a read the storage drops is tried again, and one that keeps failing is named."""
+    from pretrain import data
+
+    gone = data.Piece(str(tmp_path / "train" / "shard-000000-00000.tar"), 0, 1, 5)
+    with pytest.raises(DatasetError, match=r"shard-000000-00000.tar: not found: the dataset lost this shard"):
+        data.read_piece(gone)
+    calls, slept = [], []
+    monkeypatch.setattr(data.time, "sleep", slept.append)
+
+    def flaky(p):
+        calls.append(p)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return ["samples"]
+
+    monkeypatch.setattr(data, "_read_piece", flaky)
+    assert data.read_piece(gone) == ["samples"] and len(calls) == 3 and slept == [1, 2]
+    def timing_out(p):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(data, "_read_piece", timing_out)
+    with pytest.raises(DatasetError, match=r"cannot be read after 3 tries \(TimeoutError: read timed out\)"):
+        data.read_piece(gone)
+
+
 def test_missing_names_each_absent_file(ds, tmp_path):
     import shutil
 
