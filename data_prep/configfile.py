@@ -224,6 +224,22 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# `scheme://user:password@host`: the password of a URL (a database-backed MLflow store's, say)
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]+@")
+
+
+def redact_secrets(tree: Any) -> Any:
+    """`tree` (a config as a dict, a list, a string) with the password of every URL in it replaced by `***`: what is
+    published (MLflow params and artifacts, a model's training.json) must not carry credentials."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump(mode="json")
+    if isinstance(tree, dict):
+        return {k: redact_secrets(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_secrets(v) for v in tree]
+    return _URL_PASSWORD.sub(r"\1:***@", tree) if isinstance(tree, str) else tree
+
+
 def config_changes(old: Any, new: Any) -> list[str]:
     """Each key whose value differs between two config trees, as "key: old -> new" (a key one lacks: None)."""
     a, b = flatten(old), flatten(new)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep import storage
-from data_prep.configfile import dotted
+from data_prep.configfile import dotted, redact_secrets
 from data_prep.dataset import DatasetError, parse_manifest
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
@@ -212,7 +212,7 @@ def export_step(step_dir: Path, where: str, out: Path) -> Path:
         "examples": manifest["examples"], "train_examples": manifest["splits"]["train"]["examples"],
     }, training={
         "mlflow_run_id": client["mlflow_run_id"], "step": client["step"], "samples": client["samples"],
-        "checkpoint": where, "metrics": _metrics_at(root, client["step"]), "config": client["config"],
+        "checkpoint": where, "metrics": _metrics_at(root, client["step"]), "config": redact_secrets(client["config"]),
     })
     return out
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from data_prep.configfile import flatten
+from data_prep.configfile import flatten, redact_secrets
 from data_prep.tokenizer import sha256_file
 from data_prep.worker import write_json_atomic
 from pretrain.config import FinetuneConfig
@@ -350,12 +350,12 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
 
     if topo.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(redact_secrets(cfg), sort_keys=False))
     tracker.fresh_start()
     dataset = json.loads((src_dir / "dataset.json").read_text())
     tags = {"kind": "finetune", "init": cfg.init, "dataset_id": dataset["dataset_id"],
             **{f"source_model_{k2}": str(v) for k2, v in src_info.items() if v and k2 != "pinned"}}
-    params = {**flatten(cfg), "derived.num_labels": k, "derived.train_rows": len(train.rows),
+    params = {**flatten(redact_secrets(cfg)), "derived.num_labels": k, "derived.train_rows": len(train.rows),
               "derived.validation_rows": len(val.rows) if val else 0,
               "derived.test_rows": len(test.rows) if test else 0, "derived.world_size": topo.world}
     tracker.start(None, params, tags, {"config": out / "config.yaml"})
@@ -379,7 +379,7 @@ def _finetune(cfg: FinetuneConfig, topo: Topo, tracker: Tracker, show_summary: b
         }, dataset=dataset, training={
             "kind": "finetune", "mlflow_run_id": tracker.run_id, "step": step, "epoch": epoch,
             "source_model": {k2: v for k2, v in src_info.items() if k2 != "pinned"}, "init": cfg.init,
-            "metrics": metrics, "task_files": files, "config": cfg.model_dump(mode="json"),
+            "metrics": metrics, "task_files": files, "config": redact_secrets(cfg),
         })
 
     best: dict = {"score": None, "state": None, "step": 0, "epoch": 0.0, "metrics": {}}

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import storage
-from data_prep.configfile import ConfigError, config_changes, dotted, flatten
+from data_prep.configfile import ConfigError, config_changes, dotted, flatten, redact_secrets
 from data_prep.dataset import DatasetError
 from data_prep.examples import stable_seed
 from data_prep.tokenizer import cached
@@ -150,7 +150,7 @@ def _check_compatible(client: dict, model_cfg: dict, dataset_id: str, layout: di
         raise checkpoint.CheckpointError(
             f"checkpoint {path} was written with a different data order ({', '.join(changed)} changed: "
             f"{', '.join(f'{k} {old_layout[k]} -> {layout[k]}' for k in changed)}); keep them to resume exactly")
-    changed = config_changes(client["config"], cfg)
+    changed = config_changes(redact_secrets(client["config"]), redact_secrets(cfg))
     if changed:
         tracker.print("resuming with changed settings: " + "; ".join(changed))
 
@@ -508,14 +508,14 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         trace = cleanup.enter_context(open(ckdir / "trace" / f"rank-{topo.rank:05d}.jsonl", "a", buffering=1))
 
     shown_precision = _shown_precision(cfg, precision)
-    params = {**flatten(cfg), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
+    params = {**flatten(redact_secrets(cfg)), "derived.world_size": topo.world, "derived.accumulation": b.accumulation,
               "derived.precision": shown_precision, "derived.parameters": n_params,
               "derived.data_streams": streams}
     if checkpoint_url:
         params["checkpoint.dir"] = checkpoint_url
     changed = None
     if run_id is not None:  # resumed: what changed since the checkpoint, under names of its own (params are fixed)
-        old = {**flatten(client["config"]), **({"checkpoint.dir": client["checkpoint_dir"]}
+        old = {**flatten(redact_secrets(client["config"])), **({"checkpoint.dir": client["checkpoint_dir"]}
                                                 if client.get("checkpoint_dir") else {})}
         changed = {f"{RESUMED}{step:08d}.{k}": v for k, v in params.items()
                    if not k.startswith("derived.") and str(old.get(k)) != str(v)}
@@ -525,7 +525,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    artifacts = tracker.save_inputs(cfg.model_dump(mode="json"), manifest, tok_file)
+    artifacts = tracker.save_inputs(redact_secrets(cfg), manifest, tok_file)
     tracker.start(run_id, params, tags, artifacts, changed)
     peak = next((f for name, f in PEAK_FLOPS.items() if topo.device.type == "cuda"
                  and name in torch.cuda.get_device_name(topo.device) and precision != "fp32"), None)

@@ -420,3 +420,17 @@ def test_the_console_scripts_are_the_python_m_commands():
     bad = subprocess.run([str(bindir / "bert-pretrain"), "train", "configs/pretrain/quickstart.yaml",
                           "train.max_stepz=1"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "did you mean 'train.max_steps'" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_published_configs_carry_no_url_passwords():
+    """MLflow params and artifacts and a model's training.json are read by everyone with access to the store: the
+    password of a URL in a config (a database-backed tracking store's) is replaced; the rest is kept as it is."""
+    from data_prep.configfile import flatten, redact_secrets
+    from pretrain.config import PretrainConfig
+
+    cfg = PretrainConfig(data={"dataset": "s3://bucket/ds"},
+                         mlflow={"tracking_uri": "postgresql://mlflow:Sup3r:s3cret@db.internal:5432/mlflow"})
+    public = flatten(redact_secrets(cfg))
+    assert public["mlflow.tracking_uri"] == "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert public["data.dataset"] == "s3://bucket/ds" and "Sup3r" not in str(public)
+    assert redact_secrets(["https://token@host/x", "http://h:5000/", 3]) == ["https://token@host/x", "http://h:5000/", 3]
