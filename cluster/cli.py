@@ -351,8 +351,12 @@ def _render(args) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         out.parent.mkdir(parents=True, exist_ok=True)
+        private = bool(spec.runtime_env.env_vars)  # (their values are in it: credentials, often)
         out.write_text(text)
-        print(f"wrote {args.out}")
+        if private:
+            out.chmod(0o600)
+        print(f"wrote {args.out}" + (" (readable by you only: it holds runtime_env.env_vars' values)" if private
+                                     else ""))
     else:
         sys.stdout.write(text)
     return EXIT_OK

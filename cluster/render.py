@@ -190,7 +190,6 @@ def slurm(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: st
     # `python -m cluster stop` does, so pretraining commits a checkpoint before Slurm ends every process
     lines.append("#SBATCH --signal=B:USR1@600")
     env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.runtime_env.env_vars.items())
-    pip = f"pip install {' '.join(shlex.quote(p) for p in spec.runtime_env.pip)}\n" if spec.runtime_env.pip else ""
     node = (f"--num-cpus={int(res['cpus'])}" + (f" --num-gpus={int(res['gpus'])}" if res["gpus"] else "")
             + _flags(_memory(res))
             + (f" --labels={shlex.quote(_labels(spec))}" if spec.resources.node_labels else ""))
@@ -204,7 +203,7 @@ set -euo pipefail
 cd "${{SLURM_SUBMIT_DIR:-.}}"
 # (since Slurm 22.05, srun does not take --cpus-per-task from the allocation: Ray would get one CPU)
 export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
-{env}{pip}# Ray's token authentication: a fresh token for this allocation, on the shared filesystem, readable by you only.
+{env}# Ray's token authentication: a fresh token for this allocation, on the shared filesystem, readable by you only.
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 mkdir -p .bertforge && umask 077
 export RAY_AUTH_TOKEN_PATH="$PWD/.bertforge/slurm-$SLURM_JOB_ID.token"

@@ -245,6 +245,20 @@ def test_node_labels_reach_every_renderer(tmp_path):
     assert "--labels=pool=a100" in conf["worker_start_ray_commands"][1]
 
 
+def test_a_rendered_file_holding_env_values_is_readable_by_its_owner_only(tmp_path):
+    """runtime_env.env_vars' values are written into the file (credentials, often): it is made private; runtime_env.pip
+    is left to Ray, which installs it on every node (the script installs nothing into whatever pip it finds)."""
+    job = tmp_path / "secret.yaml"
+    job.write_text(f"kind: pretrain\nconfig: {REPO}/configs/pretrain/quickstart.yaml\n"
+                   "runtime_env: {env_vars: {AWS_SECRET_ACCESS_KEY: abc}, pip: [example-package]}\n")
+    said = _render(str(job), "slurm", "--out", str(tmp_path / "job.sbatch"))
+    assert "readable by you only" in said and (tmp_path / "job.sbatch").stat().st_mode & 0o777 == 0o600
+    text = (tmp_path / "job.sbatch").read_text()
+    assert "export AWS_SECRET_ACCESS_KEY=abc" in text and "pip install" not in text
+    plain = _render(f"{JOBS}/pretrain_quickstart.yaml", "slurm", "--out", str(tmp_path / "plain.sbatch"))
+    assert "readable by you only" not in plain
+
+
 def test_names_env_vars_and_fractional_resources_that_a_cluster_would_refuse(tmp_path):
     """A job name KubeRay refuses (a file's name with a dot, a leading digit) and an environment variable name bash
     refuses are caught by validation; workers of half a GPU render a whole GPU per node, not zero."""
