@@ -86,19 +86,27 @@ class Pool:
         self.bounds: list[list[int]] = []
         self.cut = 0  # sentences cut into parts
         half = max(1, (longest or 0) // 2)
+        long_docs: set[int] = set()  # documents with a sentence to cut (rare: the plain path below is C-level)
+        if longest and lens:
+            over = np.flatnonzero(np.asarray(lens) > longest)
+            long_docs = set(np.searchsorted(np.cumsum(sentences_per_doc), over, side="right").tolist())
         first = offset = 0
-        for n in sentences_per_doc:
-            b = [offset]
-            for m in lens[first:first + n]:
-                if longest and m > longest:
-                    parts = -(-m // half)
-                    b += [offset + m * k // parts for k in range(1, parts)]
-                    self.cut += 1
-                if m:
-                    offset += m
-                    b.append(offset)
+        for d, n in enumerate(sentences_per_doc):
+            doc = lens[first:first + n]
+            if d in long_docs:
+                b = [offset]
+                for m in doc:
+                    if m > longest:
+                        parts = -(-m // half)
+                        b += [offset + m * k // parts for k in range(1, parts)]
+                        self.cut += 1
+                    if m:
+                        offset += m
+                        b.append(offset)
+            else:
+                b = list(accumulate(filter(None, doc), initial=offset))
             self.bounds.append(b)
-            first += n
+            first, offset = first + n, b[-1]
         # the documents a random next segment can come from: those with a token (a document of invisible
         # characters encodes to none)
         self.drawable = [d for d, b in enumerate(self.bounds) if len(b) > 1]
