@@ -446,6 +446,8 @@ class DocumentReader:
         return out
 
     def _parquet(self, f: IO[bytes]) -> Iterator[list[str]]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         with tempfile.TemporaryFile() as spool:
@@ -458,10 +460,22 @@ class DocumentReader:
                 self.report.flag("missing_field", None, f"no column '{self.text_field}' (set text_field); file skipped")
                 return
             row = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-                for text in batch.column(0).to_pylist():
+            for batch in pf.iter_batches(batch_size=256, columns=[self.text_field]):
+                column = batch.column(0)
+                too_long: dict[int, int] = {}  # a row over read.max_line_bytes, as a line: left in Arrow, never copied
+                if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                    sizes = pc.binary_length(column)
+                    over = pc.greater(sizes, self.max_line_bytes)
+                    if pc.any(over).as_py():
+                        too_long = {int(i): sizes[int(i)].as_py() for i in pc.indices_nonzero(over).to_pylist()}
+                        column = pc.if_else(over, pa.scalar(None, column.type), column)
+                for i, text in enumerate(column.to_pylist()):
                     row += 1
                     self._at[0] = row
+                    if i in too_long:
+                        self.report.flag("line_too_long", row,
+                                         f"{too_long[i]} bytes (read.max_line_bytes={self.max_line_bytes})")
+                        continue
                     if text is None:
                         self.report.flag("not_text", row, f"'{self.text_field}' is null")
                         continue

@@ -441,6 +441,16 @@ def test_the_first_lines_of_each_kind_of_issue_are_kept(tmp_path):
         ([9], [10], [11])
 
 
+def test_a_parquet_row_over_the_line_limit_is_skipped_as_a_long_line(tmp_path):
+    """read.max_line_bytes holds for parquet rows too: the row is reported (its row number and size) and skipped
+    before it is turned into a Python string; the rows around it are read."""
+    p = _parquet(tmp_path / "t.parquet", ["First doc. Has two.", "x" * 5000, "Third row. Also two."])
+    docs, rep = read(p, max_line_bytes=1024)
+    assert docs == [["First doc.", "Has two."], ["Third row.", "Also two."]]
+    assert rep.issues == {"line_too_long": 1} and sample_lines(rep, "line_too_long") == [2]
+    assert "5000 bytes (read.max_line_bytes=1024)" in rep.samples[0]["detail"]
+
+
 def test_parquet_without_the_column(tmp_path):
     p = _parquet(tmp_path / "t.parquet", ["A. B."])
     docs, rep = read(p, text_field="body")
