@@ -82,6 +82,9 @@ def manifest_problems(manifest: object) -> list[str]:
     missing = [f"key {k} is missing" for k in MANIFEST_KEYS if dotted(manifest, k) is None]
     if missing:
         return missing
+    if manifest["format"]["version"] != FORMAT["version"]:  # (its examples would be misread)
+        return [f"its format.version is {manifest['format']['version']!r}; this bertforge reads version "
+                f"{FORMAT['version']}: read it with the version that wrote it, or make the dataset again"]
     # (names a reader joins onto a directory: only the dataset's own, never a path that leads elsewhere)
     if manifest["tokenizer"]["file"] != f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}":
         return [f"tokenizer.file is {manifest['tokenizer']['file']!r}, not {TOKENIZER_DIR}/{TOKENIZER_MODEL}"]

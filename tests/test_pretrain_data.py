@@ -154,6 +154,11 @@ def test_not_a_dataset_is_a_clear_error(ds, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(damaged))
     with pytest.raises(DatasetError, match=r"splits.val.shards\[0\] lacks sha256"):
         open_dataset(str(tmp_path))
+    newer = json.loads(json.dumps(ds.manifest))
+    newer["format"]["version"] = 2  # (a dataset of a later format: its examples would be misread)
+    (tmp_path / "manifest.json").write_text(json.dumps(newer))
+    with pytest.raises(DatasetError, match="its format.version is 2; this bertforge reads version 1"):
+        open_dataset(str(tmp_path))
 
 
 def test_a_changed_shard_is_detected(ds, tmp_path):
