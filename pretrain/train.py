@@ -608,6 +608,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
                     "Lower train.lr, raise train.warmup_steps, keep train.grad_clip on (e.g. 1.0), or use "
                     "precision=bf16 instead of fp16; then resume from the last checkpoint")
         last = _step_metrics(sums, time.perf_counter() - t_step, lr, skipped, engine, precision, peak, topo.world)
+        last["epoch"] = samples / max(1, manifest["splits"]["train"]["examples"])  # (passes over the train split)
         window.add(sums)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             line, last["data_wait"] = window.report(step, cfg.train.max_steps, lr)

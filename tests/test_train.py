@@ -62,8 +62,8 @@ def trained(tmp_path_factory, train_dataset):
     return cfg, tmp / "ck", out
 
 
-def test_the_model_learns(trained):
-    _, ck, out = trained
+def test_the_model_learns(trained, train_dataset):
+    cfg, ck, out = trained
     m = read_metrics(ck)
     assert sorted(m) == list(range(1, 81))
     first = sum(m[s]["loss"] for s in range(1, 11)) / 10
@@ -76,6 +76,11 @@ def test_the_model_learns(trained):
                 "seq_per_s", "tokens_per_s"):
         assert key in m[80], key
     assert "data_wait" in m[10] and m[80]["skipped_steps"] == 0
+    import yaml
+
+    per_step = yaml.safe_load(cfg.read_text())["train"]["global_batch_size"]
+    examples = json.loads((train_dataset / "manifest.json").read_text())["splits"]["train"]["examples"]
+    assert m[80]["epoch"] == pytest.approx(80 * per_step / examples)  # (passes over the train split)
     assert "step 80/80 | loss" in out.stdout and "eval at step 80" in out.stdout
 
 
