@@ -111,6 +111,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
     if remote and "MLFLOW_TRACKING_URI" not in env:
         raise ConfigError(f"storage {storage} is an object store, so there is no shared volume for a local MLflow "
                           "store: set runtime_env.env_vars.MLFLOW_TRACKING_URI to your tracking server")
+    shared_sqlite = "MLFLOW_TRACKING_URI" not in env
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage}/mlflow.db")  # a file on the shared volume
     spec_for_pods = spec.model_copy(update={"storage": storage, "name": name,
                                             "runtime_env": spec.runtime_env.model_copy(update={"env_vars": env})})
@@ -170,7 +171,10 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
                if remote else
                f"#   the PersistentVolumeClaim '{CLAIM}' (ReadWriteMany; every job's pods mount it at {mount}), "
                f"holding {', '.join(_inputs(plan)) or 'nothing yet'}\n")
-            + f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n")
+            + f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n"
+            + ("# MLflow is a sqlite file on the volume, written from the head pod and a worker pod: sqlite's locks "
+               "are not\n# reliable on network filesystems, so for real runs set runtime_env.env_vars.MLFLOW_TRACKING_URI "
+               "to a\n# tracking server\n" if shared_sqlite else ""))
     return head + yaml.safe_dump(manifest, sort_keys=False, width=120)
 
 
@@ -249,8 +253,8 @@ if [ -z "$joined" ]; then
 fi
 {_command(job, overrides, api)} &
 submit=$!
-trap 'echo "signalled: stopping job {name}" >&2; python -m cluster stop {shlex.quote(name)} --address "{api}" || true' \\
-    USR1 TERM
+trap 'echo "signalled: stopping job {name}" >&2
+      python -m cluster stop {shlex.quote(name)} --address "{api}" || true' USR1 TERM
 while :; do  # (a signal ends the wait early: wait again, for the job's own end and status)
   wait "$submit" && status=0 || status=$?
   kill -0 "$submit" 2>/dev/null || break
