@@ -381,39 +381,38 @@ def eval_batches(dataset: Dataset, collator: Collator, micro_batch: int, rank: i
     order: the first `limit` would come from the first files only), as (batch, weight); every rank gets as many
     batches.
 
-    Ranks must run the same number of forwards (ZeRO-3 gathers parameters inside forward), so a rank
-    with fewer examples repeats its first batch with weight 0.
+    A rank's share is a contiguous block of the chosen examples, so it reads only the shards that hold its block
+    (with many ranks and a remote split, each would otherwise fetch nearly every val shard). Ranks must run the same
+    number of forwards (ZeRO-3 gathers parameters inside forward), so a rank with fewer examples repeats a batch of
+    one example (its own first, or the split's first chosen one) with weight 0.
     """
     shards, digests = dataset.shards(split), dataset.digests(split)
     total = sum(n for _, n in shards)
     chosen = sorted({i * total // limit for i in range(limit)}) if limit < total else list(range(total))
+    block = chosen[rank * len(chosen) // world:(rank + 1) * len(chosen) // world]
+    wanted = block or chosen[:1]  # (a rank without examples reads the first: its weight-0 batches' example)
     mine, first = [], []
-    seen = start = 0  # (seen: examples chosen so far; start: the split's index of the shard's first example)
-    want = iter(chosen)
+    start = 0  # the split's index of the shard's first example
+    want = iter(wanted)
     nxt = next(want, None)
     for url, n in shards:
         if nxt is None:
             break
-        if nxt >= start + n:  # none chosen from this shard: not read
+        if nxt >= start + n:  # none wanted from this shard: not read
             start += n
             continue
         taken = []  # (decoded once the shard has been read to its end and its digest checked)
         for i, s in enumerate(tar_samples(url, digests[url]), start):
-            if i != nxt:
-                continue
-            if seen % world == rank or not first:
-                taken.append((seen, {"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]}))
-                first = first or [None]
-            seen += 1
-            nxt = next(want, None)
-        for k, raw in taken:
+            if i == nxt:
+                taken.append({"__key__": s["__key__"], SAMPLE_EXT: s[SAMPLE_EXT]})
+                nxt = next(want, None)
+        for raw in taken:
             x = decoded(raw)
-            if first == [None]:
-                first = [x]
-            if k % world == rank:
+            first = first or [x]
+            if block:
                 mine.append(x)
         start += n
-    n_batches = math.ceil(math.ceil(seen / world) / micro_batch) if seen else 0
+    n_batches = math.ceil(math.ceil(len(chosen) / world) / micro_batch) if chosen else 0
     out = [(collator(mine[i:i + micro_batch]), 1.0) for i in range(0, len(mine), micro_batch)]
     while len(out) < n_batches:
         out.append((collator(first), 0.0))

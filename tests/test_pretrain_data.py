@@ -121,6 +121,25 @@ def test_eval_batches_split_ranks_evenly(ds):
     assert eval_batches(ds, collator, 4, 0, 1, limit=5)[0][0].input_ids.shape[0] == 4
 
 
+def test_a_rank_reads_only_the_val_shards_of_its_own_examples(ds, monkeypatch):
+    """A rank's evaluation examples are a contiguous block of the chosen ones: it reads the shards holding them, not
+    every val shard, which with many ranks each fetching from a bucket made the first evaluation slow."""
+    from pretrain import data
+
+    read, real = [], data.tar_samples
+    monkeypatch.setattr(data, "tar_samples", lambda url, sha256=None: read.append(url) or real(url, sha256))
+    collator = Collator(ds.manifest)
+    shards = ds.shards("val")
+    assert len(shards) >= 3
+    world = len(shards)
+    per_rank = []
+    for r in range(world):
+        read.clear()
+        eval_batches(ds, collator, 4, r, world, limit=ds.manifest["splits"]["val"]["examples"])
+        per_rank.append(len(read))
+    assert max(per_rank) < len(shards) and sum(per_rank) <= 2 * len(shards) - 1, per_rank
+
+
 def test_a_smaller_eval_set_is_spread_over_the_whole_split(ds):
     """Shards are in input-file order: `limit` examples are taken evenly across the split, not from its start."""
     from pretrain.data import tar_samples
