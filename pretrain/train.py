@@ -53,7 +53,8 @@ PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the job stopped early, with a checkpoint to resume from
 
 # Indices of the per-step sums that are all-reduced across ranks once per step.
-LOSS, MLM, NSP, MLM_OK, MLM_N, NSP_OK, NSP_N, MICRO, TOKENS, SEQS, FLOPS, STOP = range(12)
+SUMS = 13
+LOSS, MLM, NSP, MLM_OK, MLM_N, NSP_OK, NSP_N, MICRO, TOKENS, SEQS, FLOPS, STOP, WAIT = range(SUMS)
 
 
 class NumericsError(Exception):
@@ -545,11 +546,11 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
     cleanup.callback(stop.restore)  # (however the run ends: a caller's own Ctrl-C works again afterwards)
     consecutive = 0
     last = {}
-    window = Window()
+    window = Window(topo.world)
     started, first_step = time.perf_counter(), step
     last_eval_step = -1  # "best" registration compares checkpoints' eval losses with best_eval
     while step < cfg.train.max_steps:
-        sums = torch.zeros(12, dtype=torch.float64)
+        sums = torch.zeros(SUMS, dtype=torch.float64)
         on_device = torch.zeros(7, dtype=torch.float64, device=topo.device)  # read once per step: one sync
         lr = engine.get_lr()[0]  # the rate this step's update uses
         t_step = time.perf_counter()
@@ -557,7 +558,7 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
         for _ in range(b.accumulation):
             t0 = time.perf_counter()
             batches.append(next(loader))
-            window.wait += time.perf_counter() - t0
+            sums[WAIT] += time.perf_counter() - t0
         masked_total = None
         if cfg.train.mlm_loss == "global_mean":  # (stays on the device: no wait for the GPU here)
             masked_total = torch.tensor(float(sum(x.mlm_labels.numel() for x in batches)), device=topo.device)
@@ -667,11 +668,12 @@ def _train(cfg: PretrainConfig, topo: Topology, tracker: Tracker, cleanup: conte
 
 
 class Window:
-    """Sums since the last console line: its averages, rate, ETA and the fraction of time spent waiting for data."""
+    """Sums since the last console line: its averages, rate, ETA and the fraction of time spent waiting for data
+    (the ranks' mean: a rank whose loader falls behind holds every rank's step)."""
 
-    def __init__(self):
-        self.sums = torch.zeros(12, dtype=torch.float64)
-        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+    def __init__(self, world: int = 1):
+        self.sums = torch.zeros(SUMS, dtype=torch.float64)
+        self.start, self.steps, self.world = time.perf_counter(), 0, world
 
     def add(self, sums: torch.Tensor) -> None:
         self.sums += sums
@@ -683,8 +685,8 @@ class Window:
         line = (f"step {step}/{max_steps} | loss {s[LOSS] / s[MICRO]:.4f} | mlm acc {s[MLM_OK] / max(1, s[MLM_N]):.3f}"
                 f"{nsp} | lr {lr:.2e} | {s[SEQS] / span:,.0f} seq/s"
                 f" | eta {_duration((max_steps - step) * span / self.steps)}")
-        wait = self.wait / span
-        self.__init__()
+        wait = float(s[WAIT]) / self.world / span
+        self.__init__(self.world)
         return line, wait
 
 
