@@ -392,6 +392,7 @@ def apply_hyperparameters(engine, cfg: PretrainConfig) -> None:
 
 
 TRUST_ENV = "BERTFORGE_TRUST_CHECKPOINTS"
+_LOADING = threading.RLock()  # (the block changes process-wide settings: one at a time)
 
 
 @contextlib.contextmanager
@@ -405,30 +406,37 @@ def weights_only_loading(what: str | Path) -> Iterator[None]:
     if os.environ.get(TRUST_ENV, "").lower() in ("1", "true", "yes"):
         yield
         return
+    from collections import OrderedDict
+
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            yield
-    except pickle.UnpicklingError as e:
-        from pretrain.checkpoint import CheckpointError
+    # (checkpoints written before the engine's saved config became a plain dict hold it as our _ReadKeys: read as
+    # an ordered dict, one of the containers a weights-only load fills)
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (OrderedDict, f"{__name__}._ReadKeys")]
+    with _LOADING:
+        saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                      "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            with torch.serialization.safe_globals(allowed):
+                yield
+        except pickle.UnpicklingError as e:
+            from pretrain.checkpoint import CheckpointError
 
-        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
-        why = f" (it asks for {found.group(1) or found.group(2)})" if found else ""
-        raise CheckpointError(
-            f"{what} holds more than tensors and plain values{why}, and loading it in "
-            "full would run whatever code it holds: checkpoints written before this version of bertforge do, and so "
-            f"does an altered one. If it comes from you or someone you trust, set {TRUST_ENV}=1 to load it") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(e))
+            why = f" (it asks for {found.group(1) or found.group(2)})" if found else ""
+            raise CheckpointError(
+                f"{what} holds more than tensors and plain values{why}, and loading it in full would run whatever "
+                f"code it holds: it was altered, or written by other software. If it comes from you or someone you "
+                f"trust, set {TRUST_ENV}=1 to load it") from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def checkpoint_weights(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:

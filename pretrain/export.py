@@ -189,7 +189,10 @@ def export_step(step_dir: Path, where: str, out: Path) -> Path:
     from pretrain.engine import checkpoint_weights  # DeepSpeed's consolidation, imported only here
     from pretrain.model import BertForPretraining
 
-    weights = checkpoint_weights(step_dir, stage)
+    try:
+        weights = checkpoint_weights(step_dir, stage)
+    except checkpoint.CheckpointError as e:  # (one that would run code as it loads: what export's callers catch)
+        raise ExportError(str(e)) from None
     low = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values() if w.dtype != torch.float32})
     if low:  # DeepSpeed's fp16 mode without ZeRO: the module holds fp16 copies of the weights
         raise ExportError(f"checkpoint {step_dir} (precision {client.get('precision')}, ZeRO-{stage}) holds "

@@ -93,6 +93,13 @@ def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, monke
                                               r"for .*\).*set BERTFORGE_TRUST_CHECKPOINTS=1 to load it"):
         checkpoint_weights(step, 0)
     assert not marker.exists()
+    # a checkpoint of the version before, whose DeepSpeed config was pickled as our dict subclass: loaded as it is
+    from pretrain.engine import _ReadKeys
+
+    torch.save({"module": {"w": torch.ones(2)}, "ds_config": _ReadKeys({"train_batch_size": 8})},
+               step / "mp_rank_00_model_states.pt")
+    assert checkpoint_weights(step, 0)["w"].tolist() == [1.0, 1.0]
+    torch.save({"module": {"w": torch.ones(2)}, "payload": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
     monkeypatch.setenv("BERTFORGE_TRUST_CHECKPOINTS", "1")
     assert checkpoint_weights(step, 0)["w"].tolist() == [1.0, 1.0] and marker.exists()
 
