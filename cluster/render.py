@@ -253,11 +253,12 @@ if [ -z "$joined" ]; then
 fi
 {_command(job, overrides, api)} &
 submit=$!
-trap 'echo "signalled: stopping job {name}" >&2
+trap 'signalled=1; echo "signalled: stopping job {name}" >&2
       python -m cluster stop {shlex.quote(name)} --address "{api}" || true' USR1 TERM
-while :; do  # (a signal ends the wait early: wait again, for the job's own end and status)
+while :; do  # (a signal ends the wait early: wait again, for the job's own status, which bash keeps once it ends)
+  signalled=
   wait "$submit" && status=0 || status=$?
-  kill -0 "$submit" 2>/dev/null || break
+  [ -n "$signalled" ] || break
 done
 exit "$status"
 """

@@ -312,7 +312,9 @@ esac
   -) cat > /dev/null  # the wait for the nodes: until both have started (then all joined, or never)
      for _ in $(/usr/bin/seq 100); do [ "$(grep -c "ray start" "$LOG")" -ge 2 ] && break; /bin/sleep 0.05; done
      [ -z "$NEVER_JOIN" ] ;;
-  -m) if [ "$3" = stop ]; then echo "stop $*" >> "$LOG"; touch "$LOG.stopped"; exit 0; fi
+  -m) if [ "$3" = stop ]; then  # (the real one returns once the job has ended)
+        echo "stop $*" >> "$LOG"; touch "$LOG.stopped"; /bin/sleep 0.5; exit 0
+      fi
       echo "submit $* token=$(test -s "$RAY_AUTH_TOKEN_PATH" && echo yes)" >> "$LOG"
       if [ -n "$SUBMIT_WAITS" ]; then  # (a job that runs until it is stopped)
         for _ in $(/usr/bin/seq 400); do [ -e "$LOG.stopped" ] && break; /bin/sleep 0.05; done
