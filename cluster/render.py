@@ -36,7 +36,7 @@ def ray_version() -> str:
 
     return version("ray")
 MOUNT = "/mnt/bertforge"  # where a relative storage lives on KubeRay pods
-# The ReadWriteMany volume every job's pods mount (at MOUNT, or at an absolute storage): one for all jobs, so a job
+# The ReadWriteMany volume every job's pods mount: one for all jobs, so a job
 # reads what an earlier one wrote under the same storage
 CLAIM = "bertforge-storage"
 # How long a finished job's Ray cluster (its dashboard) is kept before the operator deletes it, GPUs and all
@@ -106,16 +106,21 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
     name = job_name(spec, job)
     remote = is_remote(spec.storage)  # an object store: no shared volume, every pod reads and writes the bucket
     storage = spec.storage if remote or Path(spec.storage).is_absolute() else f"{MOUNT}/{spec.storage}"
-    mount = storage if Path(spec.storage).is_absolute() else MOUNT
+    # The volume at MOUNT, a relative storage a folder in it; an absolute storage elsewhere gets the volume's folder
+    # of its own path (its subPath), so two jobs of one storage share their files and jobs of two do not
+    volume_mount = {"name": "storage", "mountPath": MOUNT}
+    if not remote and not Path(storage).is_relative_to(MOUNT):
+        volume_mount = {"name": "storage", "mountPath": storage, "subPath": storage.strip("/")}
     env = dict(spec.runtime_env.env_vars)
     if remote and "MLFLOW_TRACKING_URI" not in env:
         raise ConfigError(f"storage {storage} is an object store, so there is no shared volume for a local MLflow "
                           "store: set runtime_env.env_vars.MLFLOW_TRACKING_URI to your tracking server")
-    shared_sqlite = "MLFLOW_TRACKING_URI" not in env
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage}/mlflow.db")  # a file on the shared volume
     spec_for_pods = spec.model_copy(update={"storage": storage, "name": name,
                                             "runtime_env": spec.runtime_env.model_copy(update={"env_vars": env})})
     plan = resolve(spec_for_pods, configs, job, cwd=Path(storage), environ={})
+    shared_sqlite = any(s.get("config", {}).get("mlflow", {}).get("tracking_uri", "").startswith("sqlite:")
+                        for s in plan["stages"])  # (the stages that record in MLflow)
     res = _node_resources(spec)
     image = spec.runtime_env.image or "bertforge:latest"
 
@@ -126,7 +131,7 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
         if gpus:
             limits["nvidia.com/gpu"] = int(gpus)
         return {"name": f"ray-{role}", "image": image, "resources": {"limits": limits, "requests": dict(limits)},
-                "volumeMounts": [] if remote else [{"name": "storage", "mountPath": mount}]}
+                "volumeMounts": [] if remote else [dict(volume_mount)]}
 
     volumes = [] if remote else [{"name": "storage", "persistentVolumeClaim": {"claimName": CLAIM}}]
     # The head runs the driver (2 CPUs of its own); for data prep its tasks too, so its pod gets what it offers.
@@ -169,7 +174,8 @@ def kuberay(spec: JobSpec, configs: dict, job: str, overrides: list[str], file: 
             f"`kubectl apply -f {file or name + '.yaml'}`:\n"
             + (f"#   credentials for {storage} in the pods (e.g. runtime_env.env_vars, or the nodes' cloud identity)\n"
                if remote else
-               f"#   the PersistentVolumeClaim '{CLAIM}' (ReadWriteMany; every job's pods mount it at {mount}), "
+               f"#   the PersistentVolumeClaim '{CLAIM}' (ReadWriteMany; " + (f"its folder {volume_mount['subPath']} mounted at {storage}" if "subPath" in volume_mount
+                                    else f"mounted at {MOUNT}") + "), "
                f"holding {', '.join(_inputs(plan)) or 'nothing yet'}\n")
             + f"#   an image '{image}' with this project installed (runtime_env.image sets another)\n"
             + ("# MLflow is a sqlite file on the volume, written from the head pod and a worker pod: sqlite's locks "

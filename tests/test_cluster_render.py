@@ -159,6 +159,13 @@ def test_kuberay_mounts_a_relative_storage_and_keeps_mlflow_on_it():
         assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "bertforge-storage"
         plans.append(json.loads(yaml.safe_load(m["spec"]["runtimeEnvYAML"])["env_vars"]["BERTFORGE_JOB_PLAN"]))
     assert plans[1]["stages"][0]["config"]["data"]["dataset"] == plans[0]["stages"][0]["config"]["output"]
+    # an absolute storage elsewhere: the volume's folder of that path, so two storages never share files
+    mounts = []
+    for storage in ("/data/run1", "/data/run2"):
+        m = yaml.safe_load(_render(f"{JOBS}/pretrain_quickstart.yaml", "kuberay", f"storage={storage}"))
+        mounts.append(m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+                      ["volumeMounts"][0])
+    assert mounts == [{"name": "storage", "mountPath": f"/data/run{i}", "subPath": f"data/run{i}"} for i in (1, 2)]
 
 
 def test_slurm_script_is_valid_bash_and_asks_for_the_job_s_nodes(tmp_path):
