@@ -352,9 +352,10 @@ def _render(args) -> int:
             return EXIT_USAGE
         out.parent.mkdir(parents=True, exist_ok=True)
         private = bool(spec.runtime_env.env_vars)  # (their values are in it: credentials, often)
-        out.write_text(text)
         if private:
-            out.chmod(0o600)
+            out.unlink(missing_ok=True)  # (made anew, readable by its owner only before a byte is in it)
+            os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        out.write_text(text)
         print(f"wrote {args.out}" + (" (readable by you only: it holds runtime_env.env_vars' values)" if private
                                      else ""))
     else:

@@ -79,12 +79,13 @@ def manifest_problems(manifest: object) -> list[str]:
         return [f"it holds a JSON {type(manifest).__name__}, not an object"]
     if dotted(manifest, "format.name") != FORMAT["name"]:
         return [f"its format.name is not '{FORMAT['name']}': it is not a manifest data_prep wrote"]
+    version = dotted(manifest, "format.version")
+    if version is not None and version != FORMAT["version"]:  # (its examples would be misread)
+        return [f"its format.version is {version!r}; this bertforge reads version {FORMAT['version']}: read it with "
+                "the version that wrote it, or make the dataset again"]
     missing = [f"key {k} is missing" for k in MANIFEST_KEYS if dotted(manifest, k) is None]
     if missing:
         return missing
-    if manifest["format"]["version"] != FORMAT["version"]:  # (its examples would be misread)
-        return [f"its format.version is {manifest['format']['version']!r}; this bertforge reads version "
-                f"{FORMAT['version']}: read it with the version that wrote it, or make the dataset again"]
     # (names a reader joins onto a directory: only the dataset's own, never a path that leads elsewhere)
     if manifest["tokenizer"]["file"] != f"{TOKENIZER_DIR}/{TOKENIZER_MODEL}":
         return [f"tokenizer.file is {manifest['tokenizer']['file']!r}, not {TOKENIZER_DIR}/{TOKENIZER_MODEL}"]

@@ -207,6 +207,8 @@ def word_start_table(sp: spm.SentencePieceProcessor) -> bytes:
         piece = sp.IdToPiece(i)
         first, special = piece[:1], sp.IsControl(i) or sp.IsUnknown(i)  # ([UNK] may stand inside a word)
         last = piece.rstrip("\u2581")[-1:]  # (the marker, a symbol itself, only begins the word after it)
+        if sp.IsByte(i):  # a byte of a character without a piece (byte_fallback): `<0xC3>` goes on its word
+            continue
         begins = special or not first or first == "\u2581" or punctuation(first) or unspaced(first)
         ends = not special and bool(last) and (punctuation(last) or unspaced(last))
         table[i] = (WORD_START if begins else 0) | (NEXT_STARTS if ends else 0)

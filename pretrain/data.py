@@ -310,7 +310,9 @@ def read_piece(p: Piece) -> list[dict]:
                 from None
         except PermissionError as e:
             raise DatasetError(f"{p.url}: cannot be read ({e}); check the storage's credentials") from None
-        except OSError as e:
+        except DatasetError:
+            raise
+        except Exception as e:  # noqa: BLE001 (the storage's own: OSError, or an HTTP client's dropped payload or 5xx)
             if attempt == READ_TRIES - 1:
                 raise DatasetError(f"{p.url}: cannot be read after {READ_TRIES} tries ({type(e).__name__}: {e})") \
                     from None

@@ -87,6 +87,24 @@ def test_whole_words_keep_their_combining_marks_and_part_at_punctuation(tmp_path
     assert any(unicodedata.category(x[0])[0] == "M" for x in sp.EncodeAsPieces(" ".join(hindi)))  # (marks start pieces)
 
 
+def test_byte_pieces_go_on_their_word(tmp_path):
+    """A model with byte fallback spells a character it has no piece for as bytes (`<0xC3>` `<0xAF>`): they are
+    part of the word they stand in, not words of their own (their `<`, `>` are not the text's punctuation)."""
+    from data_prep.masking import words
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences()), model_prefix=str(tmp_path / "bytes"),
+                                   vocab_size=400, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]",
+                                   unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]"], byte_fallback=True,
+                                   character_coverage=1.0, minloglevel=2)
+    sp = load(tmp_path / "bytes.model")
+    table = word_start_table(sp)
+    pieces = sp.EncodeAsPieces("quiet naïve river")
+    assert any(sp.IsByte(sp.PieceToId(x)) for x in pieces), pieces
+    ids = [sp.PieceToId(x) for x in pieces]
+    got = ["".join(pieces[i] for i in w) for w in words(ids, np.ones(len(ids), bool), table)]
+    assert len(got) == 3 and got[0].startswith("\u2581") and "<0xC3><0xAF>" in got[1], got
+
+
 def test_foreign_model_is_refused_with_the_key(tmp_path):
     prefix = tmp_path / "plain"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences()), model_prefix=str(prefix), vocab_size=100,
