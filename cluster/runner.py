@@ -300,15 +300,17 @@ def _check_ahead(plan: dict) -> None:
     """Read the fine-tuning stage's task files, and ask the MLflow server the job registers in or pulls from,
     before the first stage: a mistake there would otherwise be found only after data prep and pretraining
     (hours, on a cluster)."""
+    from pretrain.tracking import shown
+
     for uri, needed in job_stores(plan).items():
         silent = _unanswered(uri)
         if silent and needed:
-            raise StageError(f"the MLflow server at {uri} does not answer ({silent}), and the job {needed}: start it, "
-                             "or point the job at one that runs (MLFLOW_TRACKING_URI in runtime_env.env_vars, or the "
-                             "configs' mlflow.tracking_uri)")
+            raise StageError(f"the MLflow server at {shown(uri)} does not answer ({silent}), and the job {needed}: "
+                             "start it, or point the job at one that runs (MLFLOW_TRACKING_URI in "
+                             "runtime_env.env_vars, or the configs' mlflow.tracking_uri)")
         if silent:
-            log(f"warning: the MLflow server at {uri} does not answer ({silent}); pretraining goes on and sends its "
-                "records once it does", flush=True)
+            log(f"warning: the MLflow server at {shown(uri)} does not answer ({silent}); pretraining goes on and "
+                "sends its records once it does", flush=True)
     problem = task_problem(plan)  # (after: it asks the store whether a finished fine-tune's alias has moved)
     if problem:
         raise StageError(f"fine-tuning's task (checked before the first stage): {problem}")

@@ -47,7 +47,7 @@ from pretrain.model import BertForSequenceClassification
 from pretrain.presets import ModelConfig
 from pretrain.tasks import Rows, read_splits, scores, stratified_split
 from pretrain.text import encode
-from pretrain.tracking import RegistryError, Tracker, check_store, register, tracking_uri
+from pretrain.tracking import RegistryError, Tracker, check_store, register, shown, tracking_uri
 
 
 class FinetuneError(Exception):
@@ -518,7 +518,7 @@ def summary_text(s: dict, uri: str) -> str:
         lines.append(f"test_macro_f1 {m['test_macro_f1']:.4f}")
     lines.append(f"model        {s['model']} (labels: {', '.join(map(str, s['labels'][:10]))})")
     if s["mlflow_run_id"]:
-        lines.append(f"mlflow       run {s['mlflow_run_id']} at {uri}")
+        lines.append(f"mlflow       run {s['mlflow_run_id']} at {shown(uri)}")
     if s["registered"]:
         r = s["registered"]
         from pretrain.tracking import alias_words

@@ -51,11 +51,18 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def shown(uri: str) -> str:
+    """`uri` as messages say it: the password of a database-backed store's URI replaced by `***`."""
+    from data_prep.configfile import redact_secrets
+
+    return redact_secrets(uri)
+
+
 def how_to_see(uri: str) -> str:
     """The command (or address) that shows the runs and models of the store at `uri` in MLflow's UI."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} (the tracking server's UI)"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {shown(uri)} (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {shown(uri)}"
 
 
 def experiment_id(client, name: str, uri: str) -> str:
@@ -64,8 +71,9 @@ def experiment_id(client, name: str, uri: str) -> str:
     process that creates the experiment, which for training under Ray is a worker in Ray's session directory."""
     exp = client.get_experiment_by_name(name)
     if exp and exp.lifecycle_stage == "deleted":  # (MLflow finds a deleted one by name, and refuses runs in it)
-        raise DeletedExperiment(f"experiment '{name}' in {uri} is deleted: restore it (mlflow experiments restore "
-                                f"--experiment-id {exp.experiment_id}) or set mlflow.experiment to another name")
+        raise DeletedExperiment(f"experiment '{name}' in {shown(uri)} is deleted: restore it (mlflow experiments "
+                                f"restore --experiment-id {exp.experiment_id}) or set mlflow.experiment to another "
+                                "name")
     if exp:
         return exp.experiment_id
     db = _sqlite_file(uri)
@@ -85,9 +93,9 @@ def check_store(uri: str) -> None:
     if not file_store or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
         return
     if "://" not in uri and Path(uri).is_file() and Path(uri).read_bytes()[:15] == b"SQLite format 3":
-        raise RegistryError(f"tracking URI {uri} is a path, which MLflow reads as a file store; that file is a "
+        raise RegistryError(f"tracking URI {shown(uri)} is a path, which MLflow reads as a file store; that file is a "
                             f"sqlite database: write it as sqlite:///{Path(uri).absolute()}")
-    raise RegistryError(f"tracking URI {uri} is an MLflow file store, which MLflow refuses by default (its file "
+    raise RegistryError(f"tracking URI {shown(uri)} is an MLflow file store, which MLflow refuses by default (its file "
                         "backend is in maintenance mode): use a database store such as sqlite:///PATH/mlflow.db "
                         "(`mlflow migrate-filestore` converts one), or set MLFLOW_ALLOW_FILE_STORE=true")
 
@@ -218,7 +226,7 @@ class Tracker:
         self._thread.start()
         self._started.wait(wait_s)
         if self.run_id is None and not self._untracked:
-            self.warn(f"MLflow at {self.uri} did not answer within {wait_s:.0f} s; training goes on "
+            self.warn(f"MLflow at {shown(self.uri)} did not answer within {wait_s:.0f} s; training goes on "
                       "and its records are kept until the server answers")
 
     @staticmethod
@@ -279,7 +287,8 @@ class Tracker:
                     continue
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    self.warn(f"MLflow at {self.uri} is unreachable ({_briefly(e)}); records are kept and retried")
+                    self.warn(f"MLflow at {shown(self.uri)} is unreachable ({_briefly(e)}); records are kept and "
+                              "retried")
                 self._started.set()  # do not hold up the start of training
                 time.sleep(min(backoff, 2.0) if self._closing.is_set() else backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
@@ -501,7 +510,7 @@ def register(model_dir: str | Path, name: str, alias: str | None, uri: str, pool
     except RegistryError:
         raise
     except Exception as e:  # noqa: BLE001 (MLflow and HTTP errors of every kind: the store failed mid-way)
-        raise RegistryError(f"MLflow at {uri} failed while {stage[0]} ({_briefly(e)}); nothing points at an "
+        raise RegistryError(f"MLflow at {shown(uri)} failed while {stage[0]} ({_briefly(e)}); nothing points at an "
                             "incomplete upload, and registering again completes it (what was uploaded is "
                             "reused)") from None
 
@@ -623,7 +632,8 @@ def _upload(client, run_id: str, path: str, uri: str, model_dir: Path, code: Pat
     stage[0] = "verifying the upload"
     missing = _missing(_remote_files(client, run_id, path), expected)  # 2. verify what the store holds
     if missing:
-        raise RegistryError(f"the upload to {uri} is incomplete ({', '.join(missing[:3])}); rerun to complete it")
+        raise RegistryError(f"the upload to {shown(uri)} is incomplete ({', '.join(missing[:3])}); rerun to complete "
+                            "it")
 
 
 PULLED = "pulled.json"  # in a pulled directory: the URI it was pulled as, and the registered name and version
@@ -658,7 +668,7 @@ def pull(model_uri: str, out: str | Path, uri: str) -> Path:
         if isinstance(e, RegistryError):  # (resolving the name said what is wrong)
             raise
         missing = _run_holds(uri, model_uri) if model_uri.startswith("runs:/") else ""
-        raise RegistryError(f"cannot download {model_uri} from {uri}: {missing or _said(e)}") from None
+        raise RegistryError(f"cannot download {model_uri} from {shown(uri)}: {missing or _said(e)}") from None
     try:  # (a directory's URI is downloaded into tmp/<its name>)
         problems = verify(model_files(got))
     except Exception as e:  # noqa: BLE001 (not our model, or unreadable: nothing half-pulled stays)
@@ -729,7 +739,7 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
             if version == "latest":
                 found = client.search_model_versions(f"name='{name}'")
                 if not found:
-                    raise RegistryError(f"{model_uri}: model '{name}' has no versions at {uri}")
+                    raise RegistryError(f"{model_uri}: model '{name}' has no versions at {shown(uri)}")
                 v = max(found, key=lambda m: int(m.version))
             else:
                 v = client.get_model_version(name, version)
@@ -740,7 +750,7 @@ def resolve_model_uri(model_uri: str, uri: str) -> dict:
         # asked again)
         hint = _what_is_there(client, body) if getattr(e, "error_code", None) in (
             "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") else ""
-        raise RegistryError(f"cannot resolve {model_uri} at {uri}: {_said(e)}{hint}") from None
+        raise RegistryError(f"cannot resolve {model_uri} at {shown(uri)}: {_said(e)}{hint}") from None
     info.update(pinned=f"models:/{v.name}/{v.version}", name=v.name, version=str(v.version), run_id=v.run_id)
     return info
 
@@ -788,7 +798,7 @@ def run_checkpoint_dir(run_id: str, uri: str) -> str:
         moved = sorted(k for k in params if k.startswith("resumed.step-") and k.endswith(".checkpoint.dir"))
         return params[moved[-1] if moved else "checkpoint.dir"]  # (a resume from where the checkpoints were moved)
     except Exception as e:  # noqa: BLE001 (unknown run, a run of something else, a store that is down)
-        raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {uri}: {e}") from None
+        raise RegistryError(f"cannot find the checkpoint.dir of run {run_id} at {shown(uri)}: {e}") from None
 
 
 def register_checkpoint(source: str | Path, name: str, alias: str | None, uri: str, pooling: str = "cls") -> dict:

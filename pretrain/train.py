@@ -43,6 +43,7 @@ from pretrain.tracking import (
     final_figures,
     git_commit,
     how_to_see,
+    shown,
     tracking_uri,
 )
 
@@ -753,7 +754,8 @@ def _summary(s: dict, sequences: int, tracker: Tracker, registry=None) -> str:
                      f"{nsp_acc}, perplexity {s['eval/perplexity']:.1f}")
     lines.append(f"checkpoint   {s['checkpoint']}")
     if s["mlflow_run_id"]:
-        lines.append(f"mlflow       run {s['mlflow_run_id']} at {tracker.uri} (see it: {how_to_see(tracker.uri)})")
+        lines.append(f"mlflow       run {s['mlflow_run_id']} at {shown(tracker.uri)} "
+                     f"(see it: {how_to_see(tracker.uri)})")
     if s["checkpoint"] and registry is not None and registry.name:  # (registered as it trained)
         ref = f"models:/{registry.name}@{registry.alias}" if registry.alias else f"models:/{registry.name}/latest"
         lines.append(f"next         python -m pretrain finetune configs/finetune/classify.yaml model={ref}  (or "

@@ -435,3 +435,8 @@ def test_published_configs_carry_no_url_passwords():
     assert public["data.dataset"] == "s3://bucket/ds" and "Sup3r" not in str(public)
     kept = ["https://token@host/x", "http://h:5000/", 3]  # (no password: as they are)
     assert redact_secrets(kept) == kept
+    from pretrain.tracking import how_to_see, shown  # (and in what is printed)
+
+    assert shown(cfg.mlflow.tracking_uri) == "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert "Sup3r" not in how_to_see(cfg.mlflow.tracking_uri)
+    assert "pw@" not in how_to_see("https://u:pw@mlflow.internal")
