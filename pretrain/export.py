@@ -308,18 +308,35 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
     from pretrain.model import BertForPretraining, BertForSequenceClassification
 
+    import torch
+    from safetensors import safe_open
+
     d = Path(model_dir)
     check_model_dir(d)
     config = json.loads((d / CONFIG_FILE).read_text())
     kind = config.get("format", {}).get("name")
     if kind == FORMAT["name"]:
-        model = BertForPretraining(ModelConfig(**config["model"]))
+        def build():
+            return BertForPretraining(ModelConfig(**config["model"]))
     elif kind == CLASSIFIER_FORMAT["name"]:
-        model = BertForSequenceClassification(ModelConfig(**config["model"]), len(config["labels"]),
-                                              config.get("classifier_dropout"))
+        def build():
+            return BertForSequenceClassification(ModelConfig(**config["model"]), len(config["labels"]),
+                                                 config.get("classifier_dropout"))
     else:
         raise ExportError(f"{d / CONFIG_FILE} describes a {kind!r} model; this version reads "
                           f"{FORMAT['name']} and {CLASSIFIER_FORMAT['name']}")
+    # The sizes config.json gives, against the weights' own (read from the file's header) before any memory is
+    # taken: a config of other sizes (a directory mixed up, or made to exhaust memory) is refused, not allocated.
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    with safe_open(str(d / MODEL_FILE), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if shapes != stored:
+        name = next((k for k in sorted(shapes.keys() | stored.keys()) if shapes.get(k) != stored.get(k)), "")
+        raise ExportError(f"{d / CONFIG_FILE} describes other weights than {d / MODEL_FILE} holds ({name}: "
+                          f"{shapes.get(name)} against {stored.get(name)}): the directory's files do not belong "
+                          "together; pull or export the model again")
+    model = build()
     model.load_state_dict(load_file(str(d / MODEL_FILE), device="cpu"))
     return model.to(device).eval(), config
 

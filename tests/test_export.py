@@ -268,6 +268,33 @@ def test_a_damaged_model_directory_is_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
+def test_a_model_config_of_other_sizes_than_its_weights_is_refused_before_it_is_built(tmp_path):
+    """A model directory whose config.json (its checksums rewritten with it) gives sizes its weights do not have is
+    refused by comparing shapes with the weights file's header, before a model of the config's size is allocated
+    (an intermediate size of a billion would take gigabytes)."""
+    import dataclasses
+    import hashlib
+
+    from pretrain.export import CHECKSUMS, CONFIG_FILE, FORMAT, ExportError, load_model, write_model_dir
+    from pretrain.model import BertForPretraining
+    from pretrain.presets import preset
+
+    c = preset("tiny", 500)
+    (tmp_path / "spm.model").write_bytes(b"(a tokenizer's bytes)")
+    d = write_model_dir(tmp_path / "m", BertForPretraining(c).state_dict(), tmp_path / "spm.model",
+                        config={"format": FORMAT, "model": dataclasses.asdict(c)}, dataset={}, training={})
+    assert load_model(d)[0].bert.embeddings.word.weight.shape[0] == c.vocab_size
+    config = json.loads((d / CONFIG_FILE).read_text())
+    config["model"]["intermediate_size"] = 10**9
+    (d / CONFIG_FILE).write_text(json.dumps(config))
+    sums = json.loads((d / CHECKSUMS).read_text())
+    sums[CONFIG_FILE] = hashlib.sha256((d / CONFIG_FILE).read_bytes()).hexdigest()
+    (d / CHECKSUMS).write_text(json.dumps(sums))
+    with pytest.raises(ExportError, match=r"config.json describes other weights than .*model.safetensors holds \(.*"
+                                          r"1000000000.*\): the directory's files do not belong together"):
+        load_model(d)
+
+
 def test_out_holding_other_files_is_refused_not_replaced(tmp_path, capsys, monkeypatch):
     """export and pull write --out whole (replacing an earlier model directory there); a directory holding
     anything else is refused before any work, and keeps its files. (The command line, in this process.)"""
