@@ -440,3 +440,13 @@ SLOWEST_FIRST = ("test_cluster_jobs.py", "test_distributed.py", "test_finetune.p
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's own order is kept)
+
+
+class RunsCode:
+    """What an altered checkpoint or shard could hold: a pickle whose loading runs code (it makes the file `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)

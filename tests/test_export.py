@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, pretrain_cli, pretrain_config, run_pretrain
+from conftest import REPO, RunsCode, pretrain_cli, pretrain_config, run_pretrain
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -67,18 +67,6 @@ def test_export_equals_the_engine_to_the_bit(tmp_path, train_dataset, stage, npr
     assert mlm.shape == (2, model.bert.embeddings.word.weight.shape[0]) and nsp.shape == (1, 2)
 
 
-class _Payload:
-    """What an altered checkpoint could hold: unpickling it runs code (here: it makes a file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import pathlib
-
-        return pathlib.Path.touch, (pathlib.Path(self.marker),)
-
-
 def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, monkeypatch):
     """DeepSpeed's checkpoint files are pickles, and DeepSpeed loads them in full: ours are loaded weights-only, so
     one from elsewhere cannot run code; the trusted can be loaded in full on request."""
@@ -88,7 +76,7 @@ def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, monke
     step = tmp_path / "step-00000006"
     step.mkdir()
     marker = tmp_path / "ran"
-    torch.save({"module": {"w": torch.ones(2)}, "payload": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
+    torch.save({"module": {"w": torch.ones(2)}, "payload": RunsCode(marker)}, step / "mp_rank_00_model_states.pt")
     with pytest.raises(CheckpointError, match=r"step-00000006 holds more than tensors and plain values \(it asks "
                                               r"for .*\).*set BERTFORGE_TRUST_CHECKPOINTS=1 to load it"):
         checkpoint_weights(step, 0)
@@ -99,7 +87,7 @@ def test_a_checkpoint_that_would_run_code_as_it_loads_is_refused(tmp_path, monke
     torch.save({"module": {"w": torch.ones(2)}, "ds_config": _ReadKeys({"train_batch_size": 8})},
                step / "mp_rank_00_model_states.pt")
     assert checkpoint_weights(step, 0)["w"].tolist() == [1.0, 1.0]
-    torch.save({"module": {"w": torch.ones(2)}, "payload": _Payload(marker)}, step / "mp_rank_00_model_states.pt")
+    torch.save({"module": {"w": torch.ones(2)}, "payload": RunsCode(marker)}, step / "mp_rank_00_model_states.pt")
     monkeypatch.setenv("BERTFORGE_TRUST_CHECKPOINTS", "1")
     assert checkpoint_weights(step, 0)["w"].tolist() == [1.0, 1.0] and marker.exists()
 

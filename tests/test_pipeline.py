@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BUCKET, REPO, run_cli, small_config
+from conftest import BUCKET, REPO, RunsCode, run_cli, small_config
 from data_prep.config import CLS_ID, MASK_ID, SEP_ID
 
 pytestmark = pytest.mark.slow
@@ -518,22 +518,12 @@ def test_inspect_names_a_damaged_shard_or_manifest(built, tmp_path, capsys):
         payload = tar.extractfile(member).read()
     marker = tmp_path / "ran"
     with tarfile.open(copy / first, "w") as tar:
-        for name, data in ((member.name, payload), (member.name[:-3] + ".pyd", pickle.dumps(_Touch(marker)))):
+        for name, data in ((member.name, payload), (member.name[:-3] + ".pyd", pickle.dumps(RunsCode(marker)))):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert main(["inspect", str(copy), "-n", "1"]) == 0, capsys.readouterr().err
     assert member.name[:-3] in capsys.readouterr().out and not marker.exists()
-
-
-class _Touch:
-    """A pickle that runs code as it loads (it makes a file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (Path(self.marker),)
 
 
 def test_a_last_pool_of_one_document_joins_the_one_before(tmp_path, ray_local):
