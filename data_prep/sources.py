@@ -185,6 +185,11 @@ def plain_text(text: str) -> str:
 _BLOCK = 1 << 20
 
 
+def _flag_too_long(report: FileReport, line: int, n: int, max_bytes: int) -> None:
+    """Report line (or parquet row) `line` of `n` bytes as over read.max_line_bytes: skipped."""
+    report.flag("line_too_long", line, f"{n} bytes (read.max_line_bytes={max_bytes})")
+
+
 def _line_blocks(f: IO[bytes], max_bytes: int, report: FileReport,
                  at: list[int]) -> Iterator[tuple[int, list[str | None]]]:
     """Yield (number of the block's first line, its lines decoded); an over-long line is None.
@@ -201,7 +206,7 @@ def _line_blocks(f: IO[bytes], max_bytes: int, report: FileReport,
     skipped = -1  # >= 0 while dropping the rest of an over-long line
 
     def too_long(n: int, line: int) -> None:
-        report.flag("line_too_long", line, f"{n} bytes (read.max_line_bytes={max_bytes})")
+        _flag_too_long(report, line, n, max_bytes)
 
     while True:
         at[0] = lineno + 1
@@ -473,8 +478,7 @@ class DocumentReader:
                     row += 1
                     self._at[0] = row
                     if i in too_long:
-                        self.report.flag("line_too_long", row,
-                                         f"{too_long[i]} bytes (read.max_line_bytes={self.max_line_bytes})")
+                        _flag_too_long(self.report, row, too_long[i], self.max_line_bytes)
                         continue
                     if text is None:
                         self.report.flag("not_text", row, f"'{self.text_field}' is null")
